@@ -1,0 +1,196 @@
+"""The `icl-lab` command (typer). Every `train` flag is generated from the config models, so none is missing."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Optional  # noqa: UP035 (typer needs Optional at runtime)
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from icl_lab.config import SECTIONS, build_run_config, read_config_file
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train small transformers on in-context linear regression and watch how they learn.")
+console = Console(stderr=True)
+
+UPPER_FLAGS = {"M", "D", "K"}  # the papers' symbols keep their case: --M 2 --D 8 --K 16
+
+
+def fail(message: str, code: int = 2) -> typing.NoReturn:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"] if not isinstance(p, int)) or "config"
+        lines.append(f"{field}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ train
+def _flag_annotation(annotation: Any) -> Any:
+    """The CLI type of a config field: bools stay bools, tuples stay tuples, everything else is parsed by
+    pydantic from a string so that its error names the field and the allowed values."""
+    if annotation is bool:
+        return Optional[bool]  # noqa: UP045
+    if typing.get_origin(annotation) is tuple:
+        return Optional[annotation]  # noqa: UP045
+    if annotation in (int, float):
+        return Optional[annotation]  # noqa: UP045
+    return Optional[str]  # noqa: UP045
+
+
+def _help(field: Any) -> str:
+    text = field.description or ""
+    args = typing.get_args(field.annotation)
+    if typing.get_origin(field.annotation) is typing.Literal:
+        text += f" (one of: {', '.join(map(str, args))})"
+    return f"{text} (default: {field.default!r})" if field.default is not None else text
+
+
+def _config_parameters() -> list[inspect.Parameter]:
+    params = [inspect.Parameter("seed", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[int],  # noqa: UP045
+                                default=typer.Option(None, "--seed", help="run seed (default: 0)")),
+              inspect.Parameter("name", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],  # noqa: UP045
+                                default=typer.Option(None, "--name", help="run name (default: derived)"))]
+    for section, cls in SECTIONS.items():
+        for key, field in cls.model_fields.items():
+            flag = key if key in UPPER_FLAGS else key.replace("_", "-")
+            names = [f"--{flag}/--no-{flag}"] if field.annotation is bool else [f"--{flag}"]
+            params.append(inspect.Parameter(
+                key, inspect.Parameter.KEYWORD_ONLY, annotation=_flag_annotation(field.annotation),
+                default=typer.Option(None, *names, help=_help(field), rich_help_panel=section)))
+    return params
+
+
+def default_run_name(cfg: Any) -> str:
+    m = "inf" if cfg.task.M is None else cfg.task.M
+    return cfg.name or f"{cfg.model.preset}-M{m}-D{cfg.task.D}-K{cfg.task.K}-seed{cfg.seed}"
+
+
+def train_command(config: Path | None = None, out: Path = Path("runs"), run_dir: Path | None = None,
+                  resume: Path | None = None, overwrite: bool = False, quiet: bool = False,
+                  **fields: Any) -> None:
+    """Train one model; every config field is a flag, or comes from --config FILE (TOML or JSON)."""
+    from icl_lab.store import Run
+    from icl_lab.train import TrainingDiverged, train
+
+    overrides = {k: v for k, v in fields.items() if v is not None}
+    try:
+        if resume is not None:
+            run = Run.load(resume)
+            cfg = run.config
+            if overrides or config:
+                fail("--resume continues a run with its saved config; do not pass config flags with it")
+            target = resume
+        else:
+            file_values = read_config_file(config) if config else {}
+            cfg = build_run_config(file_values, overrides)
+            target = run_dir or out / default_run_name(cfg)
+            if target.exists() and any(target.iterdir()) and not overwrite:
+                fail(f"run directory {target} already exists; pass --resume {target} to continue it or "
+                     f"--overwrite to replace it")
+    except ValidationError as e:
+        fail(format_validation_error(e))
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    console.print(f"run: {target}")
+    try:
+        train(cfg, target, resume=resume is not None, overwrite=overwrite, progress=not quiet)
+    except TrainingDiverged as e:
+        fail(str(e), code=3)
+    except ValueError as e:
+        fail(str(e))
+
+
+train_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+    inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],  # noqa: UP045
+                      default=typer.Option(None, "--config", help="TOML or JSON config file (flags override it)")),
+    inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Path,
+                      default=typer.Option(Path("runs"), "--out", help="parent directory of runs")),
+    inspect.Parameter("run_dir", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],  # noqa: UP045
+                      default=typer.Option(None, "--run-dir", help="exact run directory (default OUT/NAME)")),
+    inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],  # noqa: UP045
+                      default=typer.Option(None, "--resume", help="continue this run from its saved state")),
+    inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                      default=typer.Option(False, "--overwrite", help="replace an existing run directory")),
+    inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                      default=typer.Option(False, "--quiet", help="no progress bar")),
+    *_config_parameters(),
+])
+app.command("train", help=train_command.__doc__)(train_command)
+
+
+# ------------------------------------------------------------------------------------------------ plot, info
+def _load_run(path: Path):
+    from icl_lab.store import Run
+
+    try:
+        return Run.load(path)
+    except (FileNotFoundError, ValidationError, json.JSONDecodeError) as e:
+        fail(f"cannot read run {path}: {e}")
+
+
+@app.command()
+def plot(run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+         out: Annotated[Optional[Path], typer.Option(help="figure path (default RUN/figures/curves)")] = None,  # noqa: UP045
+         ) -> None:
+    """Loss (mean and per-token, both eval sets, with dMMSE / ridge / zero levels) and LLC against step."""
+    from icl_lab.plots import plot_run
+
+    run = _load_run(run_dir)
+    try:
+        paths = plot_run(run, out)
+    except ValueError as e:
+        fail(str(e))
+    for p in paths:
+        typer.echo(str(p))
+
+
+@app.command()
+def info(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+    """Print a run's config and what is on disk."""
+    run = _load_run(run_dir)
+    out = Console()
+    out.print_json(run.config.model_dump_json())
+    table = Table(title=str(run.path))
+    table.add_column("item")
+    table.add_column("value")
+    steps = run.checkpoint_steps
+    table.add_row("versions", ", ".join(f"{k} {v}" for k, v in run.versions.items()))
+    table.add_row("checkpoints", f"{len(steps)}: {steps[:3]} … {steps[-3:]}" if steps else "none")
+    table.add_row("finished", str(run.finished))
+    table.add_row("resumable state", str(run.state_path.exists()))
+    metrics = run.metrics
+    if not metrics.empty:
+        last = metrics.iloc[-1]
+        table.add_row("metrics rows", str(len(metrics)))
+        table.add_row("last eval", f"step {int(last['step'])}: id loss {last['id_loss']:.4g}, "
+                                   f"ood loss {last['ood_loss']:.4g}")
+    llc = run.llc
+    table.add_row("llc rows", str(0 if llc is None else len(llc)))
+    for f in sorted(run.path.iterdir()):
+        if f.is_file():
+            table.add_row(f.name, f"{f.stat().st_size / 1024:.1f} KiB")
+    out.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

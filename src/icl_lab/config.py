@@ -1,0 +1,204 @@
+"""Validated configuration: one pydantic model per concern, composed into `RunConfig`.
+
+Every model forbids unknown keys, so a typo in a config file or a flag is an error that names the key.
+Leaf field names are unique across the sub-configs, so the CLI exposes each one as a flat flag
+(`--M 2`, `--lr 3e-3`, `--n-layers 2`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Family = Literal["gaussian", "unit_norm"]
+Activation = Literal["relu", "gelu", "gelu_tanh"]
+InitScheme = Literal["transformer_lens", "gpt2", "torch"]
+Readout = Literal["token", "scalar"]
+Schedule = Literal["constant", "triangle", "cosine"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class TaskConfig(_Strict):
+    """In-context linear regression data (papers.md §A1-A2)."""
+
+    family: Family = Field("unit_norm", description="task prior: 'gaussian' (w ~ N(0, I_D)) or 'unit_norm'")
+    D: int = Field(8, ge=1, description="input / task dimension")
+    K: int = Field(16, ge=1, description="number of (x, y) pairs per sequence")
+    M: int | None = Field(2, description="task diversity: pool size >= 1, or None / 'inf' for a fresh task each")
+    noise_var: float = Field(0.0, ge=0.0, description="label noise variance sigma^2 (0 = noiseless)")
+
+    @field_validator("M", mode="before")
+    @classmethod
+    def _parse_m(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() in {"inf", "infinity", "none", "∞"}:
+            return None
+        if isinstance(v, float) and math.isinf(v):
+            return None
+        if isinstance(v, str):
+            try:
+                return int(v)
+            except ValueError as e:
+                raise ValueError(f"M must be an integer >= 1 or 'inf', got {v!r}") from e
+        return v
+
+    @field_validator("M")
+    @classmethod
+    def _check_m(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"M must be an integer >= 1 or 'inf' (fresh task per sequence), got {v}")
+        return v
+
+
+class ModelConfig(_Strict):
+    """Architecture of the ICL transformer (model.py). Start from a preset, override any field."""
+
+    preset: str = Field("seed", description="preset the fields were filled from (see model.PRESETS)")
+    n_layers: int = Field(2, ge=1)
+    d_model: int = Field(64, ge=1)
+    n_heads: int = Field(4, ge=1)
+    d_head: int = Field(32, ge=1)
+    d_mlp: int = Field(128, ge=1)
+    activation: Activation = "relu"
+    pos_emb: bool = Field(False, description="learned positional embedding (the seed model has none)")
+    attn_bias: bool = Field(True, description="biases on Q, K, V and the attention output")
+    attn_out: bool = Field(True, description="include the attention output projection W_O")
+    embed_bias: bool = Field(True, description="bias on the input projection")
+    readout: Readout = Field("token", description="'token': LN + Linear(d, D+1) read at the y channel; "
+                             "'scalar': LN + Linear(d, 1) without bias")
+    init: InitScheme = "transformer_lens"
+    ln_eps: float = Field(1e-5, gt=0)
+
+
+class TrainConfig(_Strict):
+    """Optimisation, evaluation and checkpointing (train.py)."""
+
+    steps: int = Field(5000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Schedule = "constant"
+    warmup_frac: float = Field(0.5, ge=0, le=1, description="triangle / cosine warm-up fraction")
+    grad_clip: float | None = Field(None, gt=0, description="max global grad norm, None = off")
+    n_checkpoints_linear: int | None = Field(None, ge=0, description="linearly spaced checkpoints incl. 0 and "
+                                             "the final step; None: min(20, steps + 1)")
+    n_checkpoints_log: int | None = Field(None, ge=0, description="log-spaced checkpoints in [1, steps]; "
+                                          "None: min(30, steps)")
+    eval_every: int | None = Field(None, ge=1, description="extra evaluations every N steps (None: checkpoints only)")
+    eval_size: int = Field(1024, ge=1, description="sequences in each fixed evaluation set")
+    device: str = "cpu"
+
+    @property
+    def checkpoint_counts(self) -> tuple[int, int]:
+        """(linear, log) checkpoint counts with the defaults resolved."""
+        lin = self.n_checkpoints_linear if self.n_checkpoints_linear is not None else min(20, self.steps + 1)
+        log = self.n_checkpoints_log if self.n_checkpoints_log is not None else min(30, self.steps)
+        return lin, log
+
+    @model_validator(mode="after")
+    def _check_checkpoints(self) -> TrainConfig:
+        if self.n_checkpoints_linear is not None and self.n_checkpoints_linear > self.steps + 1:
+            raise ValueError(f"n_checkpoints_linear={self.n_checkpoints_linear} is more than the steps+1="
+                             f"{self.steps + 1} distinct steps available (allowed: 0..{self.steps + 1})")
+        if self.n_checkpoints_log is not None and self.n_checkpoints_log > self.steps:
+            raise ValueError(f"n_checkpoints_log={self.n_checkpoints_log} is more than steps={self.steps} "
+                             f"(allowed: 0..{self.steps})")
+        return self
+
+
+class LLCConfig(_Strict):
+    """SGLD hyper-parameters of the LLC estimator (llc.py; Hoogland et al. Eq. 5-6, Carroll et al. Eq. 9)."""
+
+    step_size: float = Field(1e-4, gt=0, description="SGLD step size epsilon")
+    nbeta: float | None = Field(None, gt=0, description="n * beta; None -> n / log n (beta* = 1 / log n)")
+    localization: float = Field(100.0, gt=0, description="localisation strength gamma")
+    num_chains: int = Field(4, ge=1)
+    num_draws: int = Field(200, ge=1, description="draws kept after burn-in")
+    num_burnin: int = Field(50, ge=0)
+    batch_size: int | None = Field(256, ge=1, description="SGLD minibatch size; None -> full data")
+    vectorize: bool = Field(True, description="run chains together with torch.func.vmap")
+
+
+class RunConfig(_Strict):
+    """Everything that determines a training run. The same config gives bit-identical results on CPU."""
+
+    name: str | None = None
+    seed: int = 0
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+
+SECTIONS: dict[str, type[BaseModel]] = {"task": TaskConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def leaf_fields() -> dict[str, str]:
+    """Map each flat leaf field name to its section, e.g. {'M': 'task', 'lr': 'train', 'seed': ''}."""
+    out = {"name": "", "seed": ""}
+    for section, cls in SECTIONS.items():
+        for key in cls.model_fields:
+            assert key not in out, f"leaf field {key!r} is not unique"
+            out[key] = section
+    return out
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """Turn flat overrides {'M': 2, 'lr': 1e-3} into the nested RunConfig layout; unknown keys raise."""
+    leaves = leaf_fields()
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        if key in SECTIONS and isinstance(value, dict):
+            nested.setdefault(key, {}).update(value)
+            continue
+        if key not in leaves:
+            raise ValueError(f"unknown config key {key!r}; allowed keys: {', '.join(sorted(leaves))}")
+        section = leaves[key]
+        if section:
+            nested.setdefault(section, {})[key] = value
+        else:
+            nested[key] = value
+    return nested
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or JSON config file (nested sections or flat keys)."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        return tomllib.loads(text)
+    if path.suffix == ".json":
+        return json.loads(text)
+    raise ValueError(f"config file must end in .toml or .json, got {path.name!r}")
+
+
+def build_run_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None
+                     ) -> RunConfig:
+    """Resolve a RunConfig: preset defaults, then the config file, then explicit overrides (flags).
+
+    The model preset is applied first so that individual model fields can override it.
+    """
+    from icl_lab.model import preset_fields
+
+    merged = nest(file_values or {})
+    for section, values in nest(overrides or {}).items():
+        if isinstance(values, dict):
+            merged.setdefault(section, {}).update(values)
+        else:
+            merged[section] = values
+    model = merged.get("model", {})
+    preset = model.get("preset", ModelConfig.model_fields["preset"].default)
+    merged["model"] = {**preset_fields(preset), **model, "preset": preset}
+    return RunConfig.model_validate(merged)

@@ -1,0 +1,106 @@
+"""Interpretability tools: TransformerLens interop, attention patterns, head ablations, probes.
+
+The icl-lab model uses TransformerLens parameter names and layouts, so moving weights between the two is a
+rename: `embed.W_E` (D+1, d) is the transpose of the seed's `input_proj.weight`, and the blocks, `ln_final`
+and `unembed` keep their names under `transformer.`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from icl_lab.model import ICLTransformer, interleave
+
+_TL_ACT = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new"}
+
+
+def to_seed_state_dict(model: ICLTransformer) -> dict[str, Tensor]:
+    """The state_dict of the user's TransformerLens `ICLTransformer` (seed lines 5834-6121) for `model`.
+
+    Missing pieces of the icl-lab config (no attention biases, scalar read-out) become zeros; the TL model's
+    unused W_E and W_pos are left out (load with strict=False, or use `to_hooked_transformer`).
+    """
+    cfg, d = model.cfg, model.cfg.d_model
+    sd = {k: v for k, v in model.state_dict().items()}
+    out: dict[str, Tensor] = {"input_proj.weight": sd.pop("embed.W_E").T.contiguous(),
+                              "input_proj.bias": sd.pop("embed.b_E", torch.zeros(d))}
+    sd.pop("pos_embed", None)
+    for i in range(cfg.n_layers):
+        p = f"blocks.{i}.attn."
+        for name in ("b_Q", "b_K", "b_V"):
+            sd.setdefault(p + name, torch.zeros(cfg.n_heads, cfg.d_head))
+        sd.setdefault(p + "b_O", torch.zeros(d))
+    sd.setdefault("unembed.b_U", torch.zeros(sd["unembed.W_U"].shape[1]))
+    out.update({f"transformer.{k}": v for k, v in sd.items()})
+    return out
+
+
+class HookedICL(nn.Module):
+    """The user's TransformerLens wrapper, with an optional learned position table added before block 0.
+
+    forward(x: (B, K, D), y: (B, K)) -> (B, K); `.transformer` is a `HookedTransformer`, so
+    `run_with_cache`-style hooks work as in the user's code: `model.transformer.run_with_cache(hidden,
+    start_at_layer=0)` with `hidden = model.embed(x, y)`.
+    """
+
+    def __init__(self, transformer: nn.Module, input_proj: nn.Linear, pos: Tensor | None):
+        super().__init__()
+        self.transformer, self.input_proj = transformer, input_proj
+        self.pos = nn.Parameter(pos) if pos is not None else None
+
+    def embed(self, x: Tensor, y: Tensor) -> Tensor:
+        h = self.input_proj(interleave(x, y))
+        return h + self.pos[: h.shape[1]] if self.pos is not None else h
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        out = self.transformer(self.embed(x, y), start_at_layer=0, return_type="logits")
+        return out[:, ::2, -1]
+
+
+def to_hooked_transformer(model: ICLTransformer) -> HookedICL:
+    """Export to a TransformerLens 3.x `HookedTransformer` (inside `HookedICL`) with equal outputs.
+
+    Needs `pip install 'icl-lab[tl]'` (transformer-lens>=3.9,<4).
+    """
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("to_hooked_transformer needs transformer-lens 3.x: pip install 'icl-lab[tl]'") from e
+    cfg = model.cfg
+    if not cfg.attn_out:
+        raise ValueError("TransformerLens always has W_O; models with attn_out=False cannot be exported")
+    d_out = model.unembed.W_U.shape[1]
+    tl_cfg = HookedTransformerConfig(
+        n_layers=cfg.n_layers, n_ctx=2 * model.K, d_model=cfg.d_model, d_head=cfg.d_head, n_heads=cfg.n_heads,
+        d_mlp=cfg.d_mlp, act_fn=_TL_ACT[cfg.activation], d_vocab=model.D + 1, d_vocab_out=d_out,
+        eps=cfg.ln_eps, use_split_qkv_input=True, use_attn_result=True, device=str(model.unembed.W_U.device))
+    transformer = HookedTransformer(tl_cfg)
+    proj = nn.Linear(model.D + 1, cfg.d_model)
+    sd = to_seed_state_dict(model)
+    with torch.no_grad():
+        proj.weight.copy_(sd.pop("input_proj.weight"))
+        proj.bias.copy_(sd.pop("input_proj.bias"))
+    missing, unexpected = transformer.load_state_dict({k[len("transformer."):]: v for k, v in sd.items()},
+                                                      strict=False)
+    assert not unexpected, unexpected
+    missing = [k for k in missing if not k.endswith((".mask", ".IGNORE"))]  # TL's attention buffers
+    assert set(missing) <= {"embed.W_E", "pos_embed.W_pos"}, missing
+    pos = model.pos_embed.detach().clone() if cfg.pos_emb else None
+    return HookedICL(transformer, proj, pos).to(model.unembed.W_U.device).eval()
+
+
+def from_seed_model(seed_model: nn.Module, D: int, K: int) -> ICLTransformer:
+    """Load the user's own trained TransformerLens `ICLTransformer` into an icl-lab `seed` model (K pairs)."""
+    from icl_lab.config import ModelConfig
+    from icl_lab.store import load_strict
+
+    sd = seed_model.state_dict()
+    model = ICLTransformer(ModelConfig(), D, K)
+    mine = {"embed.W_E": sd["input_proj.weight"].T.contiguous(), "embed.b_E": sd["input_proj.bias"]}
+    for k, v in sd.items():
+        skip = k.startswith(("transformer.embed.", "transformer.pos_embed.")) or k.endswith((".mask", ".IGNORE"))
+        if k.startswith("transformer.") and not skip:
+            mine[k[len("transformer."):]] = v
+    load_strict(model, mine, "seed model state_dict")
+    return model

@@ -1,0 +1,93 @@
+"""Matplotlib figures of a run, written as PNG and PDF. Steps are plotted where they were recorded, on a
+symmetric-log x axis (linear below 1) so that step 0, the initialisation, is shown without shifting any step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from icl_lab.store import Run, atomic_write  # noqa: E402
+
+BASELINE_STYLE = {"dmmse": ("tab:green", "dMMSE"), "ridge": ("tab:blue", "ridge / least squares"),
+                  "zero": ("0.5", "predict 0")}
+SET_TITLE = {"id": "in-distribution (pool tasks)", "ood": "out-of-distribution (fresh tasks)"}
+
+
+def save_figure(fig: plt.Figure, path: str | Path) -> list[Path]:
+    """Save `fig` as PNG and PDF next to `path` (suffix ignored), atomically; returns both paths."""
+    base = Path(path).with_suffix("")
+    out = []
+    for suffix in (".png", ".pdf"):
+        target = base.with_suffix(suffix)
+        atomic_write(target, lambda p, s=suffix: fig.savefig(p, format=s[1:], dpi=130, bbox_inches="tight"))
+        out.append(target)
+    plt.close(fig)
+    return out
+
+
+def step_axis(ax: plt.Axes) -> None:
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("training step")
+    ax.grid(alpha=0.3, which="both")
+
+
+def per_token_columns(df: pd.DataFrame, prefix: str) -> list[str]:
+    cols = [c for c in df.columns if c.startswith(prefix + "_k")]
+    return sorted(cols, key=lambda c: int(c.rsplit("_k", 1)[1]))
+
+
+def plot_losses(ax: plt.Axes, metrics: pd.DataFrame, baselines: dict[str, float], set_name: str,
+                per_token: bool = True) -> None:
+    """Mean loss (black) and per-token losses ℓ_k (viridis, k = 1 dark) of one eval set, with baseline levels."""
+    steps = metrics["step"].to_numpy()
+    if per_token:
+        cols = per_token_columns(metrics, f"{set_name}_loss")
+        colours = plt.cm.viridis(np.linspace(0, 0.95, len(cols)))
+        for col, c in zip(cols, colours, strict=True):
+            k = col.rsplit("_k", 1)[1]
+            ax.plot(steps, metrics[col], color=c, lw=0.8, alpha=0.8, label=f"ℓ_{k}" if k in {"1", "2"} else None)
+    ax.plot(steps, metrics[f"{set_name}_loss"], color="k", lw=2, label="mean loss")
+    for key, (colour, label) in BASELINE_STYLE.items():
+        level = baselines.get(f"{set_name}_{key}_loss")
+        if level is not None:
+            ax.axhline(level, color=colour, ls="--", lw=1.2, label=f"{label} ({level:.3g})")
+    ax.set_yscale("log")
+    step_axis(ax)
+    ax.set_ylabel("squared error")
+    ax.set_title(SET_TITLE.get(set_name, set_name))
+
+
+def plot_llc(ax: plt.Axes, llc: pd.DataFrame, label: str = "LLC") -> None:
+    """LLC mean ± std over chains against the true checkpoint steps (raw, not smoothed)."""
+    llc = llc.sort_values("step")
+    steps, mean, std = llc["step"].to_numpy(), llc["llc_mean"].to_numpy(), llc["llc_std"].to_numpy()
+    ax.fill_between(steps, mean - std, mean + std, color="tab:red", alpha=0.25, lw=0)
+    ax.plot(steps, mean, "o-", color="tab:red", ms=3, lw=1.2, label=label)
+    step_axis(ax)
+    ax.set_ylabel("estimated LLC λ̂")
+    ax.set_title("local learning coefficient (mean ± std over chains)")
+
+
+def plot_run(run: Run, path: str | Path | None = None) -> list[Path]:
+    """Loss curves on both eval sets (and the LLC curve, if estimated) of one run."""
+    metrics, baselines, llc = run.metrics, run.baselines, run.llc
+    if metrics.empty:
+        raise ValueError(f"{run.path} has no metrics yet; train it first")
+    ncols = 3 if llc is not None and len(llc) else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(5.2 * ncols, 4.2), constrained_layout=True)
+    for ax, name in zip(axes[:2], ("id", "ood"), strict=True):
+        plot_losses(ax, metrics, baselines, name)
+    axes[0].legend(fontsize=7, loc="lower left")
+    if ncols == 3:
+        plot_llc(axes[2], llc)
+    t = run.config.task
+    fig.suptitle(f"{run.path.name}: M={t.M if t.M is not None else '∞'}, D={t.D}, K={t.K}, σ²={t.noise_var}, "
+                 f"{t.family}, preset {run.config.model.preset}, seed {run.config.seed}")
+    return save_figure(fig, path or run.path / "figures" / "curves")

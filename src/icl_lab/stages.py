@@ -1,0 +1,586 @@
+"""Milestones and developmental stages from the LLC curve (Hoogland et al. 2024, §3.3; papers.md §D4).
+
+Milestones are the critical points of t ↦ λ̂(w_t) against log step: plateaus, where dλ̂/d log t vanishes, and
+turning points (local maxima / minima, where the derivative changes sign). Stages are the intervals between
+milestones: type A when the LLC rises over the stage (the model becomes more complex), type B when it falls.
+Boundaries are cross-checked against plateaus of the loss (found the same way) and against essential-dynamics
+forms (cusps / vertices of the PC-pair curves, :mod:`icl_lab.trajectory`) near each boundary.
+
+Log-step coordinate: x = log(step + offset) with natural log and offset = 1 by default, so step 0 (the
+initialisation) stays on the axis at x = 0 and late steps are unaffected (log(t + 1) ≈ log t, t ≫ 1).
+
+Smoothing is optional, light and centred (papers.md §F2 item 11): a Gaussian-weighted *local linear* fit in
+x at every checkpoint, which gives the smoothed value and slope together, is exact for linear trends and
+therefore never shifts a feature, even on the irregular linear + log checkpoint grid or at the ends of the
+curve. It is used only to locate critical points; tables and plots keep the raw values.
+
+The Timaeus authors picked milestones by hand (peers.md §2.7: no automated plateau finder exists); the
+hyper-parameters of the automation here are explicit arguments of :func:`find_milestones`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from icl_lab.trajectory import ArrayLike, _kernel_rows, _local_linear, _row_chunks, _to_numpy, save_figure
+
+if TYPE_CHECKING:  # pragma: no cover
+    from icl_lab.trajectory import EssentialDynamics
+
+__all__ = [
+    "Milestone",
+    "cross_check",
+    "estimate_noise",
+    "find_milestones",
+    "log_derivative",
+    "log_steps",
+    "milestones_frame",
+    "plot_stages",
+    "save_stage_table",
+    "smooth_log",
+    "stage_table",
+]
+
+MilestoneKind = Literal["max", "min", "plateau"]
+
+
+def log_steps(steps: ArrayLike, offset: float = 1.0) -> np.ndarray:
+    """x = log(step + offset) (natural log). (T,) → (T,). Requires step + offset > 0."""
+    s = _to_numpy(steps).reshape(-1)
+    if np.any(s + offset <= 0):
+        raise ValueError("log_steps: step + offset must be > 0 (use offset >= 1 when step 0 is present)")
+    return np.log(s + offset)
+
+
+def _prepare(steps: ArrayLike, values: ArrayLike, offset: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    s = _to_numpy(steps).reshape(-1)
+    v = _to_numpy(values).reshape(-1)
+    if s.shape != v.shape:
+        raise ValueError(f"steps {s.shape} and values {v.shape} must have the same length")
+    if s.size < 2:
+        raise ValueError("need at least 2 checkpoints")
+    if np.any(np.diff(s) <= 0):
+        raise ValueError("steps must be strictly increasing (sort them and drop duplicates)")
+    if not np.all(np.isfinite(v)):
+        raise ValueError("values contain NaN or inf")
+    return s, v, log_steps(s, offset)
+
+
+def _fit(
+    x: np.ndarray, v: np.ndarray, smooth_sigma: float, truncate: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Smoothed values, slopes d/dx and the slopes' noise factors g (slope std error = noise σ · g).
+
+    smooth_sigma > 0: Gaussian-weighted local linear fit (slope b = Σw d̃ y / Σw d̃², d̃ = d − weighted
+    mean of d, so Var b = σ² Σw² d̃² / (Σw d̃²)²); smooth_sigma = 0: raw values and `np.gradient` (g from
+    the central difference). Points with fewer than two neighbours in the window fall back to the finite
+    difference."""
+    raw_slope = np.gradient(v, x)
+    g_raw = np.empty_like(x)
+    g_raw[1:-1] = np.sqrt(2.0) / (x[2:] - x[:-2])
+    g_raw[0] = np.sqrt(2.0) / (x[1] - x[0])
+    g_raw[-1] = np.sqrt(2.0) / (x[-1] - x[-2])
+    if smooth_sigma <= 0:
+        return v.copy(), raw_slope, g_raw
+    sig = np.full(x.size, float(smooth_sigma))
+    a, b, ok = _local_linear(x, v[:, None], sig, truncate)
+    g = np.empty_like(x)
+    for rows in _row_chunks(x.size, x.size):
+        w, d = _kernel_rows(x, sig, rows, truncate)
+        dbar = (w * d).sum(1, keepdims=True) / w.sum(1, keepdims=True)
+        dt = d - dbar
+        sxx = (w * dt * dt).sum(1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            g[rows] = np.sqrt((w * w * dt * dt).sum(1)) / sxx
+    return a[:, 0], np.where(ok, b[:, 0], raw_slope), np.where(ok, g, g_raw)
+
+
+def estimate_noise(steps: ArrayLike, values: ArrayLike, *, offset: float = 1.0) -> float:
+    """Robust estimate of the point-to-point noise σ of a curve on an irregular log-step grid.
+
+    Each interior value is compared with the linear interpolation of its two neighbours (exact for
+    linear trends): e_i = v_i − ((1 − α) v_{i−1} + α v_{i+1}), Var e_i = σ² (1 + α² + (1 − α)²);
+    σ̂ is 1.4826 times the median of |e_i| / sqrt(1 + α² + (1 − α)²). Curvature leaks in only where
+    checkpoints are sparse; the median ignores those. Returns 0 for fewer than 3 points."""
+    _, v, x = _prepare(steps, values, offset)
+    if v.size < 3:
+        return 0.0
+    alpha = (x[1:-1] - x[:-2]) / (x[2:] - x[:-2])
+    e = v[1:-1] - ((1 - alpha) * v[:-2] + alpha * v[2:])
+    return float(1.4826 * np.median(np.abs(e) / np.sqrt(1 + alpha**2 + (1 - alpha) ** 2)))
+
+
+def smooth_log(
+    steps: ArrayLike,
+    values: ArrayLike,
+    smooth_sigma: float = 0.15,
+    *,
+    offset: float = 1.0,
+    truncate: float = 3.0,
+) -> np.ndarray:
+    """Centred Gaussian local-linear smoothing of a curve in log-step x = log(step + offset); σ in units of x
+    (0.15 ≈ ±16 % in step). (T,) → (T,). For overlaying on raw curves and locating critical points."""
+    _, v, x = _prepare(steps, values, offset)
+    return _fit(x, v, smooth_sigma, truncate)[0]
+
+
+def log_derivative(
+    steps: ArrayLike,
+    values: ArrayLike,
+    smooth_sigma: float = 0.0,
+    *,
+    offset: float = 1.0,
+    truncate: float = 3.0,
+) -> np.ndarray:
+    """dλ̂/d log t at the real checkpoint steps (Hoogland et al. §3.3 critical points; papers.md §D4).
+
+    Args:
+        steps: (T,) strictly increasing checkpoint steps (step 0 allowed: x = log(step + offset)).
+        values: (T,) the curve (LLC, loss, …).
+        smooth_sigma: 0 (default) gives second-order finite differences on the irregular grid,
+            (`np.gradient(values, x)`); > 0 gives the slope of a Gaussian-weighted local linear fit centred at
+            each checkpoint, σ in natural-log units (0.1 ≈ ±10 % in step). Where fewer than two
+            checkpoints lie within `truncate`·σ the finite difference is used.
+        offset: added to the steps before the log.
+
+    Returns:
+        (T,) derivative with respect to log(step + offset).
+    """
+    _, v, x = _prepare(steps, values, offset)
+    return _fit(x, v, smooth_sigma, truncate)[1]
+
+
+@dataclass(frozen=True)
+class Milestone:
+    """A critical point of a curve against log step.
+
+    Attributes:
+        step: checkpoint step of the milestone (a stage boundary).
+        index: its index in the steps array.
+        kind: 'max' (derivative + → −), 'min' (− → +) or 'plateau' (flat, same sign on both sides, or a flat
+            stretch that reaches the end of the curve).
+        value: smoothed curve value there.
+        plateau_start, plateau_end: steps bounding the flat stretch (|slope| ≤ tol) that contains it.
+    """
+
+    step: float
+    index: int
+    kind: MilestoneKind
+    value: float
+    plateau_start: float
+    plateau_end: float
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """Inclusive (start, end) index pairs of the runs of True in a boolean array."""
+    if not mask.any():
+        return []
+    m = np.concatenate([[False], mask, [False]]).astype(np.int8)
+    d = np.diff(m)
+    starts = np.nonzero(d == 1)[0]
+    ends = np.nonzero(d == -1)[0] - 1
+    return list(zip(starts.tolist(), ends.tolist(), strict=True))
+
+
+def find_milestones(
+    steps: ArrayLike,
+    llc: ArrayLike,
+    *,
+    smooth_sigma: float = 0.15,
+    plateau_tol: float = 0.05,
+    min_plateau_width: float = 0.3,
+    noise: float | None = None,
+    noise_z: float = 2.0,
+    min_change: float = 0.05,
+    edge_plateaus: Literal["none", "end", "both"] = "end",
+    offset: float = 1.0,
+    truncate: float = 3.0,
+) -> list[Milestone]:
+    """Milestones of an LLC (or loss) curve: critical points of λ̂ against log step (Hoogland et al. §3.3).
+
+    Procedure (papers.md §D4):
+      1. x = log(step + offset); smoothed value a(x) and slope d(x) = dλ̂/dx by a centred local-linear
+         Gaussian fit of width `smooth_sigma` (see :func:`log_derivative`).
+      2. A checkpoint is *flat* when the slope is small relative to the curve's range,
+         |d| ≤ plateau_tol · (max a − min a) (change per e-fold of steps, as a fraction of the range),
+         or when it is not significantly non-zero given the noise, |d| ≤ noise_z · SE(d), with
+         SE(d) = noise · (noise factor of the fit); `noise` defaults to :func:`estimate_noise`.
+      3. A run of steep checkpoints over which the smoothed curve changes by less than
+         `min_change` · (max a − min a) is noise, not development: it is counted as flat.
+      4. Flat stretches are maximal runs of flat checkpoints. For each stretch strictly inside the curve, the
+         milestone sits at the stretch's centre in x (robust to noise; for a sharp turn the stretch is
+         narrow and its centre is the turning point), and the sign of d just outside it decides the kind:
+           + then − → 'max';  − then + → 'min';
+           same sign  → 'plateau', kept only if the stretch spans at least `min_plateau_width` in x
+                        (a brief slow-down is not a milestone).
+         A sign change of d between two consecutive steep checkpoints (a sharp peak that the grid
+         steps over) also gives a 'max' / 'min', at the more extreme of the two.
+      5. Flat stretches touching an end of the curve: with `edge_plateaus` = "end" (default) a final
+         stretch of width ≥ `min_plateau_width` gives a 'plateau' milestone where it starts (the step at
+         which the curve settles); "both" also marks where an initial flat stretch ends; "none" ignores both.
+         The initial one is off by default: log(step + 1) stretches the first few steps, where nothing has
+         happened yet, over a wide x range, so it would nearly always be flagged.
+
+    Defaults and why:
+      - smooth_sigma 0.15 (≈ ±16 % in step): removes checkpoint-to-checkpoint SGLD noise, while stages span at
+        least a factor ~2 in step (0.7 in x), so distinct critical points are not merged;
+      - plateau_tol 0.05: the curve moves by < 5 % of its total range per e-fold of steps;
+      - min_plateau_width 0.3 (a factor 1.35 in step);
+      - noise_z 2: a slope within two standard errors of 0 is treated as flat (0 disables the test);
+      - min_change 0.05: a stage must move the curve by at least 5 % of its range (Hoogland's smallest
+        regression stage, LR3, moves the LLC by about 7 % of its range);
+      - offset 1: step 0 maps to x = 0.
+
+    Args:
+        steps: (T,) strictly increasing checkpoint steps.
+        llc: (T,) curve values (LLC means; or a loss).
+        noise: known noise σ of each value (e.g. LLC std over chains / sqrt(chains)); None → estimated.
+
+    Returns:
+        Milestones sorted by step. A constant curve has none.
+    """
+    s, v, x = _prepare(steps, llc, offset)
+    a, d, g = _fit(x, v, smooth_sigma, truncate)
+    T = s.size
+    span = float(a.max() - a.min())
+    if span <= 1e-12 * max(1.0, float(np.abs(a).max())):  # constant up to rounding
+        return []
+    sigma_noise = estimate_noise(s, v, offset=offset) if noise is None else float(noise)
+    threshold = np.maximum(plateau_tol * span, noise_z * sigma_noise * np.nan_to_num(g, nan=0.0))
+    flat = np.abs(d) <= threshold
+    # a steep run that moves the smoothed curve by less than min_change of its range is noise: make it flat
+    for j0, j1 in _runs(~flat):
+        lo_i, hi_i = max(j0 - 1, 0), min(j1 + 1, T - 1)
+        if abs(a[hi_i] - a[lo_i]) < min_change * span:
+            flat[j0 : j1 + 1] = True
+    found: dict[int, Milestone] = {}
+
+    def add(i: int, kind: MilestoneKind, i0: int, i1: int) -> None:
+        found.setdefault(
+            int(i), Milestone(float(s[i]), int(i), kind, float(a[i]), float(s[i0]), float(s[i1]))
+        )
+
+    for i0, i1 in _runs(flat):
+        width = x[i1] - x[i0]
+        seg = np.arange(i0, i1 + 1)
+        if i0 > 0 and i1 < T - 1:
+            left, right = np.sign(d[i0 - 1]), np.sign(d[i1 + 1])
+            mid = int(seg[np.argmin(np.abs(x[seg] - 0.5 * (x[i0] + x[i1])))])
+            if left > 0 > right:
+                add(mid, "max", i0, i1)
+            elif left < 0 < right:
+                add(mid, "min", i0, i1)
+            elif width >= min_plateau_width:
+                add(mid, "plateau", i0, i1)
+        elif width >= min_plateau_width and not (i0 == 0 and i1 == T - 1):
+            if i1 == T - 1 and edge_plateaus in ("end", "both"):
+                add(i0, "plateau", i0, i1)
+            elif i0 == 0 and edge_plateaus == "both":
+                add(i1, "plateau", i0, i1)
+    for i in range(T - 1):
+        if flat[i] or flat[i + 1]:
+            continue
+        if d[i] > 0 > d[i + 1]:
+            j = i if a[i] >= a[i + 1] else i + 1
+            add(j, "max", j, j)
+        elif d[i] < 0 < d[i + 1]:
+            j = i if a[i] <= a[i + 1] else i + 1
+            add(j, "min", j, j)
+    return [found[k] for k in sorted(found)]
+
+
+def milestones_frame(milestones: Sequence[Milestone]) -> pd.DataFrame:
+    """Milestones as a DataFrame (columns step, index, kind, value, plateau_start, plateau_end)."""
+    cols = ["step", "index", "kind", "value", "plateau_start", "plateau_end"]
+    return pd.DataFrame([asdict(m) for m in milestones], columns=cols)
+
+
+def _as_steps(points: Any) -> np.ndarray:
+    """Steps from Milestones, numbers, an EssentialDynamics (its cusp/vertex steps) or None."""
+    if points is None:
+        return np.zeros(0)
+    if hasattr(points, "event_steps"):
+        return np.asarray(points.event_steps(), dtype=np.float64)
+    out = [p.step if isinstance(p, Milestone) else float(p) for p in points]
+    return np.asarray(sorted(out), dtype=np.float64)
+
+
+def _nearest(targets: np.ndarray, candidates: np.ndarray, offset: float) -> tuple[np.ndarray, np.ndarray]:
+    """For each target step: the nearest candidate step in log(step + offset), and the distance in log."""
+    if candidates.size == 0:
+        return np.full(targets.size, np.nan), np.full(targets.size, np.nan)
+    xt = np.log(targets + offset)[:, None]
+    xc = np.log(candidates + offset)[None, :]
+    dist = np.abs(xt - xc)
+    j = np.argmin(dist, axis=1)
+    return candidates[j], dist[np.arange(targets.size), j]
+
+
+def _coverage(events: np.ndarray, lo: float, hi: float, tol: float, offset: float) -> float:
+    """Fraction of [lo, hi] (log-step coordinates) lying within `tol` of some event step."""
+    if events.size == 0 or hi <= lo:
+        return 0.0
+    xe = np.sort(np.log(events + offset))
+    covered, cur_a, cur_b = 0.0, None, None
+    for a, b in zip(np.maximum(xe - tol, lo), np.minimum(xe + tol, hi), strict=True):
+        if b <= a:
+            continue
+        if cur_b is None or a > cur_b:
+            if cur_b is not None:
+                covered += cur_b - cur_a
+            cur_a, cur_b = a, b
+        else:
+            cur_b = max(cur_b, b)
+    if cur_b is not None:
+        covered += cur_b - cur_a
+    return float(covered / (hi - lo))
+
+
+def cross_check(
+    boundaries: Sequence[Milestone | float] | np.ndarray,
+    loss_plateaus: Sequence[Milestone | float] | np.ndarray | None,
+    ed_events: Sequence[float] | np.ndarray | EssentialDynamics | None,
+    tol_in_log_steps: float = 0.3,
+    *,
+    steps: ArrayLike | None = None,
+    offset: float = 1.0,
+) -> pd.DataFrame:
+    """Corroborate LLC stage boundaries with loss milestones and ED forms (Hoogland et al. §3.3, §4).
+
+    Args:
+        boundaries: LLC milestones (or their steps).
+        loss_plateaus: milestones of the loss curve (e.g. :func:`find_milestones` on the loss), or steps.
+        ed_events: steps of ED cusps / vertices, or an :class:`~icl_lab.trajectory.EssentialDynamics`.
+        tol_in_log_steps: a boundary is corroborated when the nearest event is within this distance in
+            log(step + offset) (0.3 ≈ a factor 1.35 in step).
+        steps: the run's checkpoint steps; when given, the columns loss_chance / ed_chance say which fraction
+            of the log-step range lies within tolerance of some event, i.e. the probability that a boundary
+            placed at random would be "corroborated" too. Dense events (e.g. many vertices of a noisy,
+            under-smoothed ED curve) corroborate everything and mean little.
+
+    Returns:
+        DataFrame, one row per boundary: boundary (step), loss_step, loss_dlog, loss_agrees, ed_step, ed_dlog,
+        ed_agrees (nearest event of each kind, its distance in log step, and whether it is within tolerance),
+        plus loss_chance, ed_chance when `steps` is given.
+    """
+    b = _as_steps(boundaries)
+    le, ee = _as_steps(loss_plateaus), _as_steps(ed_events)
+    ls, ld = _nearest(b, le, offset)
+    es, edd = _nearest(b, ee, offset)
+    df = pd.DataFrame(
+        {
+            "boundary": b,
+            "loss_step": ls,
+            "loss_dlog": ld,
+            "loss_agrees": np.nan_to_num(ld, nan=np.inf) <= tol_in_log_steps,
+            "ed_step": es,
+            "ed_dlog": edd,
+            "ed_agrees": np.nan_to_num(edd, nan=np.inf) <= tol_in_log_steps,
+        }
+    )
+    if steps is not None:
+        x = log_steps(steps, offset)
+        lo, hi = float(x.min()), float(x.max())
+        df["loss_chance"] = _coverage(le, lo, hi, tol_in_log_steps, offset)
+        df["ed_chance"] = _coverage(ee, lo, hi, tol_in_log_steps, offset)
+    return df
+
+
+def stage_table(
+    steps: ArrayLike,
+    llc: ArrayLike,
+    loss: ArrayLike | None,
+    boundaries: Sequence[Milestone | float] | np.ndarray,
+    *,
+    loss_plateaus: Sequence[Milestone | float] | np.ndarray | Literal["auto"] | None = None,
+    ed_events: Sequence[float] | np.ndarray | EssentialDynamics | None = None,
+    tol_in_log_steps: float = 0.3,
+    offset: float = 1.0,
+) -> pd.DataFrame:
+    """The stage table (Hoogland et al. Tables 1-2): one row per interval between successive boundaries.
+
+    Stages run from the first checkpoint to the first boundary, between boundaries, and from the last
+    boundary to the last checkpoint. Each boundary is snapped to the nearest checkpoint step (in log step).
+
+    Args:
+        steps: (T,) strictly increasing checkpoint steps.
+        llc: (T,) LLC estimates (raw means; deltas use these raw values at the stage ends).
+        loss: (T,) test loss at the same checkpoints, or None (delta_loss NaN).
+        boundaries: milestones (e.g. :func:`find_milestones`) or steps.
+        loss_plateaus, ed_events, tol_in_log_steps: optional cross-checks of each stage's END boundary (see
+            :func:`cross_check`); adds columns loss_step, loss_agrees, ed_step, ed_agrees and the chance
+            levels loss_chance, ed_chance (fraction of the log-step range within tolerance of an event).
+            loss_plateaus="auto" finds them on `loss` with :func:`find_milestones` and its defaults.
+
+    Returns:
+        DataFrame with columns stage (1, 2, …), start, end (steps), delta_loss (= loss(end) − loss(start)),
+        delta_llc (= λ̂(end) − λ̂(start)), rel_delta_llc (delta_llc / range of λ̂, to spot negligible stages),
+        type ('A' if delta_llc > 0, the LLC rises; 'B' otherwise), end_kind (the milestone kind at the end
+        boundary, 'end' for the last stage), llc_start, llc_end, loss_start, loss_end, and the cross-check
+        columns when requested.
+    """
+    s, lam, x = _prepare(steps, llc, offset)
+    if loss is None:
+        lo = np.full(s.size, np.nan)
+    else:
+        lo = _to_numpy(loss).reshape(-1)
+        if lo.shape != s.shape:
+            raise ValueError(f"loss {lo.shape} and steps {s.shape} must have the same length")
+    kinds: dict[int, str] = {}
+    idx: list[int] = []
+    for bnd in boundaries:
+        st = bnd.step if isinstance(bnd, Milestone) else float(bnd)
+        i = int(np.argmin(np.abs(x - np.log(st + offset))))
+        if 0 < i < s.size - 1 and i not in kinds:
+            idx.append(i)
+            kinds[i] = bnd.kind if isinstance(bnd, Milestone) else "boundary"
+    idx = sorted(idx)
+    edges = [0, *idx, s.size - 1]
+    span = float(lam.max() - lam.min())
+    rows = []
+    for n in range(len(edges) - 1):
+        i, j = edges[n], edges[n + 1]
+        dl = float(lam[j] - lam[i])
+        rows.append(
+            {
+                "stage": n + 1,
+                "start": s[i],
+                "end": s[j],
+                "delta_loss": float(lo[j] - lo[i]),
+                "delta_llc": dl,
+                "rel_delta_llc": dl / span if span > 0 else 0.0,
+                "type": "A" if dl > 0 else "B",
+                "end_kind": kinds.get(j, "end"),
+                "llc_start": float(lam[i]),
+                "llc_end": float(lam[j]),
+                "loss_start": float(lo[i]),
+                "loss_end": float(lo[j]),
+            }
+        )
+    df = pd.DataFrame(rows)
+    if isinstance(loss_plateaus, str):
+        if loss_plateaus != "auto" or loss is None:
+            raise ValueError("loss_plateaus='auto' needs a loss curve")
+        loss_plateaus = find_milestones(s, lo, offset=offset)
+    if loss_plateaus is not None or ed_events is not None:
+        cc = cross_check(
+            df["end"].to_numpy(), loss_plateaus, ed_events, tol_in_log_steps, steps=s, offset=offset
+        )
+        last = df.index == df.index[-1]
+        for col in ("loss_step", "loss_agrees", "ed_step", "ed_agrees", "loss_chance", "ed_chance"):
+            df[col] = cc[col].to_numpy()
+        # the end of training is not a boundary: nothing to corroborate there
+        df.loc[last, ["loss_step", "ed_step"]] = np.nan
+        df.loc[last, ["loss_agrees", "ed_agrees"]] = False
+    return df
+
+
+def save_stage_table(df: pd.DataFrame, path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Write a stage table as Parquet and CSV next to each other (`path` with or without a .parquet/.csv
+    suffix). Each file goes to a temporary name in the same directory and is moved into place with os.replace,
+    so a reader never sees a half-written table. Returns (parquet_path, csv_path)."""
+    p = Path(path)
+    if p.suffix.lower() in {".parquet", ".csv"}:
+        p = p.with_suffix("")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    out: list[Path] = []
+    for ext in ("parquet", "csv"):
+        target = p.parent / f"{p.name}.{ext}"
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=f".{ext}")
+        os.close(fd)
+        try:
+            if ext == "parquet":
+                df.to_parquet(tmp, index=False)
+            else:
+                df.to_csv(tmp, index=False)
+            os.replace(tmp, target)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        out.append(target)
+    return out[0], out[1]
+
+
+def plot_stages(
+    steps: ArrayLike,
+    loss: ArrayLike,
+    llc: ArrayLike,
+    llc_std: ArrayLike | None,
+    table: pd.DataFrame,
+    path: str | os.PathLike[str],
+    *,
+    smoothed_llc: ArrayLike | None = None,
+    milestones: Sequence[Milestone] | None = None,
+    loss_label: str = "test loss",
+    title: str | None = None,
+) -> tuple[Path, Path]:
+    """Hoogland et al. Fig. 1: loss (top) and LLC ± std over chains (bottom) against step on a log x-axis,
+    with stage bands (orange hues: LLC rising, type A; blue hues: falling, type B) and stage labels.
+
+    Raw values are plotted; `smoothed_llc` (e.g. :func:`smooth_log`) is overlaid as a thin line if given, and
+    `milestones` as dashed vertical lines. Step 0 cannot sit on a log axis: points with step ≤ 0 are left out
+    of the plot and a band starting at 0 is drawn from the first positive step. Saves PNG + PDF."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    s = _to_numpy(steps).reshape(-1)
+    lo = _to_numpy(loss).reshape(-1)
+    lam = _to_numpy(llc).reshape(-1)
+    pos = s > 0
+    if not pos.any():
+        raise ValueError("plot_stages: need at least one positive step for a log axis")
+    xmin = float(s[pos].min())
+    fig = Figure(figsize=(7.5, 6.0), layout="constrained")
+    ax_loss, ax_llc = fig.subplots(2, 1, sharex=True)
+    ax_loss.plot(s[pos], lo[pos], "-", color="black", lw=1.4)
+    ax_llc.plot(s[pos], lam[pos], "-", color="black", lw=1.4, label="LLC (mean over chains)")
+    if llc_std is not None:
+        sd = _to_numpy(llc_std).reshape(-1)
+        ax_llc.fill_between(
+            s[pos], (lam - sd)[pos], (lam + sd)[pos], color="0.6", alpha=0.4, lw=0, label="± std"
+        )
+    if smoothed_llc is not None:
+        sm = _to_numpy(smoothed_llc).reshape(-1)
+        ax_llc.plot(s[pos], sm[pos], "--", color="tab:red", lw=1.0, label="smoothed (for milestones)")
+    oranges, blues = colormaps["Oranges"], colormaps["Blues"]
+    na = nb = 0
+    for _, row in table.iterrows():
+        if row["type"] == "A":
+            colour = oranges(0.25 + 0.2 * (na % 2))
+            na += 1
+        else:
+            colour = blues(0.25 + 0.2 * (nb % 2))
+            nb += 1
+        lo_x = max(float(row["start"]), xmin)
+        hi_x = max(float(row["end"]), xmin)
+        for ax in (ax_loss, ax_llc):
+            ax.axvspan(lo_x, hi_x, color=colour, alpha=0.5, lw=0, zorder=0)
+        ax_loss.text(
+            np.sqrt(lo_x * hi_x),
+            1.01,
+            f"{int(row['stage'])}{row['type']}",
+            transform=ax_loss.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    for m in milestones or []:
+        if m.step > 0:
+            for ax in (ax_loss, ax_llc):
+                ax.axvline(m.step, color="0.3", ls=":", lw=0.8)
+    ax_llc.set_xscale("log")
+    ax_llc.set_xlabel("step")
+    ax_loss.set_ylabel(loss_label)
+    ax_llc.set_ylabel("LLC λ̂")
+    ax_llc.legend(fontsize=7, loc="best")
+    fig.suptitle(title or "Loss and LLC over training, with stages (orange: LLC rising, blue: falling)")
+    return save_figure(fig, path)

@@ -1,0 +1,1 @@
+"""End-to-end studies: one module per study."""

@@ -1,0 +1,231 @@
+"""The training loop: AdamW, LR schedules, the checkpoint schedule, periodic evaluation, resume.
+
+Training only trains. Analyses (LLC, essential dynamics) read the saved checkpoints afterwards, with their own
+generators, so they can never change the training trajectory (papers.md §F2 item 4).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from icl_lab.config import RunConfig, TrainConfig
+from icl_lab.evaluate import baseline_levels, evaluate, prepare_eval_sets
+from icl_lab.model import ICLTransformer, build_model
+from icl_lab.store import Run, load_strict, load_tensors, save_tensors, write_json, write_parquet
+from icl_lab.tasks import make_generator, sample_batch, task_pool
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+# ------------------------------------------------------------------------------------------------ schedules
+def checkpoint_steps(steps: int, n_linear: int, n_log: int) -> list[int]:
+    """Union of n_linear linearly spaced steps in [0, steps] and n_log log-spaced steps in [1, steps],
+    always with step 0 (before any update) and the final step (Hoogland et al.; Carroll et al. App. A.4)."""
+    lin = np.linspace(0, steps, n_linear) if n_linear > 0 else np.array([])
+    log = np.logspace(0, math.log10(steps), n_log) if n_log > 0 and steps >= 1 else np.array([])
+    out = {0, steps} | {int(round(s)) for s in lin} | {int(round(s)) for s in log}
+    return sorted(s for s in out if 0 <= s <= steps)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of cfg.lr at `step` (0-based update index).
+
+    constant: 1. triangle (Raventós; Hoogland's linear OneCycle): linear rise over warmup_frac·steps to 1,
+    then linear decay to 0 at the end. cosine: linear warm-up, then cosine decay to 0.
+    """
+    if cfg.schedule == "constant":
+        return 1.0
+    warm = cfg.warmup_frac * cfg.steps
+    t = step + 1  # the update about to be taken
+    if t <= warm:
+        return t / warm
+    rest = max(cfg.steps - warm, 1.0)
+    progress = min((t - warm) / rest, 1.0)
+    if cfg.schedule == "triangle":
+        return max(1.0 - progress, 0.0)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on weight matrices (≥ 2-D) only, not on biases or LayerNorm gains (nanoGPT)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+# ------------------------------------------------------------------------------------------------ state I/O
+def save_state(run: Run, step: int, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> None:
+    """Everything needed to continue bit-identically, without pickle: weights, AdamW moments, generator."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    sd = opt.state_dict()
+    for idx, st in sd["state"].items():
+        for key, value in st.items():
+            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value)
+    tensors["rng.train"] = gen.get_state()
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in sd["param_groups"]]
+    save_tensors(run.state_path, tensors, {"step": str(step), "param_groups": json.dumps(groups),
+                                           "generator_device": str(gen.device)})
+
+
+def load_state(run: Run, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> int:
+    """Restore from run.state_path; returns the step it was saved at."""
+    if not run.state_path.exists():
+        raise ValueError(f"cannot resume {run.path}: no resumable state at {run.state_path}")
+    tensors, meta = load_tensors(run.state_path)
+    model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    load_strict(model, model_sd, str(run.state_path))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    gen.set_state(tensors["rng.train"])
+    return int(meta["step"])
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+@contextmanager
+def _stop_on_sigint() -> Iterator[dict[str, bool]]:
+    """Turn Ctrl-C into a flag that the loop checks between steps, so the saved state is consistent."""
+    flag = {"stop": False}
+    try:
+        previous = signal.signal(signal.SIGINT, lambda *_: flag.__setitem__("stop", True))
+    except ValueError:  # not in the main thread
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def train(config: RunConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = True, stop_after: int | None = None) -> Run:
+    """Train a model as `config` says, writing the run to `out`; returns the Run.
+
+    resume: continue from the run's saved state (bit-identical to an uninterrupted run on CPU).
+    stop_after: stop (as an interruption would) once this many steps are done, saving resumable state.
+    """
+    tc, task, device = config.train, config.task, config.train.device
+    if resume:
+        run = Run.load(out)
+        if run.config != config:
+            raise ValueError(f"cannot resume {out}: its config differs from the one given")
+    else:
+        run = Run.create(out, config, overwrite=overwrite)
+
+    pool = task_pool(task.family, task.M, task.D, config.seed, device) if task.M is not None else None
+    sets = prepare_eval_sets(task, pool, tc.eval_size, config.seed, device)
+    model: ICLTransformer = build_model(task, config.model, config.seed, device)
+    opt = make_optimizer(model, tc)
+    gen = make_generator(config.seed, "train", device)
+
+    ckpts = set(checkpoint_steps(tc.steps, *tc.checkpoint_counts))
+    evals = ckpts | (set(range(0, tc.steps + 1, tc.eval_every)) if tc.eval_every else set())
+    rows: list[dict[str, float]] = []
+    losses: list[float] = []
+    start = 0
+    if resume:
+        start = load_state(run, model, opt, gen)
+        rows = [r for r in run.metrics.to_dict("records") if r["step"] < start]
+        losses = run.train_loss["loss"].tolist()[:start]
+    if not resume:
+        write_json(run.path / "baselines.json", baseline_levels(sets))
+
+    pending: list[torch.Tensor] = []  # losses not yet synced to Python floats
+    last_good = max([s for s in run.checkpoint_steps if s <= start], default=None)
+
+    def flush(step: int) -> None:
+        losses.extend(torch.stack(pending).tolist() if pending else [])
+        pending.clear()
+        write_parquet(run.path / "metrics.parquet", pd.DataFrame(rows))
+        write_parquet(run.path / "train_loss.parquet",
+                      pd.DataFrame({"step": np.arange(len(losses)), "loss": np.array(losses)}))
+        save_state(run, step, model, opt, gen)
+
+    bar = _progress_bar(progress, tc.steps, start)
+    t0, step = time.perf_counter(), start
+    with _stop_on_sigint() as sig, bar:
+        for step in range(start, tc.steps + 1):
+            if step in evals:
+                rows.append({"step": step, "lr": tc.lr * lr_factor(step, tc), **evaluate(model, sets)})
+            if step in ckpts:
+                run.save_checkpoint(step, model)
+                last_good = step
+                flush(step)
+            if step == tc.steps:
+                break
+            if sig["stop"] or (stop_after is not None and step >= stop_after):
+                flush(step)
+                bar.stop()
+                print(f"stopped at step {step}; continue with: icl-lab train --resume {run.path}")
+                return run
+
+            batch = sample_batch(task, pool, tc.batch_size, gen)
+            for group in opt.param_groups:
+                group["lr"] = tc.lr * lr_factor(step, tc)
+            loss = (model(batch.x, batch.y) - batch.y).square().mean()
+            if not torch.isfinite(loss):
+                write_parquet(run.path / "metrics.parquet", pd.DataFrame(rows))
+                raise TrainingDiverged(f"training loss is {loss.item()} at step {step} of {run.path}; the last "
+                                       f"good checkpoint is step {last_good} (lower --lr or set --grad-clip)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            pending.append(loss.detach())
+            if len(pending) >= 200 or step + 1 == tc.steps:
+                losses.extend(torch.stack(pending).tolist())
+                pending.clear()
+                bar.update(step + 1, losses[-1], time.perf_counter() - t0)
+    return run
+
+
+class _progress_bar:
+    """A rich progress bar showing step, loss, steps/s and ETA (a no-op when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.enabled, self.total, self.start = enabled, total, start
+        self.progress = None
+
+    def __enter__(self) -> _progress_bar:
+        if self.enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+            self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("loss {task.fields[loss]:.4g}"),
+                                     TextColumn("{task.fields[rate]:.0f} steps/s"),
+                                     TimeElapsedColumn(), TimeRemainingColumn())
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=self.total, completed=self.start,
+                                               loss=float("nan"), rate=0.0)
+        return self
+
+    def update(self, step: int, loss: float, elapsed: float) -> None:
+        if self.progress is not None:
+            rate = (step - self.start) / max(elapsed, 1e-9)
+            self.progress.update(self.task, completed=step, loss=loss, rate=rate)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

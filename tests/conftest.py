@@ -1,0 +1,36 @@
+"""Shared tiny configurations. Everything is seeded; nothing touches the network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from icl_lab.config import RunConfig, build_run_config
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_overrides(**kw) -> dict:
+    """A model and run small enough to train in about a second on CPU."""
+    base = dict(
+        D=4,
+        K=6,
+        M=2,
+        n_layers=1,
+        d_model=16,
+        n_heads=2,
+        d_head=8,
+        d_mlp=16,
+        steps=40,
+        batch_size=16,
+        eval_size=64,
+        n_checkpoints_linear=5,
+        n_checkpoints_log=5,
+    )
+    base.update(kw)
+    return base
+
+
+@pytest.fixture
+def tiny_config() -> RunConfig:
+    return build_run_config(overrides=tiny_overrides())
