@@ -22,9 +22,9 @@ def test_export_to_transformer_lens_gives_equal_outputs(preset):
 
 def test_users_seed_model_and_icl_lab_seed_preset_are_the_same_function():
     """The independent check of model.py: the user's own TL code, with our weights, gives our outputs."""
-    from seed_model import ICLTransformer as SeedModel
-
     from icl_lab.interp import from_seed_model, to_seed_state_dict
+
+    from seed_model import ICLTransformer as SeedModel
 
     cfg = build_run_config(overrides={"D": 8, "K": 16})
     ours = build_model(cfg.task, cfg.model, seed=0)

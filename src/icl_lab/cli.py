@@ -24,7 +24,7 @@ UPPER_FLAGS = {"M", "D", "K"}  # the papers' symbols keep their case: --M 2 --D 
 
 
 def fail(message: str, code: int = 2) -> typing.NoReturn:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -1,0 +1,42 @@
+# icl-lab: every target sets up the project virtualenv first (idempotent: re-runs only when pyproject changes).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.setup-done
+OUT    ?= runs
+EXTRAS ?= dev,tl
+
+.PHONY: setup test test-slow lint demo demo-quick bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks examples
+
+# The main job: the low-diversity study (M = 1, 2 on the user's seed model), figures and an HTML report.
+demo: setup
+	$(BIN)/icl-lab study low-diversity --out $(OUT)/low-diversity
+
+demo-quick: setup
+	$(BIN)/icl-lab study low-diversity --quick --out $(OUT)/low-diversity-quick
+
+bench: setup
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[bench]'
+	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/llc_speed.py
+
+clean-venv:
+	rm -rf $(VENV)
