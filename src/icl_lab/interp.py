@@ -104,3 +104,106 @@ def from_seed_model(seed_model: nn.Module, D: int, K: int) -> ICLTransformer:
             mine[k[len("transformer."):]] = v
     load_strict(model, mine, "seed model state_dict")
     return model
+
+
+# ------------------------------------------------------------------------------------------------ internals
+HeadOverride = dict[tuple[int, int], str]  # (layer, head) -> "zero" | "mean"
+
+
+@torch.no_grad()
+def run_with_cache(model: ICLTransformer, x: Tensor, y: Tensor, ablate: HeadOverride | None = None
+                   ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Forward pass that also returns internals; optionally ablates attention heads.
+
+    Returns predictions (B, K) and a cache with 'resid.{l}' (B, 2K, d_model) entering block l (l = n_layers is
+    the final residual), 'pattern.{l}' (B, H, 2K, 2K) attention probabilities and 'z.{l}' (B, H, 2K, d_head).
+    Ablation replaces a head's output z by zeros ("zero") or by its mean over the batch at each position
+    ("mean") before W_O.
+    """
+    ablate = ablate or {}
+    cache: dict[str, Tensor] = {}
+    h = model.residual_in(x, y)
+    for layer, block in enumerate(model.blocks):
+        cache[f"resid.{layer}"] = h
+        normed = block.ln1(h)
+        z = block.attn.heads(normed)
+        cache[f"pattern.{layer}"] = block.attn.pattern(normed)
+        cache[f"z.{layer}"] = z
+        for (al, head), mode in ablate.items():
+            if al != layer:
+                continue
+            if mode == "zero":
+                z[:, head] = 0.0
+            elif mode == "mean":
+                z[:, head] = z[:, head].mean(0, keepdim=True)
+            else:
+                raise ValueError(f"ablation mode must be 'zero' or 'mean', got {mode!r}")
+        h = h + block.attn.combine(z)
+        h = h + block.mlp(block.ln2(h))
+    cache[f"resid.{len(model.blocks)}"] = h
+    return model.readout(h), cache
+
+
+def attention_patterns(model: ICLTransformer, x: Tensor, y: Tensor) -> Tensor:
+    """Attention probabilities (n_layers, B, n_heads, 2K, 2K); row t attends over tokens ≤ t."""
+    _, cache = run_with_cache(model, x, y)
+    return torch.stack([cache[f"pattern.{l}"] for l in range(len(model.blocks))])
+
+
+def head_ablation_effects(model: ICLTransformer, x: Tensor, y: Tensor, mode: str = "zero") -> dict[str, Tensor]:
+    """Per-token loss (K,) with each head ablated in turn, keyed 'L{l}H{h}', plus 'none' for the intact model."""
+    from icl_lab.evaluate import per_token_loss
+
+    out = {"none": per_token_loss(run_with_cache(model, x, y)[0], y)}
+    for layer in range(model.cfg.n_layers):
+        for head in range(model.cfg.n_heads):
+            pred, _ = run_with_cache(model, x, y, ablate={(layer, head): mode})
+            out[f"L{layer}H{head}"] = per_token_loss(pred, y)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ probes
+def _ridge_fit(features: Tensor, targets: Tensor, lam: float) -> Tensor:
+    """Closed-form ridge with intercept: features (N, F), targets (N, T) -> weights (F+1, T)."""
+    X = torch.cat([features, features.new_ones(features.shape[0], 1)], dim=1).double()
+    reg = lam * torch.eye(X.shape[1], dtype=torch.float64)
+    reg[-1, -1] = 0.0
+    return torch.linalg.solve(X.T @ X + reg, X.T @ targets.double())
+
+
+def _ridge_apply(features: Tensor, weights: Tensor) -> Tensor:
+    X = torch.cat([features, features.new_ones(features.shape[0], 1)], dim=1).double()
+    return X @ weights
+
+
+def probe_residual(model: ICLTransformer, x: Tensor, y: Tensor, targets: Tensor, layer: int | None = None,
+                   classify: bool = False, lam: float = 1e-3) -> Tensor:
+    """Linear probes from the residual stream at each x position, one per position k, fit on the first half
+    of the batch and scored on the second half.
+
+    targets: (B,) integer task ids (classify=True: accuracy of a one-vs-rest least-squares classifier) or
+    (B, T) vectors such as the task w (R² of a ridge regression). layer: residual entering that block
+    (default: the final residual). Returns a score per position (K,).
+    """
+    _, cache = run_with_cache(model, x, y)
+    layer = len(model.blocks) if layer is None else layer
+    resid = cache[f"resid.{layer}"][:, 0::2]  # (B, K, d) at the x positions
+    B, K, _ = resid.shape
+    half = B // 2
+    if classify:
+        n_classes = int(targets.max()) + 1
+        target_mat = torch.nn.functional.one_hot(targets.long(), n_classes).double()
+    else:
+        target_mat = targets.double().reshape(B, -1)
+    scores = torch.empty(K, dtype=torch.float64)
+    for k in range(K):
+        W = _ridge_fit(resid[:half, k], target_mat[:half], lam)
+        pred = _ridge_apply(resid[half:, k], W)
+        truth = target_mat[half:]
+        if classify:
+            scores[k] = (pred.argmax(1) == truth.argmax(1)).double().mean()
+        else:
+            ss_res = (pred - truth).square().sum()
+            ss_tot = (truth - truth.mean(0)).square().sum()
+            scores[k] = 1.0 - ss_res / ss_tot
+    return scores

@@ -97,6 +97,10 @@ class Attention(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         """h: (B, T, d_model) -> (B, T, d_model)."""
+        return self.combine(self.heads(h))
+
+    def heads(self, h: Tensor) -> Tensor:
+        """Per-head outputs z: (B, H, T, d_head) for the normalised residual h: (B, T, d_model)."""
         B, T, d = h.shape
         H, e = self.cfg.n_heads, self.cfg.d_head
         W = torch.cat([self.W_Q, self.W_K, self.W_V], dim=-1)  # (H, d, 3e)
@@ -107,11 +111,15 @@ class Attention(nn.Module):
             q = q + self.b_Q[:, None, :]
             k = k + self.b_K[:, None, :]
             v = v + self.b_V[:, None, :]
-        z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, e)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def combine(self, z: Tensor) -> Tensor:
+        """Attention output (B, T, d_model) from per-head outputs z: (B, H, T, d_head)."""
+        B, H, T, e = z.shape
         z = z.transpose(1, 2).reshape(B, T, H * e)
         if not self.cfg.attn_out:
             return z
-        out = z @ self.W_O.reshape(H * e, d)
+        out = z @ self.W_O.reshape(H * e, self.cfg.d_model)
         if self.cfg.attn_bias:
             out = out + self.b_O
         return out

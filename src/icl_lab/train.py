@@ -22,6 +22,7 @@ from torch import nn
 from icl_lab.config import RunConfig, TrainConfig
 from icl_lab.evaluate import baseline_levels, evaluate, prepare_eval_sets
 from icl_lab.model import ICLTransformer, build_model
+from icl_lab.progress import Bar
 from icl_lab.store import Run, load_strict, load_tensors, save_tensors, write_json, write_parquet
 from icl_lab.tasks import make_generator, sample_batch, task_pool
 
@@ -158,7 +159,8 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, overwrite
                       pd.DataFrame({"step": np.arange(len(losses)), "loss": np.array(losses)}))
         save_state(run, step, model, opt, gen)
 
-    bar = _progress_bar(progress, tc.steps, start)
+    bar = Bar(progress, tc.steps, "train", completed=start, loss=float("nan"), rate=0.0,
+              columns=("loss {task.fields[loss]:.4g}", "{task.fields[rate]:.0f} steps/s"))
     t0, step = time.perf_counter(), start
     with _stop_on_sigint() as sig, bar:
         for step in range(start, tc.steps + 1):
@@ -193,45 +195,5 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, overwrite
             if len(pending) >= 200 or step + 1 == tc.steps:
                 losses.extend(torch.stack(pending).tolist())
                 pending.clear()
-                bar.update(step + 1, losses[-1], time.perf_counter() - t0)
+                bar.update(step + 1, loss=losses[-1], rate=(step + 1 - start) / (time.perf_counter() - t0))
     return run
-
-
-class _progress_bar:
-    """A rich progress bar showing step, loss, steps/s and ETA (a no-op when disabled)."""
-
-    def __init__(self, enabled: bool, total: int, start: int):
-        self.enabled, self.total, self.start = enabled, total, start
-        self.progress = None
-
-    def __enter__(self) -> _progress_bar:
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-            self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("loss {task.fields[loss]:.4g}"),
-                                     TextColumn("{task.fields[rate]:.0f} steps/s"),
-                                     TimeElapsedColumn(), TimeRemainingColumn())
-            self.progress.start()
-            self.task = self.progress.add_task("train", total=self.total, completed=self.start,
-                                               loss=float("nan"), rate=0.0)
-        return self
-
-    def update(self, step: int, loss: float, elapsed: float) -> None:
-        if self.progress is not None:
-            rate = (step - self.start) / max(elapsed, 1e-9)
-            self.progress.update(self.task, completed=step, loss=loss, rate=rate)
-
-    def stop(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

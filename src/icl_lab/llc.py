@@ -1,0 +1,761 @@
+"""Local learning coefficient (LLC) estimation with localised SGLD, vectorised over chains.
+
+The estimator (Hoogland et al. 2024, Eqs. 5-6; Carroll et al. 2025, Eq. 9; papers.md §D2):
+
+    λ̂(w*) = nβ · ( E^β_{w | w*, γ}[ ℓ_n(w) ] − ℓ_n(w*) ),
+    p(w; w*, β, γ) ∝ exp{ −nβ ℓ_n(w) − (γ/2) ‖w − w*‖² },        nβ = n / log n by default (β* = 1 / log n),
+
+with the expectation taken by stochastic-gradient Langevin dynamics (Welling & Teh 2011) localised at w*:
+
+    w_{t+1} = w_t − (ε/2) [ nβ ∇ℓ_m(w_t) + γ (w_t − w*) ] + η_t,        η_t ~ N(0, ε I),
+
+where ℓ_m is the mean loss of a minibatch of m rows of the fixed data. Each chain is ONE Markov chain started at
+w*; the first `num_burnin` draws are discarded and ℓ_m(w_t) is recorded at every later step, read from the same
+forward pass as the gradient. ℓ_n(w*) is the loss at the exact, unperturbed w* on the whole data.
+
+Layout (style.md §3-4): pure pieces (`default_nbeta`, `sgld_step`, `llc_per_chain`, `diagnose`, `pick`) and a thin
+`estimate_llc` that owns the copy of the model, the generators and the loop. Shapes use C = chains, T = draws,
+P = length of the flattened sampled-parameter vector, m = minibatch size.
+
+Randomness: chain c draws its minibatch indices and its SGLD noise from two generators of its own, seeded from
+(`seed`, "llc/chain{c}/batches" | "llc/chain{c}/noise") alone, so the global torch RNG is never touched and the
+vectorised and sequential paths consume identical random numbers. Minibatches are drawn without replacement within
+an epoch (a fresh permutation of the n rows per epoch, consumed m rows at a time; a batch may straddle two epochs).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import hashlib
+import json
+import math
+import re
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from icl_lab.config import LLCConfig
+from icl_lab.tasks import make_generator
+
+__all__ = [
+    "Calibration",
+    "LLCConfig",
+    "LLCResult",
+    "Thresholds",
+    "calibrate",
+    "default_nbeta",
+    "diagnose",
+    "estimate_llc",
+    "head_mask",
+    "llc_per_chain",
+    "pick",
+    "plot_calibration",
+    "sgld_step",
+]
+
+Forward = Callable[..., Any]
+LossFn = Callable[[Forward, tuple[Tensor, ...]], Tensor]
+ParamSpec = str | Sequence[str] | dict[str, Tensor] | None
+
+_EVAL_CHUNK = 4096  # rows per forward pass when computing ℓ_n(w*) on the whole data
+_CHECK_EVERY = 50  # steps between (synchronising) finiteness checks of the chain state
+_HEAD_LEAVES = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V")
+_BATCHING_WARNING = "There is a performance drop because we have not yet implemented the batching rule"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure pieces
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def default_nbeta(n: int) -> float:
+    """nβ = n / log n, i.e. the inverse temperature β* = 1 / log n of Watanabe's WBIC (Hoogland et al. §2.2)."""
+    if n < 2:
+        raise ValueError(f"n must be >= 2 for nβ = n / log n, got n={n}")
+    return n / math.log(n)
+
+
+def sgld_step(theta: Tensor, grad: Tensor, theta_star: Tensor, noise: Tensor, *, step_size: float, nbeta: float,
+              localization: float, mask: Tensor | None = None) -> Tensor:
+    """One localised SGLD update (papers.md §D2), returned as a new tensor.
+
+    theta, grad, noise: (..., P) — current point, ∇ℓ_m(theta), standard normal draws; theta_star: (P,) or (..., P).
+    mask: (P,) of 0/1 or None; entries with 0 are not moved.
+    Returns theta − (ε/2)(nβ·grad + γ(theta − theta*)) + √ε·noise.
+    """
+    drift = grad * nbeta + (theta - theta_star) * localization
+    delta = drift * (-0.5 * step_size) + noise * math.sqrt(step_size)
+    if mask is not None:
+        delta = delta * mask
+    return theta + delta
+
+
+def llc_per_chain(loss_trace: np.ndarray, init_loss: float, nbeta: float) -> np.ndarray:
+    """λ̂ of each chain: nβ (mean_t loss_trace[c, t] − ℓ_n(w*)). loss_trace: (C, T) post burn-in -> (C,)."""
+    trace = np.asarray(loss_trace, dtype=np.float64)
+    return nbeta * (trace.mean(axis=1) - init_loss)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Tolerances of the diagnostics (see `diagnose` and docs/llc.md).
+
+    divergence_factor: a draw with ℓ > ℓ_n(w*) + factor · max(|ℓ_n(w*)|, d/(2nβ)) counts as exploding
+        (d/(2nβ) is the largest mean excess loss a λ ≤ d/2 allows).
+    stationarity_std, stationarity_rel: "not stationary" when the change of the mean between the first and second
+        half of the post-burn-in draws, in λ units, exceeds BOTH stationarity_std × (mean per-chain draw std) and
+        stationarity_rel × |λ̂|.
+    rhat: "chains disagree" when the Gelman-Rubin R̂ of the post-burn-in traces exceeds this.
+    exceed_se: "exceeds d/2" when λ̂ − exceed_se · (standard error over chains) > d/2.
+    """
+
+    divergence_factor: float = 100.0
+    stationarity_std: float = 0.5
+    stationarity_rel: float = 0.05
+    rhat: float = 1.1
+    exceed_se: float = 2.0
+
+
+def _gelman_rubin(trace: np.ndarray) -> float:
+    """Potential scale reduction R̂ of (C, T) draws (Gelman & Rubin 1992); nan for C < 2 or T < 2."""
+    C, T = trace.shape
+    if C < 2 or T < 2:
+        return float("nan")
+    W = trace.var(axis=1, ddof=1).mean()
+    B_over_T = trace.mean(axis=1).var(ddof=1)
+    if W <= 0:
+        return 1.0 if B_over_T <= 0 else float("inf")
+    return float(math.sqrt(((T - 1) / T * W + B_over_T) / W))
+
+
+def diagnose(loss_trace: np.ndarray, burnin_trace: np.ndarray, init_loss: float, nbeta: float, d: int,
+             thresholds: Thresholds | None = None) -> dict[str, str]:
+    """Flags raised on one estimate, each with a plain-language message; an empty dict means no problem found.
+
+    loss_trace: (C, T) minibatch losses after burn-in; burnin_trace: (C, B); init_loss: ℓ_n(w*); d: sampled
+    parameters. Flags: "diverged", "negative", "not_stationary", "chains_disagree", "exceeds_half_d".
+    """
+    th = thresholds or Thresholds()
+    trace = np.asarray(loss_trace, dtype=np.float64)
+    burn = np.asarray(burnin_trace, dtype=np.float64)
+    flags: dict[str, str] = {}
+    C, T = trace.shape
+    scale = max(abs(init_loss), d / (2 * nbeta))
+    limit = init_loss + th.divergence_factor * scale
+    if not (np.isfinite(trace).all() and np.isfinite(burn).all()):
+        bad = ~np.isfinite(np.concatenate([burn, trace], axis=1))
+        chains = sorted({int(c) for c in np.nonzero(bad.any(axis=1))[0]})
+        first = int(np.argmax(bad.any(axis=0)))
+        flags["diverged"] = (f"the loss became NaN/inf (chains {chains}, first at step {first} counting burn-in): "
+                             "the step size ε is too large for this nβ and γ; calibrate with a smaller ε")
+        return flags
+    if trace.max() > limit:
+        flags["diverged"] = (f"the loss exploded to {trace.max():.4g}, more than {th.divergence_factor:g}x the scale "
+                             f"{scale:.3g} above ℓ_n(w*) = {init_loss:.4g}: ε is too large; calibrate")
+    per_chain = llc_per_chain(trace, init_loss, nbeta)
+    mean = float(per_chain.mean())
+    if mean < 0:
+        n_neg = int((per_chain < 0).sum())
+        flags["negative"] = (f"λ̂ = {mean:.4g} < 0 ({n_neg}/{C} chains negative): the chains found lower loss than "
+                             "at w*, so w* is not a local minimum of ℓ_n (e.g. a checkpoint mid-descent) or ε is too "
+                             "large; the value is not an LLC")
+    if T >= 4:
+        half = T // 2
+        trend = nbeta * (trace[:, T - half:].mean(axis=1) - trace[:, :half].mean(axis=1))
+        draw_std = nbeta * trace.std(axis=1, ddof=1)
+        delta = float(trend.mean())
+        tol = max(th.stationarity_std * float(draw_std.mean()), th.stationarity_rel * abs(mean))
+        if abs(delta) > tol:
+            direction = "rising" if delta > 0 else "falling"
+            flags["not_stationary"] = (f"the chains are still {direction} after burn-in: the mean of the second half "
+                                       f"of the draws differs from the first half by {delta:+.4g} (in λ units; "
+                                       f"tolerance {tol:.3g}); use more burn-in or a larger ε")
+    rhat = _gelman_rubin(trace)
+    if math.isfinite(rhat) and rhat > th.rhat or rhat == float("inf"):
+        flags["chains_disagree"] = (f"the chains disagree: per-chain λ̂ from {per_chain.min():.4g} to "
+                                    f"{per_chain.max():.4g}, R̂ = {rhat:.3f} > {th.rhat}; they have not mixed "
+                                    "(more draws, larger ε) or sit in different basins")
+    se = float(per_chain.std(ddof=1) / math.sqrt(C)) if C > 1 else 0.0
+    if mean - th.exceed_se * se > d / 2:
+        flags["exceeds_half_d"] = (f"λ̂ = {mean:.4g} exceeds d/2 = {d / 2:g}, impossible for an LLC: the chain is "
+                                   "not sampling the local posterior (ε too large, or γ too small to localise)")
+    return flags
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LLCResult:
+    """One LLC estimate. Arrays are numpy float64.
+
+    llc_per_chain: (C,); loss_trace: (C, T) post-burn-in minibatch losses; burnin_trace: (C, B).
+    llc_std is the sample standard deviation over chains (ddof = 1; nan for a single chain).
+    diagnostics: flag -> message (see `diagnose`); empty when nothing looks wrong.
+    sampled: names of the parameters that were moved; excluded: name -> why it was not sampled.
+    """
+
+    llc_mean: float
+    llc_std: float
+    llc_per_chain: np.ndarray
+    loss_trace: np.ndarray
+    burnin_trace: np.ndarray
+    init_loss: float
+    nbeta: float
+    n: int
+    d: int
+    config: LLCConfig
+    seed: int
+    diagnostics: dict[str, str]
+    sampled: list[str] = field(default_factory=list)
+    excluded: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    vectorized: bool = True
+    data_hash: str = ""
+    fingerprint: str = ""
+    seconds: float = float("nan")
+
+    @property
+    def ok(self) -> bool:
+        """True when no diagnostic flag was raised."""
+        return not self.diagnostics
+
+    @property
+    def llc_se(self) -> float:
+        """Standard error of llc_mean over chains (llc_std / √C)."""
+        return self.llc_std / math.sqrt(len(self.llc_per_chain))
+
+    def summary(self) -> str:
+        flags = ", ".join(self.diagnostics) or "ok"
+        return f"λ̂ = {self.llc_mean:.4g} ± {self.llc_std:.3g} (d = {self.d}, nβ = {self.nbeta:.4g}; {flags})"
+
+    def to_row(self) -> dict[str, Any]:
+        """A flat dict for one parquet row (callers add e.g. `step`)."""
+        cfg = self.config
+        return {
+            "llc_mean": self.llc_mean,
+            "llc_std": self.llc_std,
+            "llc_per_chain": [float(v) for v in self.llc_per_chain],
+            "init_loss": self.init_loss,
+            "nbeta": self.nbeta,
+            "n": self.n,
+            "d": self.d,
+            "step_size": cfg.step_size,
+            "localization": cfg.localization,
+            "num_chains": cfg.num_chains,
+            "num_draws": cfg.num_draws,
+            "num_burnin": cfg.num_burnin,
+            "batch_size": cfg.batch_size,
+            "seed": self.seed,
+            "ok": self.ok,
+            "flags": ";".join(self.diagnostics),
+            "diagnostics": " | ".join(f"{k}: {v}" for k, v in self.diagnostics.items()),
+            "vectorized": self.vectorized,
+            "data_hash": self.data_hash,
+            "fingerprint": self.fingerprint,
+            "seconds": self.seconds,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameter selection (refined LLC)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """Glob (fnmatch) match, a regex when the pattern starts with "re:", or a module prefix ("blocks.0")."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern) or name.startswith(pattern + ".")
+
+
+def _requested(named: dict[str, Tensor], params: ParamSpec) -> tuple[dict[str, Tensor | None], dict[str, str]]:
+    """Resolve `params` to {name: mask or None (= whole tensor)} and {name: reason excluded}."""
+    excluded: dict[str, str] = {}
+    trainable = {}
+    for name, p in named.items():
+        if p.requires_grad:
+            trainable[name] = p
+        else:
+            excluded[name] = "requires_grad=False"
+    if params is None:
+        return {name: None for name in trainable}, excluded
+    if isinstance(params, dict):
+        chosen: dict[str, Tensor | None] = {}
+        for name, mask in params.items():
+            if name not in named:
+                raise ValueError(f"params: no parameter named {name!r}; parameters are: {', '.join(named)}")
+            if name not in trainable:
+                raise ValueError(f"params: parameter {name!r} has requires_grad=False and cannot be sampled")
+            mask = torch.as_tensor(mask)
+            if mask.dtype != torch.bool or tuple(mask.shape) != tuple(named[name].shape):
+                raise ValueError(f"params: the mask of {name!r} must be a bool tensor of shape "
+                                 f"{tuple(named[name].shape)}, got dtype {mask.dtype} and shape {tuple(mask.shape)}")
+            if bool(mask.any()):
+                chosen[name] = None if bool(mask.all()) else mask
+        for name in trainable:
+            if name not in chosen:
+                excluded[name] = "not selected"
+        if not chosen:
+            raise ValueError("params: empty parameter selection (every mask is all False)")
+        return chosen, excluded
+    patterns = [params] if isinstance(params, str) else list(params)
+    if not patterns:
+        raise ValueError("params: empty list of name patterns")
+    for pattern in patterns:
+        if not any(_matches(name, pattern) for name in named):
+            raise ValueError(f"params: pattern {pattern!r} matches no parameter; parameters are: {', '.join(named)}")
+    chosen = {name: None for name in trainable if any(_matches(name, pat) for pat in patterns)}
+    for name in trainable:
+        if name not in chosen:
+            excluded[name] = "not selected"
+    if not chosen:
+        raise ValueError(f"params: empty parameter selection: {patterns} match only parameters with "
+                         "requires_grad=False")
+    return chosen, excluded
+
+
+def head_mask(model: nn.Module, layer: int, head: int) -> dict[str, Tensor]:
+    """Masks selecting one attention head, for `estimate_llc(..., params=head_mask(model, layer, head))`.
+
+    Works for any model whose attention parameters follow the TransformerLens naming and layout
+    (`…blocks.{layer}.attn.W_Q/W_K/W_V`: (H, d_model, d_head), `W_O`: (H, d_head, d_model), `b_Q/b_K/b_V`: (H, d_head)),
+    i.e. icl-lab's model and a `HookedTransformer`, also wrapped (`transformer.blocks.0.attn.W_Q`). The head's slice
+    is index `head` of the leading axis; the shared output bias b_O is not part of any head.
+    Returns {name: bool mask of the parameter's shape}.
+    """
+    suffixes = {leaf: f"blocks.{layer}.attn.{leaf}" for leaf in _HEAD_LEAVES}
+    masks: dict[str, Tensor] = {}
+    n_heads = None
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in suffixes and (name == suffixes[leaf] or name.endswith("." + suffixes[leaf])):
+            if n_heads is None:
+                n_heads = p.shape[0]
+            if p.dim() < 2 or p.shape[0] != n_heads:
+                raise ValueError(f"head_mask: {name} has shape {tuple(p.shape)}; expected a leading head axis of "
+                                 f"size {n_heads} (TransformerLens layout)")
+            if not 0 <= head < n_heads:
+                raise ValueError(f"head_mask: head={head} out of range; layer {layer} has {n_heads} heads")
+            mask = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+            mask[head] = True
+            masks[name] = mask
+    if not masks:
+        raise ValueError(f"head_mask: no parameters named '…blocks.{layer}.attn.W_Q' etc. in this model "
+                         "(TransformerLens naming expected)")
+    return masks
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The estimator
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_data(data: Sequence[Tensor]) -> tuple[tuple[Tensor, ...], int]:
+    if isinstance(data, Tensor) or not isinstance(data, (tuple, list)):
+        raise ValueError(f"data must be a tuple of tensors with a leading sample axis, got {type(data).__name__}")
+    if len(data) == 0:
+        raise ValueError("data is an empty tuple; it needs at least one tensor with a leading sample axis")
+    for i, t in enumerate(data):
+        if not isinstance(t, Tensor) or t.dim() == 0:
+            raise ValueError(f"data[{i}] must be a tensor with a leading sample axis, got {type(t).__name__}")
+    lengths = [t.shape[0] for t in data]
+    if len(set(lengths)) != 1:
+        raise ValueError(f"data tensors have different lengths along the sample axis: {lengths}")
+    n = lengths[0]
+    if n < 2:
+        raise ValueError(f"data must hold n >= 2 samples (nβ = n / log n needs n >= 2), got n={n}")
+    return tuple(data), n
+
+
+def _hash_data(data: tuple[Tensor, ...]) -> str:
+    h = hashlib.sha256()
+    for t in data:
+        a = t.detach().cpu().contiguous()
+        h.update(f"{a.dtype}{tuple(a.shape)}".encode())
+        h.update(a.view(torch.uint8).numpy().tobytes() if a.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+class _BatchStream:
+    """Minibatch indices for one chain: without replacement within an epoch, permutations from its own generator."""
+
+    def __init__(self, n: int, m: int, generator: torch.Generator, device: torch.device):
+        self.n, self.m, self.g, self.device = n, m, generator, device
+        self.buf = torch.empty(0, dtype=torch.long, device=device)
+
+    def next(self) -> Tensor:
+        """(m,) indices into the data."""
+        while self.buf.numel() < self.m:
+            perm = torch.randperm(self.n, generator=self.g, device=self.device)
+            self.buf = torch.cat([self.buf, perm])
+        idx, self.buf = self.buf[: self.m], self.buf[self.m:]
+        return idx
+
+
+def _loss_at(module: nn.Module, loss_fn: LossFn, data: tuple[Tensor, ...], n: int) -> float:
+    """ℓ_n at the module's own weights on the whole data, in chunks, without autograd (loss_fn is a mean)."""
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, n, _EVAL_CHUNK):
+            chunk = tuple(t[start:start + _EVAL_CHUNK] for t in data)
+            rows = chunk[0].shape[0]
+            total += float(loss_fn(module, chunk).double()) * rows
+    return total / n
+
+
+def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, config: LLCConfig | None = None,
+                 seed: int = 0, params: ParamSpec = None, thresholds: Thresholds | None = None) -> LLCResult:
+    """Estimate the local learning coefficient of `model` at its current weights w* (Hoogland et al. Eq. 5-6,
+    Carroll et al. Eq. 9); see the module docstring for the estimator and the SGLD update.
+
+    model: any nn.Module; never modified (sampling runs on a deep copy in eval mode).
+    data: tuple of tensors with a common leading sample axis of length n (the fixed dataset; n sets nβ = n/log n).
+    loss_fn(forward, batch) -> scalar tensor: the MEAN loss of `batch` (a tuple like `data`, m rows), where
+        forward(*inputs) runs the model, e.g. `lambda f, b: ((f(b[0], b[1]) - b[1]) ** 2).mean()`.
+    config: LLCConfig (ε = step_size, γ = localization, nβ, chains, draws, burn-in, minibatch size).
+    seed: the only source of the chains' randomness (minibatches and noise).
+    params: which parameters to sample (refined LLC): None = all trainable ones that get a gradient; a glob
+        pattern or list of them ("blocks.0.*", "*.mlp.*", a module prefix "blocks.1", or "re:<regex>"); or
+        {name: bool mask} for parts of tensors (e.g. `head_mask`). Unselected and masked entries stay at w*.
+        Parameters whose gradient is None at w* (unused in forward) are excluded and not counted in d.
+    thresholds: tolerances of the diagnostics (defaults: `Thresholds()`).
+    Returns an LLCResult; its `diagnostics` say when the number cannot be trusted.
+    """
+    t_start = time.perf_counter()
+    config = LLCConfig() if config is None else LLCConfig.model_validate(config.model_dump())
+    data, n = _check_data(data)
+    nbeta = default_nbeta(n) if config.nbeta is None else float(config.nbeta)
+    if not (math.isfinite(config.step_size) and config.step_size > 0):
+        raise ValueError(f"step_size must be a positive finite number, got {config.step_size}")
+
+    work = copy.deepcopy(model).eval()
+    named = dict(work.named_parameters())
+    chosen, excluded = _requested(named, params)
+    device = next(iter(named.values())).device
+    data = tuple(t.to(device) for t in data)
+    m = n if config.batch_size is None else min(config.batch_size, n)
+
+    # Probe: one forward + backward at w* finds unused parameters and checks that the loss is a scalar.
+    for p in named.values():
+        p.requires_grad_(False)
+    candidates = list(chosen)
+    for name in candidates:
+        named[name].requires_grad_(True)
+    probe = tuple(t[:m] for t in data)
+    loss = loss_fn(work, probe)
+    if not isinstance(loss, Tensor) or loss.numel() != 1 or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn must return a scalar tensor (the mean loss of the batch), got {shape}")
+    if not loss.requires_grad:
+        raise ValueError("loss_fn's value does not depend on any selected parameter (no gradient)")
+    grads = torch.autograd.grad(loss, [named[k] for k in candidates], allow_unused=True)
+    for name, g in zip(candidates, grads, strict=True):
+        named[name].requires_grad_(False)
+        if g is None:
+            excluded[name] = "unused: gradient is None at w*"
+            del chosen[name]
+    if not chosen:
+        raise ValueError("params: empty parameter selection: every selected parameter gets no gradient")
+    names = list(chosen)
+    dtypes = {named[k].dtype for k in names}
+    if len(dtypes) != 1:
+        raise ValueError(f"sampled parameters must share one dtype, got {sorted(map(str, dtypes))}")
+    shapes = [named[k].shape for k in names]
+    numels = [named[k].numel() for k in names]
+    theta_star = torch.cat([named[k].detach().reshape(-1) for k in names])  # (P,)
+    if any(chosen[k] is not None for k in names):
+        mask = torch.cat([(chosen[k] if chosen[k] is not None else torch.ones(named[k].shape, dtype=torch.bool))
+                          .to(device).reshape(-1) for k in names]).to(theta_star.dtype)
+        d = int(mask.sum().item())
+    else:
+        mask, d = None, int(theta_star.numel())
+
+    init_loss = _loss_at(work, loss_fn, data, n)
+    if not math.isfinite(init_loss):
+        raise ValueError(f"the loss at w* is not finite ({init_loss}); cannot estimate an LLC there")
+
+    def chain_loss(theta: Tensor, batch: tuple[Tensor, ...]) -> Tensor:
+        views = {k: v.view(s) for k, v, s in zip(names, theta.split(numels), shapes, strict=True)}
+        forward = lambda *inputs: torch.func.functional_call(work, views, inputs)
+        return loss_fn(forward, batch)
+
+    C, S = config.num_chains, config.num_burnin + config.num_draws
+    batch_streams = [_BatchStream(n, m, make_generator(seed, f"llc/chain{c}/batches", device), device)
+                     for c in range(C)] if m < n else None
+    noise_gens = [make_generator(seed, f"llc/chain{c}/noise", device) for c in range(C)]
+    step_kw = dict(step_size=config.step_size, nbeta=nbeta, localization=config.localization, mask=mask)
+    trace = torch.full((C, S), float("nan"), dtype=torch.float64, device=device)
+    notes: list[str] = []
+
+    vectorized = config.vectorize
+    if vectorized:
+        try:
+            _run_vectorized(chain_loss, data, theta_star, trace, batch_streams, noise_gens, step_kw, notes)
+        except _VmapUnsupported as e:
+            vectorized = False
+            notes.append(f"vectorised chains failed ({e}); fell back to running the chains one after another")
+    if not vectorized:
+        _run_sequential(chain_loss, data, theta_star, trace, batch_streams, noise_gens, step_kw, notes)
+
+    trace_np = trace.cpu().numpy()
+    burn, post = trace_np[:, : config.num_burnin], trace_np[:, config.num_burnin:]
+    per_chain = llc_per_chain(post, init_loss, nbeta)
+    diagnostics = diagnose(post, burn, init_loss, nbeta, d, thresholds)
+    data_hash = _hash_data(data)
+    selection = {k: (None if chosen[k] is None else hashlib.sha256(
+        chosen[k].cpu().numpy().tobytes()).hexdigest()[:12]) for k in names}
+    fingerprint = hashlib.sha256(json.dumps(
+        [config.model_dump(), nbeta, seed, selection, data_hash], sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
+    return LLCResult(
+        llc_mean=float(per_chain.mean()),
+        llc_std=float(per_chain.std(ddof=1)) if C > 1 else float("nan"),
+        llc_per_chain=per_chain, loss_trace=post, burnin_trace=burn, init_loss=init_loss, nbeta=nbeta, n=n, d=d,
+        config=config, seed=seed, diagnostics=diagnostics, sampled=names, excluded=excluded, notes=notes,
+        vectorized=vectorized, data_hash=data_hash, fingerprint=fingerprint,
+        seconds=time.perf_counter() - t_start,
+    )
+
+
+class _VmapUnsupported(RuntimeError):
+    pass
+
+
+def _fill_noise(noise: Tensor, gens: list[torch.Generator], chains: range) -> None:
+    for row, c in enumerate(chains):
+        torch.randn(noise.shape[-1], generator=gens[c], out=noise[row])
+
+
+def _run_vectorized(chain_loss: Callable, data: tuple[Tensor, ...], theta_star: Tensor, trace: Tensor,
+                    streams: list[_BatchStream] | None, noise_gens: list[torch.Generator],
+                    step_kw: dict[str, Any], notes: list[str]) -> None:
+    """All chains at once: vmap over the chain axis of grad_and_value(chain_loss). Fills trace (C, S) in place."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    C, S = trace.shape
+    data_dim = None if streams is None else 0
+    step = torch.func.vmap(torch.func.grad_and_value(chain_loss), in_dims=(0, data_dim))
+    theta = theta_star.expand(C, -1).clone()  # (C, P)
+    noise = torch.empty_like(theta)
+    chains = range(C)
+    for t in range(S):
+        if streams is None:
+            batch = data
+        else:
+            idx = torch.stack([s.next() for s in streams])  # (C, m)
+            batch = tuple(x[idx] for x in data)  # each (C, m, ...)
+        # The math SDPA kernel decomposes into ops that have batching rules (the fused CPU kernel has none).
+        with warnings.catch_warnings(record=t == 0) as caught, sdpa_kernel([SDPBackend.MATH]):
+            if t == 0:
+                warnings.simplefilter("always")
+                try:
+                    grad, loss = step(theta, batch)
+                except Exception as e:  # noqa: BLE001 - any failure of the functorch transform means "fall back"
+                    raise _VmapUnsupported(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+            else:
+                warnings.filterwarnings("ignore", message=_BATCHING_WARNING)
+                grad, loss = step(theta, batch)
+        if t == 0:
+            for w in caught or []:
+                if _BATCHING_WARNING in str(w.message):
+                    notes.append(f"vmap: {str(w.message).splitlines()[0][:160]}")
+                else:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        with torch.no_grad():
+            trace[:, t] = loss.detach()
+            _fill_noise(noise, noise_gens, chains)
+            theta = sgld_step(theta, grad, theta_star, noise, **step_kw)
+        if (t + 1) % _CHECK_EVERY == 0 and not bool(torch.isfinite(theta).all()):
+            notes.append(f"sampling stopped at step {t + 1}: non-finite parameters")
+            return
+
+
+def _run_sequential(chain_loss: Callable, data: tuple[Tensor, ...], theta_star: Tensor, trace: Tensor,
+                    streams: list[_BatchStream] | None, noise_gens: list[torch.Generator],
+                    step_kw: dict[str, Any], notes: list[str]) -> None:
+    """One chain after another with plain autograd (for models that cannot be vmapped). Fills trace in place."""
+    C, S = trace.shape
+    noise = torch.empty(1, theta_star.numel(), dtype=theta_star.dtype, device=theta_star.device)
+    for c in range(C):
+        theta = theta_star.clone()
+        for t in range(S):
+            if streams is None:
+                batch = data
+            else:
+                idx = streams[c].next()  # (m,)
+                batch = tuple(x[idx] for x in data)
+            leaf = theta.detach().requires_grad_(True)
+            loss = chain_loss(leaf, batch)
+            (grad,) = torch.autograd.grad(loss, leaf)
+            with torch.no_grad():
+                trace[c, t] = loss.detach()
+                _fill_noise(noise, noise_gens, range(c, c + 1))
+                theta = sgld_step(theta, grad, theta_star, noise[0], **step_kw)
+            if (t + 1) % _CHECK_EVERY == 0 and not bool(torch.isfinite(theta).all()):
+                notes.append(f"sampling stopped at step {t + 1} of chain {c}: non-finite parameters")
+                return
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Calibration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Calibration:
+    """A grid of LLC estimates at one checkpoint and the settings `pick` chose.
+
+    table: one row per grid point (step_size, localization, nbeta, llc_mean, llc_std, ok, flags, …);
+    results: the LLCResult of each row (same order; traces for plotting);
+    chosen: the base config with the picked (ε, γ, nβ), or None; index: its row; reason: why.
+    """
+
+    table: pd.DataFrame
+    results: list[LLCResult]
+    base: LLCConfig
+    chosen: LLCConfig | None
+    index: int | None
+    reason: str
+
+    def repick(self, rel_tol: float = 0.1) -> Calibration:
+        index, reason = pick(self.table, rel_tol=rel_tol)
+        chosen = None if index is None else _config_of_row(self.base, self.table.loc[index])
+        return Calibration(self.table, self.results, self.base, chosen, index, reason)
+
+
+def _config_of_row(base: LLCConfig, row: pd.Series) -> LLCConfig:
+    nbeta = None if pd.isna(row["nbeta_setting"]) else float(row["nbeta_setting"])
+    return base.model_copy(update={"step_size": float(row["step_size"]), "localization": float(row["localization"]),
+                                   "nbeta": nbeta})
+
+
+def pick(table: pd.DataFrame, *, rel_tol: float = 0.1) -> tuple[int | None, str]:
+    """Choose the largest ε inside the stable plateau of a calibration table.
+
+    Within each (localization, nbeta) group, sort by ε. A point is stable when it has no diagnostic flag. A plateau
+    is a run of grid-consecutive stable points in which each λ̂ is within `rel_tol` (relative) of the λ̂ at the next
+    smaller ε. The longest plateau (ties: larger ε) over all groups wins, and its largest ε is picked. Without any
+    plateau of two points, the largest stable ε is picked (reason says so); with no stable point, None.
+    Returns (row index | None, reason).
+    """
+    best: tuple[int, float, int] | None = None  # (length, ε, row index)
+    stable_any: list[tuple[float, int]] = []
+    for _, group in table.groupby(["localization", "nbeta"], sort=False, dropna=False):
+        group = group.sort_values("step_size")
+        run: list[int] = []
+        for idx, row in group.iterrows():
+            if not row["ok"]:
+                run = []
+                continue
+            stable_any.append((float(row["step_size"]), idx))
+            prev = table.loc[run[-1], "llc_mean"] if run else None
+            if prev is not None and abs(row["llc_mean"] - prev) <= rel_tol * abs(prev):
+                run.append(idx)
+            else:
+                run = [idx]
+            if len(run) >= 2:
+                key = (len(run), float(row["step_size"]), idx)
+                if best is None or key[:2] > best[:2]:
+                    best = key
+    if best is not None:
+        length, eps, idx = best
+        return idx, (f"largest ε = {eps:g} of a stable plateau of {length} grid points (no diagnostic flag, each λ̂ "
+                     f"within {rel_tol:.0%} of the next smaller ε)")
+    if stable_any:
+        eps, idx = max(stable_any)
+        return idx, f"no plateau of two stable, agreeing ε; fell back to the largest stable ε = {eps:g}"
+    return None, "every grid point raised a diagnostic flag; widen the grid (smaller ε) or change γ / nβ"
+
+
+def calibrate(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *,
+              step_sizes: Sequence[float] = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3),
+              localizations: Sequence[float] | None = None, nbetas: Sequence[float | None] | None = None,
+              base: LLCConfig | None = None, seed: int = 0, params: ParamSpec = None, rel_tol: float = 0.1,
+              progress: Callable[[int, int, LLCResult], None] | None = None) -> Calibration:
+    """Sweep ε × γ × nβ at one checkpoint with `estimate_llc` and pick settings with `pick`.
+
+    localizations / nbetas default to the base config's single value; nbeta None means n / log n. Every grid point
+    uses the same seed (common random numbers), data and parameter selection. progress(i, total, result) is
+    called after each point. Returns a Calibration (table, traces, chosen config).
+    """
+    base = base or LLCConfig()
+    gammas = list(localizations) if localizations is not None else [base.localization]
+    nbs = list(nbetas) if nbetas is not None else [base.nbeta]
+    if not step_sizes or not gammas or not nbs:
+        raise ValueError("calibrate: step_sizes, localizations and nbetas must each hold at least one value")
+    grid = [(float(e), float(g), nb) for g in gammas for nb in nbs for e in step_sizes]
+    rows, results = [], []
+    for i, (eps, gamma, nb) in enumerate(grid):
+        cfg = base.model_copy(update={"step_size": eps, "localization": gamma, "nbeta": nb})
+        cfg = LLCConfig.model_validate(cfg.model_dump())
+        res = estimate_llc(model, data, loss_fn, config=cfg, seed=seed, params=params)
+        results.append(res)
+        rows.append({"step_size": eps, "localization": gamma, "nbeta": res.nbeta, "nbeta_setting": nb,
+                     "llc_mean": res.llc_mean, "llc_std": res.llc_std, "ok": res.ok,
+                     "flags": ";".join(res.diagnostics), "init_loss": res.init_loss, "d": res.d,
+                     "seconds": res.seconds})
+        if progress is not None:
+            progress(i + 1, len(grid), res)
+    table = pd.DataFrame(rows)
+    index, reason = pick(table, rel_tol=rel_tol)
+    chosen = None if index is None else _config_of_row(base, table.loc[index])
+    return Calibration(table, results, base, chosen, index, reason)
+
+
+def plot_calibration(cal: Calibration, path: str | Path) -> list[Path]:
+    """Left: λ̂ ± std over chains against ε (log axis), one line per (γ, nβ), flagged points hollow, the pick
+    circled. Right: the chain-mean loss trace in λ units, nβ(ℓ_t − ℓ_n(w*)), against step (burn-in shaded), one
+    line per ε of the picked (γ, nβ). Writes path.png and path.pdf; returns both paths."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_l, ax_t = fig.subplots(1, 2)
+    tab = cal.table
+    for (gamma, nb), group in tab.groupby(["localization", "nbeta"], sort=False):
+        group = group.sort_values("step_size")
+        line = ax_l.errorbar(group["step_size"], group["llc_mean"], yerr=group["llc_std"].fillna(0), marker="o",
+                             mfc="none", capsize=2, label=f"γ = {gamma:g}, nβ = {nb:.3g}")
+        good = group[group["ok"]]
+        ax_l.plot(good["step_size"], good["llc_mean"], "o", color=line[0].get_color())
+    if cal.index is not None:
+        row = tab.loc[cal.index]
+        ax_l.plot([row["step_size"]], [row["llc_mean"]], "o", ms=14, mfc="none", mec="k", label="picked")
+    ax_l.set_xscale("log")
+    ax_l.set_xlabel("step size ε")
+    ax_l.set_ylabel("λ̂ (mean ± std over chains)")
+    ax_l.set_title("calibration (filled: no diagnostic flag)", fontsize=10)
+    ax_l.legend(fontsize=8)
+    ref = tab.loc[cal.index] if cal.index is not None else tab.iloc[0]
+    sel = tab[(tab["localization"] == ref["localization"]) & (tab["nbeta"] == ref["nbeta"])]
+    burnin = 0
+    for i, row in sel.sort_values("step_size").iterrows():
+        res = cal.results[i]
+        full = np.concatenate([res.burnin_trace, res.loss_trace], axis=1)
+        burnin = res.burnin_trace.shape[1]
+        ax_t.plot(res.nbeta * (full.mean(axis=0) - res.init_loss), lw=1, label=f"ε = {row['step_size']:g}")
+    if burnin:
+        ax_t.axvspan(0, burnin, color="0.9", zorder=0)
+    ax_t.set_xlabel("SGLD step (shaded: burn-in)")
+    ax_t.set_ylabel("nβ (ℓ_t − ℓ_n(w*)), chain mean")
+    ax_t.set_yscale("symlog", linthresh=1.0)
+    ax_t.legend(fontsize=8)
+    out = [path.with_suffix(".png"), path.with_suffix(".pdf")]
+    for p in out:
+        fig.savefig(p, dpi=150)
+    return out

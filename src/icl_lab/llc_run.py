@@ -1,0 +1,161 @@
+"""LLC over a run's checkpoints: the I/O layer around `llc.estimate_llc` and `llc.calibrate`.
+
+Every checkpoint of a run is estimated with identical settings and data (papers.md §F3): one fixed dataset of
+n sequences drawn from its own generator (`llc/<source>`), the run's calibrated SGLD settings from
+`RUN/llc_settings.json`, and the same SGLD seed at every checkpoint (common random numbers, as the Timaeus
+sweeps do), so differences between checkpoints are not sampler noise. Results go to `RUN/llc.parquet`, one
+row per step, with a hash of settings and data; finished steps are skipped when re-run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from icl_lab.config import LLCConfig
+from icl_lab.llc import calibrate, estimate_llc
+from icl_lab.progress import Bar
+from icl_lab.store import Run, write_json, write_parquet
+from icl_lab.tasks import derive_seed, make_generator, root_task_batch, sample_batch, task_pool
+
+DataSource = Literal["id", "ood", "root"]
+
+
+class LLCSettings(BaseModel):
+    """What an LLC curve depends on besides the checkpoint: sampler config, data, seed."""
+
+    model_config = ConfigDict(extra="forbid")
+    sampler: LLCConfig = Field(default_factory=LLCConfig)
+    n: int = Field(4096, ge=2, description="fixed dataset size (the n of nβ = n / log n)")
+    data: DataSource = "id"
+    seed: int = 0
+    calibrated: bool = False
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+
+def mse_loss(forward, batch: tuple[Tensor, ...]) -> Tensor:
+    """The training loss as an LLC loss_fn: mean squared error of forward(x, y) against y."""
+    x, y = batch
+    return (forward(x, y) - y).square().mean()
+
+
+def llc_data(run: Run, n: int, source: DataSource = "id") -> tuple[Tensor, Tensor]:
+    """The fixed LLC dataset of a run: n sequences from the pool ('id'), fresh tasks ('ood') or the root task."""
+    task, seed = run.config.task, run.config.seed
+    pool = task_pool(task.family, task.M or 1, task.D, seed)
+    if source == "root":
+        batch = root_task_batch(task, pool, n, seed)
+    else:
+        batch = sample_batch(task, pool if (source == "id" and task.M is not None) else None, n,
+                             make_generator(seed, f"llc/{source}"))
+    return batch.x, batch.y
+
+
+def settings_path(run: Run) -> Path:
+    return run.path / "llc_settings.json"
+
+
+def load_settings(run: Run) -> LLCSettings | None:
+    f = settings_path(run)
+    return LLCSettings.model_validate_json(f.read_text()) if f.exists() else None
+
+
+def save_settings(run: Run, settings: LLCSettings) -> None:
+    write_json(settings_path(run), json.loads(settings.model_dump_json()))
+
+
+def calibrate_run(run: Run, step: int | None = None, settings: LLCSettings | None = None, **grid) -> tuple:
+    """Sweep ε (and γ, nβ) at one checkpoint (default: the last), pick the settings, save them with the run.
+
+    Returns (calibration, chosen LLCSettings); also writes RUN/llc_calibration.parquet and its figure.
+    """
+    from icl_lab.llc import plot_calibration
+
+    settings = settings or load_settings(run) or LLCSettings(seed=run.config.seed)
+    step = run.checkpoint_steps[-1] if step is None else step
+    model = run.load_checkpoint(step)
+    data = llc_data(run, settings.n, settings.data)
+    cal = calibrate(model, data, mse_loss, base=settings.sampler, seed=_sgld_seed(settings), **grid)
+    chosen = settings.model_copy(update={"sampler": cal.chosen, "calibrated": True})
+    write_parquet(run.path / "llc_calibration.parquet", cal.table.assign(step=step))
+    plot_calibration(cal, run.path / "figures" / "llc_calibration")
+    save_settings(run, chosen)
+    return cal, chosen
+
+
+def _sgld_seed(settings: LLCSettings) -> int:
+    return derive_seed(settings.seed, "sgld") % (2**31)
+
+
+def estimate_step(run_path: str | Path, step: int, settings_json: str) -> dict:
+    """One checkpoint's LLC as a parquet row (a top-level function so worker processes can run it)."""
+    torch.set_num_threads(1)
+    run = Run.load(run_path)
+    settings = LLCSettings.model_validate_json(settings_json)
+    model = run.load_checkpoint(step)
+    data = llc_data(run, settings.n, settings.data)
+    result = estimate_llc(model, data, mse_loss, config=settings.sampler, seed=_sgld_seed(settings))
+    return {"step": step, **result.to_row(), "settings_hash": settings.digest()}
+
+
+def estimate_run(run: Run, steps: Iterable[int] | None = None, settings: LLCSettings | None = None,
+                 workers: int = 1, progress: bool = True) -> pd.DataFrame:
+    """Estimate the LLC at every checkpoint of `run` (or `steps`), skipping steps already done with the same
+    settings; writes RUN/llc.parquet after every finished step, so an interrupted job resumes where it stopped.
+    settings default to the run's saved (calibrated) ones."""
+    settings = settings or load_settings(run)
+    if settings is None:
+        raise ValueError(f"{run.path} has no LLC settings; run `icl-lab llc calibrate {run.path}` first")
+    estimate_runs([run], settings, steps={run.path: steps} if steps is not None else None, workers=workers,
+                  progress=progress)
+    return run.llc
+
+
+def estimate_runs(runs: list[Run], settings: LLCSettings, steps: dict[Path, Iterable[int]] | None = None,
+                  workers: int = 1, progress: bool = True) -> None:
+    """`estimate_run` for several runs with one settings object; all (run, step) jobs share one process pool."""
+    payload, digest = settings.model_dump_json(), settings.digest()
+    rows: dict[Path, list[dict]] = {}
+    jobs: list[tuple[Run, int]] = []
+    for run in runs:
+        save_settings(run, settings)
+        wanted = sorted(set(run.checkpoint_steps if steps is None or run.path not in steps else steps[run.path]))
+        missing = set(wanted) - set(run.checkpoint_steps)
+        if missing:
+            raise ValueError(f"no checkpoints at steps {sorted(missing)} in {run.path}")
+        old = run.llc
+        rows[run.path] = [] if old is None else old[old["settings_hash"] == digest].to_dict("records")
+        done = {r["step"] for r in rows[run.path]}
+        jobs += [(run, s) for s in wanted if s not in done]
+
+    def save(run: Run) -> None:
+        ordered = sorted(rows[run.path], key=lambda r: r["step"])
+        write_parquet(run.path / "llc.parquet", pd.DataFrame(ordered))
+
+    with Bar(progress, len(jobs), "LLC checkpoints") as bar:
+        if workers <= 1 or len(jobs) <= 1:
+            for run, step in jobs:
+                rows[run.path].append(estimate_step(run.path, step, payload))
+                save(run)
+                bar.advance()
+        else:
+            ctx = mp.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                futures = {pool.submit(estimate_step, run.path, step, payload): run for run, step in jobs}
+                for fut in as_completed(futures):
+                    run = futures[fut]
+                    rows[run.path].append(fut.result())
+                    save(run)
+                    bar.advance()
