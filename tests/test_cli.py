@@ -9,10 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import tiny_overrides
 from icl_lab.cli import app
 from icl_lab.config import leaf_fields
 from icl_lab.store import Run
+
+from conftest import tiny_overrides
 
 runner = CliRunner()
 

@@ -184,6 +184,120 @@ def info(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> No
     out.print(table)
 
 
+# ------------------------------------------------------------------------------------------------ llc
+@app.command()
+def llc(
+    target: Annotated[list[str], typer.Argument(help="RUN, or `calibrate RUN`", show_default=False)],
+    step: Annotated[Optional[int], typer.Option(help="calibrate: checkpoint step (default: last)")] = None,  # noqa: UP045
+    steps: Annotated[Optional[str], typer.Option(help="estimate: comma-separated subset of steps")] = None,  # noqa: UP045
+    workers: Annotated[int, typer.Option(help="parallel processes (one checkpoint each)")] = 1,
+    n: Annotated[int, typer.Option(help="size of the fixed LLC dataset (sets nβ = n / log n)")] = 4096,
+    data: Annotated[str, typer.Option(help="dataset: id, ood or root")] = "id",
+    step_sizes: Annotated[str, typer.Option(help="calibrate: ε grid, comma-separated")] = "1e-5,3e-5,1e-4,3e-4,1e-3",
+    localizations: Annotated[Optional[str], typer.Option(help="calibrate: γ grid")] = None,  # noqa: UP045
+    nbetas: Annotated[Optional[str], typer.Option(help="calibrate: nβ grid")] = None,  # noqa: UP045
+    chains: Annotated[int, typer.Option(help="SGLD chains")] = 4,
+    draws: Annotated[int, typer.Option(help="draws kept after burn-in")] = 200,
+    burnin: Annotated[int, typer.Option(help="burn-in draws")] = 50,
+    batch_size: Annotated[int, typer.Option(help="SGLD minibatch size")] = 64,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """LLC over training: `icl-lab llc calibrate RUN` picks SGLD settings at one checkpoint and saves them;
+    `icl-lab llc RUN` then estimates every checkpoint with them (resumable) into RUN/llc.parquet."""
+    from icl_lab.config import LLCConfig
+    from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_run, load_settings
+
+    action, paths = ("calibrate", target[1:]) if target and target[0] == "calibrate" else ("estimate", target)
+    if len(paths) != 1:
+        fail("usage: icl-lab llc RUN  |  icl-lab llc calibrate RUN")
+    run = _load_run(Path(paths[0]))
+    floats = lambda text: [float(v) for v in text.split(",")] if text else None  # noqa: E731
+    try:
+        if action == "calibrate":
+            sampler = LLCConfig(num_chains=chains, num_draws=draws, num_burnin=burnin, batch_size=batch_size)
+            base = LLCSettings(sampler=sampler, n=n, data=data, seed=run.config.seed)
+            cal, chosen = calibrate_run(run, step, settings=base, step_sizes=floats(step_sizes),
+                                        localizations=floats(localizations), nbetas=floats(nbetas))
+            Console().print(cal.table.to_string())
+            typer.echo(f"chosen: {chosen.sampler.model_dump()} ({cal.reason}); saved to {run.path}/llc_settings.json")
+        else:
+            if load_settings(run) is None:
+                fail(f"{run.path} has no LLC settings; run `icl-lab llc calibrate {run.path}` first")
+            subset = [int(v) for v in steps.split(",")] if steps else None
+            df = estimate_run(run, subset, workers=workers, progress=not quiet)
+            typer.echo(df[["step", "llc_mean", "llc_std", "ok"]].to_string(index=False))
+    except (ValueError, ValidationError) as e:
+        fail(str(e))
+
+
+@app.command()
+def stages(run_dir: Annotated[Path, typer.Argument(help="a run with llc.parquet")]) -> None:
+    """Stage boundaries from critical points of the LLC curve; writes RUN/stages.{parquet,csv} and a figure."""
+    from icl_lab.stages import find_milestones, plot_stages, save_stage_table, stage_table
+
+    run = _load_run(run_dir)
+    llc_df = run.llc
+    if llc_df is None or llc_df.empty:
+        fail(f"{run.path} has no LLC estimates; run `icl-lab llc {run.path}` first")
+    llc_df = llc_df.sort_values("step")
+    steps_ = llc_df["step"].to_numpy()
+    loss = run.metrics.set_index("step").loc[steps_]["id_loss"].to_numpy()
+    lam = llc_df["llc_mean"].to_numpy()
+    milestones = find_milestones(steps_, lam)
+    table = stage_table(steps_, lam, loss, milestones, loss_plateaus="auto")
+    save_stage_table(table, run.path / "stages")
+    plot_stages(steps_, loss, lam, llc_df["llc_std"].to_numpy(), table, run.path / "figures" / "stages",
+                milestones=milestones)
+    Console().print(table.to_string(index=False))
+
+
+# ------------------------------------------------------------------------------------------------ studies
+@app.command()
+def study(
+    name: Annotated[str, typer.Argument(help="low-diversity")],
+    out: Annotated[Optional[Path], typer.Option(help="study directory (default runs/NAME)")] = None,  # noqa: UP045
+    quick: Annotated[bool, typer.Option(help="a minutes-long small version")] = False,
+    config: Annotated[Optional[Path], typer.Option(help="TOML/JSON with study settings")] = None,  # noqa: UP045
+    workers: Annotated[Optional[int], typer.Option(help="parallel processes")] = None,  # noqa: UP045
+    seeds: Annotated[Optional[str], typer.Option(help="comma-separated seeds")] = None,  # noqa: UP045
+    ms: Annotated[Optional[str], typer.Option("--Ms", help="comma-separated task diversities")] = None,  # noqa: UP045
+    steps: Annotated[Optional[int], typer.Option(help="training steps per run")] = None,  # noqa: UP045
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda")] = None,  # noqa: UP045
+) -> None:
+    """Run an end-to-end study (training, LLC, essential dynamics, stages, report); finished parts are reused."""
+    from icl_lab.studies.low_diversity import LowDiversityConfig, run_study
+
+    if name != "low-diversity":
+        fail(f"unknown study {name!r}; available: low-diversity")
+    overrides: dict[str, Any] = read_config_file(config) if config else {}
+    for key, value in (("workers", workers), ("steps", steps), ("device", device)):
+        if value is not None:
+            overrides[key] = value
+    if seeds:
+        overrides["seeds"] = [int(v) for v in seeds.split(",")]
+    if ms:
+        overrides["Ms"] = [int(v) for v in ms.split(",")]
+    try:
+        cfg = LowDiversityConfig.quick(**overrides) if quick else LowDiversityConfig(**overrides)
+    except ValidationError as e:
+        fail(format_validation_error(e))
+    target = out or Path("runs") / (name + ("-quick" if quick else ""))
+    report_path = run_study(cfg, target)
+    typer.echo(f"report: {report_path}")
+
+
+@app.command()
+def report(study_dir: Annotated[Path, typer.Argument(help="a study directory")]) -> None:
+    """Rebuild a study's HTML report from what is on disk (nothing is retrained or re-estimated)."""
+    from icl_lab.studies.low_diversity import LowDiversityConfig, run_study
+
+    cfg_file = study_dir / "study_config.json"
+    if not cfg_file.exists():
+        fail(f"{study_dir} is not a study directory ({cfg_file} missing)")
+    cfg = LowDiversityConfig.model_validate_json(cfg_file.read_text())
+    typer.echo(f"report: {run_study(cfg, study_dir)}")
+
+
 def main() -> None:
     try:
         app()

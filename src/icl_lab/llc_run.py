@@ -88,9 +88,12 @@ def calibrate_run(run: Run, step: int | None = None, settings: LLCSettings | Non
     model = run.load_checkpoint(step)
     data = llc_data(run, settings.n, settings.data)
     cal = calibrate(model, data, mse_loss, base=settings.sampler, seed=_sgld_seed(settings), **grid)
-    chosen = settings.model_copy(update={"sampler": cal.chosen, "calibrated": True})
     write_parquet(run.path / "llc_calibration.parquet", cal.table.assign(step=step))
     plot_calibration(cal, run.path / "figures" / "llc_calibration")
+    if cal.chosen is None:
+        raise ValueError(f"LLC calibration of {run.path} at step {step} found no stable step size ({cal.reason}); "
+                         f"see {run.path / 'figures' / 'llc_calibration.png'} and widen the grid")
+    chosen = settings.model_copy(update={"sampler": cal.chosen, "calibrated": True})
     save_settings(run, chosen)
     return cal, chosen
 

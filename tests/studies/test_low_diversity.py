@@ -1,0 +1,115 @@
+"""The whole low-diversity study on a tiny configuration: every phase runs and the report is complete."""
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from icl_lab.config import LLCConfig
+from icl_lab.studies.low_diversity import LowDiversityConfig, run_study
+
+
+def tiny_study() -> LowDiversityConfig:
+    return LowDiversityConfig.quick(steps=120, D=3, K=5, workers=1, llc_n=128, eval_size=64, ed_batch=16,
+                                    sampler=LLCConfig(num_chains=2, num_draws=10, num_burnin=4, batch_size=16),
+                                    step_sizes=[1e-4, 1e-3], n_checkpoints_linear=3, n_checkpoints_log=6)
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("study")
+    run_study(tiny_study(), out, progress=False)
+    return out
+
+
+def test_report_has_every_figure_and_a_filled_expectations_table(study_dir):
+    html = (study_dir / "report.html").read_text()
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(images) >= 10
+    for data in images:
+        assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
+    for title in ("Expectations and measured verdicts", "LLC over training", "Stages, M = 2",
+                  "Essential dynamics, M = 1", "Joint trajectory PCA", "Attention patterns, M = 2",
+                  "Probes for the task identity", "Wall time per phase"):
+        assert title in html, title
+    tables = pd.read_html(io.StringIO(html))
+    expectations = tables[0]
+    assert {"expectation", "run", "expected", "measured", "verdict"} <= set(expectations.columns)
+    assert len(expectations) >= 10
+    assert set(expectations["verdict"]) <= {"pass", "fail", "unclear"}
+    assert expectations["measured"].notna().all()
+    assert "<script" not in html  # text is escaped, nothing executable
+
+
+def test_numbers_are_finite_and_outputs_are_on_disk(study_dir):
+    for name in ("M1-seed0", "M2-seed0"):
+        run = study_dir / "runs" / name
+        llc = pd.read_parquet(run / "llc.parquet")
+        assert len(llc) == len(list((run / "checkpoints").glob("step_*.safetensors")))
+        assert np.isfinite(llc["llc_mean"]).mean() > 0.5
+        stages = pd.read_parquet(run / "stages.parquet")
+        assert len(stages) >= 1 and set(stages["type"]) <= {"A", "B"}
+    for fig in ("loss_curves", "delta", "llc_curves", "ed_M2", "joint_pca_seed0", "attention_M1", "probes"):
+        assert (study_dir / "figures" / f"{fig}.png").stat().st_size > 5_000
+        assert (study_dir / "figures" / f"{fig}.pdf").exists()
+    timings = pd.read_json(study_dir / "timings.json", typ="series")
+    assert {"train", "llc over training", "essential dynamics"} <= set(timings.index)
+
+
+def test_rerun_reuses_runs_and_estimates(study_dir):
+    import json
+    import time
+
+    before = {p: p.stat().st_mtime_ns for p in (study_dir / "runs").rglob("*.parquet")}
+    t0 = time.perf_counter()
+    run_study(tiny_study(), study_dir, progress=False)
+    timings = json.loads((study_dir / "timings.json").read_text())
+    assert timings["train"] < 5 and timings["llc over training"] < 5
+    changed = [p for p, m in before.items() if p.stat().st_mtime_ns != m and p.name in {"llc.parquet",
+                                                                                        "metrics.parquet"}]
+    assert not changed, changed
+    assert time.perf_counter() - t0 < 120
+
+
+def _chromium() -> tuple[str, str] | None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if browser and driver:
+        return browser, driver
+    if shutil.which("apt-get"):  # the test setup installs them where it can
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"], capture_output=True,
+                       timeout=600, env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+def test_report_images_load_in_headless_chromium(study_dir):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (dev extra)")
+    found = _chromium()
+    if found is None:
+        pytest.skip("Debian chromium / chromium-driver are absent and could not be installed here")
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver = found
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"):
+        options.add_argument(flag)
+    chrome = webdriver.Chrome(service=Service(driver), options=options)
+    try:
+        chrome.get((study_dir / "report.html").resolve().as_uri())
+        states = chrome.execute_script(
+            "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt]);")
+    finally:
+        chrome.quit()
+    assert len(states) >= 10
+    broken = [alt for complete, width, alt in states if not (complete and width > 0)]
+    assert not broken, broken
