@@ -20,16 +20,20 @@ BASELINE_STYLE = {"dmmse": ("tab:green", "dMMSE"), "ridge": ("tab:blue", "ridge 
 SET_TITLE = {"id": "in-distribution (pool tasks)", "ood": "out-of-distribution (fresh tasks)"}
 
 
-def save_figure(fig: plt.Figure, path: str | Path) -> list[Path]:
-    """Save `fig` as PNG and PDF next to `path` (suffix ignored), atomically; returns both paths."""
-    base = Path(path).with_suffix("")
+def save_figure(fig: plt.Figure, path: str | Path, *, dpi: int = 130) -> tuple[Path, Path]:
+    """Save `fig` as PNG and PDF beside each other (a .png / .pdf suffix of `path` is dropped), each written
+    atomically; closes pyplot figures. Returns (png_path, pdf_path)."""
+    base = Path(path)
+    if base.suffix.lower() in {".png", ".pdf"}:
+        base = base.with_suffix("")
     out = []
-    for suffix in (".png", ".pdf"):
-        target = base.with_suffix(suffix)
-        atomic_write(target, lambda p, s=suffix: fig.savefig(p, format=s[1:], dpi=130, bbox_inches="tight"))
+    for ext in ("png", "pdf"):
+        target = base.parent / f"{base.name}.{ext}"
+        atomic_write(target, lambda p, e=ext: fig.savefig(p, format=e, dpi=dpi, bbox_inches="tight"))
         out.append(target)
-    plt.close(fig)
-    return out
+    if plt.fignum_exists(fig.number if hasattr(fig, "number") else -1):
+        plt.close(fig)
+    return out[0], out[1]
 
 
 def step_axis(ax: plt.Axes) -> None:

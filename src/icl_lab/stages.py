@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from icl_lab.trajectory import ArrayLike, _kernel_rows, _local_linear, _row_chunks, _to_numpy, save_figure
+from icl_lab.plots import save_figure
+from icl_lab.trajectory import ArrayLike, _kernel_rows, _local_linear, _row_chunks, _to_numpy
 
 if TYPE_CHECKING:  # pragma: no cover
     from icl_lab.trajectory import EssentialDynamics

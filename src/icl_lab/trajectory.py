@@ -30,7 +30,6 @@ optional helpers that use matplotlib's object API (no pyplot state) and save PNG
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +37,10 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import numpy as np
 
+from icl_lab.plots import save_figure
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-    from matplotlib.figure import Figure
 
 ArrayLike: TypeAlias = "np.ndarray | torch.Tensor | Sequence[Any]"
 
@@ -800,30 +800,6 @@ def joint_trajectory_pca(
 
 # ----------------------------------------------------------------------------------------------------
 # figures
-
-
-def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: int = 150) -> tuple[Path, Path]:
-    """Save `fig` as PNG and PDF next to each other. `path` may have no suffix or end in .png / .pdf.
-    Each file is written to a temporary name then moved into place (no half-written figures).
-    Returns (png_path, pdf_path)."""
-    p = Path(path)
-    if p.suffix.lower() in {".png", ".pdf"}:
-        p = p.with_suffix("")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    out = []
-    for ext in ("png", "pdf"):
-        target = p.parent / f"{p.name}.{ext}"
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=f".{ext}")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fig.savefig(fh, format=ext, dpi=dpi, bbox_inches="tight")
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        out.append(target)
-    return out[0], out[1]
 
 
 def _time_colours(steps: np.ndarray) -> np.ndarray:
