@@ -47,7 +47,7 @@ pool = task_pool("unit_norm", 2, 8, seed=0)
 print("‖w1 − w2‖²/4 =", float((pool[0] - pool[1]).square().sum() / 4))
 last = runs[2].metrics.iloc[-1]
 print("final ℓ_1 =", last["id_loss_k1"], " max ℓ_k (k ≥ 2) =", max(last[f"id_loss_k{k}"] for k in range(2, 17)))
-for M, run in runs.items():
+for run in runs.values():
     print(plot_run(run))
 
 # %% [markdown]

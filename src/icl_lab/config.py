@@ -115,16 +115,30 @@ class TrainConfig(_Strict):
 
 
 class LLCConfig(_Strict):
-    """SGLD hyper-parameters of the LLC estimator (llc.py; Hoogland et al. Eq. 5-6, Carroll et al. Eq. 9)."""
+    """SGLD hyper-parameters of the LLC estimator (llc.py; Hoogland et al. Eq. 5-6, Carroll et al. Eq. 9).
 
-    step_size: float = Field(1e-4, gt=0, description="SGLD step size epsilon")
-    nbeta: float | None = Field(None, gt=0, description="n * beta; None -> n / log n (beta* = 1 / log n)")
-    localization: float = Field(100.0, gt=0, description="localisation strength gamma")
+    Defaults are a starting point for `llc.calibrate`, not a substitute for it (docs/llc.md):
+    - step_size 3e-5: on the seed preset (n = 4096, so nβ ≈ 492, γ = 100, minibatch 64) ε = 3e-4 diverged at both
+      checkpoints tried (steps 500, 5000), 1e-4 was at the edge (λ̂ 56 ± 19 over 4 chains at step 5000), 3e-5 never
+      diverged (though its chains were still rising after 200 draws, which the diagnostics flag).
+    - nbeta None: nβ = n / log n, i.e. β* = 1 / log n (Watanabe's WBIC temperature; Hoogland et al. §2.2).
+    - localization 100: γ/nβ ≈ 0.2 at n = 4096, the order of the Timaeus regression sweeps (γ/nβ ≈ 0.1).
+    - 4 chains × 200 draws after 50 burn-in, minibatch 256: the settings of the LLC benchmark (issue 5, item 9).
+    - vectorize None (auto): measured on 2 CPU cores, vmap over 4 chains cost 1.5-2x a plain forward+backward per
+      chain-draw for the 100k-parameter seed preset and the sequential path 1.0-1.3x; on CUDA vmap cost 0.66x.
+      Small models (<= 20k sampled parameters) are dominated by per-step Python overhead, where vmap wins.
+    """
+
+    step_size: float = Field(3e-5, gt=0, allow_inf_nan=False, description="SGLD step size epsilon")
+    nbeta: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                description="n * beta; None -> n / log n (beta* = 1 / log n)")
+    localization: float = Field(100.0, gt=0, allow_inf_nan=False, description="localisation strength gamma")
     num_chains: int = Field(4, ge=1)
     num_draws: int = Field(200, ge=1, description="draws kept after burn-in")
-    num_burnin: int = Field(50, ge=0)
+    num_burnin: int = Field(50, ge=0, description="draws discarded before the kept ones")
     batch_size: int | None = Field(256, ge=1, description="SGLD minibatch size; None -> full data")
-    vectorize: bool = Field(True, description="run chains together with torch.func.vmap")
+    vectorize: bool | None = Field(None, description="run chains together with torch.func.vmap; None (auto): "
+                                   "on accelerators, and on CPU for models with <= 20k sampled parameters")
 
 
 class RunConfig(_Strict):

@@ -45,9 +45,11 @@ class LowDiversityConfig(BaseModel):
     n_checkpoints_log: int = 28
     eval_size: int = 1024
     llc_n: int = 4096
+    # γ = 1000 keeps chains of a few hundred draws stationary on this ~100k-parameter model (γ = 100 left them
+    # drifting along flat directions); it down-weights directions with nβh ≲ γ, the same at every checkpoint.
     sampler: LLCConfig = Field(default_factory=lambda: LLCConfig(num_chains=4, num_draws=200, num_burnin=50,
-                                                                 batch_size=64))
-    step_sizes: list[float] = Field(default_factory=lambda: [1e-5, 3e-5, 1e-4, 3e-4, 1e-3])
+                                                                 batch_size=32, localization=1000.0))
+    step_sizes: list[float] = Field(default_factory=lambda: [1e-5, 3e-5, 1e-4, 3e-4])
     ed_batch: int = 256
     workers: int = 2
     device: str = "cpu"
@@ -55,8 +57,9 @@ class LowDiversityConfig(BaseModel):
     @classmethod
     def quick(cls, **kw) -> LowDiversityConfig:
         base = dict(seeds=[0], steps=1500, n_checkpoints_linear=6, n_checkpoints_log=12, eval_size=512,
-                    llc_n=1024, sampler=LLCConfig(num_chains=2, num_draws=60, num_burnin=20, batch_size=64),
-                    step_sizes=[1e-4, 3e-4, 1e-3], ed_batch=64)
+                    llc_n=1024, sampler=LLCConfig(num_chains=2, num_draws=80, num_burnin=30, batch_size=32,
+                                                  localization=1000.0),
+                    step_sizes=[3e-5, 1e-4, 3e-4], ed_batch=64)
         return cls(**{**base, **kw})
 
     def run_config(self, M: int, seed: int) -> RunConfig:

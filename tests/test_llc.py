@@ -1,0 +1,607 @@
+"""LLC estimator (llc.py): closed forms, known learning coefficients, determinism, isolation, refined LLC,
+diagnostics, calibration, bad input, and the user's / icl-lab's transformers.
+
+Reference values:
+- regular model, loss ℓ* + ΔᵀHΔ: exact sampling gives λ = Σ nβh/(2nβh + γ) → d/2 (papers.md §D2); the SGLD chain
+  with step ε has the exact stationary law N(0, 1/(a(1 − εa/4))) per eigen-direction, a = 2nβh + γ.
+- reduced-rank regression y = BAx, true map 0: Aoyagi & Watanabe (2005), "Stochastic complexities of reduced rank
+  regression in Bayesian estimation", Neural Networks 18(7) — the RLCT formula in `aoyagi_watanabe`.
+- loss Σ_i w_i^{2k_i}: λ = Σ_i 1/(2k_i) (each coordinate alone: E[nβ w^{2k}] = 1/(2k) under exp(−nβ w^{2k})).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from icl_lab.llc import (
+    Calibration,
+    LLCConfig,
+    LLCResult,
+    Thresholds,
+    calibrate,
+    default_nbeta,
+    diagnose,
+    estimate_llc,
+    head_mask,
+    llc_per_chain,
+    pick,
+    plot_calibration,
+    sgld_step,
+)
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: a second intra-op thread only adds synchronisation (and hurts on shared cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def linear_mse(forward, batch):
+    x, y = batch
+    return (forward(x).squeeze(-1) - y).square().mean()
+
+
+def linear_problem(d: int, n: int = 1000, seed: int = 0, noise: float = 0.1):
+    """ŷ = wᵀx at w* = the exact least-squares solution of the data; H = XᵀX/n (loss = ℓ* + ΔᵀHΔ)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=F64)
+    y = X @ torch.randn(d, generator=g, dtype=F64) + noise * torch.randn(n, generator=g, dtype=F64)
+    w_star = torch.linalg.lstsq(X, y[:, None]).solution[:, 0]
+    model = nn.Linear(d, 1, bias=False, dtype=F64)
+    with torch.no_grad():
+        model.weight.copy_(w_star[None])
+    H = torch.linalg.eigvalsh(X.T @ X / n)
+    return model, (X, y), H
+
+
+class Analytic(nn.Module):
+    """A model whose 'output' is an analytic population loss K(w) >= 0 with K(w*) = 0 at w* = 0."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], K):
+        super().__init__()
+        self.ws = nn.ParameterDict({k: nn.Parameter(torch.zeros(s, dtype=F64)) for k, s in shapes.items()})
+        self.K = K
+
+    def forward(self, x):
+        return self.K(self.ws)
+
+
+def analytic_loss(forward, batch):
+    return forward(batch[0])
+
+
+DUMMY = (torch.zeros(2, 1, dtype=F64),)  # n only matters through nβ, which these tests set explicitly
+
+
+def aoyagi_watanabe(M: int, H: int, N: int, r: int = 0) -> float:
+    """RLCT of reduced-rank regression (input M, hidden H, output N, true rank r), Aoyagi & Watanabe (2005)."""
+    if N + r <= M + H and M + r <= N + H and H + r <= M + N:
+        lam = 2 * (H + r) * (M + N) - (M - N) ** 2 - (H + r) ** 2
+        return (lam + (1 if (M + H + N + r) % 2 else 0)) / 8
+    if M + H < N + r:
+        return (H * M - H * r + N * r) / 2
+    if N + H < M + r:
+        return (H * N - H * r + M * r) / 2
+    return M * N / 2  # M + N < H + r
+
+
+def rrr_model(M: int, H: int, N: int) -> Analytic:
+    return Analytic({"A": (H, M), "B": (N, H)}, lambda w: (w["B"] @ w["A"]).square().sum())
+
+
+class SmallMLP(nn.Module):
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.fc1 = nn.Parameter(torch.randn(3, 8, generator=g, dtype=F64) / 2)
+        self.fc2 = nn.Parameter(torch.randn(8, generator=g, dtype=F64) / 3)
+        self.unused = nn.Parameter(torch.ones(5, dtype=F64))  # never used in forward: grad is None
+        self.frozen = nn.Parameter(torch.ones(2, dtype=F64), requires_grad=False)
+
+    def forward(self, x):
+        return torch.tanh(x @ self.fc1) @ self.fc2 + self.frozen.sum()
+
+
+def mlp_data(n: int = 200):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 3, generator=g, dtype=F64)
+    return x, torch.sin(x.sum(-1))
+
+
+def mlp_mse(forward, batch):
+    return (forward(batch[0]) - batch[1]).square().mean()
+
+
+SMALL = LLCConfig(step_size=1e-3, localization=10.0, num_chains=3, num_draws=40, num_burnin=10, batch_size=32)
+
+
+# ------------------------------------------------------------------------------------------- pure pieces
+
+
+def test_sgld_step_is_a_gradient_step_without_noise_and_localisation():
+    theta, grad = torch.tensor([1.0, -2.0, 3.0]), torch.tensor([0.5, 0.5, -1.0])
+    out = sgld_step(theta, grad, theta, torch.zeros(3), step_size=0.1, nbeta=4.0, localization=7.0)
+    torch.testing.assert_close(out, theta - 0.05 * 4.0 * grad)  # θ = θ*: localisation term vanishes
+    star, noise = torch.zeros(3), torch.tensor([1.0, 2.0, -1.0])
+    out = sgld_step(theta, grad, star, noise, step_size=0.01, nbeta=4.0, localization=7.0)
+    torch.testing.assert_close(out, theta - 0.005 * (4.0 * grad + 7.0 * theta) + 0.1 * noise)
+    mask = torch.tensor([1.0, 0.0, 1.0])
+    out = sgld_step(theta, grad, star, noise, step_size=0.01, nbeta=4.0, localization=7.0, mask=mask)
+    assert out[1] == theta[1] and out[0] != theta[0]
+
+
+def test_estimator_formula_and_default_nbeta():
+    trace = np.array([[1.0, 3.0], [2.0, 2.0]])
+    np.testing.assert_allclose(llc_per_chain(trace, init_loss=1.5, nbeta=10.0), [5.0, 5.0])
+    assert default_nbeta(1000) == pytest.approx(1000 / math.log(1000))
+    with pytest.raises(ValueError, match="n must be >= 2"):
+        default_nbeta(1)
+
+
+# ------------------------------------------------------------------------------ validation against theory
+
+
+def test_regular_d10_matches_closed_forms():
+    """λ̂ within 5% of d/2, and statistically equal to the exact stationary value of the ε-discretised chain
+    (minibatch gradient noise is ~1e-4 of the injected noise here, so the closed form holds)."""
+    model, data, H = linear_problem(10)
+    eps, gamma = 1e-4, 1.0
+    cfg = LLCConfig(step_size=eps, localization=gamma, num_chains=64, num_draws=900, num_burnin=300, batch_size=100)
+    res = estimate_llc(model, data, linear_mse, config=cfg, seed=0)
+    nb = res.nbeta
+    a = 2 * nb * H + gamma
+    exact = float((nb * H / a).sum())  # exact sampling, finite γ
+    sgld = float((nb * H / (a * (1 - eps * a / 4))).sum())  # the ε-discretised chain's stationary value
+    assert res.d == 10 and res.n == 1000 and nb == pytest.approx(1000 / math.log(1000))
+    assert exact == pytest.approx(5.0, rel=0.01)
+    assert res.llc_mean == pytest.approx(5.0, rel=0.05), res.summary()
+    assert abs(res.llc_mean - sgld) < 4 * res.llc_se, (res.summary(), sgld)
+    assert res.ok, res.diagnostics
+
+
+def test_regular_d100_minibatch_within_5_percent_of_half_d():
+    model, data, _ = linear_problem(100)
+    cfg = LLCConfig(step_size=1e-4, localization=1.0, num_chains=16, num_draws=900, num_burnin=300, batch_size=100)
+    res = estimate_llc(model, data, linear_mse, config=cfg, seed=0)
+    assert res.d == 100
+    assert res.llc_mean == pytest.approx(50.0, rel=0.05), res.summary()
+    assert res.ok, res.diagnostics
+
+
+def test_aoyagi_watanabe_formula_cases():
+    assert aoyagi_watanabe(3, 2, 3) == 2.5  # case 1, M+H+N even
+    assert aoyagi_watanabe(5, 3, 5) == 6.5  # case 1, odd
+    assert aoyagi_watanabe(4, 3, 8) == 6.0  # case 2: M + H < N
+    assert aoyagi_watanabe(8, 3, 4) == 6.0  # case 3: N + H < M
+    assert aoyagi_watanabe(1, 4, 1) == 0.5  # case 4: M + N < H
+    assert aoyagi_watanabe(3, 2, 3, r=2) == 4.0  # r = H: regular, dim of rank-H matrices / 2 = H(M + N − H)/2
+
+
+# Along the flat directions of {BA = 0} the chains diffuse slowly (about 1/(γε) steps to cross the localised
+# region), so these chains are long; at ε = 1e-4 and 1,500 draws λ̂ came out about 10% low.
+RRR_CFG = LLCConfig(step_size=2e-4, localization=1.0, nbeta=1e3, num_chains=16, num_draws=2500, num_burnin=500,
+                    batch_size=None)
+
+
+def test_reduced_rank_regression_matches_aoyagi_watanabe():
+    """Two-layer linear network at the origin of {BA = 0}: λ = 2.5 while d/2 = 6 (singular)."""
+    res = estimate_llc(rrr_model(3, 2, 3), DUMMY, analytic_loss, config=RRR_CFG, seed=0)
+    assert res.d == 12
+    assert res.llc_mean == pytest.approx(aoyagi_watanabe(3, 2, 3), rel=0.10), res.summary()
+    assert res.ok, res.diagnostics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("M,H,N", [(5, 3, 5), (4, 3, 8), (8, 3, 4), (2, 4, 2)])
+def test_reduced_rank_regression_more_cases(M, H, N):
+    # larger networks are stiffer along {BA = 0}: a smaller ε (ε = 2e-4 gave +14% for (4, 3, 8)), longer chains
+    cfg = RRR_CFG.model_copy(update={"step_size": 5e-5, "num_draws": 6000, "num_burnin": 2000})
+    res = estimate_llc(rrr_model(M, H, N), DUMMY, analytic_loss, config=cfg, seed=0)
+    assert res.llc_mean == pytest.approx(aoyagi_watanabe(M, H, N), rel=0.10), res.summary()
+
+
+def test_monomial_loss_gives_sum_of_inverse_powers():
+    ks = torch.tensor([1, 2, 2, 3])
+    model = Analytic({"w": (4,)}, lambda w: (w["w"] ** (2 * ks)).sum())
+    cfg = LLCConfig(step_size=1e-4, localization=1.0, nbeta=1e3, num_chains=64, num_draws=1200, num_burnin=300,
+                    batch_size=None)
+    res = estimate_llc(model, DUMMY, analytic_loss, config=cfg, seed=0)
+    expected = float((1 / (2 * ks)).sum())  # 7/6, far below d/2 = 2
+    assert res.llc_mean == pytest.approx(expected, rel=0.10), res.summary()
+    assert res.ok, res.diagnostics
+
+
+# ------------------------------------------------------------------------------ determinism and isolation
+
+
+def test_vectorised_and_sequential_chains_agree():
+    model, data = SmallMLP(), mlp_data()
+    vec = estimate_llc(model, data, mlp_mse, config=SMALL, seed=3)
+    seq = estimate_llc(model, data, mlp_mse, config=SMALL.model_copy(update={"vectorize": False}), seed=3)
+    assert vec.vectorized and not seq.vectorized
+    np.testing.assert_allclose(vec.loss_trace, seq.loss_trace, rtol=1e-9, atol=0)
+    np.testing.assert_allclose(vec.burnin_trace, seq.burnin_trace, rtol=1e-9, atol=0)
+    assert vec.llc_mean == pytest.approx(seq.llc_mean, rel=1e-8)
+
+
+class InplaceModel(nn.Module):
+    """Writes batched inputs into a fresh unbatched buffer, like the seed's ICLTransformer: vmap cannot do it."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.3, -0.2, 0.1], dtype=F64))
+
+    def forward(self, x):
+        buf = torch.zeros(x.shape[0], 4, dtype=F64)
+        buf[:, :3] = x
+        return buf[:, :3] @ self.w
+
+
+def test_vmap_through_attention_matches_sequential(tiny_icl):
+    """icl-lab's transformer (scaled_dot_product_attention, LayerNorm) vectorised over chains."""
+    model, data = tiny_icl
+    cfg = SMALL.model_copy(update={"num_chains": 2, "num_draws": 10, "num_burnin": 0, "step_size": 1e-4})
+    vec = estimate_llc(model, data, icl_mse, config=cfg.model_copy(update={"vectorize": True}), seed=0)
+    seq = estimate_llc(model, data, icl_mse, config=cfg.model_copy(update={"vectorize": False}), seed=0)
+    assert vec.vectorized and not seq.vectorized and not vec.notes
+    np.testing.assert_allclose(vec.loss_trace, seq.loss_trace, rtol=1e-4)
+
+
+def test_automatic_fallback_when_vmap_fails_gives_the_sequential_result():
+    model, data = InplaceModel(), mlp_data()
+    auto = estimate_llc(model, data, mlp_mse, config=SMALL, seed=0)
+    seq = estimate_llc(model, data, mlp_mse, config=SMALL.model_copy(update={"vectorize": False}), seed=0)
+    assert not auto.vectorized
+    assert any("fell back" in note for note in auto.notes)
+    np.testing.assert_array_equal(auto.loss_trace, seq.loss_trace)
+
+
+def test_bit_identical_repeat_and_global_rng_untouched():
+    model, data = SmallMLP(), mlp_data()
+    rng_before = torch.get_rng_state().clone()
+    a = estimate_llc(model, data, mlp_mse, config=SMALL, seed=11)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    torch.manual_seed(12345)  # the global RNG must not matter either
+    b = estimate_llc(model, data, mlp_mse, config=SMALL, seed=11)
+    np.testing.assert_array_equal(a.loss_trace, b.loss_trace)
+    np.testing.assert_array_equal(a.burnin_trace, b.burnin_trace)
+    assert a.llc_mean == b.llc_mean and a.fingerprint == b.fingerprint
+    c = estimate_llc(model, data, mlp_mse, config=SMALL, seed=12)
+    assert not np.array_equal(a.loss_trace, c.loss_trace) and a.fingerprint != c.fingerprint
+
+
+def test_model_is_never_modified():
+    model, data = SmallMLP(), mlp_data()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {k: p.requires_grad for k, p in model.named_parameters()}
+    estimate_llc(model, data, mlp_mse, config=SMALL, seed=0)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert model.training
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_unused_and_frozen_parameters_are_not_sampled_or_counted():
+    model, data = SmallMLP(), mlp_data()
+    res = estimate_llc(model, data, mlp_mse, config=SMALL, seed=0)
+    assert res.d == 3 * 8 + 8  # fc1 + fc2; not `unused` (5) nor `frozen` (2)
+    assert res.sampled == ["fc1", "fc2"]
+    assert "gradient is None" in res.excluded["unused"]
+    assert "requires_grad=False" in res.excluded["frozen"]
+
+
+# ------------------------------------------------------------------------------------------- refined LLC
+
+
+@pytest.fixture(scope="module")
+def tiny_icl():
+    from icl_lab.config import ModelConfig, TaskConfig
+    from icl_lab.model import build_model
+
+    task = TaskConfig(D=3, K=4, M=2)
+    model = build_model(task, ModelConfig(n_layers=2, d_model=8, n_heads=2, d_head=4, d_mlp=8), seed=0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, 3, generator=g)
+    y = x @ torch.tensor([1.0, 0.0, 0.0])
+    return model, (x, y)
+
+
+def icl_mse(forward, batch):
+    x, y = batch
+    return (forward(x, y) - y).square().mean()
+
+
+def numel(model, names):
+    params = dict(model.named_parameters())
+    return sum(params[k].numel() for k in names)
+
+
+def test_refined_llc_selects_by_pattern_and_head(tiny_icl):
+    model, data = tiny_icl
+    cfg = SMALL.model_copy(update={"num_draws": 8, "num_burnin": 2, "step_size": 1e-4})
+    names = [k for k, _ in model.named_parameters()]
+    block0 = [k for k in names if k.startswith("blocks.0.")]
+    mlps = [k for k in names if ".mlp." in k]
+    for params, expected in [("blocks.0.*", block0), ("blocks.0", block0), (["*.mlp.*"], mlps),
+                             ("re:blocks\\.[01]\\.mlp\\..*", mlps)]:
+        res = estimate_llc(model, data, icl_mse, config=cfg, seed=0, params=params)
+        assert sorted(res.sampled) == sorted(expected), params
+        assert res.d == numel(model, expected)
+        assert all(res.excluded[k] == "not selected" for k in names if k not in expected)
+    masks = head_mask(model, layer=1, head=0)
+    assert sorted(k.rsplit(".", 1)[1] for k in masks) == ["W_K", "W_O", "W_Q", "W_V", "b_K", "b_Q", "b_V"]
+    res = estimate_llc(model, data, icl_mse, config=cfg, seed=0, params=masks)
+    assert res.d == 4 * 8 * 4 + 3 * 4  # W_Q, W_K, W_V, W_O slices of one head + its three biases
+    assert np.isfinite(res.llc_mean)
+
+
+def test_masked_entries_do_not_move():
+    """The loss depends only on w[1]; sampling only w[0] leaves every loss exactly at ℓ(w*), so λ̂ = 0."""
+    model = Analytic({"w": (2,)}, lambda w: (w["w"][1] - 0.0) ** 2 + 1.0)
+    mask = {"ws.w": torch.tensor([True, False])}
+    cfg = LLCConfig(step_size=1e-2, localization=1.0, nbeta=10.0, num_chains=2, num_draws=20, num_burnin=0,
+                    batch_size=None)
+    res = estimate_llc(model, DUMMY, analytic_loss, config=cfg, seed=0, params=mask)
+    assert res.d == 1
+    np.testing.assert_array_equal(res.loss_trace, 1.0)
+    assert res.llc_mean == 0.0
+    full = estimate_llc(model, DUMMY, analytic_loss, config=cfg, seed=0)
+    assert full.d == 2 and full.llc_mean > 0
+
+
+def test_head_mask_errors(tiny_icl):
+    model, _ = tiny_icl
+    with pytest.raises(ValueError, match="out of range"):
+        head_mask(model, layer=0, head=2)
+    with pytest.raises(ValueError, match="no parameters named"):
+        head_mask(model, layer=5, head=0)
+
+
+# ------------------------------------------------------------------------------------------- diagnostics
+
+
+def synthetic_trace(C=4, T=400, mean=5.0, seed=0):
+    return np.random.default_rng(seed).normal(mean, 1.0, size=(C, T))
+
+
+def test_diagnose_flags_each_failure_and_passes_a_clean_trace():
+    kw = dict(init_loss=0.0, nbeta=1.0, d=100)
+    burn = np.zeros((4, 10))
+    clean = synthetic_trace()
+    assert diagnose(clean, burn, **kw) == {}
+    nan = clean.copy()
+    nan[2, 50] = np.nan
+    assert "NaN" in diagnose(nan, burn, **kw)["diverged"]
+    assert "exploded" in diagnose(clean * np.r_[1, 1, 1, 1e6][:, None], burn, **kw)["diverged"]
+    assert "not a local minimum" in diagnose(synthetic_trace(mean=-3.0), burn, **kw)["negative"]
+    rising = clean + np.linspace(0, 4, 400)
+    assert "still rising" in diagnose(rising, burn, **kw)["not_stationary"]
+    offset = clean + np.array([0.0, 0.0, 0.0, 3.0])[:, None]
+    assert "R̂" in diagnose(offset, burn, **kw)["chains_disagree"]
+    assert "exceeds d/2" in diagnose(synthetic_trace(mean=60.0), burn, **kw)["exceeds_half_d"]
+    assert diagnose(synthetic_trace(mean=60.0), burn, **kw, thresholds=Thresholds(exceed_se=1e9)) == {}
+    assert diagnose(synthetic_trace(mean=52.0), burn, **kw) == {}  # within the 5% slack above d/2
+
+
+def test_large_step_size_is_reported_as_diverged_not_raised():
+    model, data, _ = linear_problem(10)
+    cfg = LLCConfig(step_size=0.1, localization=1.0, num_chains=2, num_draws=400, num_burnin=0, batch_size=100)
+    res = estimate_llc(model, data, linear_mse, config=cfg, seed=0)
+    assert not res.ok and "diverged" in res.diagnostics
+    assert any("stopped" in note for note in res.notes)
+
+
+def test_result_row_is_flat_and_parquet_ready(tmp_path):
+    model, data = SmallMLP(), mlp_data()
+    res = estimate_llc(model, data, mlp_mse, config=SMALL, seed=0)
+    assert isinstance(res, LLCResult)
+    assert res.loss_trace.shape == (3, 40) and res.burnin_trace.shape == (3, 10)
+    assert res.llc_per_chain.shape == (3,)
+    assert res.llc_mean == pytest.approx(res.llc_per_chain.mean())
+    assert res.llc_std == pytest.approx(res.llc_per_chain.std(ddof=1))
+    with torch.no_grad():
+        assert res.init_loss == pytest.approx(float(mlp_mse(model, data)))
+    row = res.to_row()
+    for key in ("llc_mean", "llc_std", "llc_per_chain", "init_loss", "nbeta", "n", "d", "step_size", "localization",
+                "num_chains", "num_draws", "num_burnin", "batch_size", "seed", "ok", "flags", "diagnostics"):
+        assert key in row
+    assert all(not isinstance(v, (np.ndarray, torch.Tensor, dict)) for v in row.values())
+    pd.DataFrame([{"step": 0, **row}]).to_parquet(tmp_path / "llc.parquet")
+    back = pd.read_parquet(tmp_path / "llc.parquet")
+    assert list(back["llc_per_chain"][0]) == pytest.approx(list(res.llc_per_chain))
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("make_config,match", [
+    (lambda: LLCConfig(step_size=0.0), "step_size"),
+    (lambda: LLCConfig(step_size=-1e-4), "step_size"),
+    (lambda: LLCConfig(localization=0.0), "localization"),
+    (lambda: LLCConfig(nbeta=-5.0), "nbeta"),
+    (lambda: LLCConfig(nbeta=float("inf")), "nbeta"),
+    (lambda: LLCConfig(num_draws=0), "num_draws"),
+    (lambda: LLCConfig(num_burnin=-1), "num_burnin"),
+    (lambda: LLCConfig(num_chains=0), "num_chains"),
+    (lambda: LLCConfig(batch_size=0), "batch_size"),
+])
+def test_bad_config_values_are_refused(make_config, match):
+    with pytest.raises(ValidationError, match=match):
+        make_config()
+
+
+def test_bad_config_assignment_is_refused():
+    cfg = LLCConfig()
+    with pytest.raises(ValueError, match="step_size"):
+        cfg.step_size = -1.0
+
+
+class CountingLoss:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, forward, batch):
+        self.calls += 1
+        return self.fn(forward, batch)
+
+
+@pytest.mark.parametrize("data,params,match", [
+    ((torch.zeros(1, 3, dtype=F64), torch.zeros(1, dtype=F64)), None, "n >= 2"),
+    ((torch.zeros(5, 3, dtype=F64), torch.zeros(4, dtype=F64)), None, "different lengths"),
+    ((), None, "empty tuple"),
+    (torch.zeros(5, 3), None, "tuple of tensors"),
+    (None, "nothing.*", "matches no parameter"),
+    (None, [], "empty"),
+    (None, {"fc1": torch.zeros(3, 8, dtype=torch.bool)}, "empty parameter selection"),
+    (None, {"fc1": torch.ones(3, dtype=torch.bool)}, "shape"),
+    (None, {"nope": torch.ones(3, dtype=torch.bool)}, "no parameter named"),
+    (None, "unused", "empty parameter selection"),
+    (None, "frozen", "empty parameter selection"),
+])
+def test_bad_input_raises_before_sampling(data, params, match):
+    loss = CountingLoss(mlp_mse)
+    with pytest.raises(ValueError, match=match):
+        estimate_llc(SmallMLP(), mlp_data() if data is None else data, loss, config=SMALL, params=params)
+    assert loss.calls <= 1  # at most the single probe forward at w*, never a chain step
+
+
+def test_non_scalar_loss_is_refused():
+    loss = CountingLoss(lambda f, b: (f(b[0]) - b[1]).square())
+    with pytest.raises(ValueError, match="scalar"):
+        estimate_llc(SmallMLP(), mlp_data(), loss, config=SMALL)
+    assert loss.calls == 1
+
+
+# ------------------------------------------------------------------------------------------- calibration
+
+
+def test_pick_rule_on_a_synthetic_table():
+    def table(llc, ok):
+        eps = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3][: len(llc)]
+        return pd.DataFrame({"step_size": eps, "localization": 1.0, "nbeta": 10.0, "llc_mean": llc, "ok": ok})
+
+    idx, reason = pick(table([2.0, 5.0, 5.2, 5.4, 9.0], [False, True, True, True, False]))
+    assert idx == 3 and "plateau of 3" in reason
+    idx, _ = pick(table([5.0, 5.1, 8.0, 8.1, 8.2], [True] * 5))  # the longer plateau wins
+    assert idx == 4
+    idx, reason = pick(table([2.0, 5.0, 9.0], [True, True, True]))
+    assert idx == 0 and "smallest stable" in reason  # no plateau: the least-biased stable ε
+    idx, reason = pick(table([2.0, 5.0], [False, False]))
+    assert idx is None and "every grid point" in reason
+
+
+def test_calibrate_finds_the_plateau_and_plots(tmp_path):
+    """ε = 3e-5 has not mixed (flagged), 1e-4 and 3e-4 agree (the plateau), 0.1 diverges: pick 3e-4."""
+    model, data, _ = linear_problem(10)
+    base = LLCConfig(localization=1.0, num_chains=16, num_draws=400, num_burnin=200, batch_size=100)
+    cal = calibrate(model, data, linear_mse, step_sizes=[3e-5, 1e-4, 3e-4, 0.1], base=base, seed=0)
+    assert isinstance(cal, Calibration) and len(cal.results) == 4
+    tab = cal.table
+    assert list(tab["step_size"]) == [3e-5, 1e-4, 3e-4, 0.1]
+    assert {"step_size", "localization", "nbeta", "llc_mean", "llc_std", "ok", "flags"} <= set(tab.columns)
+    assert list(tab["ok"]) == [False, True, True, False]
+    assert "diverged" in tab.loc[3, "flags"]
+    assert cal.index == 2 and "plateau of 2" in cal.reason
+    assert cal.chosen == base.model_copy(update={"step_size": 3e-4})
+    assert tab.loc[2, "llc_mean"] == pytest.approx(5.0, rel=0.1)
+    paths = plot_calibration(cal, tmp_path / "cal")
+    assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 1000 for p in paths)
+
+
+# ------------------------------------------------------------------------------ the user's and icl-lab's models
+
+
+def briefly_train(model, data, loss_fn, steps, lr, batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    n = data[0].shape[0]
+    for _ in range(steps):
+        idx = torch.randint(0, n, (batch,), generator=g)
+        loss = loss_fn(model, tuple(t[idx] for t in data))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
+
+
+def regression_data(n, K, D, M, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tasks = torch.randn(M, D, generator=g)
+    tasks = tasks / tasks.norm(dim=-1, keepdim=True)
+    w = tasks[torch.randint(0, M, (n,), generator=g)]
+    x = torch.randn(n, K, D, generator=g)
+    return x, torch.einsum("nkd,nd->nk", x, w)
+
+
+def test_icl_lab_seed_preset_gives_finite_positive_llc():
+    from icl_lab.config import ModelConfig, TaskConfig
+    from icl_lab.model import build_model
+
+    model = build_model(TaskConfig(D=8, K=16, M=2), ModelConfig(), seed=0)
+    data = regression_data(512, 16, 8, 2)
+    final = briefly_train(model, data, icl_mse, steps=100, lr=3e-3, batch=32)
+    assert final < 1.0
+    cfg = LLCConfig(step_size=1e-4, localization=100.0, num_chains=2, num_draws=40, num_burnin=20, batch_size=16)
+    res = estimate_llc(model, data, icl_mse, config=cfg, seed=0)
+    assert not res.vectorized  # auto: sequential chains on CPU for a 100k-parameter model (faster there)
+    assert res.d == sum(p.numel() for p in model.parameters())
+    assert np.isfinite(res.llc_per_chain).all() and res.llc_mean > 0, res.summary()
+    assert res.llc_mean < res.d / 2
+
+
+def seed_model_loss(forward, batch):
+    x, y = batch
+    return (forward(x, y) - y).square().mean()
+
+
+def test_users_transformer_lens_model_small():
+    pytest.importorskip("transformer_lens")
+    from seed_model import ICLTransformer
+
+    torch.manual_seed(0)  # TransformerLens initialises from the global RNG; the estimator itself never does
+    model = ICLTransformer(3, seq_length=4, d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32)
+    data = regression_data(256, 4, 3, 1)
+    final = briefly_train(model, data, seed_model_loss, steps=60, lr=1e-2, batch=64)
+    assert final < 0.05
+    cfg = LLCConfig(step_size=1e-3, localization=100.0, num_chains=2, num_draws=60, num_burnin=20, batch_size=32)
+    res = estimate_llc(model, data, seed_model_loss, config=cfg, seed=0)
+    assert not res.vectorized and any("fell back" in note for note in res.notes)  # its forward writes in place
+    unused = {"transformer.embed.W_E", "transformer.pos_embed.W_pos"}
+    assert unused <= set(res.excluded) and not unused & set(res.sampled)
+    assert res.d == sum(p.numel() for k, p in model.named_parameters() if k not in unused)
+    assert np.isfinite(res.llc_per_chain).all() and 0 < res.llc_mean < res.d / 2, res.summary()
+    short = cfg.model_copy(update={"num_draws": 10, "num_burnin": 0})
+    heads = estimate_llc(model, data, seed_model_loss, config=short, seed=0, params=head_mask(model, 0, 1))
+    assert heads.d == 4 * 16 * 8 + 3 * 8
+    assert np.isfinite(heads.llc_mean)
+
+
+@pytest.mark.slow
+def test_users_transformer_lens_model_full_size():
+    pytest.importorskip("transformer_lens")
+    from seed_model import ICLTransformer
+
+    torch.manual_seed(0)
+    model = ICLTransformer(8)
+    data = regression_data(1024, 16, 8, 1)
+    briefly_train(model, data, seed_model_loss, steps=300, lr=3e-3, batch=32)
+    cfg = LLCConfig(step_size=1e-5, localization=100.0, num_chains=2, num_draws=100, num_burnin=50, batch_size=32)
+    res = estimate_llc(model, data, seed_model_loss, config=cfg, seed=0)
+    assert res.d == 104_073 - 576 - 2048
+    assert np.isfinite(res.llc_per_chain).all() and 0 < res.llc_mean < res.d / 2, res.summary()
