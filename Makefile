@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-done
 OUT    ?= runs
-EXTRAS ?= dev,tl
+EXTRAS ?= dev,tl,sweep
 
 .PHONY: setup test test-slow lint demo demo-quick bench clean-venv
 

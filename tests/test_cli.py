@@ -114,3 +114,77 @@ def test_kill_and_resume_continues_bit_identically(tmp_path):
     a, b = Run.load(straight).load_checkpoint(1500), Run.load(killed).load_checkpoint(1500)
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
+
+
+# ------------------------------------------------------------------------------------------------ sweep
+def sweep_sets(**kw) -> list[str]:
+    base = tiny_overrides(**{"steps": 20, "n_checkpoints_linear": 3, "n_checkpoints_log": 2, "eval_size": 32, **kw})
+    return [a for k, v in base.items() for a in ("--set", f"{k}={v}")]
+
+
+def test_sweep_runs_a_grid_records_failures_and_resumes(tmp_path):
+    from icl_lab.sweep import load_index
+
+    out = tmp_path / "sw"
+    args = ["sweep", "--out", str(out), "--workers", "1", "--quiet"]
+    r = runner.invoke(app, [*args, "--grid", "seed=0,1", *sweep_sets(), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "2 runs (dry run" in r.output and "seed=0-" in r.output and not out.exists()
+    # one failing run (lr = 1e30 diverges) is recorded and does not stop the other: exit status 1
+    r = runner.invoke(app, [*args, "--grid", "seed=0", "--grid", "lr=1e30,0.01", *sweep_sets()],
+                      env={"COLUMNS": "300"})
+    assert r.exit_code == 1, r.output
+    assert "1 done, 1 failed" in r.output and "TrainingDiverged" in r.output
+    index = load_index(out)
+    assert index["status"].tolist() == ["failed", "done"] and index["attempts"].tolist() == [1, 1]
+    # no grid: the recorded sweep again; the finished run is skipped, the failed one not retried
+    done_metrics = out / index.iloc[1]["path"] / "metrics.parquet"
+    mtime = done_metrics.stat().st_mtime_ns
+    r = runner.invoke(app, [*args, "--no-retry-failed"])
+    assert r.exit_code == 1 and load_index(out)["attempts"].tolist() == [1, 1]
+    assert done_metrics.stat().st_mtime_ns == mtime
+    r = runner.invoke(app, ["sweep", "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "--executor" in r.output and "--address" in r.output and "--slurm" in r.output
+
+
+def test_sweep_file_with_flags(tmp_path):
+    spec = tmp_path / "s.toml"
+    spec.write_text('[base]\nsteps = 20\nD = 3\n[base.model]\nd_model = 16\n[grid]\nM = [1, "inf"]\n'
+                    '[sweep]\nexecutor = "local"\n')
+    r = runner.invoke(app, ["sweep", "--config", str(spec), "--grid", "seed=0,1", "--set", "n_layers=1",
+                            "--dry-run", "--out", str(tmp_path / "sw")])
+    assert r.exit_code == 0, r.output
+    assert "4 runs" in r.output and "M=inf_seed=1-" in r.output and not (tmp_path / "sw").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--grid", "activation=relu,tanh"], "activation='tanh'"),
+    (["--grid", "activation=relu,tanh"], "Allowed for activation: one of: relu, gelu, gelu_tanh"),
+    (["--grid", "M=2,0"], "Allowed for M: an integer >= 1, or 'inf'"),
+    (["--grid", "learning_rate=0.1"], "unknown config field 'learning_rate' in the grid; allowed fields:"),
+    (["--grid", "lr=0.1", "--set", "lr"], "--set expects KEY=VALUE, got 'lr'"),
+    (["--grid", "lr=0.1", "--set", "d_model=0"], "invalid base config: model.d_model:"),
+    (["--grid", "seed=0", "--executor", "dask"], "unknown executor 'dask'; allowed: local, ray, slurm"),
+    (["--grid", "seed=0", "--workers", "0"], "workers must be an integer >= 1, got 0"),
+    (["--grid", "seed=0", "--ensemble", "0"], "ensemble must be an integer >= 1, got 0"),
+    ([], "has no sweep.json; give a grid"),
+    (["--config", "missing.toml"], "config file missing.toml does not exist"),
+])
+def test_sweep_bad_input_fails_before_anything_is_written(tmp_path, args, message):
+    out = tmp_path / "sw"
+    r = runner.invoke(app, ["sweep", "--out", str(out), *args], env={"COLUMNS": "300"})
+    assert r.exit_code == 2, r.output
+    assert "error:" in r.output and message in " ".join(r.output.split())
+    assert not out.exists()
+
+
+def test_sweep_file_errors_name_the_table(tmp_path):
+    spec = tmp_path / "s.toml"
+    spec.write_text('[grid]\nseed = [0]\n[sweep]\nprocesses = 2\n')
+    r = runner.invoke(app, ["sweep", "--config", str(spec), "--out", str(tmp_path / "sw")], env={"COLUMNS": "300"})
+    assert r.exit_code == 2 and "unknown [sweep] options ['processes']; allowed: executor, workers" in r.output
+    spec.write_text('[grid]\nseed = [0]\n')
+    r = runner.invoke(app, ["sweep", "--config", str(spec), "--grid", "seed=1", "--out", str(tmp_path / "sw")],
+                      env={"COLUMNS": "300"})
+    assert r.exit_code == 2 and "given both in" in r.output
+    assert not (tmp_path / "sw").exists()

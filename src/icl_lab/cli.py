@@ -251,6 +251,96 @@ def stages(run_dir: Annotated[Path, typer.Argument(help="a run with llc.parquet"
     Console().print(table.to_string(index=False))
 
 
+# ------------------------------------------------------------------------------------------------ sweep
+@app.command()
+def sweep(
+    grid: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+        "--grid", help="KEY=V1,V2,... (repeatable): the values of one config field, e.g. M=1,2,inf")] = None,
+    config: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="sweep file (TOML/JSON) with tables grid (KEY = list of values), base (config values) and "
+             "sweep (executor, workers, address, slurm, ensemble)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+        "--set", help="KEY=VALUE (repeatable): a config value for every run")] = None,
+    out: Annotated[Path, typer.Option(help="sweep directory")] = Path("runs/sweep"),
+    executor: Annotated[Optional[str], typer.Option(help="local (default), ray or slurm")] = None,  # noqa: UP045
+    workers: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help="local: processes (default: CPU count); ray: CPUs of a local Ray instance")] = None,
+    address: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="ray: address of an existing cluster (auto, ray://host:10001, ...)")] = None,
+    slurm: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+        "--slurm", help="slurm: KEY=VALUE (repeatable) for submitit's update_parameters, e.g. "
+                        "slurm_partition=gpu, timeout_min=60; cluster=local uses submitit's local executor")] = None,
+    ensemble: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help="train up to N stackable runs (seeds, M, lr of one architecture) together in one process")] = None,
+    retry_failed: Annotated[bool, typer.Option(help="retry runs that failed before")] = True,
+    dry_run: Annotated[bool, typer.Option(help="validate and list the runs; write nothing")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Train a grid of runs into one sweep directory: OUT/runs/RUN_ID, index in OUT/index.parquet.
+
+    Bad keys or values are rejected before anything is written. Re-running skips finished runs, resumes
+    interrupted ones and retries failed ones; without --grid, --config or --set it repeats the sweep recorded in
+    OUT. One failing run never stops the others; the exit status is 1 when any run failed.
+    """
+    from rich.markup import escape
+
+    from icl_lab.sweep import (
+        STATUSES,
+        SweepError,
+        check_options,
+        expand_grid,
+        first_line,
+        load_spec,
+        parse_assignments,
+        parse_grid,
+        read_sweep_file,
+        run_sweep,
+    )
+
+    try:
+        spec = read_sweep_file(config) if config else {"grid": {}, "base": {}, "sweep": {}}
+        flag_grid = parse_grid(grid or [])
+        if set(flag_grid) & set(spec["grid"]):
+            raise SweepError(f"grid fields {sorted(set(flag_grid) & set(spec['grid']))} are given both in {config} "
+                             f"and as --grid flags; give each field once")
+        grid_values, base = {**spec["grid"], **flag_grid}, {**spec["base"], **parse_assignments(set_ or [])}
+        if not grid_values and not base:
+            recorded = load_spec(out)
+            grid_values, base = recorded["grid"], recorded["base"]
+        flags = {"executor": executor, "workers": workers, "address": address, "ensemble": ensemble}
+        opts = {"executor": "local", "ensemble": 1, **spec["sweep"],
+                **{k: v for k, v in flags.items() if v is not None}}
+        slurm_opts = dict(opts.get("slurm") or {})
+        for key, value in parse_assignments(slurm or [], "--slurm").items():
+            try:
+                slurm_opts[key] = json.loads(value)  # numbers and booleans: timeout_min=60
+            except (TypeError, json.JSONDecodeError):
+                slurm_opts[key] = value
+        check_options(opts["executor"], opts.get("workers"), opts["ensemble"])
+        runs = expand_grid(grid_values, base)
+    except SweepError as e:
+        fail(escape(str(e)))  # messages quote [sweep] tables and lists: not rich markup
+    if dry_run:
+        typer.echo(f"{len(runs)} runs (dry run: nothing written)")
+        for r in runs:
+            typer.echo(r.run_id)
+        return
+    console.print(f"sweep: {out} ({len(runs)} runs, executor {opts['executor']})")
+    try:
+        index = run_sweep(out, grid_values, base, executor=opts["executor"], workers=opts.get("workers"),
+                          address=opts.get("address"), slurm=slurm_opts, retry_failed=retry_failed,
+                          progress=not quiet, ensemble=opts["ensemble"])
+    except SweepError as e:
+        fail(escape(str(e)))
+    counts = index["status"].value_counts()
+    typer.echo(f"{out / 'index.parquet'}: " + ", ".join(f"{counts[s]} {s}" for s in STATUSES if s in counts))
+    failed = index[index["status"] == "failed"]
+    for r in failed.itertuples():
+        console.print(f"[red]failed[/] {escape(r.run_id)}: {escape(first_line(r.error))}", soft_wrap=True)
+    if not failed.empty:
+        raise typer.Exit(1)
+
+
 # ------------------------------------------------------------------------------------------------ studies
 @app.command()
 def study(
