@@ -344,7 +344,7 @@ def sweep(
 # ------------------------------------------------------------------------------------------------ studies
 @app.command()
 def study(
-    name: Annotated[str, typer.Argument(help="low-diversity")],
+    name: Annotated[str, typer.Argument(help="low-diversity or task-diversity")],
     out: Annotated[Optional[Path], typer.Option(help="study directory (default runs/NAME)")] = None,  # noqa: UP045
     quick: Annotated[bool, typer.Option(help="a minutes-long small version")] = False,
     config: Annotated[Optional[Path], typer.Option(help="TOML/JSON with study settings")] = None,  # noqa: UP045
@@ -353,12 +353,24 @@ def study(
     ms: Annotated[Optional[str], typer.Option("--Ms", help="comma-separated task diversities")] = None,  # noqa: UP045
     steps: Annotated[Optional[int], typer.Option(help="training steps per run")] = None,  # noqa: UP045
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda")] = None,  # noqa: UP045
+    scale: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="task-diversity: small (default; within 60 min on 2 CPU cores) or paper (GPU / cluster)")] = None,
+    executor: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="task-diversity: local (default), ray or slurm (as `icl-lab sweep`)")] = None,
+    address: Annotated[Optional[str], typer.Option(help="task-diversity, ray: cluster address")] = None,  # noqa: UP045
+    dry_run: Annotated[bool, typer.Option(help="task-diversity: validate and list the runs; write nothing")] = False,
 ) -> None:
-    """Run an end-to-end study (training, LLC, essential dynamics, stages, report); finished parts are reused."""
+    """Run an end-to-end study; finished parts are reused. low-diversity: training, LLC, essential dynamics, stages
+    (M = 1, 2). task-diversity: Raventós et al., M = 2^0 ... 2^k and ∞ at batch sizes B and 2B, the threshold M*."""
     from icl_lab.studies.low_diversity import LowDiversityConfig, run_study
 
+    if name == "task-diversity":
+        _study_task_diversity(out, quick, config, workers, seeds, ms, steps, device, scale, executor, address, dry_run)
+        return
     if name != "low-diversity":
-        fail(f"unknown study {name!r}; available: low-diversity")
+        fail(f"unknown study {name!r}; available: low-diversity, task-diversity")
+    if scale is not None or executor is not None or address is not None or dry_run:
+        fail("--scale, --executor, --address and --dry-run apply to the task-diversity study only")
     overrides: dict[str, Any] = read_config_file(config) if config else {}
     for key, value in (("workers", workers), ("steps", steps), ("device", device)):
         if value is not None:
@@ -376,6 +388,59 @@ def study(
     typer.echo(f"report: {report_path}")
 
 
+def _study_task_diversity(out: Path | None, quick: bool, config: Path | None, workers: int | None, seeds: str | None,
+                          ms: str | None, steps: int | None, device: str | None, scale: str | None,
+                          executor: str | None, address: str | None, dry_run: bool) -> None:
+    """`icl-lab study task-diversity`: every setting is validated (and every run config built) before anything is
+    written; a bad value exits with status 2 naming the field and its allowed values."""
+    from rich.markup import escape
+
+    from icl_lab.studies.task_diversity import TaskDiversityConfig, check_out, run_study
+    from icl_lab.sweep import SweepError, SweepFailed, check_options
+
+    try:
+        overrides: dict[str, Any] = read_config_file(config) if config else {}
+    except ValueError as e:  # missing file, bad suffix, bad TOML or JSON
+        fail(escape(str(e)))
+    scale = scale if scale is not None else overrides.pop("scale", "small")
+    quick = quick or bool(overrides.pop("quick", False))
+    for key, value in (("workers", workers), ("steps", steps), ("device", device), ("executor", executor),
+                       ("address", address)):
+        if value is not None:
+            overrides[key] = value
+    if seeds:
+        try:
+            overrides["seeds"] = [int(v) for v in seeds.split(",")]
+        except ValueError:
+            fail(f"seeds: {seeds!r} is not allowed; allowed: comma-separated integers, e.g. 0,1,2")
+    if ms:
+        overrides["Ms"] = [v.strip() for v in ms.split(",")]
+    try:
+        cfg = TaskDiversityConfig.for_scale(scale, quick=quick, **overrides)
+        runs = cfg.run_configs()
+        check_options(cfg.executor, cfg.workers, cfg.ensemble)
+        target = out or Path("runs") / ("task-diversity" + ("-paper" if cfg.scale == "paper" else "")
+                                        + ("-quick" if cfg.quick else ""))
+        check_out(target, runs)
+    except ValidationError as e:
+        fail(escape(format_validation_error(e)))
+    except (ValueError, SweepError) as e:
+        fail(escape(str(e)))
+    sequences = sum(r.train.steps * r.train.batch_size for r in runs.values())
+    if dry_run:
+        typer.echo(f"{len(runs)} runs, {sequences:,} training sequences in all (dry run: nothing written to {target})")
+        for run_id in runs:
+            typer.echo(run_id)
+        return
+    console.print(f"study task-diversity ({cfg.scale}{', quick' if cfg.quick else ''}): {target}, {len(runs)} runs, "
+                  f"executor {cfg.executor}")
+    try:
+        report_path = run_study(cfg, target)
+    except SweepFailed as e:
+        fail(escape(str(e)), code=1)
+    typer.echo(f"report: {report_path}")
+
+
 @app.command()
 def report(study_dir: Annotated[Path, typer.Argument(help="a study directory")]) -> None:
     """Rebuild a study's HTML report from what is on disk (nothing is retrained or re-estimated)."""
@@ -384,6 +449,12 @@ def report(study_dir: Annotated[Path, typer.Argument(help="a study directory")])
     cfg_file = study_dir / "study_config.json"
     if not cfg_file.exists():
         fail(f"{study_dir} is not a study directory ({cfg_file} missing)")
+    if json.loads(cfg_file.read_text()).get("study") == "task-diversity":
+        from icl_lab.studies import task_diversity
+
+        td = task_diversity.TaskDiversityConfig.model_validate_json(cfg_file.read_text())
+        typer.echo(f"report: {task_diversity.run_study(td, study_dir)}")
+        return
     cfg = LowDiversityConfig.model_validate_json(cfg_file.read_text())
     typer.echo(f"report: {run_study(cfg, study_dir)}")
 

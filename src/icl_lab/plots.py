@@ -95,3 +95,35 @@ def plot_run(run: Run, path: str | Path | None = None) -> list[Path]:
     fig.suptitle(f"{run.path.name}: M={t.M if t.M is not None else '∞'}, D={t.D}, K={t.K}, σ²={t.noise_var}, "
                  f"{t.family}, preset {run.config.model.preset}, seed {run.config.seed}")
     return save_figure(fig, path or run.path / "figures" / "curves")
+
+
+# ------------------------------------------------------------------------------------------------ task-diversity axis
+def m_label(M: float | int | None) -> str:
+    """'∞' for M = None / inf, '2^j' for powers of two, else the integer."""
+    if M is None or not np.isfinite(M):
+        return "∞"
+    M = int(M)
+    j = M.bit_length() - 1
+    return f"2^{j}" if M == 1 << j else str(M)
+
+
+def m_positions(Ms: list | np.ndarray, gap: float = 1.5) -> np.ndarray:
+    """x positions of task diversities on a log2 axis: log2 M for finite M, and M = ∞ (None or inf) placed `gap`
+    beyond the largest finite M, as in Raventós et al.'s figures (x axis 2^0 ... 2^20, ∞)."""
+    vals = np.array([np.inf if m is None else float(m) for m in Ms])
+    finite = vals[np.isfinite(vals)]
+    top = np.log2(finite.max()) if finite.size else 0.0
+    return np.where(np.isfinite(vals), np.log2(np.where(np.isfinite(vals), vals, 1.0)), top + gap)
+
+
+def m_axis(ax: plt.Axes, Ms: list | np.ndarray, gap: float = 1.5, max_ticks: int = 12) -> None:
+    """Ticks and label of a task-diversity axis drawn with `m_positions` (every other tick when crowded)."""
+    vals = sorted({np.inf if m is None else float(m) for m in Ms})
+    pos = m_positions(vals, gap)
+    finite = [i for i, v in enumerate(vals) if np.isfinite(v)]
+    every = max(1, int(np.ceil(len(finite) / max_ticks)))
+    keep = set(finite[::every]) | {i for i, v in enumerate(vals) if not np.isfinite(v)}
+    ticks = [i for i in range(len(vals)) if i in keep]
+    ax.set_xticks(pos[ticks], [m_label(vals[i]) for i in ticks], fontsize=7)
+    ax.set_xlabel("task diversity M (log₂ axis)")
+    ax.grid(alpha=0.3)
