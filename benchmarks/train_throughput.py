@@ -562,41 +562,53 @@ def eval_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 5
     return (pred - y).square().mean().item()
 
 
-def measure_final_loss(args: argparse.Namespace) -> dict[str, Any]:
-    per_seed = []
+def final_loss_seed(s: int, steps: int, eval_size: int) -> dict[str, Any]:
+    """One seed of the final-loss comparison, in its own process with one torch thread (see measure_final_loss)."""
+    torch.set_num_threads(1)
     task_cfg = TaskConfig(family="unit_norm", D=D, K=K, M=M, noise_var=0.0)
-    for s in range(args.seeds):
-        log(f"final loss, seed {s}: seed pipeline Run(...).train(), {args.steps} steps at batch 32")
-        t0 = time.perf_counter()
-        run = Run(num_tasks=M, seq_length=K, input_dim=D, num_steps=args.steps, seed=s, wandb_logging=False)
-        t1 = time.perf_counter()
-        seed_model = run.train()
-        t2 = time.perf_counter()
-        pool = run.train_loader.dataset.tasks.clone()
+    log(f"final loss, seed {s}: seed pipeline Run(...).train(), {steps} steps at batch 32")
+    t0 = time.perf_counter()
+    run = Run(num_tasks=M, seq_length=K, input_dim=D, num_steps=steps, seed=s, wandb_logging=False)
+    t1 = time.perf_counter()
+    seed_model = run.train()
+    t2 = time.perf_counter()
+    pool = run.train_loader.dataset.tasks.clone()
 
-        log(f"final loss, seed {s}: icl-lab step loop on the same pool, {args.steps} steps at batch 32")
-        icl = IclSteps(32, seed=s, pool=pool)
-        t3 = time.perf_counter()
-        icl(args.steps)
-        t4 = time.perf_counter()
+    log(f"final loss, seed {s}: icl-lab step loop on the same pool, {steps} steps at batch 32")
+    icl = IclSteps(32, seed=s, pool=pool)
+    t3 = time.perf_counter()
+    icl(steps)
+    t4 = time.perf_counter()
 
-        ev = sample_batch(task_cfg, pool, args.eval_size, torch.Generator().manual_seed(10_000 + s))
-        row = {
-            "seed": s,
-            "pool": pool.tolist(),
-            "seed_loss": eval_loss(seed_model, ev.x, ev.y),
-            "icl_loss": eval_loss(icl.model, ev.x, ev.y),
-            "dmmse_loss": (dmmse_predict(ev.x, ev.y, pool, 0.0) - ev.y).square().mean().item(),
-            "seed_setup_s": t1 - t0,
-            "seed_train_model_s": t2 - t1,
-            "seed_train_model_steps_per_s": args.steps / (t2 - t1),
-            "icl_loop_s": t4 - t3,
-            "icl_loop_steps_per_s": args.steps / (t4 - t3),
-        }
-        log(f"  seed {s}: seed-pipeline loss {row['seed_loss']:.4g}, icl-lab loss {row['icl_loss']:.4g}, "
-            f"dMMSE {row['dmmse_loss']:.4g}; seed train_model {row['seed_train_model_s']:.0f} s, "
-            f"icl-lab loop {row['icl_loop_s']:.1f} s")
-        per_seed.append(row)
+    ev = sample_batch(task_cfg, pool, eval_size, torch.Generator().manual_seed(10_000 + s))
+    row = {
+        "seed": s,
+        "pool": pool.tolist(),
+        "seed_loss": eval_loss(seed_model, ev.x, ev.y),
+        "icl_loss": eval_loss(icl.model, ev.x, ev.y),
+        "dmmse_loss": (dmmse_predict(ev.x, ev.y, pool, 0.0) - ev.y).square().mean().item(),
+        "seed_setup_s": t1 - t0,
+        "seed_train_model_s": t2 - t1,
+        "seed_train_model_steps_per_s": steps / (t2 - t1),
+        "icl_loop_s": t4 - t3,
+        "icl_loop_steps_per_s": steps / (t4 - t3),
+    }
+    log(f"  seed {s}: seed-pipeline loss {row['seed_loss']:.4g}, icl-lab loss {row['icl_loss']:.4g}, "
+        f"dMMSE {row['dmmse_loss']:.4g}; seed train_model {row['seed_train_model_s']:.0f} s, "
+        f"icl-lab loop {row['icl_loop_s']:.1f} s")
+    return row
+
+
+def measure_final_loss(args: argparse.Namespace) -> dict[str, Any]:
+    """Seeds run in `--loss-workers` spawned processes of one torch thread each (the seed's Run reseeds the
+    global RNG, so each seed needs its own process anyway); the timings in these rows are one-thread timings
+    with the other core busy with another seed."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=args.loss_workers, mp_context=mp.get_context("spawn")) as ex:
+        per_seed = list(ex.map(final_loss_seed, range(args.seeds), [args.steps] * args.seeds,
+                               [args.eval_size] * args.seeds))
     seed_l = [r["seed_loss"] for r in per_seed]
     icl_l = [r["icl_loss"] for r in per_seed]
     test = welch_test(icl_l, seed_l)
@@ -703,7 +715,7 @@ def build_results(args: argparse.Namespace, machine: dict[str, Any], thr: dict[s
         res["final_loss"] = loss
         rows[f"seed-train/b32/t{primary}"] = {
             "steps_per_s": summarize([r["seed_train_model_steps_per_s"] for r in loss["per_seed"]]),
-            "measured_in": "final-loss phase (not interleaved)", "steps": loss["steps"]}
+            "measured_in": "final-loss phase (not interleaved; 1 thread per seed, seeds in parallel processes)", "steps": loss["steps"]}
     for key, row in rows.items():
         kind, b, t = key.split("/")
         b, t = int(b[1:]), int(t[1:])
@@ -807,6 +819,7 @@ def main(argv: list[str] | None = None) -> int:
                     "(default 5000 at batch 32, 1000 at batch 256)")
     ap.add_argument("--e2e-rounds", type=int, default=None, help="rounds that include a train() run (default 2)")
     ap.add_argument("--eval-size", type=int, default=4096, help="sequences in the common evaluation set")
+    ap.add_argument("--loss-workers", type=int, default=2, help="processes for the final-loss seeds (default 2)")
     ap.add_argument("--threads", type=lambda v: [int(t) for t in v.split(",")], default=[THREADS],
                     help="torch intra-op thread counts for the step loops, comma-separated (default 2); the "
                     "first also runs train(), the final-loss runs and the profile")

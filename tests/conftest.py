@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from icl_lab.config import RunConfig, build_run_config
+from icl_lab.config import LLCConfig, RunConfig, build_run_config
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -34,3 +34,12 @@ def tiny_overrides(**kw) -> dict:
 @pytest.fixture
 def tiny_config() -> RunConfig:
     return build_run_config(overrides=tiny_overrides())
+
+
+def tiny_study():
+    """The low-diversity study at a size that runs in seconds (every phase, the whole report)."""
+    from icl_lab.studies.low_diversity import LowDiversityConfig
+
+    return LowDiversityConfig.quick(steps=120, D=3, K=5, workers=1, llc_n=128, eval_size=64, ed_batch=16,
+                                    sampler=LLCConfig(num_chains=2, num_draws=10, num_burnin=4, batch_size=16),
+                                    step_sizes=[1e-4, 1e-3], n_checkpoints_linear=3, n_checkpoints_log=6)

@@ -11,14 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from icl_lab.config import LLCConfig
-from icl_lab.studies.low_diversity import LowDiversityConfig, run_study
+from icl_lab.studies.low_diversity import run_study
 
-
-def tiny_study() -> LowDiversityConfig:
-    return LowDiversityConfig.quick(steps=120, D=3, K=5, workers=1, llc_n=128, eval_size=64, ed_batch=16,
-                                    sampler=LLCConfig(num_chains=2, num_draws=10, num_burnin=4, batch_size=16),
-                                    step_sizes=[1e-4, 1e-3], n_checkpoints_linear=3, n_checkpoints_log=6)
+from conftest import tiny_study
 
 
 @pytest.fixture(scope="module")
