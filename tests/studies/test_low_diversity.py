@@ -58,18 +58,14 @@ def test_numbers_are_finite_and_outputs_are_on_disk(study_dir):
 
 
 def test_rerun_reuses_runs_and_estimates(study_dir):
-    import json
-    import time
-
-    before = {p: p.stat().st_mtime_ns for p in (study_dir / "runs").rglob("*.parquet")}
-    t0 = time.perf_counter()
+    # Reuse is checked on disk, not by timing (timed asserts fail on a loaded machine): no run is retrained (no
+    # checkpoint, metrics or training-loss file rewritten) and no LLC estimate is recomputed.
+    files = [p for p in (study_dir / "runs").rglob("*") if p.suffix in {".parquet", ".safetensors"}]
+    before = {p: p.stat().st_mtime_ns for p in files}
+    assert any(p.name == "llc.parquet" for p in before) and any(p.suffix == ".safetensors" for p in before)
     run_study(tiny_study(), study_dir, progress=False)
-    timings = json.loads((study_dir / "timings.json").read_text())
-    assert timings["train"] < 5 and timings["llc over training"] < 5
-    changed = [p for p, m in before.items() if p.stat().st_mtime_ns != m and p.name in {"llc.parquet",
-                                                                                        "metrics.parquet"}]
-    assert not changed, changed
-    assert time.perf_counter() - t0 < 120
+    rewritten = [p for p, m in before.items() if p.stat().st_mtime_ns != m and p.name != "stages.parquet"]
+    assert not rewritten, rewritten
 
 
 def _chromium() -> tuple[str, str] | None:
