@@ -457,23 +457,19 @@ def expectations(cfg: TaskDiversityConfig, summary: pd.DataFrame,
         all(b < a for _, a, b in vals) if vals else None)
     # -- per-token losses
     k_id, k_ood = per_token_columns(big, "id_loss"), per_token_columns(big, "ood_loss")
-    curve = lambda m, cols: big.loc[m, cols].to_numpy(dtype=float)
-    vals = []
-    for m in low:
-        model = curve(m, k_id)
-        d = np.abs(model - curve(m, [c.replace("id_loss", "id_dmmse_loss") for c in k_id])).mean()
-        g = np.abs(model - curve(m, [c.replace("id_loss", "id_ridge_loss") for c in k_id])).mean()
-        vals.append((m, d, g))
+
+    def gap(m: Any, cols: list[str], baseline: str) -> float:
+        """mean_k |ℓ_k − ℓ_k^baseline| at M = m; cols are the model's '{set}_loss_k*' columns."""
+        model = big.loc[m, cols].to_numpy(dtype=float)
+        ref = [c.replace("_loss", f"_{baseline}_loss", 1) for c in cols]
+        return float(np.abs(model - big.loc[m, ref].to_numpy(dtype=float)).mean())
+
+    vals = [(m, gap(m, k_id, "dmmse"), gap(m, k_id, "ridge")) for m in low]
     add("low M: the final per-token loss on T_Pretrain follows dMMSE's, not ridge's", "§C2, §G5",
         "mean_k |ℓ_k − ℓ_k^dMMSE| < mean_k |ℓ_k − ℓ_k^ridge| at every M ≤ M*/8",
         "; ".join(f"M = {m_label(m)}: {d:.3g} vs {g:.3g}" for m, d, g in vals), all(d < g for _, d, g in vals))
     top = [m for m in above if m in big.index]
-    vals = []
-    for m in top:
-        model = curve(m, k_ood)
-        g = np.abs(model - curve(m, [c.replace("ood_loss", "ood_ridge_loss") for c in k_ood])).mean()
-        zero = np.abs(model - curve(m, [c.replace("ood_loss", "ood_zero_loss") for c in k_ood])).mean()
-        vals.append((m, g, zero))
+    vals = [(m, gap(m, k_ood, "ridge"), gap(m, k_ood, "zero")) for m in top]
     add("above M* and at ∞: the final per-token loss on T_True follows ridge's", "§C2, §G5",
         "mean_k |ℓ_k − ℓ_k^ridge| < 10% of mean_k |ℓ_k − ℓ_k^zero| (the predict-0 curve) at every M > M* and ∞",
         "; ".join(f"M = {m_label(m)}: {g:.3g} vs {zero:.3g}" for m, g, zero in vals) or "no M above M*",
