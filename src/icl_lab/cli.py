@@ -342,9 +342,27 @@ def sweep(
 
 
 # ------------------------------------------------------------------------------------------------ studies
+# The papers' studies, each a module under icl_lab.studies with the same interface: a config class with
+# `for_scale(scale, quick=..., **overrides)` and `run_configs()`, and module functions `check_out(out, runs)` and
+# `run_study(cfg, out) -> report path`. Their runs train through the sweep machinery (local, ray or slurm).
+SWEEP_STUDIES = {
+    "task-diversity": ("icl_lab.studies.task_diversity", "TaskDiversityConfig"),
+}
+STUDY_NAMES = ("low-diversity", *SWEEP_STUDIES)
+
+
+def _study_module(name: str) -> tuple[Any, Any]:
+    """(module, config class) of a sweep-based study."""
+    import importlib
+
+    module_name, config_name = SWEEP_STUDIES[name]
+    module = importlib.import_module(module_name)
+    return module, getattr(module, config_name)
+
+
 @app.command()
 def study(
-    name: Annotated[str, typer.Argument(help="low-diversity or task-diversity")],
+    name: Annotated[str, typer.Argument(help=" | ".join(STUDY_NAMES))],
     out: Annotated[Optional[Path], typer.Option(help="study directory (default runs/NAME)")] = None,  # noqa: UP045
     quick: Annotated[bool, typer.Option(help="a minutes-long small version")] = False,
     config: Annotated[Optional[Path], typer.Option(help="TOML/JSON with study settings")] = None,  # noqa: UP045
@@ -354,23 +372,23 @@ def study(
     steps: Annotated[Optional[int], typer.Option(help="training steps per run")] = None,  # noqa: UP045
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda")] = None,  # noqa: UP045
     scale: Annotated[Optional[str], typer.Option(  # noqa: UP045
-        help="task-diversity: small (default; within 60 min on 2 CPU cores) or paper (GPU / cluster)")] = None,
+        help="papers' studies: small (default; within 60 min on 2 CPU cores) or paper (GPU / cluster)")] = None,
     executor: Annotated[Optional[str], typer.Option(  # noqa: UP045
-        help="task-diversity: local (default), ray or slurm (as `icl-lab sweep`)")] = None,
-    address: Annotated[Optional[str], typer.Option(help="task-diversity, ray: cluster address")] = None,  # noqa: UP045
-    dry_run: Annotated[bool, typer.Option(help="task-diversity: validate and list the runs; write nothing")] = False,
+        help="papers' studies: local (default), ray or slurm (as `icl-lab sweep`)")] = None,
+    address: Annotated[Optional[str], typer.Option(help="papers' studies, ray: cluster address")] = None,  # noqa: UP045
+    dry_run: Annotated[bool, typer.Option(help="papers' studies: validate and list the runs; write nothing")] = False,
 ) -> None:
     """Run an end-to-end study; finished parts are reused. low-diversity: training, LLC, essential dynamics, stages
     (M = 1, 2). task-diversity: Raventós et al., M = 2^0 ... 2^k and ∞ at batch sizes B and 2B, the threshold M*."""
     from icl_lab.studies.low_diversity import LowDiversityConfig, run_study
 
-    if name == "task-diversity":
-        _study_task_diversity(out, quick, config, workers, seeds, ms, steps, device, scale, executor, address, dry_run)
+    if name in SWEEP_STUDIES:
+        _sweep_study(name, out, quick, config, workers, seeds, ms, steps, device, scale, executor, address, dry_run)
         return
     if name != "low-diversity":
-        fail(f"unknown study {name!r}; available: low-diversity, task-diversity")
+        fail(f"unknown study {name!r}; available: {', '.join(STUDY_NAMES)}")
     if scale is not None or executor is not None or address is not None or dry_run:
-        fail("--scale, --executor, --address and --dry-run apply to the task-diversity study only")
+        fail(f"--scale, --executor, --address and --dry-run apply to the studies {', '.join(SWEEP_STUDIES)} only")
     overrides: dict[str, Any] = read_config_file(config) if config else {}
     for key, value in (("workers", workers), ("steps", steps), ("device", device)):
         if value is not None:
@@ -388,16 +406,16 @@ def study(
     typer.echo(f"report: {report_path}")
 
 
-def _study_task_diversity(out: Path | None, quick: bool, config: Path | None, workers: int | None, seeds: str | None,
-                          ms: str | None, steps: int | None, device: str | None, scale: str | None,
-                          executor: str | None, address: str | None, dry_run: bool) -> None:
-    """`icl-lab study task-diversity`: every setting is validated (and every run config built) before anything is
-    written; a bad value exits with status 2 naming the field and its allowed values."""
+def _sweep_study(name: str, out: Path | None, quick: bool, config: Path | None, workers: int | None,
+                 seeds: str | None, ms: str | None, steps: int | None, device: str | None, scale: str | None,
+                 executor: str | None, address: str | None, dry_run: bool) -> None:
+    """`icl-lab study NAME` for the papers' studies: every setting is validated (and every run config built) before
+    anything is written; a bad value exits with status 2 naming the field and its allowed values."""
     from rich.markup import escape
 
-    from icl_lab.studies.task_diversity import TaskDiversityConfig, check_out, run_study
     from icl_lab.sweep import SweepError, SweepFailed, check_options
 
+    module, config_class = _study_module(name)
     try:
         overrides: dict[str, Any] = read_config_file(config) if config else {}
     except ValueError as e:  # missing file, bad suffix, bad TOML or JSON
@@ -416,12 +434,12 @@ def _study_task_diversity(out: Path | None, quick: bool, config: Path | None, wo
     if ms:
         overrides["Ms"] = [v.strip() for v in ms.split(",")]
     try:
-        cfg = TaskDiversityConfig.for_scale(scale, quick=quick, **overrides)
+        cfg = config_class.for_scale(scale, quick=quick, **overrides)
         runs = cfg.run_configs()
         check_options(cfg.executor, cfg.workers, cfg.ensemble)
-        target = out or Path("runs") / ("task-diversity" + ("-paper" if cfg.scale == "paper" else "")
+        target = out or Path("runs") / (name + ("-paper" if cfg.scale == "paper" else "")
                                         + ("-quick" if cfg.quick else ""))
-        check_out(target, runs)
+        module.check_out(target, runs)
     except ValidationError as e:
         fail(escape(format_validation_error(e)))
     except (ValueError, SweepError) as e:
@@ -432,10 +450,10 @@ def _study_task_diversity(out: Path | None, quick: bool, config: Path | None, wo
         for run_id in runs:
             typer.echo(run_id)
         return
-    console.print(f"study task-diversity ({cfg.scale}{', quick' if cfg.quick else ''}): {target}, {len(runs)} runs, "
+    console.print(f"study {name} ({cfg.scale}{', quick' if cfg.quick else ''}): {target}, {len(runs)} runs, "
                   f"executor {cfg.executor}")
     try:
-        report_path = run_study(cfg, target)
+        report_path = module.run_study(cfg, target)
     except SweepFailed as e:
         fail(escape(str(e)), code=1)
     typer.echo(f"report: {report_path}")
@@ -449,11 +467,11 @@ def report(study_dir: Annotated[Path, typer.Argument(help="a study directory")])
     cfg_file = study_dir / "study_config.json"
     if not cfg_file.exists():
         fail(f"{study_dir} is not a study directory ({cfg_file} missing)")
-    if json.loads(cfg_file.read_text()).get("study") == "task-diversity":
-        from icl_lab.studies import task_diversity
-
-        td = task_diversity.TaskDiversityConfig.model_validate_json(cfg_file.read_text())
-        typer.echo(f"report: {task_diversity.run_study(td, study_dir)}")
+    name = json.loads(cfg_file.read_text()).get("study")
+    if name in SWEEP_STUDIES:
+        module, config_class = _study_module(name)
+        cfg = config_class.model_validate_json(cfg_file.read_text())
+        typer.echo(f"report: {module.run_study(cfg, study_dir)}")
         return
     cfg = LowDiversityConfig.model_validate_json(cfg_file.read_text())
     typer.echo(f"report: {run_study(cfg, study_dir)}")

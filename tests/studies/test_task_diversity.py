@@ -256,7 +256,7 @@ def test_cli_bad_config_file_and_unknown_study(tmp_path):
     assert result.exit_code == 2 and "available: low-diversity, task-diversity" in result.output
     result = runner.invoke(app, ["study", "low-diversity", "--scale", "paper", "--out", str(tmp_path / "s")],
                            env={"COLUMNS": "300"})
-    assert result.exit_code == 2 and "apply to the task-diversity study only" in result.output
+    assert result.exit_code == 2 and "apply to the studies task-diversity" in result.output
     assert not (tmp_path / "s").exists()
 
 
