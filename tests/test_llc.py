@@ -25,12 +25,14 @@ from icl_lab.llc import (
     LLCConfig,
     LLCResult,
     Thresholds,
+    burnin_note,
     calibrate,
     default_nbeta,
     diagnose,
     estimate_llc,
     head_mask,
     llc_per_chain,
+    min_burnin,
     pick,
     plot_calibration,
     sgld_step,
@@ -255,7 +257,8 @@ def test_vmap_through_attention_matches_sequential(tiny_icl):
     cfg = SMALL.model_copy(update={"num_chains": 2, "num_draws": 10, "num_burnin": 0, "step_size": 1e-4})
     vec = estimate_llc(model, data, icl_mse, config=cfg.model_copy(update={"vectorize": True}), seed=0)
     seq = estimate_llc(model, data, icl_mse, config=cfg.model_copy(update={"vectorize": False}), seed=0)
-    assert vec.vectorized and not seq.vectorized and not vec.notes
+    assert vec.vectorized and not seq.vectorized
+    assert not [n for n in vec.notes if "burn-in" not in n]  # no vmap fallback
     np.testing.assert_allclose(vec.loss_trace, seq.loss_trace, rtol=1e-4)
 
 
@@ -506,11 +509,72 @@ def test_pick_rule_on_a_synthetic_table():
     assert idx is None and "every grid point" in reason
 
 
+def test_pick_accepts_differences_within_two_standard_errors():
+    tab = pd.DataFrame({"step_size": [1e-5, 3e-5, 1e-4], "localization": 1.0, "nbeta": 10.0,
+                        "llc_mean": [4.0, 5.0, 9.0], "llc_se": [0.4, 0.4, 0.4], "ok": True})
+    idx, reason = pick(tab)  # |5 - 4| = 1 ≤ 2·√(0.4² + 0.4²) = 1.13; |9 - 5| > 1.13
+    assert idx == 1 and "plateau of 2" in reason and "standard errors" in reason
+    idx, reason = pick(tab.assign(llc_se=0.3))  # 1 > 2·√0.18 = 0.85: no plateau
+    assert idx == 0 and "smallest stable" in reason
+    idx, _ = pick(tab.assign(llc_se=[float("nan")] * 3))  # one chain: no spread, the relative rule alone
+    assert idx == 0
+
+
+def test_min_burnin_is_three_relaxation_times_of_the_localised_ar1():
+    # Where ∇ℓ ≈ 0: Δ_{t+1} = (1 − εγ/2)Δ_t + N(0, ε), so Var Δ_t = v∞ (1 − a^{2t}) with a = 1 − εγ/2.
+    for eps, gamma in [(1e-5, 1000.0), (3e-5, 1000.0), (1e-4, 100.0), (0.01, 10.0)]:
+        b = min_burnin(eps, gamma)
+        a = 1 - eps * gamma / 2
+        assert a ** (2 * b) <= math.exp(-3) < a ** (2 * (b - 1))  # the first step within e^-3 of stationarity
+        assert b == pytest.approx(3 / (eps * gamma), rel=0.05)
+    assert min_burnin(3e-5, 1000.0) == 100 and min_burnin(1e-5, 1000.0) == 300
+    assert min_burnin(1.0, 10.0) == 0  # εγ/2 ≥ 1: no relaxation time
+
+
+def test_min_burnin_matches_a_simulated_flat_direction():
+    """Pure localisation (ℓ constant): the empirical variance of 4,000 chains reaches 95% of its limit at
+    min_burnin(ε, γ), and not at a third of it."""
+    eps, gamma = 1e-3, 20.0
+    g = torch.Generator().manual_seed(0)
+    w = torch.zeros(4000, dtype=F64)
+    limit = eps / (1 - (1 - eps * gamma / 2) ** 2)
+    need = min_burnin(eps, gamma)
+    var = []
+    for _ in range(need):
+        w = sgld_step(w, torch.zeros_like(w), torch.zeros_like(w), torch.randn(4000, generator=g, dtype=F64),
+                      step_size=eps, nbeta=1.0, localization=gamma)
+        var.append(float(w.var()))
+    assert var[-1] / limit == pytest.approx(0.95, abs=0.05)
+    assert var[need // 3 - 1] / limit < 0.7
+
+
+def test_short_burnin_is_noted_and_kept_in_the_row():
+    model, data, _ = linear_problem(10)
+    cfg = LLCConfig(step_size=1e-4, localization=1.0, num_chains=2, num_draws=40, num_burnin=10, batch_size=100)
+    assert "short burn-in" in burnin_note(cfg) and burnin_note(cfg.model_copy(update={"num_burnin": 30_000})) is None
+    res = estimate_llc(model, data, linear_mse, config=cfg, seed=0)
+    assert any("short burn-in" in n for n in res.notes) and "short burn-in" in res.to_row()["notes"]
+
+
+def test_calibrate_burns_in_each_step_size_for_its_relaxation_time():
+    model, data, _ = linear_problem(10)
+    base = LLCConfig(localization=100.0, num_chains=2, num_draws=40, num_burnin=50, batch_size=100)
+    cal = calibrate(model, data, linear_mse, step_sizes=[3e-5, 1e-4, 1e-3], base=base, seed=0, max_burnin=500)
+    # min_burnin: 1000 (capped at 500), 300, 30 (below the base's 50)
+    assert list(cal.table["num_burnin"]) == [500, 300, 50]
+    assert [r.burnin_trace.shape[1] for r in cal.results] == [500, 300, 50]
+    assert (cal.table["llc_se"] > 0).all()
+    assert cal.chosen is not None and cal.chosen.num_burnin == int(cal.table.loc[cal.index, "num_burnin"])
+
+
 def test_calibrate_finds_the_plateau_and_plots(tmp_path):
     """ε = 3e-5 has not mixed (flagged), 1e-4 and 3e-4 agree (the plateau), 0.1 diverges: pick 3e-4."""
     model, data, _ = linear_problem(10)
     base = LLCConfig(localization=1.0, num_chains=16, num_draws=400, num_burnin=200, batch_size=100)
-    cal = calibrate(model, data, linear_mse, step_sizes=[3e-5, 1e-4, 3e-4, 0.1], base=base, seed=0)
+    # γ = 1 makes min_burnin (the flat-direction bound) 10⁴-10⁵ steps, but this regular model has no flat
+    # direction: keep the base's 200 (each such point carries a burn-in note)
+    cal = calibrate(model, data, linear_mse, step_sizes=[3e-5, 1e-4, 3e-4, 0.1], base=base, seed=0, max_burnin=200)
+    assert list(cal.table["num_burnin"]) == [200, 200, 200, 200]
     assert isinstance(cal, Calibration) and len(cal.results) == 4
     tab = cal.table
     assert list(tab["step_size"]) == [3e-5, 1e-4, 3e-4, 0.1]

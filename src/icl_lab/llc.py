@@ -58,12 +58,14 @@ __all__ = [
     "LLCConfig",
     "LLCResult",
     "Thresholds",
+    "burnin_note",
     "calibrate",
     "default_nbeta",
     "diagnose",
     "estimate_llc",
     "head_mask",
     "llc_per_chain",
+    "min_burnin",
     "pick",
     "plot_calibration",
     "sgld_step",
@@ -116,6 +118,36 @@ def llc_per_chain(loss_trace: np.ndarray, init_loss: float, nbeta: float) -> np.
     trace = np.asarray(loss_trace, dtype=np.float64)
     with np.errstate(all="ignore"):  # a diverged chain gives inf / nan here, and a "diverged" flag
         return nbeta * (trace.mean(axis=1) - init_loss)
+
+
+def min_burnin(step_size: float, localization: float, e_folds: float = 3.0) -> int:
+    """Burn-in steps the localised chain needs to relax along flat directions of ℓ_n.
+
+    Where ∇ℓ_n ≈ 0 the update is Δ ← (1 − εγ/2)Δ + N(0, ε), an AR(1) process whose variance approaches its limit
+    as 1 − (1 − εγ/2)^{2t}: after B ≥ e_folds / (−2 log(1 − εγ/2)) ≈ e_folds / (εγ) steps it is within e^{−e_folds}
+    (5% for 3) of it. Stiffer directions (nβ h ≫ γ) relax faster, so this bounds the slowest mode. Burn-in shorter
+    than this leaves the draws on the rise and λ̂ biased low (measured on the seed preset at ε = 1e-5, γ = 1000:
+    λ̂ from the first 100 post-w* steps 2.3, from steps 300-600 4.3 ± 0.2).
+    """
+    rate = step_size * localization / 2
+    if rate >= 1:  # the localisation alone overshoots: no relaxation time is meaningful (and ε is far too large)
+        return 0
+    return math.ceil(e_folds / (-2 * math.log1p(-rate)))
+
+
+def burnin_note(config: LLCConfig) -> str | None:
+    """A note when config.num_burnin < min_burnin(ε, γ), else None.
+
+    A note, not a diagnostic flag: the bound is exact for the flat directions of a singular model (the seed's
+    transformer), but a model without flat directions (a regular one, where nβ·h ≫ γ everywhere) relaxes much
+    faster, so a shorter burn-in can be right there; `not_stationary` judges the draws themselves.
+    """
+    need = min_burnin(config.step_size, config.localization)
+    if config.num_burnin >= need:
+        return None
+    return (f"short burn-in: {config.num_burnin} steps < {need} = min_burnin(ε = {config.step_size:g}, "
+            f"γ = {config.localization:g}) ≈ 3/(εγ); along flat directions the draws are still rising and λ̂ is "
+            "biased low")
 
 
 @dataclass(frozen=True)
@@ -278,6 +310,7 @@ class LLCResult:
             "ok": self.ok,
             "flags": ";".join(self.diagnostics),
             "diagnostics": " | ".join(f"{k}: {v}" for k, v in self.diagnostics.items()),
+            "notes": " | ".join(self.notes),
             "vectorized": self.vectorized,
             "data_hash": self.data_hash,
             "fingerprint": self.fingerprint,
@@ -589,6 +622,8 @@ def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, c
     burn, post = trace_np[:, : config.num_burnin], trace_np[:, config.num_burnin:]
     per_chain = llc_per_chain(post, init_loss, nbeta)
     diagnostics = diagnose(post, burn, init_loss, nbeta, flat.d, thresholds)
+    if (note := burnin_note(config)) is not None:
+        notes.append(note)
     data_hash = _hash_data(data)
     selection = {k: (None if chosen[k] is None else hashlib.sha256(
         chosen[k].cpu().numpy().tobytes()).hexdigest()[:12]) for k in flat.names}
@@ -731,22 +766,32 @@ class Calibration:
 
 def _config_of_row(base: LLCConfig, row: pd.Series) -> LLCConfig:
     nbeta = None if pd.isna(row["nbeta_setting"]) else float(row["nbeta_setting"])
+    burnin = int(row["num_burnin"]) if "num_burnin" in row.index else base.num_burnin
     return base.model_copy(update={"step_size": float(row["step_size"]), "localization": float(row["localization"]),
-                                   "nbeta": nbeta})
+                                   "nbeta": nbeta, "num_burnin": burnin})
+
+
+def _finite(x: float) -> float:
+    """x as a float, with NaN (e.g. the spread of a single chain) read as 0."""
+    x = float(x)
+    return x if math.isfinite(x) else 0.0
 
 
 def pick(table: pd.DataFrame, *, rel_tol: float = 0.1) -> tuple[int | None, str]:
     """Choose the largest ε inside the stable plateau of a calibration table.
 
-    Within each (localization, nbeta) group, sort by ε. A point is stable when it has no diagnostic flag. A plateau
-    is a run of grid-consecutive stable points in which each λ̂ is within `rel_tol` (relative) of the λ̂ at the next
-    smaller ε. The longest plateau (ties: larger ε) over all groups wins, and its largest ε is picked. Without any
-    plateau of two points, the smallest stable ε is picked (the least discretisation bias; reason says so); with no
-    stable point, None.
+    Within each (localization, nbeta) group, sort by ε. A point is stable when it has no diagnostic flag. Two
+    grid-neighbouring stable points agree when their λ̂ differ by at most rel_tol (relative to the smaller ε's λ̂)
+    or by at most twice the standard error of the difference, 2·√(se₁² + se₂²) (column `llc_se`, when present):
+    a difference the chains cannot resolve is not evidence that λ̂ still moves with ε. A plateau is a run of
+    grid-consecutive stable, agreeing points. The longest plateau (ties: larger ε) over all groups wins, and its
+    largest ε is picked. Without any plateau of two points, the smallest stable ε is picked (the least
+    discretisation bias; reason says so); with no stable point, None.
     Returns (row index | None, reason).
     """
     best: tuple[int, float, int] | None = None  # (length, ε, row index)
     stable_any: list[tuple[float, int]] = []
+    has_se = "llc_se" in table.columns
     for _, group in table.groupby(["localization", "nbeta"], sort=False, dropna=False):
         group = group.sort_values("step_size")
         run: list[int] = []
@@ -755,11 +800,14 @@ def pick(table: pd.DataFrame, *, rel_tol: float = 0.1) -> tuple[int | None, str]
                 run = []
                 continue
             stable_any.append((float(row["step_size"]), idx))
-            prev = table.loc[run[-1], "llc_mean"] if run else None
-            if prev is not None and abs(row["llc_mean"] - prev) <= rel_tol * abs(prev):
-                run.append(idx)
-            else:
-                run = [idx]
+            agrees = False
+            if run:
+                prev = table.loc[run[-1]]
+                tol = rel_tol * abs(prev["llc_mean"])
+                if has_se:
+                    tol = max(tol, 2 * math.hypot(_finite(prev["llc_se"]), _finite(row["llc_se"])))
+                agrees = abs(row["llc_mean"] - prev["llc_mean"]) <= tol
+            run = [*run, idx] if agrees else [idx]
             if len(run) >= 2:
                 key = (len(run), float(row["step_size"]), idx)
                 if best is None or key[:2] > best[:2]:
@@ -767,7 +815,7 @@ def pick(table: pd.DataFrame, *, rel_tol: float = 0.1) -> tuple[int | None, str]
     if best is not None:
         length, eps, idx = best
         return idx, (f"largest ε = {eps:g} of a stable plateau of {length} grid points (no diagnostic flag, each λ̂ "
-                     f"within {rel_tol:.0%} of the next smaller ε)")
+                     f"within {rel_tol:.0%} or two standard errors of the next smaller ε)")
     if stable_any:  # no plateau: λ̂ still moves with ε, so take the least biased (smallest) stable ε
         eps, idx = min(stable_any)
         return idx, f"no plateau of two stable, agreeing ε; fell back to the smallest stable ε = {eps:g}"
@@ -778,12 +826,16 @@ def calibrate(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *,
               step_sizes: Sequence[float] | None = None,
               localizations: Sequence[float] | None = None, nbetas: Sequence[float | None] | None = None,
               base: LLCConfig | None = None, seed: int = 0, params: ParamSpec = None, rel_tol: float = 0.1,
+              max_burnin: int = 2000,
               progress: Callable[[int, int, LLCResult], None] | None = None) -> Calibration:
     """Sweep ε × γ × nβ at one checkpoint with `estimate_llc` and pick settings with `pick`.
 
     step_sizes default to DEFAULT_STEP_SIZES (1e-6 … 1e-3, half-decades); localizations / nbetas default to the
-    base config's single value; nbeta None means n / log n. Every grid point uses the same seed (common random
-    numbers), data and parameter selection. progress(i, total, result) is called after each point.
+    base config's single value; nbeta None means n / log n. Each grid point burns in for
+    max(base.num_burnin, min_burnin(ε, γ)) steps, at most max(max_burnin, base.num_burnin) (such a point carries a
+    `burnin_note`), so small ε are not judged on chains whose flat directions have not relaxed; the picked config
+    carries its burn-in. Every grid point uses the same seed (common random numbers), data and parameter
+    selection. progress(i, total, result) is called after each point.
     Returns a Calibration (table, traces, chosen config).
     """
     base = base or LLCConfig()
@@ -795,12 +847,14 @@ def calibrate(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *,
     grid = [(float(e), float(g), nb) for g in gammas for nb in nbs for e in step_sizes]
     rows, results = [], []
     for i, (eps, gamma, nb) in enumerate(grid):
-        cfg = base.model_copy(update={"step_size": eps, "localization": gamma, "nbeta": nb})
+        burnin = min(max(base.num_burnin, min_burnin(eps, gamma)), max(max_burnin, base.num_burnin))
+        cfg = base.model_copy(update={"step_size": eps, "localization": gamma, "nbeta": nb, "num_burnin": burnin})
         cfg = LLCConfig.model_validate(cfg.model_dump())
         res = estimate_llc(model, data, loss_fn, config=cfg, seed=seed, params=params)
         results.append(res)
         rows.append({"step_size": eps, "localization": gamma, "nbeta": res.nbeta, "nbeta_setting": nb,
-                     "llc_mean": res.llc_mean, "llc_std": res.llc_std, "ok": res.ok,
+                     "num_burnin": burnin, "llc_mean": res.llc_mean, "llc_std": res.llc_std,
+                     "llc_se": res.llc_se, "ok": res.ok,
                      "flags": ";".join(res.diagnostics), "init_loss": res.init_loss, "d": res.d,
                      "seconds": res.seconds})
         if progress is not None:

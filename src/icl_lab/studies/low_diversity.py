@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from icl_lab.baselines import dmmse_predict, ridge_predict
 from icl_lab.config import LLCConfig, RunConfig, build_run_config
 from icl_lab.interp import attention_patterns, probe_residual
+from icl_lab.llc import min_burnin
 from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_runs
 from icl_lab.plots import BASELINE_STYLE, per_token_columns, save_figure, step_axis
 from icl_lab.report import Section, write_report
@@ -42,14 +43,17 @@ class LowDiversityConfig(BaseModel):
     batch_size: int = 32
     lr: float = 3e-3
     # 6 linear + 18 log-spaced = 23 distinct checkpoints (incl. 0 and the end): the LLC curve over them is what
-    # fits the 30-minute budget on 2 CPU cores (one estimate costs ~4 x 150 SGLD steps of ~27 ms each).
+    # fits the 30-minute budget on 2 CPU cores (one estimate costs ~4 x 200 SGLD steps of ~27 ms each).
     n_checkpoints_linear: int = 6
     n_checkpoints_log: int = 18
     eval_size: int = 1024
     llc_n: int = 4096
     # γ = 1000 keeps chains of a few hundred draws stationary on this ~100k-parameter model (γ = 100 left them
     # drifting along flat directions); it down-weights directions with nβh ≲ γ, the same at every checkpoint.
-    # 4 chains x 100 draws after 50 burn-in: the diagnostics (stationarity, R-hat) accept it on this model.
+    # 4 chains x 100 draws; the burn-in is at least 50 and calibration raises it to min_burnin(ε, γ) ≈ 3/(εγ) per
+    # step size (100 at ε = 3e-5): measured on M2-seed0 at step 5000, ε = 1e-5 needs ~300 steps to relax (λ̂ of
+    # successive 100-step blocks 2.3, 3.9, 3.7, 4.3, 4.6, 4.1) and ε = 3e-5 ~100 (3.9, 5.1, 4.6, 4.9, 4.8, 4.7);
+    # with the old fixed 50 the small ε looked biased low and broke the plateau.
     sampler: LLCConfig = Field(default_factory=lambda: LLCConfig(num_chains=4, num_draws=100, num_burnin=50,
                                                                  batch_size=32, localization=1000.0))
     step_sizes: list[float] = Field(default_factory=lambda: [1e-5, 3e-5, 1e-4, 3e-4])
@@ -126,13 +130,22 @@ def _shared_llc_settings(cfg: LowDiversityConfig, out: Path, runs: dict[str, Run
     f = out / "llc_settings.json"
     if f.exists():
         settings = LLCSettings.model_validate_json(f.read_text())
-        if settings.n == cfg.llc_n and settings.calibrated:
+        if settings.calibrated and _calibrated_from(settings, cfg):
             return settings
     probe_run = runs[run_name(max(cfg.Ms), cfg.seeds[0])]
     base = LLCSettings(sampler=cfg.sampler, n=cfg.llc_n, data="id", seed=0)
     _, chosen = calibrate_run(probe_run, settings=base, step_sizes=cfg.step_sizes)
     write_json(f, json.loads(chosen.model_dump_json()))
     return chosen
+
+
+def _calibrated_from(settings: LLCSettings, cfg: LowDiversityConfig) -> bool:
+    """Whether saved calibrated settings come from this study's sampler, data size and ε grid (so reusing them is
+    the same as recalibrating): every field but ε and burn-in equal, ε on the grid, burn-in as `calibrate` sets it."""
+    s, base = settings.sampler, cfg.sampler
+    fixed = {k: v for k, v in base.model_dump().items() if k not in ("step_size", "num_burnin")}
+    return (settings.n == cfg.llc_n and {k: getattr(s, k) for k in fixed} == fixed and s.step_size in cfg.step_sizes
+            and s.num_burnin == max(base.num_burnin, min_burnin(s.step_size, s.localization)))
 
 
 def _fixed_batch(run: Run, n: int):
