@@ -1,0 +1,416 @@
+"""The transient-ridge study (Carroll et al.): t_crit and the PCA bend as pure functions against known answers, the
+nested pools, the expectation rules on synthetic summaries, the scales' run configs and LLC settings, and the whole
+study on a tiny configuration (report content, the shared LLC calibration, reuse of finished runs, the CLI)."""
+
+import base64
+import io
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from icl_lab import cli
+from icl_lab.config import LLCConfig
+from icl_lab.llc import burnin_note, min_burnin
+from icl_lab.store import Run
+from icl_lab.studies.transient_ridge import (
+    TransientRidgeConfig,
+    check_out,
+    critical_step,
+    expectations,
+    final_llc,
+    ridge_approach,
+    run_name,
+    run_study,
+)
+from icl_lab.tasks import root_task_batch, task_pool
+
+runner = CliRunner()
+
+STEPS = np.arange(0, 101, 10)
+
+
+# ------------------------------------------------------------------------------------------------ t_crit
+def test_a_u_shaped_curve_has_its_minimum_as_t_crit():
+    """Falls linearly from 2 to 1 at step 50, then rises to 1.25: a quarter of the drop is given back."""
+    loss = np.where(STEPS <= 50, 2 - STEPS / 50, 1 + (STEPS - 50) / 200)
+    c = critical_step(STEPS, loss)
+    assert c.t_crit == 50 and c.u_shape and c.kind == "u-shape"
+    assert (c.loss_start, c.loss_min, c.loss_end) == pytest.approx((2.0, 1.0, 1.25))
+    assert c.drop == pytest.approx(1.0) and c.rise == pytest.approx(0.25) and c.rise_fraction == pytest.approx(0.25)
+    # scale-free: the same shape at another loss scale gives the same answer
+    c2 = critical_step(STEPS, 7.0 * loss)
+    assert c2.t_crit == 50 and c2.rise_fraction == pytest.approx(0.25)
+    # uneven step spacing (log + linear checkpoints): t_crit is a step, not an index
+    steps = np.array([0, 1, 3, 10, 30, 100, 300, 1000])
+    assert critical_step(steps, [5, 4, 3, 2, 1.5, 1.0, 1.6, 2.0]).t_crit == 100
+
+
+def test_a_monotone_curve_has_t_crit_at_the_end_and_no_u_shape():
+    loss = 1 + np.exp(-STEPS / 30)
+    c = critical_step(STEPS, loss)
+    assert c.t_crit == 100 and not c.u_shape and c.kind == "monotone"
+    assert c.rise == 0 and c.rise_fraction == 0
+
+
+def test_a_small_late_rise_is_not_a_u_shape_but_a_larger_one_is():
+    """Drop 1.0, then a rise of 5% of it: below the default 10% it counts as late jitter; min_rise = 0.04 accepts."""
+    loss = np.where(STEPS <= 80, 2 - STEPS / 80, 1 + (STEPS - 80) / 400)  # ends at 1.05
+    c = critical_step(STEPS, loss)
+    assert c.t_crit == 80 and not c.u_shape and c.kind == "monotone"
+    assert c.rise_fraction == pytest.approx(0.05)
+    assert critical_step(STEPS, loss, min_rise=0.04).u_shape
+
+
+def test_a_rising_curve_has_no_dip_and_ties_go_to_the_earliest_step():
+    c = critical_step(STEPS, 1 + STEPS / 100)
+    assert c.t_crit == 0 and c.kind == "no-dip" and not c.u_shape and c.drop == 0
+    flat = np.array([3.0, 2.0, 1.0, 1.0, 1.0, 1.5])
+    assert critical_step(np.arange(6), flat).t_crit == 2
+
+
+@pytest.mark.parametrize(("steps", "loss", "kw", "message"), [
+    ([0, 1, 2], [1.0, 2.0], {}, "1-D of one length"),
+    ([0, 1], [1.0, 2.0], {}, "at least 3"),
+    ([0, 2, 1], [1.0, 2.0, 3.0], {}, "strictly increasing"),
+    ([0, 1, 2], [1.0, np.nan, 3.0], {}, "finite"),
+    ([0, 1, 2], [1.0, 2.0, 3.0], {"min_rise": 1.5}, "min_rise must lie in"),
+])
+def test_bad_curves_raise(steps, loss, kw, message):
+    with pytest.raises(ValueError, match=message):
+        critical_step(steps, loss, **kw)
+
+
+def test_ridge_approach_measures_distances_in_the_pc_plane():
+    """A curve from (0, 0) via (1, 1) (the ridge point) to (2, 0) (dMMSE_M)."""
+    curve = np.array([[0.0, 0.0], [1.0, 0.9], [1.5, 0.5], [2.0, 0.0]])
+    a = ridge_approach(curve, ridge=np.array([1.0, 1.0]), dmmse=np.array([2.0, 0.0]), t_index=1)
+    assert a["ridge_at_crit"] == pytest.approx(0.1)
+    assert a["ridge_at_end"] == pytest.approx(math.sqrt(2))
+    assert a["ridge_min"] == pytest.approx(0.1) and a["dmmse_at_end"] == pytest.approx(0.0)
+    assert a["bend"] == pytest.approx(0.1 / math.sqrt(2))
+    with pytest.raises(ValueError, match="t_index"):
+        ridge_approach(curve, np.ones(2), np.ones(2), t_index=4)
+    with pytest.raises(ValueError, match=r"\(T, v\)"):
+        ridge_approach(curve, np.ones(3), np.ones(2), t_index=0)
+
+
+# ------------------------------------------------------------------------------------------------ nested pools
+def test_pools_are_nested_and_share_the_root_task():
+    """pool(M) is the first M rows of one master sequence (also across the 256-row block boundary), so every run of
+    a seed holds the root task, and the joint-PCA batch D^(1) is the same whichever pool it is built from."""
+    cfg = TransientRidgeConfig(Ms=[1, 3, 300, "inf"], D=4)
+    runs = cfg.run_configs()
+    assert {r.seed for r in runs.values()} == {0} and {r.task.family for r in runs.values()} == {"gaussian"}
+    big = task_pool("gaussian", 300, 4, 0)
+    for M in (1, 3, 256, 257):
+        assert torch.equal(task_pool("gaussian", M, 4, 0), big[:M])
+    task = runs["M3-seed0"].task
+    a = root_task_batch(task, task_pool("gaussian", 3, 4, 0), 8, 0)
+    b = root_task_batch(task, big, 8, 0)
+    assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and torch.equal(a.w, big[:1].expand(8, 4))
+    assert not torch.equal(task_pool("gaussian", 3, 4, 1), big[:3])  # another seed, another master sequence
+
+
+# ------------------------------------------------------------------------------------------------ expectations
+def synthetic_summary(u: dict, t_crit: dict, llc: dict, bend: float = 0.4) -> pd.DataFrame:
+    """A summary with the columns `expectations` reads; M = 1, 2, 4, 8, 16, ∞."""
+    rows = []
+    for M in (1.0, 2.0, 4.0, 8.0, 16.0, np.inf):
+        rows.append({"M": M, "u_shape": u[M], "t_crit": t_crit[M], "kind": "u-shape" if u[M] else "monotone",
+                     "ood_loss_start": 4.0, "ood_loss_min": 2.0, "ood_loss_end": 3.0 if u[M] else 2.0,
+                     "rise_fraction": 0.5 if u[M] else 0.0, "pca_bend": bend, "pca_dmmse_at_end": 0.1,
+                     "pca_ridge_at_end": 1.0, "llc_mean": llc[M], "llc_std": 1.0, "llc_ok": True,
+                     "id_delta_dmmse": 0.01, "id_delta_ridge": 1.0, "ood_loss_final": 1.6, "ood_ridge_loss": 1.58})
+    return pd.DataFrame(rows)
+
+
+def _verdicts(exp: pd.DataFrame) -> dict[str, str]:
+    return {r.expectation.split(" (")[0][:40]: r.verdict for r in exp.itertuples()}
+
+
+def test_expectations_pass_on_a_summary_with_the_papers_pattern():
+    u = {1.0: False, 2.0: False, 4.0: True, 8.0: True, 16.0: False, np.inf: False}
+    t = {1.0: 0, 2.0: 900, 4.0: 300, 8.0: 700, 16.0: 1000, np.inf: 1000}
+    llc = {1.0: 10.0, 2.0: 20.0, 4.0: 40.0, 8.0: 50.0, 16.0: 48.0, np.inf: 46.0}
+    exp = expectations(TransientRidgeConfig(Ms=[1, 2, 4, 8, 16, "inf"]), synthetic_summary(u, t, llc))
+    assert set(exp.columns) == {"expectation", "source", "expected", "measured", "verdict"}
+    assert (exp["verdict"] == "pass").all(), exp[["expectation", "measured", "verdict"]].to_string()
+    row = exp[exp["expectation"].str.startswith("t^crit_M grows")].iloc[0]
+    assert "2^2: 300, 2^3: 700" in row["measured"] and "ρ = 1.00" in row["measured"]
+
+
+def test_expectations_fail_without_transience_and_say_why():
+    u = dict.fromkeys((1.0, 2.0, 4.0, 8.0, 16.0, np.inf), False)
+    t = {1.0: 0, 2.0: 1000, 4.0: 1000, 8.0: 1000, 16.0: 1000, np.inf: 1000}
+    llc = {1.0: 50.0, 2.0: 40.0, 4.0: 30.0, 8.0: 20.0, 16.0: 10.0, np.inf: 5.0}  # falls with M: no rise
+    exp = expectations(TransientRidgeConfig(Ms=[1, 2, 4, 8, 16, "inf"]), synthetic_summary(u, t, llc, bend=2.0))
+    v = dict(zip(exp["expectation"], exp["verdict"], strict=True))
+    assert v[next(k for k in v if k.startswith("OOD loss against step is U-shaped"))] == "fail"
+    assert v[next(k for k in v if k.startswith("t^crit_M grows"))] == "unclear"
+    assert v[next(k for k in v if k.startswith("in the joint trajectory PCA"))] == "unclear"
+    assert v[next(k for k in v if k.startswith("LLC at the end of training"))] == "fail"
+    assert exp["measured"].str.len().min() > 5
+
+
+def test_u_shaped_ends_make_the_u_shape_unclear_and_a_far_llc_crossing_fails():
+    """A U-shape at the smallest M as well is not the paper's pattern (low M goes straight to dMMSE): unclear, not
+    pass. λ̂ first reaches λ̂(∞) at M = 16, more than a factor 4 above the onset of transience (M = 2): fail."""
+    u = {1.0: True, 2.0: True, 4.0: True, 8.0: False, 16.0: False, np.inf: False}
+    t = {1.0: 100, 2.0: 200, 4.0: 400, 8.0: 1000, 16.0: 1000, np.inf: 1000}
+    llc = {1.0: 10.0, 2.0: 20.0, 4.0: 30.0, 8.0: 40.0, 16.0: 50.0, np.inf: 48.0}
+    exp = expectations(TransientRidgeConfig(Ms=[1, 2, 4, 8, 16, "inf"]), synthetic_summary(u, t, llc))
+    v = dict(zip(exp["expectation"], exp["verdict"], strict=True))
+    assert v[next(k for k in v if k.startswith("OOD loss against step is U-shaped"))] == "unclear"
+    assert v[next(k for k in v if k.startswith("t^crit_M grows"))] == "pass"  # over the intermediate Ms 2, 4
+    row = exp[exp["expectation"].str.startswith("the low-M LLC crosses")].iloc[0]
+    assert row["verdict"] == "fail" and "first crossing at M = 2^4" in row["measured"]
+    assert "smallest U-shaped M = 2^1" in row["measured"]
+
+
+# ------------------------------------------------------------------------------------------------ scales and config
+def test_scales_build_valid_run_configs():
+    small = TransientRidgeConfig.for_scale("small")
+    runs = small.run_configs()
+    assert len(runs) == len(small.Ms) and small.Ms[-1] is None
+    cfg = runs["M16-seed0"]
+    assert (cfg.task.D, cfg.task.K, cfg.task.noise_var, cfg.task.M, cfg.model.preset) == (4, 8, 0.125, 16, "hoogland")
+    assert cfg.train.eval_every == small.eval_every and cfg.train.schedule == "triangle"
+    assert next(iter(runs)) == "Minf-seed0"
+
+    paper = TransientRidgeConfig.for_scale("paper")
+    runs = paper.run_configs()  # dry: configs only, nothing trained
+    assert paper.Ms[:8] == [1, 2, 3, 4, 6, 8, 11, 16] and paper.finite_Ms[-1] == 2**15 and paper.Ms[-1] is None
+    assert len(runs) == len(paper.Ms) and {128, 181, 256, 362} <= set(paper.finite_Ms)
+    cfg = runs["M362-seed0"]
+    assert (cfg.task.D, cfg.task.K, cfg.task.noise_var, cfg.train.steps, cfg.train.device) == (
+        8, 16, 0.125, 500_000, "cuda")
+    assert (cfg.model.n_layers, cfg.model.d_model, cfg.model.d_mlp) == (2, 256, 2048)
+
+    quick = TransientRidgeConfig.for_scale("small", quick=True, workers=1)
+    assert quick.quick and quick.steps < small.steps and len(quick.run_configs()) == len(quick.Ms)
+    assert TransientRidgeConfig(Ms="8,inf,1,2").Ms == [1, 2, 8, None]
+    assert json.loads(small.model_dump_json())["study"] == "transient-ridge"
+
+
+@pytest.mark.parametrize(("scale", "quick", "burnins"), [
+    ("small", False, {1e-5: 300, 3e-5: 100, 1e-4: 50, 3e-4: 50}),  # the burn-ins the config docstring states
+    ("small", True, {3e-5: 100, 1e-4: 30, 3e-4: 30}),
+    ("paper", False, {1e-5: 500, 3e-5: 500, 1e-4: 500, 3e-4: 500}),
+])
+def test_every_scale_burns_in_long_enough_at_every_step_size(scale, quick, burnins):
+    """`llc.calibrate` burns each ε in for max(num_burnin, min_burnin(ε, γ)) steps, capped at 2,000: every grid ε
+    stays under the cap (so no grid point is cut short), and the base sampler is consistent on its own."""
+    cfg = TransientRidgeConfig.for_scale(scale, quick=quick)
+    s = cfg.sampler
+    assert s.localization == 1000.0
+    assert burnin_note(s) is None
+    assert {e: max(s.num_burnin, min_burnin(e, s.localization)) for e in cfg.step_sizes} == burnins
+    assert all(min_burnin(e, s.localization) <= 2000 for e in cfg.step_sizes)
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    (dict(scale="huge"), "scale\n  Input should be 'small' or 'paper'"),
+    (dict(executor="dask"), "executor\n  Input should be 'local', 'ray' or 'slurm'"),
+    (dict(Ms="0,2,4,inf"), "Ms\n  Value error, M must be an integer >= 1 or 'inf', got 0"),
+    (dict(Ms="1,two,4"), "M must be an integer >= 1 or 'inf', got 'two'"),
+    (dict(Ms="1,4,inf"), "at least three finite task diversities"),
+    (dict(Ms="1,4,4,8"), "task diversities must be distinct"),
+    (dict(u_min_rise=1.5), "u_min_rise\n  Input should be less than 1"),
+    (dict(workers=0), "workers\n  Input should be greater than or equal to 1"),
+    (dict(learning_rate=0.1), "learning_rate\n  Extra inputs are not permitted"),
+])
+def test_bad_settings_name_the_field_and_the_allowed_values(kw, message):
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        TransientRidgeConfig(**kw)
+
+
+def test_quick_paper_and_bad_run_settings_are_refused():
+    with pytest.raises(ValueError, match="quick.*allowed: --quick with --scale small"):
+        TransientRidgeConfig.for_scale("paper", quick=True)
+    with pytest.raises(ValidationError, match="quick is a minutes-long version"):
+        TransientRidgeConfig(scale="paper", quick=True)
+    with pytest.raises(ValueError, match="unknown model preset 'gpt9'"):
+        TransientRidgeConfig(preset="gpt9").run_configs()
+
+
+# ------------------------------------------------------------------------------------------------ the whole study
+def tiny_study(**kw) -> TransientRidgeConfig:
+    """Four runs of a 1-layer, 1.9k-parameter model, 200 steps each; an LLC calibration on a 2-point grid that
+    finds a stable ε at this seed (burn-ins 30 and 10 steps at γ = 100)."""
+    return TransientRidgeConfig(**{**dict(
+        Ms=[1, 2, 4, "inf"], D=2, K=4, noise_var=0.1, batch_size=8, steps=200, n_evals=10, eval_size=64,
+        n_checkpoints_linear=4, n_checkpoints_log=4, pca_batch=16, llc_n=256, workers=1,
+        sampler=LLCConfig(step_size=3e-3, num_chains=2, num_draws=40, num_burnin=10, batch_size=32,
+                          localization=100.0),
+        step_sizes=[1e-3, 3e-3],
+        model_overrides=dict(n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=16)), **kw})
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("transient_ridge")
+    run_study(tiny_study(), out, progress=False)
+    return out
+
+
+def _tables(html: str) -> list[pd.DataFrame]:
+    return pd.read_html(io.StringIO(html))
+
+
+def test_report_has_every_figure_numbers_and_a_filled_expectations_table(study_dir):
+    html = (study_dir / "report.html").read_text()
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(images) == 5
+    for data in images:
+        assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
+    for title in ("Scale", "Expectations and measured verdicts", "OOD loss over training and t_crit",
+                  "t_crit against M", "Joint trajectory PCA", "LLC against M at the end of training",
+                  "Where this study differs from the paper", "Wall time per phase", "2.65M", "hoogland"):
+        assert title in html, title
+    assert "<script" not in html
+    exp = next(t for t in _tables(html) if "verdict" in t.columns)
+    assert len(exp) >= 6 and set(exp["verdict"]) <= {"pass", "fail", "unclear"}
+    assert exp["measured"].notna().all() and (exp["measured"].str.len() > 5).all()
+    for key in ("U-shaped", "t^crit_M grows", "bend towards ridge", "LLC at the end of training"):
+        assert exp["expectation"].str.contains(key, regex=False).any(), key
+    timing = next(t for t in _tables(html) if "phase" in t.columns)
+    assert set(timing["phase"]) == {"train", "ood curves", "joint pca", "llc", "figures"}
+    for fig in ("ood_loss_vs_step", "t_crit_vs_M", "joint_pca", "pca_distance_to_ridge", "llc_vs_M"):
+        assert (study_dir / "figures" / f"{fig}.png").stat().st_size > 10_000
+        assert (study_dir / "figures" / f"{fig}.pdf").exists()
+    assert json.loads((study_dir / "study_config.json").read_text())["study"] == "transient-ridge"
+
+
+def test_summary_numbers_are_finite_and_complete(study_dir):
+    summary = pd.read_parquet(study_dir / "summary.parquet")
+    assert list(summary["M"]) == [1.0, 2.0, 4.0, np.inf]
+    numeric = summary.select_dtypes("number").drop(columns=["M"])
+    assert np.isfinite(numeric.to_numpy(dtype=float)).all(), numeric.columns[~np.isfinite(numeric).all()].tolist()
+    assert set(summary["kind"]) <= {"u-shape", "monotone", "no-dip"}
+    assert ((summary["t_crit"] >= 0) & (summary["t_crit"] <= 200)).all()
+    inf = summary[summary["M"] == np.inf].iloc[0]
+    assert inf["ood_dmmse_loss"] == pytest.approx(inf["ood_ridge_loss"])  # dMMSE is ridge at M = ∞
+    crit = json.loads((study_dir / "critical_steps.json").read_text())
+    assert set(crit) == {"2^0", "2^1", "2^2", "∞"}
+    index = pd.read_parquet(study_dir / "runs" / "index.parquet")
+    assert (index["status"] == "done").all() and len(index) == 4
+    for name in ("M1-seed0", "M4-seed0", "Minf-seed0"):  # the OOD curve is evaluated every eval_every steps
+        steps = pd.read_parquet(study_dir / "runs" / name / "metrics.parquet")["step"]
+        assert {0, 20, 40, 60, 200} <= set(steps)
+
+
+def test_one_calibrated_llc_setting_is_shared_by_every_final_checkpoint(study_dir):
+    """Calibrated once at the final checkpoint of M = ∞; every run's final checkpoint is estimated with exactly that
+    setting, whose burn-in is what `llc.calibrate` sets for its ε."""
+    saved = json.loads((study_dir / "llc_calibration.json").read_text())
+    assert saved["chosen"] is not None and saved["chosen"]["calibrated"], saved["note"]
+    assert "Minf-seed0" in saved["note"]
+    sampler = saved["chosen"]["sampler"]
+    assert sampler["step_size"] in (1e-3, 3e-3)
+    assert sampler["num_burnin"] == max(10, min_burnin(sampler["step_size"], 100.0))
+    assert (study_dir / "runs" / "Minf-seed0" / "llc_calibration.parquet").exists()
+    summary = pd.read_parquet(study_dir / "summary.parquet")
+    for M in (1, 2, 4, None):
+        llc = pd.read_parquet(study_dir / "runs" / run_name(M, 0) / "llc.parquet")
+        assert list(llc["step"]) == [200]  # the final checkpoint only
+        row = llc.iloc[0]
+        assert (row["step_size"], row["num_burnin"], row["localization"]) == (
+            sampler["step_size"], sampler["num_burnin"], 100.0)
+        assert (row["n"], row["num_chains"], row["num_draws"]) == (256, 2, 40)
+        m = summary["M"] == (np.inf if M is None else M)
+        assert summary.loc[m, "llc_mean"].item() == pytest.approx(row["llc_mean"])
+    html = (study_dir / "report.html").read_text()
+    chains = sampler["num_chains"], sampler["num_draws"], sampler["num_burnin"]
+    assert "{} chains × {} draws after {} burn-in".format(*chains) in html
+
+
+def test_a_failed_or_stale_calibration_is_saved_reported_and_redone_only_when_stale(study_dir, tmp_path):
+    """On a copy of the tiny study's runs: a grid with no stable ε gives NaN LLCs with the reason, saved so that a
+    second call does not recalibrate; a saved setting whose burn-in is not what the current rule gives is redone."""
+    out = tmp_path / "study"
+    shutil.copytree(study_dir / "runs", out / "runs")
+    runs = {name: Run.load(out / "runs" / name) for name in tiny_study().run_configs()}
+    bad = tiny_study(step_sizes=[30.0])  # far too large: every chain diverges
+    rows, note = final_llc(bad, out, runs, 1, False)
+    assert rows["llc_mean"].isna().all() and (rows["flags"] == "no setting").all() and len(rows) == 4
+    assert note.startswith("LLC not estimated") and "no stable step size" in note
+    f = out / "llc_calibration.json"
+    assert json.loads(f.read_text())["chosen"] is None
+    before = f.stat().st_mtime_ns
+    assert final_llc(bad, out, runs, 1, False)[1] == note and f.stat().st_mtime_ns == before
+
+    good = tiny_study()
+    shutil.copy(study_dir / "llc_calibration.json", f)
+    saved = json.loads(f.read_text())
+    right = saved["chosen"]["sampler"]["num_burnin"]
+    saved["chosen"]["sampler"]["num_burnin"] = right - 1  # as an older calibration rule would have left it
+    f.write_text(json.dumps(saved))
+    rows, _ = final_llc(good, out, runs, 1, False)
+    assert json.loads(f.read_text())["chosen"]["sampler"]["num_burnin"] == right
+    assert np.isfinite(rows["llc_mean"]).all()
+
+
+def test_the_report_command_rebuilds_from_disk_reusing_every_run_and_llc_estimate(study_dir, registered):
+    """`icl-lab report DIR` dispatches on study_config.json's "study" key and calls run_study again, which must
+    reuse every checkpoint, metric, LLC estimate and the calibration."""
+    kept = [p for p in (study_dir / "runs").rglob("*") if p.is_file() and (
+        p.suffix == ".safetensors" or p.name in ("metrics.parquet", "llc.parquet", "config.json"))]
+    kept.append(study_dir / "llc_calibration.json")
+    before = {p: p.stat().st_mtime_ns for p in kept}
+    assert sum(p.name == "llc.parquet" for p in before) == 4
+    report = study_dir / "report.html"
+    report.unlink()
+    result = runner.invoke(cli.app, ["report", str(study_dir)])
+    assert result.exit_code == 0, result.output
+    assert f"report: {report}" in " ".join(result.output.split()) and report.stat().st_size > 10_000
+    assert [p for p, m in before.items() if p.stat().st_mtime_ns != m] == []
+    assert sorted(p for p in (study_dir / "runs").rglob("*.safetensors")) == sorted(
+        p for p in before if p.suffix == ".safetensors")
+    assert json.loads((study_dir / "timings.json").read_text())["train"] < 5
+
+
+def test_other_settings_in_an_existing_study_are_refused_before_writing(study_dir):
+    before = (study_dir / "study_config.json").read_text()
+    other = tiny_study(steps=201)
+    with pytest.raises(ValueError, match="holds a run with a different config"):
+        check_out(study_dir, other.run_configs())
+    with pytest.raises(ValueError, match="holds a run with a different config"):
+        run_study(other, study_dir, progress=False)
+    assert (study_dir / "study_config.json").read_text() == before
+
+
+def test_another_studys_directory_is_refused_before_writing(tmp_path):
+    (tmp_path / "study_config.json").write_text(json.dumps({"study": "task-diversity"}))
+    with pytest.raises(ValueError, match="holds the study 'task-diversity', not 'transient-ridge'"):
+        run_study(tiny_study(), tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study_config.json"]
+    check_out(tmp_path / "new", tiny_study().run_configs())  # an empty target is fine
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+@pytest.fixture
+def registered(monkeypatch):
+    """The registry entry the CLI gets for this study (added to cli.SWEEP_STUDIES by its owner)."""
+    monkeypatch.setitem(cli.SWEEP_STUDIES, "transient-ridge",
+                        ("icl_lab.studies.transient_ridge", "TransientRidgeConfig"))
+
+
+def test_cli_dry_run_lists_the_paper_runs_and_refuses_bad_input(tmp_path, registered):
+    out = tmp_path / "paper"
+    result = runner.invoke(cli.app, ["study", "transient-ridge", "--scale", "paper", "--dry-run", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    n = len(TransientRidgeConfig.for_scale("paper").Ms)
+    assert f"{n} runs" in result.output and "M32768-seed0" in result.output and "Minf-seed0" in result.output
+    result = runner.invoke(cli.app, ["study", "transient-ridge", "--Ms", "1,4,inf", "--out", str(out)],
+                           env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and "at least three finite task diversities" in result.output
+    assert not out.exists()
