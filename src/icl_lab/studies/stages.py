@@ -1,0 +1,887 @@
+"""The developmental-stages study: Hoogland et al. (2024), "The developmental landscape of in-context learning"
+(papers.md §D, small-scale targets §G9).
+
+At M = ∞ (a fresh gaussian task w ~ N(0, I_D) for every sequence, label noise σ² > 0), train one long run per seed
+(Hoogland et al. train 5 seeds and tabulate seed 1) and measure, at every checkpoint:
+
+- the LLC λ̂(w_t) (Eqs. 5-6) with one set of SGLD settings, calibrated once at a mid/late checkpoint of the first
+  seed and shared by every checkpoint and seed (`icl_lab.llc_run`; papers.md §D2, §F3);
+- essential dynamics (Eq. 7, §D3): a PCA of the predictions on a fixed batch over checkpoints, smoothed, with cusps
+  and vertices of the PC-pair curves (`icl_lab.trajectory.essential_dynamics`);
+- the stage table (Table 2, §D4): milestones are critical points of λ̂ against log step (`icl_lab.stages`), each
+  boundary cross-checked against milestones of the loss and against ED cusps/vertices; type A where the LLC
+  rises, type B where it falls;
+- per-stage indicators (§D4, Fig. 5): E[ŷ²] (LR1 learns the prior ŷ = 0, so E[ŷ²] dips below σ²), the ICL score
+  ℓ_late − ℓ_early (Eq. 2, after Olsson et al. 2022; it falls as in-context learning improves) on inputs
+  x ~ N(0, g I_D) for several g (LR3 gets worse at ICL for g > 1), and the LayerNorm weights (LR3/LR4: "layer
+  norm collapse", most of all in the unembedding LN): RMS of each LN's weight vector and the fraction of its
+  entries near 0.
+
+One HTML report: the figures with a paragraph of measured numbers under each, and an expectations table whose
+rules are fixed in `expectations` (never tuned to agree); where small-scale results differ from the paper's, the
+report says so with numbers.
+
+Scales (`StagesConfig.for_scale`): 'small' (default) is designed to finish within 60 minutes on 2 CPU cores;
+'paper' gives the paper's sizes (the 'hoogland' preset at D = 8, K = 16, σ² = 0.125, batch 256, 500k steps, 5 seeds)
+for a GPU or a cluster; `quick=True` is a minutes-long small version. Runs train through
+`icl_lab.sweep.train_named_runs` (local processes, Ray or SLURM); finished runs, the calibration and finished LLC
+estimates are reused. LLC estimation runs in local processes on the CPU (`llc_run.estimate_runs`).
+
+Helpers that would fit shared modules, kept here for now: `icl_score`, `ln_weight_vectors`, `ln_weight_stats`
+(interp.py) and `stage_changes` (stages.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import Tensor
+
+from icl_lab.config import LLCConfig, RunConfig, Schedule, build_run_config
+from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_runs
+from icl_lab.plots import save_figure, step_axis
+from icl_lab.report import Section, write_report
+from icl_lab.store import Run, write_json, write_parquet
+from icl_lab.studies.common import PhaseTimer
+from icl_lab.studies.task_diversity import check_out
+
+__all__ = [
+    "PAPER_STAGES",
+    "StagesConfig",
+    "check_out",
+    "developmental_curves",
+    "expectations",
+    "icl_score",
+    "ln_weight_stats",
+    "ln_weight_vectors",
+    "run_name",
+    "run_study",
+    "stage_changes",
+]
+
+ArrayLike = Any  # array-like: numpy array, torch tensor, list
+
+# Hoogland et al. Table 2 (regression transformer, seed 1; papers.md §D4): (stage, end step, type, Δℓ̂, Δλ̂).
+PAPER_STAGES = [("LR1", 1_000, "A", -0.32, 21.4), ("LR2", 40_000, "A", -2.21, 149.0),
+                ("LR3", 126_000, "B", -0.07, -12.3), ("LR4", 320_000, "B", -0.05, -44.1),
+                ("LR5", 500_000, "A", -0.029, 3.56)]
+
+# The paper's sizes (papers.md §D1): the 'hoogland' preset (2 layers, 4 heads, d 64, MLP 64) at D = 8, K = 16,
+# σ² = 0.125 (as the brief for this toolkit fixes them; the authors' repo uses D = 4, K = 8 [EXT]), Adam lr 3e-3 with
+# the linear one-cycle schedule (50% warm-up), batch 256, 500k steps, 5 seeds. [EXT] LLC at a union of 100 log- and
+# 200 linear-spaced checkpoints; 8 chains x 500 draws after 500 burn-in, SGLD minibatch 1024, n = 32,768 (calibrate
+# rather than copy: the grid below is searched at γ = 1000 as in the other studies).
+PAPER = dict(D=8, K=16, seeds=[0, 1, 2, 3, 4], batch_size=256, steps=500_000, lr=3e-3, n_checkpoints_linear=200,
+             n_checkpoints_log=100, eval_size=8192, llc_n=32_768,
+             sampler=LLCConfig(num_chains=8, num_draws=500, num_burnin=500, batch_size=1024, localization=1000.0),
+             step_sizes=[1e-6, 3e-6, 1e-5, 3e-5, 1e-4], ed_batch=512, device="cuda", workers=4)
+# A few minutes on 2 cores: one seed, 3,000 steps, about 20 checkpoints, light LLC.
+QUICK = dict(seeds=[0], steps=3000, n_checkpoints_linear=6, n_checkpoints_log=16, eval_size=1024, llc_n=1024,
+             sampler=LLCConfig(num_chains=2, num_draws=60, num_burnin=20, batch_size=64, localization=1000.0),
+             step_sizes=[3e-5, 1e-4, 3e-4], ed_batch=128)
+
+
+class StagesConfig(BaseModel):
+    """Settings of the study. The defaults are the 'small' scale, designed to finish within 60 minutes on 2 CPU
+    cores; `for_scale` gives 'paper' and `quick`.
+
+    Small scale, and why: D = 4, K = 8, σ² = 0.125 and the 'hoogland' preset (51.7k parameters) are the authors' own
+    regression setting [EXT: timaeus-research/icl L2H4Minf]; lr 3e-3 with the triangle (linear one-cycle) schedule
+    as theirs. Scaled down: batch 64 instead of 256 and 80,000 steps instead of 500,000 (5.1M sequences against
+    128M, 1/25), two seeds instead of five (trained side by side, one per core), the LLC at 48 checkpoints (16
+    linear + 34 log-spaced) instead of 300, with 4 chains x 100 draws on n = 2,048 sequences instead of 8 x 500 on
+    32,768. A 30,000-step pilot of this setting (seed 0) showed E[ŷ²] falling from 0.22 to 0.014 < σ² by step 421,
+    the ICL score ℓ_8 − ℓ_1 near 0 there (−0.06) and falling to −3.3 between steps 600 and 3,600 (ridge: −4.05),
+    then the RMS of the first LN's weights falling from 1.07 to 0.43 after step 6,000 (the unembedding LN's from
+    1.03 to 0.71, 22% of its entries below 0.1). The paper's late stages (LR3-LR5, 126k-500k steps at batch 256)
+    need not be reached; the report says what was.
+
+    Run-time estimate (from per-step costs measured on the 2-core development machine with one torch thread, not a
+    measurement of the whole study): training 12-15 ms per step at B = 64 (80k steps: 16-20 min, the two seeds in
+    parallel); SGLD about 9 ms per chain-step at minibatch 64, so one LLC estimate costs 4 x (burn-in + 100)
+    chain-steps: 5 s at ε = 1e-4 (burn-in 50) to 14 s at ε = 1e-5 (burn-in 300, the floor min_burnin ≈ 3/(εγ));
+    2 x 48 checkpoints on 2 workers: 4-11 min; calibration (4 step sizes) about 40 s; predictions, ED and
+    figures 1-2 min. In all about 22-34 minutes.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    study: Literal["stages"] = "stages"
+    scale: Literal["small", "paper"] = "small"
+    quick: bool = False
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    D: int = Field(4, ge=1)
+    K: int = Field(8, ge=2, description="pairs per sequence (≥ 2: the ICL score compares two positions)")
+    noise_var: float = Field(0.125, gt=0, description="σ²: Hoogland et al. use 0.125")
+    preset: str = "hoogland"
+    model_overrides: dict[str, Any] = Field(default_factory=dict, description="ModelConfig fields over the preset")
+    batch_size: int = Field(64, ge=1)
+    steps: int = Field(80_000, ge=2)
+    lr: float = Field(3e-3, gt=0)
+    schedule: Schedule = "triangle"
+    weight_decay: float = Field(0.0, ge=0)
+    n_checkpoints_linear: int = Field(16, ge=0)
+    n_checkpoints_log: int = Field(34, ge=0)
+    eval_size: int = Field(2048, ge=1, description="fixed evaluation sequences (loss curves, ICL scores)")
+    llc_n: int = Field(2048, ge=2, description="n, the fixed LLC dataset (fresh-task sequences)")
+    # γ = 1000: as in the other studies on models of this size (γ = 100 left chains drifting along flat
+    # directions); burn-in is raised by the calibration to min_burnin(ε, γ) ≈ 3/(εγ) at each grid point.
+    sampler: LLCConfig = Field(default_factory=lambda: LLCConfig(num_chains=4, num_draws=100, num_burnin=50,
+                                                                 batch_size=64, localization=1000.0))
+    step_sizes: list[float] = Field(default_factory=lambda: [1e-5, 3e-5, 1e-4, 3e-4], min_length=1)
+    calibration_frac: float = Field(0.5, gt=0, le=1, description="calibrate at the first checkpoint at or after "
+                                    "this fraction of the steps (a mid/late checkpoint)")
+    ed_batch: int = Field(256, ge=1, description="fixed sequences whose predictions form the ED trajectory")
+    ed_components: int = Field(3, ge=2, description="PCs kept (Hoogland et al. plot 3)")
+    ed_sigma: float = Field(1.0, ge=0, description="smoothing of the PC curves, in checkpoint-index units")
+    icl_early: int = Field(1, ge=1, description="early position k₁ of the ICL score ℓ_late − ℓ_early (1-based)")
+    icl_late: int | None = Field(None, ge=1, description="late position (1-based); None: K")
+    input_scales: list[float] = Field(default_factory=lambda: [1.0, 2.0], min_length=1,
+                                      description="g: ICL scores on x ~ N(0, g I_D) (Hoogland et al. Fig. 5)")
+    ln_threshold: float = Field(0.1, gt=0, description="an LN weight entry with |w_i| below this counts as collapsed")
+    device: str = "cpu"
+    executor: Literal["local", "ray", "slurm"] = "local"
+    workers: int | None = Field(2, ge=1)
+    address: str | None = Field(None, description="ray: address of an existing cluster")
+    slurm: dict[str, Any] = Field(default_factory=dict, description="slurm: submitit update_parameters options")
+    ensemble: int = Field(1, ge=1, description="train up to N stackable runs together (icl_lab.ensemble)")
+
+    @field_validator("seeds")
+    @classmethod
+    def _check_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct, got {v}")
+        return v
+
+    @field_validator("input_scales")
+    @classmethod
+    def _check_scales(cls, v: list[float]) -> list[float]:
+        bad = [g for g in v if not (math.isfinite(g) and g > 0)]
+        if bad:
+            raise ValueError(f"input scales g must be finite and > 0 (x ~ N(0, g I_D)), got {bad[0]}")
+        if 1.0 not in v:
+            raise ValueError(f"input_scales must include 1.0 (the training distribution), got {v}")
+        return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _check(self) -> StagesConfig:
+        if self.quick and self.scale == "paper":
+            raise ValueError("quick is a minutes-long version of the small scale; it cannot be combined with "
+                             "scale='paper' (allowed: quick with scale='small')")
+        late = self.K if self.icl_late is None else self.icl_late
+        if not self.icl_early < late <= self.K:
+            raise ValueError(f"icl_early and icl_late must satisfy 1 <= icl_early < icl_late <= K = {self.K}, got "
+                             f"icl_early={self.icl_early}, icl_late={late} (allowed icl_late: "
+                             f"{self.icl_early + 1}..{self.K}, or None for K)")
+        return self
+
+    @classmethod
+    def for_scale(cls, scale: str = "small", quick: bool = False, **overrides: Any) -> StagesConfig:
+        """The settings of `scale` ('small' or 'paper'; `quick` shrinks 'small'), then `overrides`."""
+        if quick and scale == "paper":
+            raise ValueError("quick: the quick version shrinks the small scale and cannot be combined with scale "
+                             "'paper' (allowed: --quick with --scale small)")
+        base = {"paper": PAPER}.get(scale, {}) | (QUICK if quick else {})
+        return cls(**{**base, **overrides, "scale": scale, "quick": quick})
+
+    @property
+    def late(self) -> int:
+        """The late position of the ICL score (1-based)."""
+        return self.K if self.icl_late is None else self.icl_late
+
+    def run_config(self, seed: int) -> RunConfig:
+        return build_run_config(overrides=dict(
+            preset=self.preset, **self.model_overrides, family="gaussian", D=self.D, K=self.K, M=None,
+            noise_var=self.noise_var, seed=seed, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+            schedule=self.schedule, weight_decay=self.weight_decay,
+            n_checkpoints_linear=min(self.n_checkpoints_linear, self.steps + 1),
+            n_checkpoints_log=min(self.n_checkpoints_log, self.steps), eval_size=self.eval_size, device=self.device,
+            name=run_name(seed)))
+
+    def run_configs(self) -> dict[str, RunConfig]:
+        """One run per seed. Raises ValueError or pydantic's ValidationError (naming the field) for settings a run
+        config rejects."""
+        return {run_name(s): self.run_config(s) for s in self.seeds}
+
+
+def run_name(seed: int) -> str:
+    return f"Minf-seed{seed}"
+
+
+# ================================================================================================ pure helpers
+def icl_score(per_token_loss: ArrayLike, early: int = 1, late: int | None = None) -> np.ndarray:
+    """The ICL score ICL_{late:early} = ℓ_late − ℓ_early (Hoogland et al. Eq. 2, after Olsson et al. 2022, whose
+    language-model score is the loss at token 500 minus the loss at token 50).
+
+    Negative when later positions, with more examples in context, are predicted better; it falls as in-context
+    learning improves. Positions are 1-based (position k has k − 1 examples in context).
+
+    Args:
+        per_token_loss: (..., K) per-token losses ℓ_1 ... ℓ_K.
+        early, late: 1 <= early < late <= K; late None means K.
+    Returns:
+        (...) the score.
+    """
+    loss = np.asarray(per_token_loss, dtype=np.float64)
+    K = loss.shape[-1]
+    late = K if late is None else late
+    if not 1 <= early < late <= K:
+        raise ValueError(f"ICL score positions must satisfy 1 <= early < late <= K = {K}, got early={early}, "
+                         f"late={late}")
+    return loss[..., late - 1] - loss[..., early - 1]
+
+
+_LN_WEIGHT = re.compile(r"(?:^|\.)(ln[^.]*)\.w$")
+
+
+def ln_weight_vectors(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The LayerNorm weight (gain) vectors of a model state: {LN name: (d_model,)}, in state order.
+
+    LNs are the entries named `<...>ln<...>.w` (model.py: `blocks.{l}.ln1.w` before attention, `blocks.{l}.ln2.w`
+    before the MLP, `ln_final.w` before the unembedding); the name drops the trailing `.w`.
+    """
+    out = {}
+    for name, value in state.items():
+        if _LN_WEIGHT.search(name):
+            v = value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
+            out[name[: -len(".w")]] = v.astype(np.float64).reshape(-1)
+    return out
+
+
+def ln_weight_stats(w: ArrayLike, threshold: float = 0.1) -> dict[str, float]:
+    """Summaries of one LN weight vector w: (d,) (Hoogland et al. §D.3.4, "layer norm collapse": many entries go
+    to 0): `norm` ‖w‖₂, `rms` ‖w‖₂/√d (1 at the usual initialisation w = 1), `frac_small` the fraction of entries
+    with |w_i| < threshold."""
+    v = np.asarray(w, dtype=np.float64).reshape(-1)
+    if v.size == 0:
+        raise ValueError("ln_weight_stats: empty weight vector")
+    norm = float(np.linalg.norm(v))
+    return {"norm": norm, "rms": norm / math.sqrt(v.size), "frac_small": float(np.mean(np.abs(v) < threshold))}
+
+
+def stage_changes(curves: pd.DataFrame, table: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """Change of each curve over each stage: value at the stage's end minus value at its start.
+
+    Args:
+        curves: one row per checkpoint, with a 'step' column and `columns`; every stage start and end step of
+            `table` must be one of its steps.
+        table: a stage table (`icl_lab.stages.stage_table`: columns stage, start, end, type).
+        columns: the curves to difference.
+    Returns:
+        DataFrame with stage, start, end, type and one 'Δ<column>' per column.
+    """
+    by_step = curves.set_index("step")
+    missing = sorted({float(s) for s in pd.concat([table["start"], table["end"]])} - set(map(float, by_step.index)))
+    if missing:
+        raise ValueError(f"stage_changes: stage steps {missing} are not rows of the curves")
+    rows = []
+    for r in table.itertuples():
+        row = {"stage": int(r.stage), "start": int(r.start), "end": int(r.end), "type": r.type}
+        for c in columns:
+            row[f"Δ{c}"] = float(by_step.loc[r.end, c] - by_step.loc[r.start, c])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _g_label(g: float) -> str:
+    return f"{g:g}"
+
+
+# ================================================================================================ measurements
+def _scaled_batches(cfg: StagesConfig, seed: int) -> dict[float, tuple[Tensor, Tensor]]:
+    """{g: (x (B, K, D), y (B, K))}: one fixed fresh-task batch with its inputs scaled to x ~ N(0, g I_D), same
+    tasks, directions and label noise for every g (common random numbers)."""
+    from icl_lab.tasks import make_generator, sample_batch
+
+    task = cfg.run_config(seed).task
+    b = sample_batch(task, None, cfg.eval_size, make_generator(seed, "stages/icl"))
+    noise = b.y - torch.einsum("bkd,bd->bk", b.x, b.w)
+    out = {}
+    for g in cfg.input_scales:
+        x = b.x * math.sqrt(g)
+        out[g] = (x, torch.einsum("bkd,bd->bk", x, b.w) + noise)
+    return out
+
+
+def developmental_curves(cfg: StagesConfig, run: Run) -> tuple[pd.DataFrame, np.ndarray, dict[str, float]]:
+    """Every checkpoint's indicators, loading each checkpoint once (Hoogland et al. §D4, Fig. 5).
+
+    Returns (curves, ed_preds, ridge):
+        curves: one row per checkpoint: step; yhat_sq = E[ŷ²] over sequences and positions at g = 1;
+            loss_g{g} (mean loss), icl_g{g} (ICL score) per input scale g; ln_rms:{LN}, ln_small:{LN} per LN.
+        ed_preds: (T, ed_batch, K) predictions on the fixed ED batch (generator 'ed').
+        ridge: the ridge predictor's (Bayes-optimal at M = ∞) loss_g{g} and icl_g{g} on the same batches.
+    """
+    from icl_lab.baselines import ridge_predict
+    from icl_lab.evaluate import per_token_loss, predict
+    from icl_lab.tasks import make_generator, sample_batch
+
+    batches = _scaled_batches(cfg, run.config.seed)
+    ed = sample_batch(run.config.task, None, cfg.ed_batch, make_generator(run.config.seed, "ed"))
+    rows, preds = [], []
+    for step in run.checkpoint_steps:
+        model = run.load_checkpoint(step)
+        model.eval()
+        row: dict[str, float] = {"step": step}
+        for g, (x, y) in batches.items():
+            pred = predict(model, x, y)
+            ell = per_token_loss(pred, y).numpy()
+            row[f"loss_g{_g_label(g)}"] = float(ell.mean())
+            row[f"icl_g{_g_label(g)}"] = float(icl_score(ell, cfg.icl_early, cfg.late))
+            if g == 1.0:
+                row["yhat_sq"] = float(pred.square().mean())
+        for name, w in ln_weight_vectors(model.state_dict()).items():
+            stats = ln_weight_stats(w, cfg.ln_threshold)
+            row[f"ln_rms:{name}"] = stats["rms"]
+            row[f"ln_small:{name}"] = stats["frac_small"]
+        rows.append(row)
+        preds.append(predict(model, ed.x, ed.y).numpy())
+    ridge: dict[str, float] = {}
+    for g, (x, y) in batches.items():
+        ell = per_token_loss(ridge_predict(x, y, cfg.noise_var), y).numpy()
+        ridge[f"loss_g{_g_label(g)}"] = float(ell.mean())
+        ridge[f"icl_g{_g_label(g)}"] = float(icl_score(ell, cfg.icl_early, cfg.late))
+    return pd.DataFrame(rows), np.stack(preds), ridge
+
+
+def finite_llc(run: Run) -> pd.DataFrame:
+    """The run's LLC rows with a finite estimate, by step (diverged checkpoints are reported, not used)."""
+    llc = run.llc
+    if llc is None or llc.empty:
+        raise ValueError(f"{run.path} has no LLC estimates")
+    llc = llc.sort_values("step")
+    return llc[np.isfinite(llc["llc_mean"])]
+
+
+def _calibration_step(cfg: StagesConfig, run: Run) -> int:
+    """The first checkpoint at or after calibration_frac of the steps."""
+    target = cfg.calibration_frac * cfg.steps
+    return next(s for s in run.checkpoint_steps if s >= target)
+
+
+def _shared_llc_settings(cfg: StagesConfig, out: Path, run: Run) -> tuple[LLCSettings, int]:
+    """Calibrate once at a mid/late checkpoint of the first seed (`calibration_frac`); reuse the result when the
+    calibration inputs on disk match. Returns (settings, calibration step)."""
+    step = _calibration_step(cfg, run)
+    inputs = {"run": run.path.name, "step": step, "n": cfg.llc_n, "sampler": cfg.sampler.model_dump(mode="json"),
+              "step_sizes": list(cfg.step_sizes)}
+    f = out / "llc_settings.json"
+    if f.exists():
+        saved = json.loads(f.read_text())
+        if saved.get("inputs") == inputs:
+            return LLCSettings.model_validate(saved["settings"]), step
+    base = LLCSettings(sampler=cfg.sampler, n=cfg.llc_n, data="id", seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as `llc_run.estimate_step` runs every estimate: for models this small one thread is
+    try:  # faster, and two threads next to a busy core spin (measured: 10 s against 0.1 s for a tiny estimate)
+        _, chosen = calibrate_run(run, step=step, settings=base, step_sizes=cfg.step_sizes)
+    finally:
+        torch.set_num_threads(threads)
+    write_json(f, {"inputs": inputs, "settings": json.loads(chosen.model_dump_json())})
+    return chosen, step
+
+
+def analyse_run(cfg: StagesConfig, run: Run, out: Path) -> dict[str, Any]:
+    """Curves, essential dynamics, milestones and the stage table of one run; writes curves and tables to OUT."""
+    from icl_lab.stages import find_milestones, save_stage_table, stage_table
+    from icl_lab.trajectory import essential_dynamics
+
+    curves, ed_preds, ridge = developmental_curves(cfg, run)
+    ed = essential_dynamics(ed_preds, np.array(run.checkpoint_steps), n_components=cfg.ed_components,
+                            sigma=cfg.ed_sigma)
+    llc = finite_llc(run)
+    metrics = run.metrics.drop_duplicates("step", keep="last").set_index("step")
+    curves = curves.merge(metrics[["id_loss", "ood_loss"]].rename(columns={"id_loss": "loss"}), left_on="step",
+                          right_index=True, how="left")
+    curves = curves.merge(llc[["step", "llc_mean", "llc_std"]], on="step", how="left")
+    used = curves[np.isfinite(curves["llc_mean"])].reset_index(drop=True)
+    steps, lam, loss = used["step"].to_numpy(float), used["llc_mean"].to_numpy(), used["loss"].to_numpy()
+    milestones = find_milestones(steps, lam)
+    table = stage_table(steps, lam, loss, milestones, loss_plateaus="auto", ed_events=ed)
+    name = run.path.name
+    save_stage_table(table, out / f"stage_table_{name}")
+    write_parquet(out / f"curves_{name}.parquet", curves)
+    columns = ["loss", "llc_mean", "yhat_sq"] + [c for c in curves.columns if c.startswith(("icl_g", "ln_rms:",
+                                                                                           "ln_small:"))]
+    changes = stage_changes(used, table, columns)
+    return {"run": run, "curves": curves, "used": used, "ed": ed, "ridge": ridge, "milestones": milestones,
+            "table": table, "changes": changes}
+
+
+# ================================================================================================ the study
+def run_study(cfg: StagesConfig, out: str | Path, progress: bool = True) -> Path:
+    """Train (reusing finished runs), estimate the LLC over training (reusing finished estimates), analyse, and
+    write OUT/report.html; returns its path."""
+    from icl_lab.sweep import check_options, train_named_runs
+
+    out = Path(out)
+    configs = cfg.run_configs()  # validated before anything is written
+    check_options(cfg.executor, cfg.workers, cfg.ensemble)
+    check_out(out, configs)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "study_config.json", json.loads(cfg.model_dump_json()))
+    timer = PhaseTimer()
+    workers = cfg.workers or os.cpu_count() or 1
+
+    with timer("train"):
+        runs = train_named_runs(configs, out / "runs", workers=workers, executor=cfg.executor, progress=progress,
+                                address=cfg.address, slurm=cfg.slurm, ensemble=cfg.ensemble)
+    with timer("llc calibration"):
+        settings, cal_step = _shared_llc_settings(cfg, out, runs[run_name(cfg.seeds[0])])
+    with timer("llc over training"):
+        estimate_runs(list(runs.values()), settings, workers=workers, progress=progress)
+    with timer("curves, essential dynamics, stages"):
+        results = {name: analyse_run(cfg, run, out) for name, run in runs.items()}
+        exp = expectations(cfg, results)
+        write_parquet(out / "expectations.parquet", exp)
+    with timer("figures"):
+        figs = out / "figures"
+        pngs = {name: _figures(cfg, r, figs) for name, r in results.items()}
+        if len(results) > 1:
+            pngs["seeds"] = seeds_figure(results, figs / "llc_all_seeds")[0]
+    with timer("report"):
+        path = _write(cfg, out, results, exp, pngs, settings, cal_step, timer)
+    write_json(out / "timings.json", timer.seconds)
+    return path
+
+
+# ================================================================================================ expectations
+_UNMIXED = {"not_stationary", "chains_disagree", "diverged", "short_burnin"}  # flags that say the sampler failed
+
+
+def _verdict(ok: bool | None) -> str:
+    return "unclear" if ok is None else ("pass" if ok else "fail")
+
+
+def _fmt_steps(steps: Sequence[float]) -> str:
+    return ", ".join(f"{int(s):,}" for s in steps) if len(steps) else "none"
+
+
+def _type_sequence(table: pd.DataFrame) -> str:
+    """Stage types with consecutive repeats merged, e.g. 'A B A'."""
+    types = list(table["type"])
+    return " ".join(t for i, t in enumerate(types) if i == 0 or types[i - 1] != t)
+
+
+def expectations(cfg: StagesConfig, results: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """papers.md §D3-D4 and §G9 against the measurements, one row per (expectation, run) plus cross-seed rows.
+    The rules are fixed here, before looking at any result; an expectation that cannot be judged (e.g. no type-B
+    stage to look for LN collapse in) is 'unclear' and says why."""
+    rows: list[dict[str, str]] = []
+    g1 = "icl_g1"
+    g_hi = f"icl_g{_g_label(max(cfg.input_scales))}"
+
+    def add(what: str, run: str, source: str, expected: str, measured: str, ok: bool | None) -> None:
+        rows.append({"expectation": what, "run": run, "source": source, "expected": expected, "measured": measured,
+                     "verdict": _verdict(ok)})
+
+    for name, r in results.items():
+        table, changes, curves, used = r["table"], r["changes"], r["curves"], r["used"]
+        n_stages = len(table)
+        add("several developmental stages", name, "§D4 Table 2 (5 stages), §G9",
+            "at least 3 stages (2 or more LLC milestones)",
+            f"{n_stages} stage(s), types {' '.join(table['type'])}, ending at steps {_fmt_steps(table['end'])}",
+            n_stages >= 3)
+        add("the first stage is type A (the LLC rises while the prior and ICL are learned)", name,
+            "§D4 (LR1, LR2 type A)", "stage 1 type A", f"stage 1: Δλ̂ = {table['delta_llc'].iloc[0]:+.3g}",
+            bool(table["type"].iloc[0] == "A"))
+        rise = float(table.loc[table["type"] == "A", "delta_llc"].sum())
+        fall = float(-table.loc[table["type"] == "B", "delta_llc"].sum()) + 0.0  # + 0.0: no "-0" when none
+        add("the LLC mostly rises over training", name, "§D4 Table 2 (Δλ̂ +174 in A stages, −56 in B)",
+            "total rise over type-A stages > total fall over type-B stages",
+            f"rise {rise:.3g}, fall {fall:.3g}; λ̂ from {used['llc_mean'].iloc[0]:.3g} (step "
+            f"{int(used['step'].iloc[0])}) to {used['llc_mean'].iloc[-1]:.3g}", rise > fall)
+        b_stages = table[table["type"] == "B"]
+        add("some stages lower the LLC (type B, LR3-LR4)", name, "§D4, §G9", "at least one type-B stage",
+            f"{len(b_stages)} type-B stage(s)"
+            + (f": Δλ̂ {', '.join(f'{v:+.3g}' for v in b_stages['delta_llc'])}" if len(b_stages) else ""),
+            len(b_stages) > 0)
+        bad = table[~(table["delta_loss"] < 0)]
+        add("the test loss falls in every stage", name, "§D4 Table 2 (every Δℓ̂ < 0)", "Δℓ̂ < 0 in every stage",
+            "Δℓ̂ per stage: " + ", ".join(f"{v:+.3g}" for v in table["delta_loss"]), bad.empty)
+        # LR1: the prior predictor ŷ = 0, before ICL
+        icl = curves[g1].to_numpy()
+        total = icl[-1] - icl[0]
+        half = curves["step"][(icl - icl[0]) <= 0.5 * total] if total < 0 else pd.Series(dtype=float)
+        t_half = float(half.iloc[0]) if len(half) else math.nan
+        i_min = int(np.argmin(curves["yhat_sq"].to_numpy()))
+        y_min, t_min = float(curves["yhat_sq"].iloc[i_min]), float(curves["step"].iloc[i_min])
+        add("LR1: E[ŷ²] dips below σ² (the task-prior predictor ŷ = 0) before ICL emerges", name,
+            "§D4 (minimum ≈ 0.1 < σ² = 0.125 just after LR1), §G9",
+            f"min over checkpoints of E[ŷ²] < σ² = {cfg.noise_var:g}, at a step before the ICL score has made half "
+            "its total change",
+            f"min E[ŷ²] = {y_min:.3g} at step {int(t_min):,}; initial {curves['yhat_sq'].iloc[0]:.3g}, final "
+            f"{curves['yhat_sq'].iloc[-1]:.3g}; ICL score half-way at step "
+            + (f"{int(t_half):,}" if math.isfinite(t_half) else "never"),
+            bool(y_min < cfg.noise_var and math.isfinite(t_half) and t_min < t_half))
+        ridge = r["ridge"][g1]
+        add("the ICL score improves over training (ℓ_late − ℓ_early falls towards ridge's)", name,
+            "§D4 (LR2 acquires ICL), Eq. 2",
+            "final ICL score below the initial one and at least 80% of ridge's (Bayes-optimal) score",
+            f"ICL_{{{cfg.late}:{cfg.icl_early}}} from {icl[0]:.3g} to {icl[-1]:.3g}; ridge {ridge:.3g}",
+            bool(icl[-1] < icl[0] and icl[-1] <= 0.8 * ridge))
+        d_icl = changes[f"Δ{g1}"].to_numpy()
+        k = int(np.argmin(d_icl))
+        add("ICL is acquired in a type-A stage (LR2)", name, "§D4, §G9",
+            "the stage with the largest fall of the ICL score is type A",
+            f"stage {int(changes['stage'].iloc[k])} (steps {int(changes['start'].iloc[k]):,}-"
+            f"{int(changes['end'].iloc[k]):,}, type {changes['type'].iloc[k]}): ΔICL = {d_icl[k]:+.3g} of "
+            f"{d_icl.sum():+.3g} over all stages", bool(changes["type"].iloc[k] == "A"))
+        last = r["run"].metrics.iloc[-1]
+        ridge_ood = r["run"].baselines["ood_ridge_loss"]
+        add("the final model matches ridge on fresh tasks (M = ∞)", name, "§C2, §D1",
+            "final loss within 10% of ridge's", f"{last['ood_loss']:.4g} vs ridge {ridge_ood:.4g} "
+            f"({100 * (last['ood_loss'] / ridge_ood - 1):+.1f}%)", bool(last["ood_loss"] <= 1.1 * ridge_ood))
+        # LN collapse in type-B stages
+        lns = [c.split(":", 1)[1] for c in curves.columns if c.startswith("ln_rms:")]
+        final_ln = next((n for n in lns if n.startswith("ln_final")), lns[-1])
+        small_end = {n: float(curves[f"ln_small:{n}"].iloc[-1]) for n in lns}
+        if len(b_stages):
+            d_rms = float(changes.loc[changes["type"] == "B", f"Δln_rms:{final_ln}"].sum())
+            biggest = max(small_end, key=small_end.get)
+            add("LR3-LR4: the unembedding LN collapses during the type-B stages", name, "§D4 (LN collapse), §G9",
+                f"RMS of {final_ln}.w falls over the type-B stages, and at the end {final_ln} has the largest "
+                f"fraction of weights with |w| < {cfg.ln_threshold:g}",
+                f"Δ RMS over B stages {d_rms:+.3g}; final fractions " + ", ".join(
+                    f"{n} {v:.0%}" for n, v in small_end.items()),
+                bool(d_rms < 0 and small_end[final_ln] >= small_end[biggest]))
+            if max(cfg.input_scales) > 1:
+                d_hi = float(changes.loc[changes["type"] == "B", f"Δ{g_hi}"].sum())
+                d_lo = float(changes.loc[changes["type"] == "B", f"Δ{g1}"].sum())
+                add(f"LR3: over the type-B stages ICL gets worse on larger inputs (g = {max(cfg.input_scales):g})",
+                    name, "§D4 (Fig. 5)", f"the ICL score at g = {max(cfg.input_scales):g} rises over the type-B "
+                    "stages while the one at g = 1 does not", f"ΔICL over B stages: g = "
+                    f"{max(cfg.input_scales):g} {d_hi:+.3g}, g = 1 {d_lo:+.3g}", bool(d_hi > 0 and d_lo <= 0))
+        else:
+            add("LR3-LR4: the unembedding LN collapses during the type-B stages", name, "§D4 (LN collapse), §G9",
+                "a type-B stage in which to look", "no type-B stage; final fractions of |w| < "
+                f"{cfg.ln_threshold:g}: " + ", ".join(f"{n} {v:.0%}" for n, v in small_end.items()), None)
+        # cross-checks of the boundaries
+        inner = table.iloc[:-1]
+        if len(inner):
+            n_ed, chance = int(inner["ed_agrees"].sum()), float(inner["ed_chance"].iloc[0])
+            add("stage boundaries coincide with essential-dynamics forms (cusps / vertices)", name, "§D3-D4",
+                "at least half of the boundaries within 0.3 in log step of an ED cusp or vertex, and a larger "
+                "fraction than chance (the share of the log-step range that lies that close to some event)",
+                f"{n_ed} of {len(inner)} boundaries (at steps {_fmt_steps(inner['end'])}; nearest events at "
+                f"{_fmt_steps(inner['ed_step'].dropna())}); chance {chance:.0%}",
+                bool(n_ed >= len(inner) / 2 and n_ed / len(inner) > chance))
+            n_loss = int(inner["loss_agrees"].sum())
+            add("some stages do not show in the loss", name, "§D4 ('many stages do not show in the loss')",
+                "at least one boundary with no loss milestone within 0.3 in log step",
+                f"{len(inner) - n_loss} of {len(inner)} boundaries without a loss milestone nearby (loss-milestone "
+                f"chance {float(inner['loss_chance'].iloc[0]):.0%})", n_loss < len(inner))
+        else:
+            add("stage boundaries coincide with essential-dynamics forms (cusps / vertices)", name, "§D3-D4",
+                "at least one boundary to check", "no boundary was found", None)
+        evr = r["ed"].explained_variance_ratio
+        add("essential dynamics: the first PC dominates", name, "§D3 (LR: 0.65, 0.08, 0.05)",
+            "PC1 explains > 50% of the variance of the predictions over checkpoints",
+            "explained variance " + ", ".join(f"{v:.2f}" for v in evr), bool(evr[0] > 0.5))
+        # λ̂ is defined at a local minimum: before the prior predictor is learned (LR1) the checkpoints are far from
+        # one and chains find lower loss, so the sampler is judged from the E[ŷ²] minimum (the end of LR1) on
+        llc_rows = r["run"].llc
+        after = llc_rows[llc_rows["step"] >= t_min]
+        mixed = after["flags"].map(lambda f: not (_UNMIXED & set(str(f).split(";"))))
+        add("LLC chains stationary and mixed once the prior is learned", name, "§D2 (App. A diagnostics)",
+            f"no not_stationary / chains_disagree / diverged / short_burnin flag at ≥ 90% of the checkpoints from "
+            f"step {int(t_min):,} (the E[ŷ²] minimum, end of LR1)", f"{int(mixed.sum())} of {len(after)} checkpoints"
+            + (f"; flagged at steps {_fmt_steps(after.loc[~mixed, 'step'])}" if (~mixed).any() else ""),
+            bool(mixed.mean() >= 0.9) if len(after) else None)
+    if len(results) > 1:
+        seqs = {name: _type_sequence(r["table"]) for name, r in results.items()}
+        add("the order of stage types is the same in every seed", "all seeds", "§D4 ('their order is preserved')",
+            "identical sequences of stage types (consecutive repeats merged)",
+            "; ".join(f"{n}: {s}" for n, s in seqs.items()), len(set(seqs.values())) == 1)
+    else:
+        add("the order of stage types is the same in every seed", "all seeds", "§D4 ('their order is preserved')",
+            "at least two seeds", f"one seed ({cfg.seeds[0]}); add seeds to check", None)
+    if cfg.scale == "paper":
+        r0 = results[run_name(cfg.seeds[0])]
+        ends = r0["table"]["end"].iloc[:-1].to_numpy(float)
+        paper_ends = [e for _, e, *_ in PAPER_STAGES[:-1]]
+        near = [any(abs(math.log(e / p)) <= math.log(2) for e in ends if e > 0) for p in paper_ends]
+        add("boundaries near the paper's (1k, 40k, 126k, 320k)", run_name(cfg.seeds[0]), "§D4 Table 2",
+            "a boundary within a factor 2 of each of the paper's", f"boundaries at {_fmt_steps(ends)}",
+            all(near))
+    return pd.DataFrame(rows)
+
+
+# ================================================================================================ figures
+def _bands(ax, table: pd.DataFrame, xmin: float) -> None:
+    """Stage bands as in Hoogland et al. Fig. 1 (orange: LLC rising, type A; blue: falling, type B)."""
+    from matplotlib import colormaps
+
+    na = nb = 0
+    for row in table.itertuples():
+        if row.type == "A":
+            colour, na = colormaps["Oranges"](0.25 + 0.2 * (na % 2)), na + 1
+        else:
+            colour, nb = colormaps["Blues"](0.25 + 0.2 * (nb % 2)), nb + 1
+        ax.axvspan(max(float(row.start), xmin), float(row.end), color=colour, alpha=0.45, lw=0, zorder=0)
+
+
+def indicator_figure(cfg: StagesConfig, r: Mapping[str, Any], path: Path) -> tuple[Path, Path]:
+    """Per-stage indicators against step with the stage bands (Hoogland et al. Fig. 5 and §D.3.4): E[ŷ²] with σ²;
+    the ICL score per input scale g with ridge's (dashed); RMS of each LN weight vector; the fraction of LN weights
+    with |w| < threshold."""
+    import matplotlib.pyplot as plt
+
+    curves, table = r["curves"], r["table"]
+    s = curves["step"].to_numpy(float)
+    xmin = float(s[s > 0].min()) if (s > 0).any() else 1.0
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
+    ax = axes[0, 0]
+    ax.plot(s, curves["yhat_sq"], "o-", color="k", ms=2.5, lw=1.2, label="E[ŷ²] (g = 1)")
+    ax.axhline(cfg.noise_var, color="tab:red", ls="--", lw=1, label=f"σ² = {cfg.noise_var:g}")
+    ax.set_yscale("log")
+    ax.set_title("LR1 indicator: E[ŷ²] over sequences and positions (the prior predictor gives 0)", fontsize=9)
+    ax = axes[0, 1]
+    colours = plt.cm.plasma(np.linspace(0.1, 0.8, len(cfg.input_scales)))
+    for g, c in zip(cfg.input_scales, colours, strict=True):
+        col = f"icl_g{_g_label(g)}"
+        ax.plot(s, curves[col], "o-", color=c, ms=2.5, lw=1.2, label=f"g = {g:g}")
+        ax.axhline(r["ridge"][col], color=c, ls="--", lw=0.9)
+    ax.axhline(0, color="0.3", lw=0.6)
+    ax.set_title(f"ICL score ℓ_{cfg.late} − ℓ_{cfg.icl_early} on x ~ N(0, g I) (dashed: ridge; lower = better ICL)",
+                 fontsize=9)
+    lns = [c.split(":", 1)[1] for c in curves.columns if c.startswith("ln_rms:")]
+    ln_colours = plt.cm.tab10(np.arange(len(lns)) % 10)
+    for name, c in zip(lns, ln_colours, strict=True):
+        axes[1, 0].plot(s, curves[f"ln_rms:{name}"], "o-", color=c, ms=2, lw=1.2, label=name)
+        axes[1, 1].plot(s, curves[f"ln_small:{name}"], "o-", color=c, ms=2, lw=1.2, label=name)
+    axes[1, 0].set_title("LayerNorm weights: RMS ‖w‖/√d of each LN (1 at initialisation)", fontsize=9)
+    axes[1, 1].set_title(f"LayerNorm collapse: fraction of weights with |w_i| < {cfg.ln_threshold:g}", fontsize=9)
+    axes[1, 1].set_ylim(-0.02, 1.02)
+    for ax in axes.flat:
+        _bands(ax, table, xmin)
+        step_axis(ax)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{r['run'].path.name}: indicators over training, with the LLC stages (orange: type A, blue: B)",
+                 fontsize=10)
+    return save_figure(fig, path)
+
+
+def pc_scores_figure(r: Mapping[str, Any], path: Path) -> tuple[Path, Path]:
+    """PC scores of the essential dynamics against step (Hoogland et al. Fig. 6): raw (dots) and smoothed (lines),
+    with the LLC stage boundaries (dashed) and the ED cusps / vertices (ticks at the top)."""
+    import matplotlib.pyplot as plt
+
+    ed, table = r["ed"], r["table"]
+    s = ed.steps.astype(float)
+    n = ed.smoothed.shape[1]
+    fig, axes = plt.subplots(n, 1, figsize=(8, 2.2 * n), sharex=True, constrained_layout=True, squeeze=False)
+    events = ed.event_steps()
+    for i in range(n):
+        ax = axes[i, 0]
+        ax.plot(s, ed.scores[:, i], ".", color="0.6", ms=3)
+        ax.plot(s, ed.smoothed[:, i], "-", color="tab:purple", lw=1.4)
+        for b in table["end"].iloc[:-1]:
+            ax.axvline(float(b), color="k", ls="--", lw=0.9)
+        for e in events:
+            ax.axvline(float(e), ymin=0.9, ymax=1.0, color="tab:red", lw=1.5)
+        ax.set_ylabel(f"PC{i + 1} ({100 * ed.explained_variance_ratio[i]:.0f}%)")
+        step_axis(ax)
+    fig.suptitle(f"{r['run'].path.name}: PC scores over training; dashed: LLC stage boundaries; red ticks: ED "
+                 "cusps / vertices", fontsize=9)
+    return save_figure(fig, path)
+
+
+def seeds_figure(results: Mapping[str, Mapping[str, Any]], path: Path) -> tuple[Path, Path]:
+    """LLC (top) and test loss (bottom) of every seed against step, with each seed's boundaries as ticks."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, constrained_layout=True)
+    colours = plt.cm.tab10(np.arange(len(results)) % 10)
+    for (name, r), c in zip(results.items(), colours, strict=True):
+        u = r["used"]
+        axes[0].plot(u["step"], u["llc_mean"], "o-", color=c, ms=2.5, lw=1.2, label=name)
+        axes[1].plot(u["step"], u["loss"], "-", color=c, lw=1.2, label=name)
+        for b in r["table"]["end"].iloc[:-1]:
+            axes[0].axvline(float(b), ymin=0.92, ymax=1.0, color=c, lw=2)
+    axes[0].set_ylabel("λ̂")
+    axes[1].set_ylabel("test loss")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        step_axis(ax)
+        ax.legend(fontsize=7)
+    fig.suptitle("every seed: LLC and loss over training (ticks: each seed's stage boundaries)", fontsize=9)
+    return save_figure(fig, path)
+
+
+def _figures(cfg: StagesConfig, r: Mapping[str, Any], figs: Path) -> dict[str, Path]:
+    from icl_lab.stages import plot_stages
+    from icl_lab.trajectory import plot_pc_pairs
+
+    name = r["run"].path.name
+    u = r["used"]
+    out = {"stages": plot_stages(u["step"], u["loss"], u["llc_mean"], u["llc_std"], r["table"],
+                                 figs / f"stages_{name}", milestones=r["milestones"],
+                                 loss_label="test loss (fresh tasks)",
+                                 title=f"{name}: loss and LLC with stages (Hoogland et al. Fig. 1)")[0],
+           "indicators": indicator_figure(cfg, r, figs / f"indicators_{name}")[0],
+           "ed": plot_pc_pairs(r["ed"], figs / f"ed_{name}", osculating=True,
+                               title=f"{name}: essential dynamics (Hoogland et al. Fig. 2)")[0],
+           "pc_scores": pc_scores_figure(r, figs / f"pc_scores_{name}")[0]}
+    cal = r["run"].path / "figures" / "llc_calibration.png"
+    if cal.exists():
+        out["calibration"] = cal
+    return out
+
+
+# ================================================================================================ the report
+def scale_table(cfg: StagesConfig) -> pd.DataFrame:
+    """This study's sizes next to the paper's (papers.md §D1-D2)."""
+    from icl_lab.model import build_model, count_parameters
+
+    rc = cfg.run_config(cfg.seeds[0])
+    m = rc.model
+    n_params = count_parameters(build_model(rc.task, m, 0))
+    s = cfg.sampler
+    rows = [
+        ("model", f"preset '{cfg.preset}': {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads × {m.d_head}, "
+                  f"MLP {m.d_mlp} ({m.activation}), {n_params:,} parameters",
+         "about 50k parameters [EXT: 2 layers, 4 heads, d 64, MLP 64]"),
+        ("tasks", f"M = ∞ (w ~ N(0, I_D) per sequence), D = {cfg.D}, K = {cfg.K}, σ² = {cfg.noise_var:g}",
+         "M = ∞, σ² = 0.125 [EXT: D = 4, K = 8]"),
+        ("optimiser", f"AdamW (weight decay {cfg.weight_decay:g}), lr {cfg.lr:g}, {cfg.schedule} schedule",
+         "[EXT] Adam, lr 0.003, linear one-cycle (50% warm-up)"),
+        ("batch × steps", f"{cfg.batch_size} × {cfg.steps:,} = {cfg.batch_size * cfg.steps:,} sequences",
+         "[EXT] 256 × 500,000 = 128,000,000"),
+        ("seeds", ", ".join(map(str, cfg.seeds)), "5 (stage table for seed 1)"),
+        ("checkpoints (LLC at each)", f"{cfg.n_checkpoints_linear} linear + {cfg.n_checkpoints_log} log-spaced",
+         "[EXT] 200 linear + 100 log-spaced"),
+        ("LLC sampler (before calibration)", f"{s.num_chains} chains × {s.num_draws} draws, burn-in ≥ "
+         f"{s.num_burnin}, minibatch {s.batch_size}, γ = {s.localization:g}, n = {cfg.llc_n:,}; ε from "
+         f"{', '.join(f'{e:g}' for e in cfg.step_sizes)}", "[EXT] 8 chains × 500 draws, 500 burn-in, minibatch "
+         "1024, n = 32,768"),
+    ]
+    return pd.DataFrame(rows, columns=["setting", f"this study (scale '{cfg.scale}'{', quick' if cfg.quick else ''})",
+                                       "Hoogland et al."])
+
+
+def _paper_table() -> pd.DataFrame:
+    return pd.DataFrame([{"stage": s, "end": e, "type": t, "Δℓ̂": dl, "Δλ̂": dlam} for s, e, t, dl, dlam in PAPER_STAGES])
+
+
+def _stage_view(r: Mapping[str, Any]) -> pd.DataFrame:
+    """The stage table with its per-stage indicator changes, for the report."""
+    t = r["table"]
+    ch = r["changes"]
+    cols = ["stage", "start", "end", "type", "end_kind", "delta_loss", "delta_llc", "llc_end"]
+    view = t[cols].copy()
+    for c in ("loss_step", "loss_agrees", "ed_step", "ed_agrees"):
+        if c in t.columns:
+            view[c] = t[c]
+    view["ΔE[ŷ²]"] = ch["Δyhat_sq"].to_numpy()
+    for c in ch.columns:
+        if c.startswith("Δicl_g"):
+            view[f"ΔICL g={c[len('Δicl_g'):]}"] = ch[c].to_numpy()
+        if c.startswith("Δln_rms:"):
+            view[f"ΔRMS {c.split(':', 1)[1]}"] = ch[c].to_numpy()
+    view["start"] = view["start"].astype(int)
+    view["end"] = view["end"].astype(int)
+    return view
+
+
+def _write(cfg: StagesConfig, out: Path, results, exp: pd.DataFrame, pngs, settings: LLCSettings, cal_step: int,
+           timer: PhaseTimer) -> Path:
+    n_pass = int((exp["verdict"] == "pass").sum())
+    sections = [Section("Scale", (
+        "The sizes of this study next to the paper's. At small scale training is far shorter (fewer sequences, a "
+        "faster schedule), so stage boundaries sit at other steps and late stages may not be reached (papers.md "
+        "§G9: the order of the stages is what should hold)."), tables=[scale_table(cfg)])]
+    sections.append(Section("Expectations and measured verdicts", (
+        f"{n_pass} of {len(exp)} checks pass. The rules were fixed before any run (see `expectations` in "
+        "icl_lab.studies.stages); 'unclear' means the check could not be made and says why."), tables=[exp]))
+    s = settings.sampler
+    for name, r in results.items():
+        t, u, cur = r["table"], r["used"], r["curves"]
+        bounds = t["end"].iloc[:-1]
+        flags = r["run"].llc["flags"].fillna("")
+        n_flagged = int((flags != "").sum())
+        text = (
+            f"Test loss (top, fresh tasks) and LLC (bottom, mean ± std over {s.num_chains} chains) against step, with "
+            f"the stages found at critical points of λ̂ against log step (orange: λ̂ rises, type A; blue: falls, type "
+            f"B; dotted: milestones). Measured: {len(t)} stage(s) of types {' '.join(t['type'])}, boundaries at "
+            f"steps {_fmt_steps(bounds)}; λ̂ from {u['llc_mean'].iloc[0]:.3g} at step {int(u['step'].iloc[0])} to a "
+            f"maximum of {u['llc_mean'].max():.3g} at step {int(u.loc[u['llc_mean'].idxmax(), 'step']):,} and "
+            f"{u['llc_mean'].iloc[-1]:.3g} at the end; the loss from {u['loss'].iloc[0]:.3g} to "
+            f"{u['loss'].iloc[-1]:.3g}. {n_flagged} of {len(flags)} LLC estimates carry a diagnostic flag "
+            f"({', '.join(sorted({f for fl in flags for f in fl.split(';') if f})) or 'none'}). The table gives per "
+            "stage the change in loss and LLC, the nearest loss milestone and ED form to each boundary (agreement: "
+            "within 0.3 in log step), and the change of each indicator. The paper's Table 2 (seed 1) follows.")
+        sections.append(Section(f"Stages, {name} (Hoogland et al. Fig. 1, Table 2)", text,
+                                figures=[pngs[name]["stages"]], tables=[_stage_view(r), _paper_table()]))
+        i_min = int(np.argmin(cur["yhat_sq"].to_numpy()))
+        icl_txt = "; ".join(
+            f"g = {g:g}: {cur[f'icl_g{_g_label(g)}'].iloc[0]:.3g} → min {cur[f'icl_g{_g_label(g)}'].min():.3g} → "
+            f"{cur[f'icl_g{_g_label(g)}'].iloc[-1]:.3g} (ridge {r['ridge'][f'icl_g{_g_label(g)}']:.3g})"
+            for g in cfg.input_scales)
+        lns = [c.split(":", 1)[1] for c in cur.columns if c.startswith("ln_rms:")]
+        ln_txt = "; ".join(f"{n}: RMS {cur[f'ln_rms:{n}'].iloc[0]:.3g} → min {cur[f'ln_rms:{n}'].min():.3g} → "
+                           f"{cur[f'ln_rms:{n}'].iloc[-1]:.3g}, {cur[f'ln_small:{n}'].iloc[-1]:.0%} of weights below "
+                           f"{cfg.ln_threshold:g} at the end" for n in lns)
+        text = (f"Indicators on {cfg.eval_size:,} fixed fresh-task sequences at every checkpoint, on the stage bands. "
+                f"E[ŷ²]: {cur['yhat_sq'].iloc[0]:.3g} at step 0, minimum {cur['yhat_sq'].iloc[i_min]:.3g} at step "
+                f"{int(cur['step'].iloc[i_min]):,} (σ² = {cfg.noise_var:g}), {cur['yhat_sq'].iloc[-1]:.3g} at the end. "
+                f"ICL score ℓ_{cfg.late} − ℓ_{cfg.icl_early} (start → min → end): {icl_txt}. LayerNorm weights: "
+                f"{ln_txt}.")
+        sections.append(Section(f"Indicators per stage, {name} (Hoogland et al. Fig. 5, §D.3.4)", text,
+                                figures=[pngs[name]["indicators"]]))
+        ed = r["ed"]
+        ev = ", ".join(f"{v:.1%}" for v in ed.explained_variance_ratio)
+        cusps = sorted({int(x) for f in ed.features.values() for x in ed.steps[f.cusps]})
+        verts = sorted({int(x) for f in ed.features.values() for x in ed.steps[f.vertices]})
+        text = (f"PCA of the predictions on {cfg.ed_batch} fixed fresh-task sequences at each of "
+                f"{len(ed.steps)} checkpoints, smoothed with σ = {cfg.ed_sigma:g} checkpoints; explained variance "
+                f"{ev} (the paper's LR model: 65%, 8%, 5%). Cusps (steps): {_fmt_steps(cusps)}; vertices (circles, "
+                f"with osculating circles; steps): {_fmt_steps(verts)}. Below: PC scores against step with the LLC "
+                f"boundaries (dashed) at {_fmt_steps(bounds)}.")
+        sections.append(Section(f"Essential dynamics, {name} (Hoogland et al. Figs. 2 and 6)", text,
+                                figures=[pngs[name]["ed"], pngs[name]["pc_scores"]]))
+    if "seeds" in pngs:
+        sections.append(Section("All seeds", (
+            "LLC and loss of every seed with each seed's boundaries (ticks). Boundaries per seed: "
+            + "; ".join(f"{n}: {_fmt_steps(r['table']['end'].iloc[:-1])} (types {_type_sequence(r['table'])})"
+                        for n, r in results.items()) + "."), figures=[pngs["seeds"]]))
+    first = run_name(cfg.seeds[0])
+    cal_figs = [pngs[first]["calibration"]] if "calibration" in pngs[first] else []
+    sections.append(Section("LLC settings", (
+        f"Calibrated once at step {cal_step:,} of {first} (the first checkpoint at or after "
+        f"{cfg.calibration_frac:.0%} of training) over ε in {', '.join(f'{e:g}' for e in cfg.step_sizes)} at γ = "
+        f"{cfg.sampler.localization:g}, each grid point burning in for max({cfg.sampler.num_burnin}, min_burnin(ε, γ) "
+        f"≈ 3/(εγ)) steps; chosen: ε = {s.step_size:g}, γ = {s.localization:g}, nβ = "
+        f"{'n/log n' if s.nbeta is None else f'{s.nbeta:g}'}, {s.num_chains} chains × {s.num_draws} draws after "
+        f"{s.num_burnin} burn-in, minibatch {s.batch_size}, on n = {settings.n:,} fixed fresh-task sequences. The "
+        "same settings, data and SGLD seed are used at every checkpoint of every seed."), figures=cal_figs))
+    diffs = exp[exp["verdict"] != "pass"]
+    text = ("Every expectation this study did not reproduce, with the measured numbers (never tuned to agree): "
+            + " ".join(f"[{d.verdict}] {d.expectation} ({d.run}): expected {d.expected}; measured {d.measured}."
+                       for d in diffs.itertuples()) if len(diffs) else
+            "Every expectation in the table was reproduced at this scale.")
+    r0 = results[first]
+    text += ("\n\nStage boundaries: the paper's end at 1k, 40k, 126k, 320k and 500k steps (batch 256, 500k steps); "
+             f"here ({cfg.batch_size} × {cfg.steps:,}) at {_fmt_steps(r0['table']['end'])}, types "
+             f"{' '.join(r0['table']['type'])} against the paper's A A B B A. Only the order is comparable "
+             "(papers.md §G9).")
+    sections.append(Section("Where this study differs from the paper", text))
+    timing = pd.DataFrame([{"phase": k, "seconds": round(v, 1)} for k, v in timer.seconds.items()])
+    sections.append(Section("Wall time per phase", (
+        f"Measured in this invocation (executor {cfg.executor}, {cfg.workers} workers, device {cfg.device}); "
+        "finished runs and LLC estimates are reused and cost nothing. Writing this page is not included "
+        "(timings.json has it)."), tables=[timing]))
+    intro = (f"Hoogland et al. (2024) at scale '{cfg.scale}'{' (quick)' if cfg.quick else ''}: M = ∞, D = {cfg.D}, "
+             f"K = {cfg.K}, σ² = {cfg.noise_var:g}, preset '{cfg.preset}', {cfg.steps:,} steps at batch "
+             f"{cfg.batch_size}, seeds {cfg.seeds}. LLC at every checkpoint with one calibrated setting; essential "
+             "dynamics; stages at critical points of the LLC; ICL score, E[ŷ²] and LayerNorm weights per stage.")
+    return write_report(out / "report.html", "The developmental landscape of in-context learning", intro, sections)
