@@ -347,6 +347,8 @@ def sweep(
 # `run_study(cfg, out) -> report path`. Their runs train through the sweep machinery (local, ray or slurm).
 SWEEP_STUDIES = {
     "task-diversity": ("icl_lab.studies.task_diversity", "TaskDiversityConfig"),
+    "transient-ridge": ("icl_lab.studies.transient_ridge", "TransientRidgeConfig"),
+    "stages": ("icl_lab.studies.stages", "StagesConfig"),
 }
 STUDY_NAMES = ("low-diversity", *SWEEP_STUDIES)
 
@@ -379,7 +381,9 @@ def study(
     dry_run: Annotated[bool, typer.Option(help="papers' studies: validate and list the runs; write nothing")] = False,
 ) -> None:
     """Run an end-to-end study; finished parts are reused. low-diversity: training, LLC, essential dynamics, stages
-    (M = 1, 2). task-diversity: Raventós et al., M = 2^0 ... 2^k and ∞ at batch sizes B and 2B, the threshold M*."""
+    (M = 1, 2). task-diversity: Raventós et al., M = 2^0 ... 2^k and ∞ at batch sizes B and 2B, the threshold M*.
+    transient-ridge: Carroll et al., nested pools, OOD loss and t_crit per M, joint trajectory PCA, LLC against M.
+    stages: Hoogland et al., M = ∞, LLC curve, essential dynamics, stage table, ICL score and LayerNorm weights."""
     from icl_lab.studies.low_diversity import LowDiversityConfig, run_study
 
     if name in SWEEP_STUDIES:

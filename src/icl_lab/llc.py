@@ -907,7 +907,8 @@ def plot_calibration(cal: Calibration, path: str | Path) -> list[Path]:
     ax_t.set_xlabel("SGLD step (shaded: burn-in)")
     ax_t.set_ylabel("nβ (ℓ_t − ℓ_n(w*)), chain mean")
     ax_t.set_yscale("symlog", linthresh=1.0)
-    ax_t.legend(fontsize=8)
+    if ax_t.get_legend_handles_labels()[0]:  # every grid point may have diverged
+        ax_t.legend(fontsize=8)
     out = [path.with_suffix(".png"), path.with_suffix(".pdf")]
     for p in out:
         fig.savefig(p, dpi=150)

@@ -253,7 +253,8 @@ def test_cli_bad_config_file_and_unknown_study(tmp_path):
                            env={"COLUMNS": "300"})
     assert result.exit_code == 2 and "learning_rate: Extra inputs are not permitted" in result.output
     result = runner.invoke(app, ["study", "task-diverse", "--out", str(tmp_path / "s")], env={"COLUMNS": "300"})
-    assert result.exit_code == 2 and "available: low-diversity, task-diversity" in result.output
+    assert result.exit_code == 2
+    assert "available: low-diversity, task-diversity, transient-ridge, stages" in result.output
     result = runner.invoke(app, ["study", "low-diversity", "--scale", "paper", "--out", str(tmp_path / "s")],
                            env={"COLUMNS": "300"})
     assert result.exit_code == 2 and "apply to the studies task-diversity" in result.output
