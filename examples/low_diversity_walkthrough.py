@@ -3,10 +3,11 @@
 #
 # The same study as `icl-lab study low-diversity`, one step at a time, for interactive use (VS Code / Jupyter
 # understand the `# %%` cells; `python examples/low_diversity_walkthrough.py` runs it top to bottom).
-# Sizes are small so that it finishes in a few minutes on a laptop CPU; raise STEPS and the LLC draws for the
-# real thing.
+# Sizes are small so that it finishes in about ten minutes on a laptop CPU; raise STEPS, the checkpoints and the LLC
+# draws for the real thing.
 
 # %%
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,12 @@ from icl_lab.stages import find_milestones, stage_table
 from icl_lab.store import Run
 from icl_lab.train import train
 
-OUT = Path("runs/walkthrough")
-STEPS = 2000
+OUT = Path(os.environ.get("WALKTHROUGH_OUT", "runs/walkthrough"))
+QUICK = os.environ.get("WALKTHROUGH_QUICK") == "1"  # a smoke-test size (tests/test_examples.py)
+STEPS = 300 if QUICK else 2000
+CHECKPOINTS = dict(n_checkpoints_linear=3, n_checkpoints_log=4) if QUICK else dict(n_checkpoints_linear=4,
+                                                                                  n_checkpoints_log=10)
+SAMPLER = dict(num_chains=2, num_draws=40) if QUICK else dict(num_chains=4, num_draws=100)
 torch.set_num_threads(2)
 
 # %% [markdown]
@@ -31,7 +36,7 @@ torch.set_num_threads(2)
 runs = {}
 for M in (1, 2):
     cfg = build_run_config(overrides=dict(preset="seed", family="unit_norm", noise_var=0.0, M=M, steps=STEPS,
-                                          n_checkpoints_linear=10, n_checkpoints_log=20))
+                                          **CHECKPOINTS))
     path = OUT / f"M{M}"
     runs[M] = Run.load(path) if (path / "config.json").exists() and Run.load(path).finished else train(cfg, path)
     print(runs[M], "final in-distribution loss", runs[M].metrics["id_loss"].iloc[-1])
@@ -56,9 +61,11 @@ for run in runs.values():
 # runs with the same settings and the same fixed data. Diagnostics flag anything not to be trusted.
 
 # %%
-base = LLCSettings(sampler=LLCConfig(num_chains=4, num_draws=150, num_burnin=50, batch_size=64), n=2048)
-calibration, settings = calibrate_run(runs[2], settings=base, step_sizes=[3e-5, 1e-4, 3e-4, 1e-3])
-print(calibration.table[["step_size", "llc_mean", "llc_std", "ok", "flags"]])
+# γ = 1000 as in the study; calibration burns each ε in for max(50, min_burnin(ε, γ) ≈ 3/(εγ)) steps.
+base = LLCSettings(sampler=LLCConfig(**SAMPLER, num_burnin=50, batch_size=32, localization=1000.0), n=2048)
+calibration, settings = calibrate_run(runs[2], settings=base, step_sizes=[3e-5, 1e-4] if QUICK else
+                                      [1e-5, 3e-5, 1e-4, 3e-4])
+print(calibration.table[["step_size", "num_burnin", "llc_mean", "llc_std", "ok", "flags"]])
 print("chosen:", settings.sampler)
 for M, run in runs.items():
     llc = estimate_run(run, settings=settings)
