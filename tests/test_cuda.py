@@ -45,3 +45,4 @@ def test_tiny_low_diversity_study_on_cuda(tmp_path):
     for name in ("M1-seed0", "M2-seed0"):
         llc = Run.load(tmp_path / "runs" / name).llc
         assert llc is not None and np.isfinite(llc["llc_mean"]).any()
+        assert (llc["device"] == "cuda").all()  # the LLC ran on the study's device, not on the CPU

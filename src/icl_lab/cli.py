@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import sys
 import typing
 from pathlib import Path
@@ -200,6 +201,7 @@ def llc(
     draws: Annotated[int, typer.Option(help="draws kept after burn-in")] = 200,
     burnin: Annotated[int, typer.Option(help="burn-in draws")] = 50,
     batch_size: Annotated[int, typer.Option(help="SGLD minibatch size")] = 64,
+    device: Annotated[str, typer.Option(help="where the chains run: cpu or cuda[:N]")] = "cpu",
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """LLC over training: `icl-lab llc calibrate RUN` picks SGLD settings at one checkpoint and saves them;
@@ -210,6 +212,13 @@ def llc(
     action, paths = ("calibrate", target[1:]) if target and target[0] == "calibrate" else ("estimate", target)
     if len(paths) != 1:
         fail("usage: icl-lab llc RUN  |  icl-lab llc calibrate RUN")
+    if not (device == "cpu" or re.fullmatch(r"cuda(:\d+)?", device)):
+        fail(f"--device: unknown device {device!r}; allowed: cpu, cuda, cuda:N")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            fail(f"--device {device}: no CUDA device on this machine (allowed here: cpu)")
     run = _load_run(Path(paths[0]))
     floats = lambda text: [float(v) for v in text.split(",")] if text else None  # noqa: E731
     try:
@@ -217,14 +226,14 @@ def llc(
             sampler = LLCConfig(num_chains=chains, num_draws=draws, num_burnin=burnin, batch_size=batch_size)
             base = LLCSettings(sampler=sampler, n=n, data=data, seed=run.config.seed)
             cal, chosen = calibrate_run(run, step, settings=base, step_sizes=floats(step_sizes),
-                                        localizations=floats(localizations), nbetas=floats(nbetas))
+                                        localizations=floats(localizations), nbetas=floats(nbetas), device=device)
             Console().print(cal.table.to_string())
             typer.echo(f"chosen: {chosen.sampler.model_dump()} ({cal.reason}); saved to {run.path}/llc_settings.json")
         else:
             if load_settings(run) is None:
                 fail(f"{run.path} has no LLC settings; run `icl-lab llc calibrate {run.path}` first")
             subset = [int(v) for v in steps.split(",")] if steps else None
-            df = estimate_run(run, subset, workers=workers, progress=not quiet)
+            df = estimate_run(run, subset, workers=workers, progress=not quiet, device=device)
             typer.echo(df[["step", "llc_mean", "llc_std", "ok"]].to_string(index=False))
     except (ValueError, ValidationError) as e:
         fail(str(e))

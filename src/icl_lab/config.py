@@ -22,6 +22,22 @@ Readout = Literal["token", "scalar"]
 Schedule = Literal["constant", "triangle", "cosine"]
 
 
+def parse_m(v: Any) -> Any:
+    """A task diversity from text or a number: an integer, or 'inf' / 'infinity' / 'none' / '∞' / float inf for
+    M = ∞ (None); anything else is returned for the field's own validation."""
+    if isinstance(v, str):
+        text = v.strip().lower()
+        if text in {"inf", "infinity", "none", "∞"}:
+            return None
+        try:
+            return int(text)
+        except ValueError as e:
+            raise ValueError(f"M must be an integer >= 1 or 'inf', got {v!r}") from e
+    if isinstance(v, float) and math.isinf(v):
+        return None
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
@@ -38,16 +54,7 @@ class TaskConfig(_Strict):
     @field_validator("M", mode="before")
     @classmethod
     def _parse_m(cls, v: Any) -> Any:
-        if isinstance(v, str) and v.strip().lower() in {"inf", "infinity", "none", "∞"}:
-            return None
-        if isinstance(v, float) and math.isinf(v):
-            return None
-        if isinstance(v, str):
-            try:
-                return int(v)
-            except ValueError as e:
-                raise ValueError(f"M must be an integer >= 1 or 'inf', got {v!r}") from e
-        return v
+        return parse_m(v)
 
     @field_validator("M")
     @classmethod

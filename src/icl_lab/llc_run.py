@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -76,8 +77,24 @@ def save_settings(run: Run, settings: LLCSettings) -> None:
     write_json(settings_path(run), json.loads(settings.model_dump_json()))
 
 
-def calibrate_run(run: Run, step: int | None = None, settings: LLCSettings | None = None, **grid) -> tuple:
-    """Sweep ε (and γ, nβ) at one checkpoint (default: the last), pick the settings, save them with the run.
+@contextmanager
+def _one_cpu_thread(device: str) -> Iterator[None]:
+    """Sample with one torch thread on CPU, restoring the caller's count: these models are so small that a second
+    intra-op thread only synchronises, and next to a busy core it spins (measured: 10 s against 0.1 s for a tiny
+    estimate)."""
+    before = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def calibrate_run(run: Run, step: int | None = None, settings: LLCSettings | None = None, device: str = "cpu",
+                  **grid) -> tuple:
+    """Sweep ε (and γ, nβ) at one checkpoint (default: the last) on `device`, pick the settings, save them with
+    the run.
 
     Returns (calibration, chosen LLCSettings); also writes RUN/llc_calibration.parquet and its figure.
     """
@@ -85,9 +102,10 @@ def calibrate_run(run: Run, step: int | None = None, settings: LLCSettings | Non
 
     settings = settings or load_settings(run) or LLCSettings(seed=run.config.seed)
     step = run.checkpoint_steps[-1] if step is None else step
-    model = run.load_checkpoint(step)
+    model = run.load_checkpoint(step, device)
     data = llc_data(run, settings.n, settings.data)
-    cal = calibrate(model, data, mse_loss, base=settings.sampler, seed=_sgld_seed(settings), **grid)
+    with _one_cpu_thread(device):
+        cal = calibrate(model, data, mse_loss, base=settings.sampler, seed=_sgld_seed(settings), **grid)
     write_parquet(run.path / "llc_calibration.parquet", cal.table.assign(step=step))
     plot_calibration(cal, run.path / "figures" / "llc_calibration")
     if cal.chosen is None:
@@ -102,19 +120,20 @@ def _sgld_seed(settings: LLCSettings) -> int:
     return derive_seed(settings.seed, "sgld") % (2**31)
 
 
-def estimate_step(run_path: str | Path, step: int, settings_json: str) -> dict:
-    """One checkpoint's LLC as a parquet row (a top-level function so worker processes can run it)."""
-    torch.set_num_threads(1)
+def estimate_step(run_path: str | Path, step: int, settings_json: str, device: str = "cpu") -> dict:
+    """One checkpoint's LLC as a parquet row (a top-level function so worker processes can run it). The device is
+    where it runs, not part of the settings (recorded in the row: CPU and GPU agree only to float tolerance)."""
     run = Run.load(run_path)
     settings = LLCSettings.model_validate_json(settings_json)
-    model = run.load_checkpoint(step)
+    model = run.load_checkpoint(step, device)
     data = llc_data(run, settings.n, settings.data)
-    result = estimate_llc(model, data, mse_loss, config=settings.sampler, seed=_sgld_seed(settings))
-    return {"step": step, **result.to_row(), "settings_hash": settings.digest()}
+    with _one_cpu_thread(device):
+        result = estimate_llc(model, data, mse_loss, config=settings.sampler, seed=_sgld_seed(settings))
+    return {"step": step, **result.to_row(), "settings_hash": settings.digest(), "device": str(device)}
 
 
 def estimate_run(run: Run, steps: Iterable[int] | None = None, settings: LLCSettings | None = None,
-                 workers: int = 1, progress: bool = True) -> pd.DataFrame:
+                 workers: int = 1, progress: bool = True, device: str = "cpu") -> pd.DataFrame:
     """Estimate the LLC at every checkpoint of `run` (or `steps`), skipping steps already done with the same
     settings; writes RUN/llc.parquet after every finished step, so an interrupted job resumes where it stopped.
     settings default to the run's saved (calibrated) ones."""
@@ -122,12 +141,12 @@ def estimate_run(run: Run, steps: Iterable[int] | None = None, settings: LLCSett
     if settings is None:
         raise ValueError(f"{run.path} has no LLC settings; run `icl-lab llc calibrate {run.path}` first")
     estimate_runs([run], settings, steps={run.path: steps} if steps is not None else None, workers=workers,
-                  progress=progress)
+                  progress=progress, device=device)
     return run.llc
 
 
 def estimate_runs(runs: list[Run], settings: LLCSettings, steps: dict[Path, Iterable[int]] | None = None,
-                  workers: int = 1, progress: bool = True) -> None:
+                  workers: int = 1, progress: bool = True, device: str = "cpu") -> None:
     """`estimate_run` for several runs with one settings object; all (run, step) jobs share one process pool."""
     payload, digest = settings.model_dump_json(), settings.digest()
     rows: dict[Path, list[dict]] = {}
@@ -150,13 +169,13 @@ def estimate_runs(runs: list[Run], settings: LLCSettings, steps: dict[Path, Iter
     with Bar(progress, len(jobs), "LLC checkpoints") as bar:
         if workers <= 1 or len(jobs) <= 1:
             for run, step in jobs:
-                rows[run.path].append(estimate_step(run.path, step, payload))
+                rows[run.path].append(estimate_step(run.path, step, payload, device))
                 save(run)
                 bar.advance()
         else:
             ctx = mp.get_context("spawn")
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                futures = {pool.submit(estimate_step, run.path, step, payload): run for run, step in jobs}
+                futures = {pool.submit(estimate_step, run.path, step, payload, device): run for run, step in jobs}
                 for fut in as_completed(futures):
                     run = futures[fut]
                     rows[run.path].append(fut.result())

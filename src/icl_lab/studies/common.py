@@ -1,5 +1,5 @@
-"""Pieces every study shares: training a grid of runs in worker processes, timing phases, predictions of a
-run's checkpoints on a fixed batch."""
+"""Pieces every study shares: the settings of the papers' sweep-based studies (scale, executor), training a grid
+of runs in worker processes, timing phases, predictions of a run's checkpoints on a fixed batch."""
 
 from __future__ import annotations
 
@@ -9,15 +9,73 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
-from icl_lab.config import RunConfig
+from icl_lab.config import RunConfig, parse_m
 from icl_lab.evaluate import predict
 from icl_lab.progress import Bar
 from icl_lab.store import Run
+
+
+def parse_ms(v: Any) -> Any:
+    """A list of task diversities from "1,2,inf" or a list (for a pydantic `mode="before"` validator)."""
+    if isinstance(v, str):
+        v = v.split(",")
+    return [parse_m(m) for m in v] if isinstance(v, (list, tuple)) else v
+
+
+def check_ms(v: list[int | None], min_finite: int, too_few: str) -> list[int | None]:
+    """Task diversities: each ≥ 1 or None (∞), distinct, at least `min_finite` finite (else ValueError(too_few));
+    sorted with ∞ last."""
+    bad = [m for m in v if m is not None and m < 1]
+    if bad:
+        raise ValueError(f"M must be an integer >= 1 or 'inf', got {bad[0]}")
+    if len(set(v)) != len(v):
+        raise ValueError(f"task diversities must be distinct, got {v}")
+    if sum(m is not None for m in v) < min_finite:
+        raise ValueError(too_few)
+    return sorted(m for m in v if m is not None) + ([None] if None in v else [])
+
+
+class SweepStudyConfig(BaseModel):
+    """Settings every sweep-based study of the papers shares: its scale and where its runs train.
+
+    Subclasses add the study's own fields and set PAPER and QUICK, the overrides of the 'paper' scale and of the
+    minutes-long version of 'small' (the subclass's defaults are the 'small' scale).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    PAPER: ClassVar[dict[str, Any]] = {}
+    QUICK: ClassVar[dict[str, Any]] = {}
+    scale: Literal["small", "paper"] = "small"
+    quick: bool = False
+    device: str = "cpu"
+    executor: Literal["local", "ray", "slurm"] = "local"
+    workers: int | None = Field(2, ge=1)
+    address: str | None = Field(None, description="ray: address of an existing cluster")
+    slurm: dict[str, Any] = Field(default_factory=dict, description="slurm: submitit update_parameters options")
+    ensemble: int = Field(1, ge=1, description="train up to N stackable runs together (icl_lab.ensemble)")
+
+    @model_validator(mode="after")
+    def _check_scale(self) -> SweepStudyConfig:
+        if self.quick and self.scale == "paper":
+            raise ValueError("quick is a minutes-long version of the small scale; it cannot be combined with "
+                             "scale='paper' (allowed: quick with scale='small')")
+        return self
+
+    @classmethod
+    def for_scale(cls, scale: str = "small", quick: bool = False, **overrides: Any) -> Any:
+        """The settings of `scale` ('small' or 'paper'; `quick` shrinks 'small'), then `overrides`."""
+        if quick and scale == "paper":
+            raise ValueError("quick: the quick version shrinks the small scale and cannot be combined with scale "
+                             "'paper' (allowed: --quick with --scale small)")
+        base = {"paper": cls.PAPER}.get(scale, {}) | (cls.QUICK if quick else {})
+        return cls(**{**base, **overrides, "scale": scale, "quick": quick})
 
 
 class PhaseTimer:

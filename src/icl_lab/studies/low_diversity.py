@@ -97,7 +97,7 @@ def run_study(cfg: LowDiversityConfig, out: str | Path, progress: bool = True) -
     with timer("llc calibration"):
         settings = _shared_llc_settings(cfg, out, runs)
     with timer("llc over training"):
-        estimate_runs(list(runs.values()), settings, workers=cfg.workers, progress=progress)
+        estimate_runs(list(runs.values()), settings, workers=cfg.workers, progress=progress, device=cfg.device)
 
     with timer("essential dynamics"):
         eds = {name: _essential_dynamics(run, cfg.ed_batch) for name, run in runs.items()}
@@ -134,7 +134,7 @@ def _shared_llc_settings(cfg: LowDiversityConfig, out: Path, runs: dict[str, Run
             return settings
     probe_run = runs[run_name(max(cfg.Ms), cfg.seeds[0])]
     base = LLCSettings(sampler=cfg.sampler, n=cfg.llc_n, data="id", seed=0)
-    _, chosen = calibrate_run(probe_run, settings=base, step_sizes=cfg.step_sizes)
+    _, chosen = calibrate_run(probe_run, settings=base, step_sizes=cfg.step_sizes, device=cfg.device)
     write_json(f, json.loads(chosen.model_dump_json()))
     return chosen
 

@@ -39,12 +39,12 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
 from icl_lab.config import LLCConfig, RunConfig, Schedule, build_run_config
@@ -52,7 +52,7 @@ from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_runs
 from icl_lab.plots import save_figure, step_axis
 from icl_lab.report import Section, write_report
 from icl_lab.store import Run, write_json, write_parquet
-from icl_lab.studies.common import PhaseTimer
+from icl_lab.studies.common import PhaseTimer, SweepStudyConfig
 from icl_lab.studies.task_diversity import check_out
 
 __all__ = [
@@ -91,7 +91,7 @@ QUICK = dict(seeds=[0], steps=3000, n_checkpoints_linear=6, n_checkpoints_log=16
              step_sizes=[3e-5, 1e-4, 3e-4], ed_batch=128)
 
 
-class StagesConfig(BaseModel):
+class StagesConfig(SweepStudyConfig):
     """Settings of the study. The defaults are the 'small' scale, designed to finish within 60 minutes on 2 CPU
     cores; `for_scale` gives 'paper' and `quick`.
 
@@ -114,10 +114,9 @@ class StagesConfig(BaseModel):
     figures 1-2 min. In all about 22-34 minutes.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    PAPER: ClassVar[dict[str, Any]] = PAPER
+    QUICK: ClassVar[dict[str, Any]] = QUICK
     study: Literal["stages"] = "stages"
-    scale: Literal["small", "paper"] = "small"
-    quick: bool = False
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
     D: int = Field(4, ge=1)
     K: int = Field(8, ge=2, description="pairs per sequence (≥ 2: the ICL score compares two positions)")
@@ -148,12 +147,6 @@ class StagesConfig(BaseModel):
     input_scales: list[float] = Field(default_factory=lambda: [1.0, 2.0], min_length=1,
                                       description="g: ICL scores on x ~ N(0, g I_D) (Hoogland et al. Fig. 5)")
     ln_threshold: float = Field(0.1, gt=0, description="an LN weight entry with |w_i| below this counts as collapsed")
-    device: str = "cpu"
-    executor: Literal["local", "ray", "slurm"] = "local"
-    workers: int | None = Field(2, ge=1)
-    address: str | None = Field(None, description="ray: address of an existing cluster")
-    slurm: dict[str, Any] = Field(default_factory=dict, description="slurm: submitit update_parameters options")
-    ensemble: int = Field(1, ge=1, description="train up to N stackable runs together (icl_lab.ensemble)")
 
     @field_validator("seeds")
     @classmethod
@@ -174,24 +167,12 @@ class StagesConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> StagesConfig:
-        if self.quick and self.scale == "paper":
-            raise ValueError("quick is a minutes-long version of the small scale; it cannot be combined with "
-                             "scale='paper' (allowed: quick with scale='small')")
         late = self.K if self.icl_late is None else self.icl_late
         if not self.icl_early < late <= self.K:
             raise ValueError(f"icl_early and icl_late must satisfy 1 <= icl_early < icl_late <= K = {self.K}, got "
                              f"icl_early={self.icl_early}, icl_late={late} (allowed icl_late: "
                              f"{self.icl_early + 1}..{self.K}, or None for K)")
         return self
-
-    @classmethod
-    def for_scale(cls, scale: str = "small", quick: bool = False, **overrides: Any) -> StagesConfig:
-        """The settings of `scale` ('small' or 'paper'; `quick` shrinks 'small'), then `overrides`."""
-        if quick and scale == "paper":
-            raise ValueError("quick: the quick version shrinks the small scale and cannot be combined with scale "
-                             "'paper' (allowed: --quick with --scale small)")
-        base = {"paper": PAPER}.get(scale, {}) | (QUICK if quick else {})
-        return cls(**{**base, **overrides, "scale": scale, "quick": quick})
 
     @property
     def late(self) -> int:
@@ -380,12 +361,7 @@ def _shared_llc_settings(cfg: StagesConfig, out: Path, run: Run) -> tuple[LLCSet
         if saved.get("inputs") == inputs:
             return LLCSettings.model_validate(saved["settings"]), step
     base = LLCSettings(sampler=cfg.sampler, n=cfg.llc_n, data="id", seed=0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as `llc_run.estimate_step` runs every estimate: for models this small one thread is
-    try:  # faster, and two threads next to a busy core spin (measured: 10 s against 0.1 s for a tiny estimate)
-        _, chosen = calibrate_run(run, step=step, settings=base, step_sizes=cfg.step_sizes)
-    finally:
-        torch.set_num_threads(threads)
+    _, chosen = calibrate_run(run, step=step, settings=base, step_sizes=cfg.step_sizes, device=cfg.device)
     write_json(f, {"inputs": inputs, "settings": json.loads(chosen.model_dump_json())})
     return chosen, step
 
@@ -438,7 +414,7 @@ def run_study(cfg: StagesConfig, out: str | Path, progress: bool = True) -> Path
     with timer("llc calibration"):
         settings, cal_step = _shared_llc_settings(cfg, out, runs[run_name(cfg.seeds[0])])
     with timer("llc over training"):
-        estimate_runs(list(runs.values()), settings, workers=workers, progress=progress)
+        estimate_runs(list(runs.values()), settings, workers=workers, progress=progress, device=cfg.device)
     with timer("curves, essential dynamics, stages"):
         results = {name: analyse_run(cfg, run, out) for name, run in runs.items()}
         exp = expectations(cfg, results)

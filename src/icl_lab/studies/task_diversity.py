@@ -25,17 +25,17 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from icl_lab.config import RunConfig, Schedule, build_run_config
 from icl_lab.plots import m_axis, m_label, m_positions, per_token_columns, save_figure, step_axis
 from icl_lab.report import Section, write_report
 from icl_lab.store import Run, write_json, write_parquet
-from icl_lab.studies.common import PhaseTimer
+from icl_lab.studies.common import PhaseTimer, SweepStudyConfig, check_ms, parse_ms
 
 # Raventós et al. §C2: thresholds at D = 8, K = 16, σ² = 0.25 (base PT, B 256 vs 512 at 500k steps; small PT, App. E).
 PAPER_THRESHOLD = {"base PT (8 layers, d 128)": (2**14, 2**15), "small PT (4 layers, d 64)": (2**11, 2**12)}
@@ -49,21 +49,7 @@ PAPER = dict(Ms=[2**j for j in range(21)] + [None], D=8, K=16, noise_var=0.25, p
 QUICK = dict(Ms=[1, 4, 16, 64, 256, None], steps=2000, n_checkpoints_linear=6, n_checkpoints_log=6, eval_size=1024)
 
 
-def _parse_m(v: Any) -> Any:
-    if isinstance(v, str):
-        text = v.strip().lower()
-        if text in {"inf", "infinity", "none", "∞"}:
-            return None
-        try:
-            return int(text)
-        except ValueError as e:
-            raise ValueError(f"M must be an integer >= 1 or 'inf', got {v!r}") from e
-    if isinstance(v, float) and math.isinf(v):
-        return None
-    return v
-
-
-class TaskDiversityConfig(BaseModel):
+class TaskDiversityConfig(SweepStudyConfig):
     """Settings of the study. The defaults are the 'small' scale, designed to finish within 60 minutes on 2 CPU
     cores; `for_scale` gives 'paper' and `quick`.
 
@@ -81,10 +67,9 @@ class TaskDiversityConfig(BaseModel):
     analysis and figures.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    PAPER: ClassVar[dict[str, Any]] = PAPER
+    QUICK: ClassVar[dict[str, Any]] = QUICK
     study: Literal["task-diversity"] = "task-diversity"
-    scale: Literal["small", "paper"] = "small"
-    quick: bool = False
     Ms: list[int | None] = Field(default_factory=lambda: [2**j for j in range(11)] + [None],
                                  description="task diversities; None (or 'inf') is a fresh task per sequence")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
@@ -102,47 +87,16 @@ class TaskDiversityConfig(BaseModel):
     n_checkpoints_linear: int = Field(11, ge=0)
     n_checkpoints_log: int = Field(10, ge=0)
     eval_size: int = Field(2048, ge=1)
-    device: str = "cpu"
-    executor: Literal["local", "ray", "slurm"] = "local"
-    workers: int | None = Field(2, ge=1)
-    address: str | None = Field(None, description="ray: address of an existing cluster")
-    slurm: dict[str, Any] = Field(default_factory=dict, description="slurm: submitit update_parameters options")
-    ensemble: int = Field(1, ge=1, description="train up to N stackable runs together (icl_lab.ensemble)")
 
     @field_validator("Ms", mode="before")
     @classmethod
     def _parse_ms(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = v.split(",")
-        return [_parse_m(m) for m in v] if isinstance(v, (list, tuple)) else v
+        return parse_ms(v)
 
     @field_validator("Ms")
     @classmethod
     def _check_ms(cls, v: list[int | None]) -> list[int | None]:
-        bad = [m for m in v if m is not None and m < 1]
-        if bad:
-            raise ValueError(f"M must be an integer >= 1 or 'inf', got {bad[0]}")
-        if len(set(v)) != len(v):
-            raise ValueError(f"task diversities must be distinct, got {v}")
-        if sum(m is not None for m in v) < 2:
-            raise ValueError("at least two finite task diversities are needed for the threshold (e.g. 1,2,4,inf)")
-        return sorted(m for m in v if m is not None) + ([None] if None in v else [])
-
-    @model_validator(mode="after")
-    def _check_scale(self) -> TaskDiversityConfig:
-        if self.quick and self.scale == "paper":
-            raise ValueError("quick is a minutes-long version of the small scale; it cannot be combined with "
-                             "scale='paper' (allowed: quick with scale='small')")
-        return self
-
-    @classmethod
-    def for_scale(cls, scale: str = "small", quick: bool = False, **overrides: Any) -> TaskDiversityConfig:
-        """The settings of `scale` ('small' or 'paper'; `quick` shrinks 'small'), then `overrides`."""
-        if quick and scale == "paper":
-            raise ValueError("quick: the quick version shrinks the small scale and cannot be combined with scale "
-                             "'paper' (allowed: --quick with --scale small)")
-        base = {"paper": PAPER}.get(scale, {}) | (QUICK if quick else {})
-        return cls(**{**base, **overrides, "scale": scale, "quick": quick})
+        return check_ms(v, 2, "at least two finite task diversities are needed for the threshold (e.g. 1,2,4,inf)")
 
     @property
     def batch_sizes(self) -> list[int]:

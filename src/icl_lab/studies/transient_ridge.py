@@ -30,18 +30,17 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from icl_lab.config import LLCConfig, RunConfig, Schedule, build_run_config
 from icl_lab.plots import m_axis, m_label, m_positions, save_figure, step_axis
 from icl_lab.report import Section, write_report
 from icl_lab.store import Run, write_json, write_parquet
-from icl_lab.studies.common import PhaseTimer, checkpoint_predictions
-from icl_lab.studies.task_diversity import _parse_m
+from icl_lab.studies.common import PhaseTimer, SweepStudyConfig, check_ms, checkpoint_predictions, parse_ms
 from icl_lab.studies.task_diversity import check_out as _check_runs
 
 __all__ = [
@@ -106,7 +105,7 @@ QUICK = dict(
 )
 
 
-class TransientRidgeConfig(BaseModel):
+class TransientRidgeConfig(SweepStudyConfig):
     """Settings of the study. The defaults are the 'small' scale, designed to finish within 60 minutes on 2 CPU
     cores; `for_scale` gives 'paper' and `quick`.
 
@@ -134,10 +133,9 @@ class TransientRidgeConfig(BaseModel):
     about 40 minutes in all at that load.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    PAPER: ClassVar[dict[str, Any]] = PAPER
+    QUICK: ClassVar[dict[str, Any]] = QUICK
     study: Literal["transient-ridge"] = "transient-ridge"
-    scale: Literal["small", "paper"] = "small"
-    quick: bool = False
     Ms: list[int | None] = Field(
         default_factory=lambda: [1, 2, 3, 4, 6, 8, 11, 16, 23, 32, 64, 128, None],
         description="task diversities; None (or 'inf') is a fresh task per sequence",
@@ -169,53 +167,17 @@ class TransientRidgeConfig(BaseModel):
         )
     )
     step_sizes: list[float] = Field(default_factory=lambda: [1e-5, 3e-5, 1e-4, 3e-4], min_length=1)
-    device: str = "cpu"
-    executor: Literal["local", "ray", "slurm"] = "local"
-    workers: int | None = Field(2, ge=1)
-    address: str | None = Field(None, description="ray: address of an existing cluster")
-    slurm: dict[str, Any] = Field(default_factory=dict, description="slurm: submitit update_parameters options")
-    ensemble: int = Field(1, ge=1, description="train up to N stackable runs together (icl_lab.ensemble)")
 
     @field_validator("Ms", mode="before")
     @classmethod
     def _parse_ms(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = v.split(",")
-        return [_parse_m(m) for m in v] if isinstance(v, (list, tuple)) else v
+        return parse_ms(v)
 
     @field_validator("Ms")
     @classmethod
     def _check_ms(cls, v: list[int | None]) -> list[int | None]:
-        bad = [m for m in v if m is not None and m < 1]
-        if bad:
-            raise ValueError(f"M must be an integer >= 1 or 'inf', got {bad[0]}")
-        if len(set(v)) != len(v):
-            raise ValueError(f"task diversities must be distinct, got {v}")
-        if sum(m is not None for m in v) < 3:
-            raise ValueError(
-                "at least three finite task diversities are needed (low, intermediate, high; e.g. 1,4,16,inf)"
-            )
-        return sorted(m for m in v if m is not None) + ([None] if None in v else [])
-
-    @model_validator(mode="after")
-    def _check_scale(self) -> TransientRidgeConfig:
-        if self.quick and self.scale == "paper":
-            raise ValueError(
-                "quick is a minutes-long version of the small scale; it cannot be combined with "
-                "scale='paper' (allowed: quick with scale='small')"
-            )
-        return self
-
-    @classmethod
-    def for_scale(cls, scale: str = "small", quick: bool = False, **overrides: Any) -> TransientRidgeConfig:
-        """The settings of `scale` ('small' or 'paper'; `quick` shrinks 'small'), then `overrides`."""
-        if quick and scale == "paper":
-            raise ValueError(
-                "quick: the quick version shrinks the small scale and cannot be combined with scale "
-                "'paper' (allowed: --quick with --scale small)"
-            )
-        base = {"paper": PAPER}.get(scale, {}) | (QUICK if quick else {})
-        return cls(**{**base, **overrides, "scale": scale, "quick": quick})
+        return check_ms(v, 3, "at least three finite task diversities are needed (low, intermediate, high; e.g. "
+                              "1,4,16,inf)")
 
     @property
     def finite_Ms(self) -> list[int]:
@@ -496,7 +458,7 @@ def final_llc(
         probe = runs[run_name(cfg.Ms[-1], cfg.seeds[0])]
         base = LLCSettings(sampler=cfg.sampler, n=cfg.llc_n, data="id", seed=0)
         try:
-            cal, chosen = calibrate_run(probe, settings=base, step_sizes=cfg.step_sizes)
+            cal, chosen = calibrate_run(probe, settings=base, step_sizes=cfg.step_sizes, device=cfg.device)
             note = (
                 f"Calibrated at the final checkpoint of {probe.path.name} (table and figure: "
                 f"runs/{probe.path.name}/llc_calibration.parquet, figures/llc_calibration.png): {cal.reason}"
@@ -514,7 +476,8 @@ def final_llc(
         return pd.DataFrame(rows), note
     finals = list(runs.values())
     estimate_runs(
-        finals, chosen, steps={r.path: [r.checkpoint_steps[-1]] for r in finals}, workers=workers, progress=progress
+        finals, chosen, steps={r.path: [r.checkpoint_steps[-1]] for r in finals}, workers=workers, progress=progress,
+        device=cfg.device,
     )
     rows = []
     for M in cfg.Ms:

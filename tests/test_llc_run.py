@@ -1,0 +1,81 @@
+"""LLC over a run's checkpoints: calibration saved with the run, estimates recorded per step with their device,
+and the caller's torch thread count left alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from icl_lab.config import LLCConfig, build_run_config
+from icl_lab.llc import min_burnin
+from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_run, load_settings
+from icl_lab.train import train
+
+from conftest import tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    cfg = build_run_config(overrides=tiny_overrides(steps=60))
+    return train(cfg, tmp_path_factory.mktemp("llc_run") / "run", progress=False)
+
+
+def test_calibrate_then_estimate_every_checkpoint_on_cpu(tiny_run):
+    threads = torch.get_num_threads()
+    base = LLCSettings(sampler=LLCConfig(num_chains=2, num_draws=20, num_burnin=5, batch_size=16,
+                                         localization=100.0), n=128)
+    cal, chosen = calibrate_run(tiny_run, settings=base, step_sizes=[3e-4, 1e-3])
+    assert torch.get_num_threads() == threads  # sampled with one thread, the caller's count restored
+    assert chosen.calibrated and load_settings(tiny_run) == chosen
+    eps = chosen.sampler.step_size
+    assert chosen.sampler.num_burnin == max(5, min_burnin(eps, 100.0))  # the burn-in calibration chose
+    llc = estimate_run(tiny_run, steps=tiny_run.checkpoint_steps[-2:], progress=False, device="cpu")
+    assert torch.get_num_threads() == threads
+    assert list(llc["step"]) == tiny_run.checkpoint_steps[-2:]
+    assert (llc["device"] == "cpu").all() and (llc["settings_hash"] == chosen.digest()).all()
+    assert np.isfinite(llc["llc_mean"]).all() and (llc["num_burnin"] == chosen.sampler.num_burnin).all()
+    again = estimate_run(tiny_run, steps=tiny_run.checkpoint_steps[-2:], progress=False)  # done: reused as is
+    assert again["llc_mean"].tolist() == llc["llc_mean"].tolist()
+
+
+def test_cli_calibrate_estimate_resume_and_plot(tmp_path):
+    from typer.testing import CliRunner
+
+    from icl_lab.cli import app
+    from icl_lab.store import Run
+
+    runner = CliRunner()
+    path = train(build_run_config(overrides=tiny_overrides(steps=60)), tmp_path / "run", progress=False).path
+    small = ["--n", "128", "--chains", "2", "--draws", "20", "--burnin", "5", "--batch-size", "16", "--quiet"]
+    result = runner.invoke(app, ["llc", str(path), "--quiet"])
+    assert result.exit_code == 2 and "llc calibrate" in result.output  # no settings yet: says what to run
+    result = runner.invoke(app, ["llc", "calibrate", str(path), "--step-sizes", "3e-4,1e-3", *small])
+    assert result.exit_code == 0, result.output
+    assert "chosen:" in result.output and (path / "llc_settings.json").exists()
+    assert (path / "figures" / "llc_calibration.png").exists()
+    steps = Run.load(path).checkpoint_steps
+    result = runner.invoke(app, ["llc", str(path), "--steps", ",".join(map(str, steps[-3:])), "--quiet"])
+    assert result.exit_code == 0, result.output
+    first = Run.load(path).llc
+    assert list(first["step"]) == steps[-3:] and np.isfinite(first["llc_mean"]).all()
+    result = runner.invoke(app, ["llc", str(path), "--quiet"])  # the rest; the three done are kept as they were
+    assert result.exit_code == 0, result.output
+    llc = Run.load(path).llc
+    assert list(llc["step"]) == steps
+    assert llc.set_index("step").loc[steps[-3:], "llc_mean"].tolist() == first["llc_mean"].tolist()
+    result = runner.invoke(app, ["plot", str(path)])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("device, message", [("gpu", "allowed: cpu, cuda, cuda:N"),
+                                             ("cuda:x", "allowed: cpu, cuda, cuda:N")])
+def test_cli_bad_device_fails_before_any_work(tmp_path, device, message):
+    from typer.testing import CliRunner
+
+    from icl_lab.cli import app
+
+    path = train(build_run_config(overrides=tiny_overrides(steps=10)), tmp_path / "run", progress=False).path
+    result = CliRunner().invoke(app, ["llc", "calibrate", str(path), "--device", device], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and message in result.output
+    assert not (path / "llc_settings.json").exists()
