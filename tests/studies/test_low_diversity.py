@@ -104,3 +104,19 @@ def test_report_images_load_in_headless_chromium(study_dir):
     assert len(states) >= 10
     broken = [alt for complete, width, alt in states if not (complete and width > 0)]
     assert not broken, broken
+
+
+def test_llc_wiggles_separate_sampling_noise_from_the_trajectory():
+    from icl_lab.studies.low_diversity import _llc_wiggles
+
+    steps = np.array([100, 200, 300, 400, 500, 600])
+    loss = np.array([0.020, 0.026, 0.017, 0.024, 0.018, 0.025])
+    metrics = pd.DataFrame({"step": steps, "id_loss": loss})
+    # λ̂ falls by 500 per unit of loss (a checkpoint higher above the minimum reads lower), std 0.4 over 4 chains
+    zigzag = pd.DataFrame({"step": steps, "llc_mean": 15 - 500 * loss, "llc_std": 0.4, "num_chains": 4})
+    text, ok = _llc_wiggles(zigzag, metrics)
+    assert ok is False and "5 of 5 changes beyond 2 se" in text and "= -1.00" in text
+    smooth = zigzag.assign(llc_mean=[5.0, 5.1, 5.0, 4.9, 5.0, 5.1])  # changes ≤ 0.1 < 2·√(0.2² + 0.2²) = 0.57
+    text, ok = _llc_wiggles(smooth, metrics)
+    assert ok is True and "0 of 5 changes beyond 2 se" in text
+    assert _llc_wiggles(zigzag.iloc[:2], metrics) == ("2 finite estimates", None)
