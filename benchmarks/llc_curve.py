@@ -5,7 +5,8 @@ Python API (`icl_lab.llc_run.calibrate_run`, `icl_lab.llc_run.estimate_run`), on
 thread each. The run is the seed preset on M = 2 unit-norm noiseless tasks (D = 8, K = 16), 5,000 steps at batch
 32, lr 3e-3, with 13 linear + 30 log-spaced checkpoints = exactly 40 distinct steps (0 and 5,000 included); it is
 trained first (untimed; reused from --workdir if present). The sampler is the issue's: n = 4,096 fixed
-in-distribution sequences, 4 chains × 200 draws after 50 burn-in, minibatch 32, γ = 1000 (the low-diversity
+in-distribution sequences, 4 chains × 200 draws after at least 50 burn-in (calibration raises it to
+min_burnin(ε, γ) ≈ 3/(εγ) for the chosen ε: 100 at 3e-5), minibatch 32, γ = 1000 (the low-diversity
 study's localisation), nβ = n / log n; calibration sweeps ε over [1e-5, 3e-5, 1e-4, 3e-4] at the final checkpoint
 and `pick` chooses ε. Then every checkpoint is estimated with the chosen settings.
 
@@ -75,20 +76,22 @@ def main() -> None:
     cal, chosen = calibrate_run(run, settings=LLCSettings(sampler=sampler, n=n, data="id", seed=0),
                                 step_sizes=STEP_SIZES)
     res["calibration_seconds"] = time.perf_counter() - t0
-    res["calibration"] = cal.table[["step_size", "llc_mean", "llc_std", "ok", "flags"]].to_dict("records")
-    res["chosen"] = {"step_size": chosen.sampler.step_size, "reason": cal.reason}
+    res["calibration"] = cal.table[["step_size", "num_burnin", "llc_mean", "llc_std", "ok", "flags"]].to_dict("records")
+    res["chosen"] = {"step_size": chosen.sampler.step_size, "num_burnin": chosen.sampler.num_burnin,
+                     "reason": cal.reason}
+    used = chosen.sampler  # the sampler every checkpoint ran: the base with the calibrated ε and burn-in
 
     t0 = time.perf_counter()
     llc = estimate_run(run, settings=chosen, workers=args.workers, progress=True)
     curve_s = time.perf_counter() - t0
     res["loadavg_end"] = loadavg()
-    chain_steps = len(llc) * sampler.num_chains * (sampler.num_draws + sampler.num_burnin)
+    chain_steps = len(llc) * used.num_chains * (used.num_draws + used.num_burnin)
     res |= {"curve_seconds": curve_s, "estimates": len(llc), "seconds_per_estimate": curve_s / len(llc),
             "cpu_seconds_per_chain_step": curve_s * args.workers / chain_steps,
             "target_met": curve_s < TARGET_S,
             "curve": llc[["step", "llc_mean", "llc_std", "ok", "flags"]].to_dict("records")}
     write_json_atomic(out / "llc_curve.json", res)
-    write_atomic(out / "llc_curve.md", markdown(res, sampler, n))
+    write_atomic(out / "llc_curve.md", markdown(res, used, n))
     print(f"curve: {curve_s:.0f} s for {len(llc)} checkpoints (target < {TARGET_S:.0f} s); "
           f"calibration {res['calibration_seconds']:.0f} s; results in {out}")
 
@@ -104,8 +107,9 @@ def markdown(res: dict, sampler: LLCConfig, n: int) -> str:
         f"{res['loadavg_start']}, at end {res['loadavg_end']}. Produced by `{res['command']}` (method in its "
         "docstring).", "",
         f"Seed preset, M = 2 unit-norm, 5,000 steps, {res['checkpoints']} checkpoints. Sampler: n = {n}, "
-        f"{sampler.num_chains} chains × {sampler.num_draws} draws after {sampler.num_burnin} burn-in, minibatch "
-        f"{sampler.batch_size}, γ = {sampler.localization:g}, nβ = n/log n; ε calibrated over {STEP_SIZES}.", "",
+        f"{sampler.num_chains} chains × {sampler.num_draws} draws after {sampler.num_burnin} burn-in (calibrated), "
+        f"minibatch {sampler.batch_size}, γ = {sampler.localization:g}, nβ = n/log n; ε calibrated over "
+        f"{STEP_SIZES}.", "",
         "| phase | seconds |", "|---|---:|",
         f"| calibration (4 step sizes at the final checkpoint, 1 process) | {res['calibration_seconds']:.0f} |",
         f"| **LLC curve, {res['estimates']} checkpoints** | **{res['curve_seconds']:.0f}** |",
