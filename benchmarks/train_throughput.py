@@ -59,6 +59,7 @@ Results go to benchmarks/results/train_throughput.{json,md} (atomic writes). `--
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -773,6 +774,8 @@ def markdown(res: dict[str, Any]) -> str:
         fl = res["final_loss"]
         w = fl["welch"]
         out += [f"## Final loss after {fl['steps']:,} steps at batch 32", "",
+                *([f"Measured on {fl['reused_from']} and kept here (`--reuse-loss`): the training step is unchanged "
+                   "since.", ""] if "reused_from" in fl else []),
                 "Both pipelines train on the same 2-task pool per seed (the seed dataset's global-RNG pool); "
                 f"both final models are evaluated on one fixed set of {fl['eval_size']:,} sequences from that pool.",
                 "", "| seed | seed pipeline | icl-lab | dMMSE (Bayes floor) | seed train_model s | icl-lab loop s |",
@@ -826,6 +829,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--matmul-n", type=int, default=2048)
     ap.add_argument("--profile-steps", type=int, default=100)
     ap.add_argument("--skip", action="append", default=[], choices=["throughput", "loss", "profile"])
+    ap.add_argument("--reuse-loss", action="store_true", help="with --skip loss: keep the final-loss section of the "
+                    "results file already in --out (its date is recorded), e.g. after a change that cannot move it")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results; "
                     "--quick: a temporary folder)")
     args = ap.parse_args(argv)
@@ -849,6 +854,9 @@ def main(argv: list[str] | None = None) -> int:
                   seed_pipeline=sum(p.numel() for p in ICLTransformer(D, K).parameters()))
     t_start = time.perf_counter()
     thr = loss = prof = None
+    if args.reuse_loss:  # read before this run's first save overwrites the file
+        old = json.loads((out / "train_throughput.json").read_text())
+        kept_loss = {**old["final_loss"], "reused_from": old["machine"]["date_utc"]}
 
     def save(complete: bool) -> None:
         res = build_results(args, machine, thr, loss, prof, time.perf_counter() - t_start, complete)
@@ -861,6 +869,8 @@ def main(argv: list[str] | None = None) -> int:
     if "loss" not in args.skip:
         loss = measure_final_loss(args)
         save(False)
+    elif args.reuse_loss:
+        loss = kept_loss
     if "profile" not in args.skip:
         log("profiling")
         prof = profile_steps(args)
