@@ -835,6 +835,8 @@ def main(argv: list[str] | None = None) -> int:
                     "--quick: a temporary folder)")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.reuse_loss and "loss" not in args.skip:
+        ap.error("--reuse-loss keeps an earlier final-loss section, so it needs --skip loss")
     q = args.quick
     defaults = dict(seeds=1 if q else 2, steps=200 if q else 5000, rounds=2 if q else 6,
                     chunk_seconds=1.0 if q else 6.0, e2e_rounds=1 if q else 2)
@@ -854,9 +856,9 @@ def main(argv: list[str] | None = None) -> int:
                   seed_pipeline=sum(p.numel() for p in ICLTransformer(D, K).parameters()))
     t_start = time.perf_counter()
     thr = loss = prof = None
-    if args.reuse_loss:  # read before this run's first save overwrites the file
+    if args.reuse_loss:  # read before this run's first save overwrites the file; every save then keeps it
         old = json.loads((out / "train_throughput.json").read_text())
-        kept_loss = {**old["final_loss"], "reused_from": old["machine"]["date_utc"]}
+        loss = {**old["final_loss"], "reused_from": old["machine"]["date_utc"]}
 
     def save(complete: bool) -> None:
         res = build_results(args, machine, thr, loss, prof, time.perf_counter() - t_start, complete)
@@ -869,8 +871,6 @@ def main(argv: list[str] | None = None) -> int:
     if "loss" not in args.skip:
         loss = measure_final_loss(args)
         save(False)
-    elif args.reuse_loss:
-        loss = kept_loss
     if "profile" not in args.skip:
         log("profiling")
         prof = profile_steps(args)
