@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from icl_lab.config import LLCConfig
+from icl_lab.evaluate import EVAL_CHUNK, EVAL_CHUNK_DEFAULT
 from icl_lab.tasks import make_generator
 
 __all__ = [
@@ -75,7 +76,6 @@ Forward = Callable[..., Any]
 LossFn = Callable[[Forward, tuple[Tensor, ...]], Tensor]
 ParamSpec = str | Sequence[str] | dict[str, Tensor] | None
 
-_EVAL_CHUNK = 4096  # rows per forward pass when computing ℓ_n(w*) on the whole data
 # vectorize=None: on CPU, vmap only pays for small models (per-step Python overhead dominates); for the 100k-parameter
 # seed preset at minibatch 32 on 2 cores it cost 1.7x one plain forward+backward per chain-draw, the sequential
 # path 1.3x (the batched attention runs as many tiny matmuls). On CUDA, batching the chains wins.
@@ -474,9 +474,10 @@ def _block_size(P: int) -> int:
 def _loss_at(module: nn.Module, loss_fn: LossFn, data: tuple[Tensor, ...], n: int) -> float:
     """ℓ_n at the module's own weights on the whole data, in chunks, without autograd (loss_fn is a mean)."""
     total = 0.0
+    size = EVAL_CHUNK.get(data[0].device.type, EVAL_CHUNK_DEFAULT)  # small chunks stay in a CPU's cache
     with torch.no_grad():
-        for start in range(0, n, _EVAL_CHUNK):
-            chunk = tuple(t[start:start + _EVAL_CHUNK] for t in data)
+        for start in range(0, n, size):
+            chunk = tuple(t[start:start + size] for t in data)
             rows = chunk[0].shape[0]
             total += float(loss_fn(module, chunk).double()) * rows
     return total / n

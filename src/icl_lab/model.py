@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from icl_lab.attention import causal_attention
 from icl_lab.config import ModelConfig, TaskConfig
 
 # Presets: field values for ModelConfig. The D and K of the data come from TaskConfig.
@@ -54,6 +55,16 @@ def interleave(x: Tensor, y: Tensor) -> Tensor:
     x_tok = torch.cat([x, zeros_x], dim=-1)
     y_tok = torch.cat([zeros_y, y.unsqueeze(-1)], dim=-1)
     return torch.stack([x_tok, y_tok], dim=2).reshape(B, 2 * K, D + 1)
+
+
+def linear(h: Tensor, W: Tensor) -> Tensor:
+    """h @ W for h: (..., d_in) and W: (d_in, d_out), as one matrix product over all leading axes -> (..., d_out).
+
+    The value of `h @ W` (torch folds the leading axes the same way for one model), but under torch.func.vmap over
+    stacked weights (ensembles, vectorised LLC chains) it batches into one bmm per member: `h @ W` there becomes
+    a broadcast matmul that copies W once per sequence and multiplies many tiny matrices.
+    """
+    return (h.reshape(-1, h.shape[-1]) @ W).view(*h.shape[:-1], W.shape[-1])
 
 
 _ACTIVATIONS = {
@@ -104,14 +115,14 @@ class Attention(nn.Module):
         B, T, d = h.shape
         H, e = self.cfg.n_heads, self.cfg.d_head
         W = torch.cat([self.W_Q, self.W_K, self.W_V], dim=-1)  # (H, d, 3e)
-        qkv = h @ W.permute(1, 0, 2).reshape(d, H * 3 * e)  # (B, T, H*3e)
+        qkv = linear(h, W.permute(1, 0, 2).reshape(d, H * 3 * e))  # (B, T, H*3e)
         qkv = qkv.view(B, T, H, 3 * e).transpose(1, 2)  # (B, H, T, 3e)
         q, k, v = qkv.split(e, dim=-1)
         if self.cfg.attn_bias:
             q = q + self.b_Q[:, None, :]
             k = k + self.b_K[:, None, :]
             v = v + self.b_V[:, None, :]
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return causal_attention(q, k, v)
 
     def combine(self, z: Tensor) -> Tensor:
         """Attention output (B, T, d_model) from per-head outputs z: (B, H, T, d_head)."""
@@ -119,7 +130,7 @@ class Attention(nn.Module):
         z = z.transpose(1, 2).reshape(B, T, H * e)
         if not self.cfg.attn_out:
             return z
-        out = z @ self.W_O.reshape(H * e, self.cfg.d_model)
+        out = linear(z, self.W_O.reshape(H * e, self.cfg.d_model))
         if self.cfg.attn_bias:
             out = out + self.b_O
         return out
@@ -147,7 +158,7 @@ class MLP(nn.Module):
         self.act = _ACTIVATIONS[cfg.activation]
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.act(h @ self.W_in + self.b_in) @ self.W_out + self.b_out
+        return linear(self.act(linear(h, self.W_in) + self.b_in), self.W_out) + self.b_out
 
 
 class Block(nn.Module):
@@ -197,7 +208,7 @@ class ICLTransformer(nn.Module):
 
     def residual_in(self, x: Tensor, y: Tensor) -> Tensor:
         """Embedded tokens (B, 2K, d_model): the residual stream entering block 0."""
-        h = interleave(x, y) @ self.embed.W_E
+        h = linear(interleave(x, y), self.embed.W_E)
         if self.cfg.embed_bias:
             h = h + self.embed.b_E
         if self.cfg.pos_emb:
@@ -210,8 +221,8 @@ class ICLTransformer(nn.Module):
         """Predictions (B, K) from the final residual stream h: (B, 2K, d_model), read at x positions."""
         h = self.ln_final(h[..., 0::2, :])
         if self.cfg.readout == "token":
-            return h @ self.unembed.W_U[:, -1] + self.unembed.b_U[-1]
-        return (h @ self.unembed.W_U).squeeze(-1)
+            return linear(h, self.unembed.W_U[:, -1:]).squeeze(-1) + self.unembed.b_U[-1]
+        return linear(h, self.unembed.W_U).squeeze(-1)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         h = self.residual_in(x, y)

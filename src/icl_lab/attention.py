@@ -1,0 +1,89 @@
+"""Causal self-attention that stays one fused kernel under torch.func.vmap (ensembles, vectorised LLC chains).
+
+`F.scaled_dot_product_attention` has no vmap batching rule for its fused CPU kernel: under vmap it either loops
+over the vmapped axis (one kernel call per member, with a warning) or, with the math backend, decomposes into
+1,024 tiny 32×32 matrix products, masks and copies (measured: the attention of an 8-member seed-preset ensemble
+cost ~1.4x the same members one at a time). Attention has no parameters, so a vmapped axis is just more
+sequences: `causal_attention` folds it into the batch axis and calls the fused flash kernel once.
+
+On CPU this is a pair of `torch.autograd.Function`s (forward, backward) around ATen's flash-attention-for-CPU
+kernels, each with a vmap rule that folds (N, B, ...) -> (N·B, ...), so it composes with plain autograd,
+`torch.func.grad` and `vmap` in either order (first derivatives only). For one model it runs exactly the kernels that
+`F.scaled_dot_product_attention(q, k, v, is_causal=True)` runs on CPU (same values, bit for bit). On other devices
+it is `F.scaled_dot_product_attention` (the batched math path is efficient on a GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["causal_attention"]
+
+
+def _fold(info, in_dims, args):  # noqa: ANN001, ANN202 - the vmap-rule signature of torch.autograd.Function
+    """Each arg with the vmapped axis first and folded into its leading (batch) axis: (N, B, ...) -> (N·B, ...)."""
+    n = info.batch_size
+    flat = []
+    for x, d in zip(args, in_dims, strict=True):
+        x = x.expand(n, *x.shape) if d is None else x.movedim(d, 0)
+        flat.append(x.reshape(n * x.shape[1], *x.shape[2:]))
+    return n, flat
+
+
+def _unfold(n: int, outs: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+    return tuple(o.view(n, -1, *o.shape[1:]) for o in outs), (0,) * len(outs)
+
+
+class _FlashBackward(torch.autograd.Function):
+    """Gradients with respect to q, k, v of out = _Flash(q, k, v); lse is the forward's row log-sum-exp."""
+
+    @staticmethod
+    def forward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out.contiguous(), q, k, v, out, lse, 0.0, True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):  # noqa: ANN001, ANN205
+        raise NotImplementedError("causal_attention: second derivatives are not implemented")
+
+    @staticmethod
+    def vmap(info, in_dims, *args):  # noqa: ANN001, ANN205
+        n, flat = _fold(info, in_dims, args)
+        return _unfold(n, _FlashBackward.apply(*flat))
+
+
+class _Flash(torch.autograd.Function):
+    """q, k, v: (B, H, T, e) -> causal attention output (B, H, T, e) and row log-sum-exp (B, H, T)."""
+
+    @staticmethod
+    def forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        ctx.save_for_backward(*inputs, *output)
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, _grad_lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # noqa: ANN001
+        q, k, v, out, lse = ctx.saved_tensors
+        return _FlashBackward.apply(grad_out, q, k, v, out, lse)
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v):  # noqa: ANN001, ANN205
+        n, flat = _fold(info, in_dims, (q, k, v))
+        return _unfold(n, _Flash.apply(*flat))
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q kᵀ / √e + causal mask) v for q, k, v: (B, H, T, e) -> (B, H, T, e) (Vaswani et al. 2017, Eq. 1)."""
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64):
+        return _Flash.apply(q, k, v)[0]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
