@@ -101,8 +101,9 @@ def group_stackable(configs: Sequence[RunConfig]) -> list[list[int]]:
 # ------------------------------------------------------------------------------------------------ the stack
 @contextmanager
 def _vmappable_attention() -> Any:
-    """Run scaled_dot_product_attention through its math decomposition, which vmap batches over the model axis
-    (the fused CPU/CUDA kernels have no batching rule: vmap would loop over members and warn)."""
+    """Run F.scaled_dot_product_attention through its math decomposition, which vmap batches over the model axis
+    (its fused kernels have no batching rule: vmap would loop over members and warn). On CPU icl-lab's model
+    calls `icl_lab.attention.causal_attention` instead, which folds the model axis into the batch and stays fused."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel([SDPBackend.MATH]), warnings.catch_warnings():

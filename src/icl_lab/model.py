@@ -57,14 +57,16 @@ def interleave(x: Tensor, y: Tensor) -> Tensor:
     return torch.stack([x_tok, y_tok], dim=2).reshape(B, 2 * K, D + 1)
 
 
-def linear(h: Tensor, W: Tensor) -> Tensor:
-    """h @ W for h: (..., d_in) and W: (d_in, d_out), as one matrix product over all leading axes -> (..., d_out).
+def linear(h: Tensor, W: Tensor, b: Tensor | None = None) -> Tensor:
+    """h @ W (+ b) for h: (..., d_in), W: (d_in, d_out), b: (d_out,), as ONE matrix product over all leading axes
+    -> (..., d_out), with the bias added inside it (addmm; its backward is one column sum).
 
-    The value of `h @ W` (torch folds the leading axes the same way for one model), but under torch.func.vmap over
-    stacked weights (ensembles, vectorised LLC chains) it batches into one bmm per member: `h @ W` there becomes
-    a broadcast matmul that copies W once per sequence and multiplies many tiny matrices.
+    Under torch.func.vmap over stacked weights (ensembles, vectorised LLC chains) this batches into one bmm per
+    member, where `h @ W` on (B, T, d_in) becomes a broadcast matmul that copies W once per sequence.
     """
-    return (h.reshape(-1, h.shape[-1]) @ W).view(*h.shape[:-1], W.shape[-1])
+    flat = h.reshape(-1, h.shape[-1])
+    out = flat @ W if b is None else torch.addmm(b, flat, W)
+    return out.view(*h.shape[:-1], W.shape[-1])
 
 
 _ACTIVATIONS = {
@@ -115,13 +117,10 @@ class Attention(nn.Module):
         B, T, d = h.shape
         H, e = self.cfg.n_heads, self.cfg.d_head
         W = torch.cat([self.W_Q, self.W_K, self.W_V], dim=-1)  # (H, d, 3e)
-        qkv = linear(h, W.permute(1, 0, 2).reshape(d, H * 3 * e))  # (B, T, H*3e)
+        b = torch.cat([self.b_Q, self.b_K, self.b_V], dim=-1).reshape(H * 3 * e) if self.cfg.attn_bias else None
+        qkv = linear(h, W.permute(1, 0, 2).reshape(d, H * 3 * e), b)  # (B, T, H*3e)
         qkv = qkv.view(B, T, H, 3 * e).transpose(1, 2)  # (B, H, T, 3e)
         q, k, v = qkv.split(e, dim=-1)
-        if self.cfg.attn_bias:
-            q = q + self.b_Q[:, None, :]
-            k = k + self.b_K[:, None, :]
-            v = v + self.b_V[:, None, :]
         return causal_attention(q, k, v)
 
     def combine(self, z: Tensor) -> Tensor:
@@ -130,10 +129,7 @@ class Attention(nn.Module):
         z = z.transpose(1, 2).reshape(B, T, H * e)
         if not self.cfg.attn_out:
             return z
-        out = linear(z, self.W_O.reshape(H * e, self.cfg.d_model))
-        if self.cfg.attn_bias:
-            out = out + self.b_O
-        return out
+        return linear(z, self.W_O.reshape(H * e, self.cfg.d_model), self.b_O if self.cfg.attn_bias else None)
 
     def pattern(self, h: Tensor) -> Tensor:
         """Attention probabilities (B, H, T, T) for the normalised residual h: (B, T, d_model)."""
@@ -158,7 +154,7 @@ class MLP(nn.Module):
         self.act = _ACTIVATIONS[cfg.activation]
 
     def forward(self, h: Tensor) -> Tensor:
-        return linear(self.act(linear(h, self.W_in) + self.b_in), self.W_out) + self.b_out
+        return linear(self.act(linear(h, self.W_in, self.b_in)), self.W_out, self.b_out)
 
 
 class Block(nn.Module):
@@ -208,9 +204,7 @@ class ICLTransformer(nn.Module):
 
     def residual_in(self, x: Tensor, y: Tensor) -> Tensor:
         """Embedded tokens (B, 2K, d_model): the residual stream entering block 0."""
-        h = linear(interleave(x, y), self.embed.W_E)
-        if self.cfg.embed_bias:
-            h = h + self.embed.b_E
+        h = linear(interleave(x, y), self.embed.W_E, self.embed.b_E if self.cfg.embed_bias else None)
         if self.cfg.pos_emb:
             if x.shape[-2] > self.K:
                 raise ValueError(f"sequence has {x.shape[-2]} pairs, the positional embedding holds K={self.K}")
@@ -221,7 +215,7 @@ class ICLTransformer(nn.Module):
         """Predictions (B, K) from the final residual stream h: (B, 2K, d_model), read at x positions."""
         h = self.ln_final(h[..., 0::2, :])
         if self.cfg.readout == "token":
-            return linear(h, self.unembed.W_U[:, -1:]).squeeze(-1) + self.unembed.b_U[-1]
+            return linear(h, self.unembed.W_U[:, -1:], self.unembed.b_U[-1:]).squeeze(-1)
         return linear(h, self.unembed.W_U).squeeze(-1)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
