@@ -70,6 +70,17 @@ def test_a_small_late_rise_is_not_a_u_shape_but_a_larger_one_is():
     assert critical_step(STEPS, loss, min_rise=0.04).u_shape
 
 
+def test_a_dip_of_float_jitter_is_not_a_descent():
+    """Measured in the first small-scale run: at M = 4 the OOD loss went 4.221339 -> 4.221271 at step 12 (a fall of
+    0.0016%), then rose to 5.07, which without a least drop counted as a U-shape giving back 12,499x its drop."""
+    loss = np.concatenate([[4.221339, 4.221271], np.linspace(4.3, 5.07, len(STEPS) - 2)])
+    c = critical_step(STEPS, loss)
+    assert not c.u_shape and c.kind == "no-dip" and c.t_crit == STEPS[1]
+    assert critical_step(STEPS, loss, min_drop=0.0).u_shape  # the old rule
+    fell = np.concatenate([[4.2, 4.1], np.linspace(4.15, 4.3, len(STEPS) - 2)])  # a 2.4% fall: a real dip
+    assert critical_step(STEPS, fell).u_shape
+
+
 def test_a_rising_curve_has_no_dip_and_ties_go_to_the_earliest_step():
     c = critical_step(STEPS, 1 + STEPS / 100)
     assert c.t_crit == 0 and c.kind == "no-dip" and not c.u_shape and c.drop == 0
@@ -83,6 +94,7 @@ def test_a_rising_curve_has_no_dip_and_ties_go_to_the_earliest_step():
     ([0, 2, 1], [1.0, 2.0, 3.0], {}, "strictly increasing"),
     ([0, 1, 2], [1.0, np.nan, 3.0], {}, "finite"),
     ([0, 1, 2], [1.0, 2.0, 3.0], {"min_rise": 1.5}, "min_rise must lie in"),
+    ([0, 1, 2], [1.0, 2.0, 3.0], {"min_drop": -0.1}, "min_drop must lie in"),
 ])
 def test_bad_curves_raise(steps, loss, kw, message):
     with pytest.raises(ValueError, match=message):

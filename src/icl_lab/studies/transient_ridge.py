@@ -117,20 +117,17 @@ class TransientRidgeConfig(SweepStudyConfig):
     above that. Carroll et al. see the full transient at about 1/20 to 1/3 of their threshold and partial effects
     just below and above (§G7), so the Ms run from 1 to 2^5 on a √2 grid, then 2^6, 2^7 and ∞ for the ridge-like
     end. All runs use one seed, so the pools are nested and share the root task. Whether this setting shows
-    transience at all is what the study measures; no pilot of it has been run.
+    transience at all is what the study measures (the first full run, 2026-12-02, found U-shaped OOD loss at
+    M = 6 and 8; README).
 
     The LLC sampler: γ = 1000, 4 chains × 100 draws, minibatch 64 (the low-diversity study's γ and chain sizes);
     `icl_lab.llc.calibrate` burns each grid point in for max(num_burnin, min_burnin(ε, γ) ≈ 3/(εγ)) steps, i.e.
     300 at ε = 1e-5, 100 at 3e-5 and 50 at 1e-4 and 3e-4, and the chosen setting keeps its burn-in. The base ε
     (1e-4) only matters before calibration; with it the base burn-in of 50 is already ≥ min_burnin (30).
 
-    Run-time estimate (an extrapolation, not a measurement of the small study): the quick version took 311 s on the
-    2-core development machine while other jobs ran (training 205 s, 65-68 s per 3,000-step run on 2 workers; LLC
-    96 s: calibration 62 s over 3 grid points of 2 chains, each final estimate 8-9 s, about 27 ms per chain-step;
-    PCA and figures 8 s). Per small run, 4x the steps and about 4x the evaluation work (twice as many evaluations
-    of twice the size) gives about 260 s, so 13 runs on 2 workers (7 rounds) take about 30 minutes; calibration
-    (4 chains x 900 steps over the grid) and 13 final estimates (4 chains x 150-200 steps) add about 6-9 minutes:
-    about 40 minutes in all at that load.
+    Run time, measured end to end on the 2-core development machine (2026-12-02, lightly loaded by short profiling
+    jobs): 28.0 minutes: training 13 runs on 2 workers 1,483 s, LLC (calibration over 4 ε at the final M = ∞
+    checkpoint, then 13 final estimates) 169 s, joint PCA 10 s, figures and report 9 s.
     """
 
     PAPER: ClassVar[dict[str, Any]] = PAPER
@@ -159,6 +156,8 @@ class TransientRidgeConfig(SweepStudyConfig):
     pca_components: int = Field(2, ge=2, description="v, the essential subspace (paper 2; App. C 4)")
     pca_sigma: float = Field(1.0, ge=0, description="light smoothing of the PC curves along checkpoints (0: raw)")
     u_min_rise: float = Field(0.1, gt=0, lt=1, description="U-shape: fraction of the initial drop given back")
+    u_min_drop: float = Field(0.01, ge=0, lt=1, description="U-shape: the least drop, as a fraction of the starting "
+                              "OOD loss (smaller dips are float jitter, not a descent)")
     llc_n: int = Field(2048, ge=2, description="n, the LLC dataset size (each run's own training distribution)")
     # γ = 1000 and 4 chains x 100 draws (the low-diversity study's); calibration raises the burn-in per ε (above)
     sampler: LLCConfig = Field(
@@ -247,23 +246,26 @@ class CriticalStep:
     drop: float  # L(t_0) − L(t_crit) ≥ 0
     rise: float  # L(T) − L(t_crit) ≥ 0
     rise_fraction: float  # rise / drop: the fraction of the initial improvement given back (0 if drop = 0)
-    u_shape: bool  # interior minimum, drop > 0 and rise_fraction ≥ min_rise
+    u_shape: bool  # interior minimum, drop ≥ min_drop · loss_start and rise_fraction ≥ min_rise
     kind: Literal["u-shape", "monotone", "no-dip"]  # 'no-dip': the minimum is at the first step
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def critical_step(steps, ood_loss, min_rise: float = 0.1) -> CriticalStep:
+def critical_step(steps, ood_loss, min_rise: float = 0.1, min_drop: float = 0.01) -> CriticalStep:
     """t^crit_M = argmin over training steps of the OOD loss L^{q_∞}(w_t) (Carroll et al. §3 and App. B.2; papers.md
     §E3), over the evaluated steps `steps` (T,) with losses `ood_loss` (T,); ties go to the earliest step.
 
     The curve is U-shaped (transient) when its minimum is interior (neither the first nor the last step), it fell
-    from the start to the minimum (drop = L(t_0) − L(t_crit) > 0), and it gave back at least `min_rise` of that drop
-    by the end (rise = L(T) − L(t_crit) ≥ min_rise · drop). A curve that keeps falling (minimum at the end, or a rise
-    below `min_rise` of the drop) is 'monotone' — t_crit is then the end of training or close to it — and one whose
-    minimum is its first value is 'no-dip' (the OOD loss only rises). The rule is relative, so it does not depend on
-    the loss scale; `min_rise` (default 10%) sets how much of a rise counts as one rather than late-training jitter.
+    from the start to the minimum by at least `min_drop` of the starting loss (drop = L(t_0) − L(t_crit)
+    ≥ min_drop · L(t_0)), and it gave back at least `min_rise` of that drop by the end (rise = L(T) − L(t_crit)
+    ≥ min_rise · drop). A curve that keeps falling (minimum at the end, or a rise below `min_rise` of the drop) is
+    'monotone' — t_crit is then the end of training or close to it — and one whose minimum is its first value, or
+    that never fell by `min_drop`, is 'no-dip' (the OOD loss only rises; a dip of float jitter in the first steps
+    is not a descent). The rules are relative, so they do not depend on the loss scale; `min_rise` (default 10%)
+    sets how much of a rise counts as one rather than late-training jitter, `min_drop` (default 1%) how much of a
+    fall counts as one.
     """
     s, loss = np.asarray(steps, dtype=float), np.asarray(ood_loss, dtype=float)
     if s.ndim != 1 or loss.ndim != 1 or len(s) != len(loss):
@@ -276,11 +278,14 @@ def critical_step(steps, ood_loss, min_rise: float = 0.1) -> CriticalStep:
         raise ValueError(f"ood_loss must be finite, got non-finite values at steps {s[~np.isfinite(loss)].tolist()}")
     if not 0 < min_rise < 1:
         raise ValueError(f"min_rise must lie in (0, 1), got {min_rise}")
+    if not 0 <= min_drop < 1:
+        raise ValueError(f"min_drop must lie in [0, 1), got {min_drop}")
     i = int(np.argmin(loss))  # np.argmin returns the first of equal minima
     drop, rise = float(loss[0] - loss[i]), float(loss[-1] - loss[i])
     frac = rise / drop if drop > 0 else 0.0
-    u = 0 < i < len(s) - 1 and drop > 0 and frac >= min_rise
-    kind = "u-shape" if u else ("no-dip" if i == 0 else "monotone")
+    fell = drop > 0 and drop >= min_drop * abs(float(loss[0]))
+    u = 0 < i < len(s) - 1 and fell and frac >= min_rise
+    kind = "u-shape" if u else ("no-dip" if i == 0 or not fell else "monotone")
     return CriticalStep(int(s[i]), float(loss[0]), float(loss[i]), float(loss[-1]), drop, rise, frac, u, kind)
 
 
@@ -345,7 +350,7 @@ def run_study(cfg: TransientRidgeConfig, out: str | Path, progress: bool = True)
         )
     with timer("ood curves"):
         curves = ood_curves(cfg, runs)
-        crit = {M: critical_step(c["step"], c["ood_loss"], cfg.u_min_rise) for M, c in curves.items()}
+        crit = {M: critical_step(c["step"], c["ood_loss"], cfg.u_min_rise, cfg.u_min_drop) for M, c in curves.items()}
     with timer("joint pca"):
         jps = {s: joint_pca(cfg, runs, s) for s in cfg.seeds}
         approach = pca_approach(cfg, jps[cfg.seeds[0]], runs, crit)
@@ -592,8 +597,9 @@ def expectations(cfg: TransientRidgeConfig, summary: pd.DataFrame) -> pd.DataFra
     add(
         "OOD loss against step is U-shaped at intermediate M (falls towards ridge, then rises towards dMMSE_M)",
         "§E3, §G7 (Fig. 1 top-left)",
-        f"at least one finite M strictly between {m_label(finite[0])} and {m_label(top)} has an interior minimum "
-        f"and gives back ≥ {cfg.u_min_rise:.0%} of its drop; the smallest M and M = {m_label(top)} do not",
+        f"at least one finite M strictly between {m_label(finite[0])} and {m_label(top)} has an interior minimum, "
+        f"falls by ≥ {cfg.u_min_drop:.0%} of its starting loss and gives back ≥ {cfg.u_min_rise:.0%} of that drop; "
+        f"the smallest M and M = {m_label(top)} do not",
         f"U-shaped at M = {_fmt_ms(u_ms)}; " + "; ".join(curve(m) for m in s.index),
         bool(u_ms) if (not u_ms or ends_monotone) else None,
     )
@@ -936,9 +942,10 @@ def _write(
                 "Carroll et al. Fig. 1, left. Left panel: the loss on fresh tasks (the same fixed set for every M) "
                 "against the step, one curve per M (viridis; ∞ black), t_crit = argmin over the evaluated steps of the "
                 f"OOD loss (§3, App. B.2) circled, ridge's level (red dashed, {ridge:.3g}). A curve is U-shaped when "
-                f"its minimum is interior and it gives back at least {cfg.u_min_rise:.0%} of its initial drop by "
-                "the end (`critical_step`). Middle and right: the in-distribution distances to dMMSE_M and to ridge "
-                f"over training. Measured: U-shaped at M = {_fmt_ms(u_ms)}."
+                f"its minimum is interior, it falls by at least {cfg.u_min_drop:.0%} of its starting loss and gives "
+                f"back at least {cfg.u_min_rise:.0%} of that drop by the end (`critical_step`). Middle and right: "
+                f"the in-distribution distances to dMMSE_M and to ridge over training. Measured: U-shaped at "
+                f"M = {_fmt_ms(u_ms)}."
             ),
             figures=[pngs["ood"]],
             tables=[pd.DataFrame(rows)],
