@@ -589,7 +589,8 @@ def expectations(cfg: TransientRidgeConfig, summary: pd.DataFrame) -> pd.DataFra
         r = s.loc[m]
         return (
             f"M = {m_label(m)}: {r['ood_loss_start']:.3g} → {r['ood_loss_min']:.3g} at step {int(r['t_crit'])} "
-            f"→ {r['ood_loss_end']:.3g} (gives back {r['rise_fraction']:.0%})"
+            f"→ {r['ood_loss_end']:.3g} "
+            + ("(no fall)" if r["kind"] == "no-dip" else f"(gives back {r['rise_fraction']:.0%})")
         )
 
     # -- U-shape (E3, G7)
