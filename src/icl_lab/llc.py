@@ -77,8 +77,9 @@ LossFn = Callable[[Forward, tuple[Tensor, ...]], Tensor]
 ParamSpec = str | Sequence[str] | dict[str, Tensor] | None
 
 # vectorize=None: on CPU, vmap only pays for small models (per-step Python overhead dominates); for the 100k-parameter
-# seed preset at minibatch 32 on 2 cores it cost 1.7x one plain forward+backward per chain-draw, the sequential
-# path 1.3x (the batched attention runs as many tiny matmuls). On CUDA, batching the chains wins.
+# seed preset at minibatch 32 on 2 cores, vmap and the sequential path cost about the same per chain-draw since the
+# attention stays fused under vmap (icl_lab.attention; before, vmap cost 1.7x a plain forward+backward against 1.3x),
+# and at 1 thread vmap is slower (docs/llc.md). On CUDA, batching the chains wins.
 _AUTO_VMAP_MAX_CPU = 20_000
 _CHECK_EVERY = 50  # steps between (synchronising) finiteness checks of the chain state
 DEFAULT_STEP_SIZES = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)  # calibration grid of ε
