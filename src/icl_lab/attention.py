@@ -2,9 +2,11 @@
 
 `F.scaled_dot_product_attention` has no vmap batching rule for its fused CPU kernel: under vmap it either loops
 over the vmapped axis (one kernel call per member, with a warning) or, with the math backend, decomposes into
-1,024 tiny 32×32 matrix products, masks and copies (measured: the attention of an 8-member seed-preset ensemble
-cost ~1.4x the same members one at a time). Attention has no parameters, so a vmapped axis is just more
-sequences: `causal_attention` folds it into the batch axis and calls the fused flash kernel once.
+tiny 32×32 matrix products (1,024 per layer for 8 members × 32 sequences × 4 heads), masks and copies.
+Attention has no parameters, so a vmapped axis is just more sequences: `causal_attention` folds it into the batch
+axis and calls the fused flash kernel once. Measured on 2 CPU cores (2026-12-02): forward + backward of one layer
+on 8 × 32 sequences 25 ms folded against 34 ms for the math decomposition; inside the whole 8-member ensemble
+step, though, the folded kernel was 4-9% slower than the math path (benchmarks/results/ensemble_throughput.md).
 
 On CPU this is a pair of `torch.autograd.Function`s (forward, backward) around ATen's flash-attention-for-CPU
 kernels, each with a vmap rule that folds (N, B, ...) -> (N·B, ...), so it composes with plain autograd,
