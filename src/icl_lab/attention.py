@@ -6,7 +6,7 @@ tiny 32×32 matrix products (1,024 per layer for 8 members × 32 sequences × 4 
 Attention has no parameters, so a vmapped axis is just more sequences: `causal_attention` folds it into the batch
 axis and calls the fused flash kernel once. Measured on 2 CPU cores (2026-12-02): forward + backward of one layer
 on 8 × 32 sequences 25 ms folded against 34 ms for the math decomposition; inside the whole 8-member ensemble
-step, though, the folded kernel was 4-9% slower than the math path (benchmarks/results/ensemble_throughput.md).
+step, though, the folded kernel was 4-9% slower than the math path (4 paired rounds, same process).
 
 On CPU this is a pair of `torch.autograd.Function`s (forward, backward) around ATen's flash-attention-for-CPU
 kernels, each with a vmap rule that folds (N, B, ...) -> (N·B, ...), so it composes with plain autograd,
