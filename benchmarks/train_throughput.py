@@ -774,8 +774,9 @@ def markdown(res: dict[str, Any]) -> str:
         fl = res["final_loss"]
         w = fl["welch"]
         out += [f"## Final loss after {fl['steps']:,} steps at batch 32", "",
-                *([f"Measured on {fl['reused_from']} and kept here (`--reuse-loss`): the training step is unchanged "
-                   "since.", ""] if "reused_from" in fl else []),
+                *([f"Measured on {fl['reused_from']} with the code of that day and kept here (`--reuse-loss`); "
+                   "changes to the training step since then (see git log) are not reflected in this section.", ""]
+                  if "reused_from" in fl else []),
                 "Both pipelines train on the same 2-task pool per seed (the seed dataset's global-RNG pool); "
                 f"both final models are evaluated on one fixed set of {fl['eval_size']:,} sequences from that pool.",
                 "", "| seed | seed pipeline | icl-lab | dMMSE (Bayes floor) | seed train_model s | icl-lab loop s |",
