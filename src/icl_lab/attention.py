@@ -17,11 +17,18 @@ it is `F.scaled_dot_product_attention` (the batched math path is efficient on a 
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["causal_attention"]
+__all__ = ["BATCHING_WARNING", "causal_attention", "vmappable_sdpa"]
+
+# The start of the warning vmap gives for an op without a batching rule (it then loops over the mapped axis).
+BATCHING_WARNING = "There is a performance drop because we have not yet implemented the batching rule"
 
 
 def _fold(info, in_dims, args):  # noqa: ANN001, ANN202 - the vmap-rule signature of torch.autograd.Function
@@ -89,3 +96,15 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64):
         return _Flash.apply(q, k, v)[0]
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@contextmanager
+def vmappable_sdpa() -> Iterator[None]:
+    """Run F.scaled_dot_product_attention through its math decomposition, whose ops vmap batches (its fused kernels
+    have no batching rule), and silence BATCHING_WARNING for ops that still loop over the mapped axis. For models
+    other than icl-lab's, and devices other than the CPU, under vmap (ensembles, vectorised LLC chains)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=BATCHING_WARNING)
+        yield

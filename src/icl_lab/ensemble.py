@@ -21,11 +21,8 @@ from __future__ import annotations
 import copy
 import math
 import time
-import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -33,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from icl_lab.attention import vmappable_sdpa
 from icl_lab.config import RunConfig, TrainConfig
 from icl_lab.evaluate import baseline_levels, evaluate, prepare_eval_sets
 from icl_lab.model import build_model
@@ -99,18 +97,6 @@ def group_stackable(configs: Sequence[RunConfig]) -> list[list[int]]:
 
 
 # ------------------------------------------------------------------------------------------------ the stack
-@contextmanager
-def _vmappable_attention() -> Any:
-    """Run F.scaled_dot_product_attention through its math decomposition, which vmap batches over the model axis
-    (its fused kernels have no batching rule: vmap would loop over members and warn). On CPU icl-lab's model
-    calls `icl_lab.attention.causal_attention` instead, which folds the model axis into the batch and stays fused."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel([SDPBackend.MATH]), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*batching rule.*")
-        yield
-
-
 class StackedModels:
     """N models of one architecture as stacked parameters (leaves of shape (N, ...) with requires_grad).
 
@@ -131,7 +117,7 @@ class StackedModels:
         self._forward = vmap(call, in_dims=(0, 0, 0, 0))
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
-        with _vmappable_attention():
+        with vmappable_sdpa():  # other models / devices; icl-lab's model on CPU uses causal_attention
             return self._forward(self.params, self.buffers, x, y)
 
     def parameters(self) -> list[Tensor]:

@@ -49,6 +49,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from icl_lab.attention import BATCHING_WARNING, vmappable_sdpa
 from icl_lab.config import LLCConfig
 from icl_lab.evaluate import EVAL_CHUNK, EVAL_CHUNK_DEFAULT
 from icl_lab.tasks import make_generator
@@ -84,7 +85,6 @@ _AUTO_VMAP_MAX_CPU = 20_000
 _CHECK_EVERY = 50  # steps between (synchronising) finiteness checks of the chain state
 DEFAULT_STEP_SIZES = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)  # calibration grid of ε
 _HEAD_LEAVES = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V")
-_BATCHING_WARNING = "There is a performance drop because we have not yet implemented the batching rule"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -661,8 +661,6 @@ def _run_vectorized(chain_loss: Callable, data: tuple[Tensor, ...], minibatch: b
 
     Raises _VmapUnsupported if the first step cannot be vectorised (nothing has been sampled then).
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     C, S = trace.shape
     P = theta_star.numel()
     block = _block_size(P)
@@ -672,8 +670,7 @@ def _run_vectorized(chain_loss: Callable, data: tuple[Tensor, ...], minibatch: b
     idx = None
     # The math SDPA kernel decomposes into ops that have batching rules (the fused CPU kernel has none); ops
     # without a batching rule still work, one chain at a time, and are reported once in `notes`.
-    with sdpa_kernel([SDPBackend.MATH]), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_BATCHING_WARNING)
+    with vmappable_sdpa():
         for t in range(S):
             j = t % block
             if j == 0:
@@ -704,7 +701,7 @@ def _first_vmapped_step(step: Callable, theta: Tensor, batch: tuple[Tensor, ...]
         except Exception as e:  # noqa: BLE001 - any failure of the functorch transform means "fall back"
             raise _VmapUnsupported(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
     for w in caught:
-        if _BATCHING_WARNING in str(w.message):
+        if BATCHING_WARNING in str(w.message):
             notes.append(f"vmap: {str(w.message).splitlines()[0][:160]}")
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
