@@ -22,6 +22,11 @@ EVAL_CHUNK = {"cpu": 128}
 EVAL_CHUNK_DEFAULT = 2048
 
 
+def eval_chunk(device: torch.device) -> int:
+    """Rows per forward pass without autograd on `device` (EVAL_CHUNK, else EVAL_CHUNK_DEFAULT)."""
+    return EVAL_CHUNK.get(device.type, EVAL_CHUNK_DEFAULT)
+
+
 @dataclass
 class EvalSet:
     """A fixed batch and its baseline predictions, computed once. dmmse is ridge's when M = inf."""
@@ -51,7 +56,7 @@ def prepare_eval_sets(task: TaskConfig, pool: Tensor | None, size: int, seed: in
 @torch.inference_mode()
 def predict(model: nn.Module, x: Tensor, y: Tensor, chunk: int | None = None) -> Tensor:
     """Model predictions (B, K) for x: (B, K, D), y: (B, K), in chunks of rows, without autograd."""
-    chunk = chunk or EVAL_CHUNK.get(x.device.type, EVAL_CHUNK_DEFAULT)
+    chunk = chunk or eval_chunk(x.device)
     return torch.cat([model(x[i:i + chunk], y[i:i + chunk]) for i in range(0, x.shape[0], chunk)])
 
 

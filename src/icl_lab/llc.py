@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from icl_lab.attention import BATCHING_WARNING, vmappable_sdpa
 from icl_lab.config import LLCConfig
-from icl_lab.evaluate import EVAL_CHUNK, EVAL_CHUNK_DEFAULT
+from icl_lab.evaluate import eval_chunk
 from icl_lab.tasks import make_generator
 
 __all__ = [
@@ -475,7 +475,7 @@ def _block_size(P: int) -> int:
 def _loss_at(module: nn.Module, loss_fn: LossFn, data: tuple[Tensor, ...], n: int) -> float:
     """ℓ_n at the module's own weights on the whole data, in chunks, without autograd (loss_fn is a mean)."""
     total = 0.0
-    size = EVAL_CHUNK.get(data[0].device.type, EVAL_CHUNK_DEFAULT)  # small chunks stay in a CPU's cache
+    size = eval_chunk(data[0].device)  # small chunks stay in a CPU's cache
     with torch.no_grad():
         for start in range(0, n, size):
             chunk = tuple(t[start:start + size] for t in data)
