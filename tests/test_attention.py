@@ -9,8 +9,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from icl_lab.attention import causal_attention
 
 
-def reference(q, k, v):
-    """softmax(q kᵀ/√e + causal mask) v, written out (an independent implementation)."""
+def split(qkv):
+    """q, k, v: each (..., H, T, e) from the packed qkv: (..., T, H, 3e)."""
+    return qkv.transpose(-3, -2).chunk(3, dim=-1)
+
+
+def reference(qkv):
+    """softmax(q kᵀ/√e + causal mask) v, written out (an independent implementation) -> (..., H, T, e)."""
+    q, k, v = split(qkv)
     T = q.shape[-2]
     scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
     mask = torch.ones(T, T, dtype=torch.bool).tril()
@@ -20,47 +26,51 @@ def reference(q, k, v):
 @pytest.fixture
 def qkv():
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(3, 5, 2, 7, 4, generator=g, dtype=torch.float64) for _ in range(3)]  # (N, B, H, T, e)
+    return torch.randn(3, 5, 7, 2, 12, generator=g, dtype=torch.float64)  # (N, B, T, H, 3e)
 
 
-def loss(q, k, v, attn=causal_attention):
-    return (attn(q, k, v) ** 2).sum()
+def loss(qkv, attn=causal_attention):
+    return (attn(qkv) ** 2).sum()
 
 
 def test_plain_matches_reference_and_is_the_fused_kernel(qkv):
-    q, k, v = (t[0] for t in qkv)
-    torch.testing.assert_close(causal_attention(q, k, v), reference(q, k, v), rtol=0, atol=1e-12)
-    q32, k32, v32 = (t.float() for t in (q, k, v))  # on CPU: exactly what F.scaled_dot_product_attention computes
-    assert torch.equal(causal_attention(q32, k32, v32), F.scaled_dot_product_attention(q32, k32, v32, is_causal=True))
+    torch.testing.assert_close(causal_attention(qkv[0]), reference(qkv[0]), rtol=0, atol=1e-12)
+    q32 = qkv[0].float()  # on CPU: exactly what F.scaled_dot_product_attention computes on q, k, v
+    assert torch.equal(causal_attention(q32), F.scaled_dot_product_attention(*split(q32), is_causal=True))
+
+
+def test_gradient_is_bit_identical_to_sdpa_on_q_k_v(qkv):
+    leaf = qkv[0].float().requires_grad_(True)
+    (causal_attention(leaf) ** 2).sum().backward()
+    mine = leaf.grad
+    leaf.grad = None
+    (F.scaled_dot_product_attention(*split(leaf), is_causal=True) ** 2).sum().backward()
+    assert mine.shape == leaf.shape and mine.is_contiguous()
+    assert torch.equal(mine, leaf.grad)
 
 
 def test_vmap_folds_the_mapped_axis(qkv):
-    q, k, v = qkv
-    torch.testing.assert_close(torch.func.vmap(causal_attention)(q, k, v), reference(q, k, v), rtol=0, atol=1e-12)
-    out = torch.func.vmap(causal_attention, in_dims=(0, None, 0))(q, k[0], v)  # an unmapped argument
-    torch.testing.assert_close(out, reference(q, k[0].expand_as(q), v), rtol=0, atol=1e-12)
-    out = torch.func.vmap(causal_attention, in_dims=2)(q, k, v)  # the mapped axis not first
-    ref = reference(*(t.movedim(2, 0) for t in (q, k, v)))
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.func.vmap(causal_attention)(qkv), reference(qkv), rtol=0, atol=1e-12)
+    out = torch.func.vmap(causal_attention, in_dims=2)(qkv)  # the mapped axis not first
+    torch.testing.assert_close(out, reference(qkv.movedim(2, 0)), rtol=0, atol=1e-12)
 
 
 def test_gradients_in_every_composition(qkv):
-    q, k, v = qkv
-    ref = torch.func.vmap(torch.func.grad(lambda a, b, c: loss(a, b, c, reference), argnums=(0, 1, 2)))(q, k, v)
-    inner = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1, 2)))(q, k, v)  # LLC chains: vmap(grad(.))
-    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    torch.func.vmap(loss)(*leaves).sum().backward()  # ensembles: autograd through vmap
-    outer = torch.func.grad(lambda a: torch.func.vmap(loss)(a, k, v).sum())(q)
-    for a, b, c in zip(ref, inner, [t.grad for t in leaves], strict=True):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-11)
-        torch.testing.assert_close(c, a, rtol=0, atol=1e-11)
-    torch.testing.assert_close(outer, ref[0], rtol=0, atol=1e-11)
-    args = tuple(t[0].clone().requires_grad_(True) for t in (q, k, v))
-    assert torch.autograd.gradcheck(causal_attention, args)
+    ref = torch.func.vmap(torch.func.grad(lambda a: loss(a, reference)))(qkv)
+    inner = torch.func.vmap(torch.func.grad(loss))(qkv)  # LLC chains: vmap(grad(.))
+    leaf = qkv.clone().requires_grad_(True)
+    torch.func.vmap(loss)(leaf).sum().backward()  # ensembles: autograd through vmap
+    outer = torch.func.grad(lambda a: torch.func.vmap(loss)(a).sum())(qkv)
+    for got in (inner, leaf.grad, outer):
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-11)
+    # an unmapped grad_out layout: the cotangent of a transposed use of the output
+    twisted = torch.func.grad(lambda a: (causal_attention(a).transpose(-1, -2) ** 3).sum())(qkv[1])
+    expect = torch.func.grad(lambda a: (reference(a).transpose(-1, -2) ** 3).sum())(qkv[1])
+    torch.testing.assert_close(twisted, expect, rtol=0, atol=1e-11)
+    assert torch.autograd.gradcheck(causal_attention, (qkv[0].clone().requires_grad_(True),))
 
 
 def test_math_backend_agrees(qkv):
-    q, k, v = (t[1] for t in qkv)
     with sdpa_kernel([SDPBackend.MATH]):
-        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    torch.testing.assert_close(causal_attention(q, k, v), ref, rtol=0, atol=1e-12)
+        ref = F.scaled_dot_product_attention(*split(qkv[1]), is_causal=True)
+    torch.testing.assert_close(causal_attention(qkv[1]), ref, rtol=0, atol=1e-12)

@@ -11,7 +11,9 @@ step, though, the folded kernel was 4-9% slower than the math path (4 paired rou
 On CPU this is a pair of `torch.autograd.Function`s (forward, backward) around ATen's flash-attention-for-CPU
 kernels, each with a vmap rule that folds (N, B, ...) -> (N·B, ...), so it composes with plain autograd,
 `torch.func.grad` and `vmap` in either order (first derivatives only). For one model it runs exactly the kernels that
-`F.scaled_dot_product_attention(q, k, v, is_causal=True)` runs on CPU (same values, bit for bit). On other devices
+`F.scaled_dot_product_attention(q, k, v, is_causal=True)` runs on CPU (same values, bit for bit). It takes the
+packed projection qkv: (B, T, H, 3e) and returns its gradient packed, which saves the two copies of that tensor
+(split's concatenation, then the transpose back) that autograd makes around separate q, k, v. On other devices
 it is `F.scaled_dot_product_attention` (the batched math path is efficient on a GPU).
 """
 
@@ -45,14 +47,25 @@ def _unfold(n: int, outs: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], tuple
     return tuple(o.view(n, -1, *o.shape[1:]) for o in outs), (0,) * len(outs)
 
 
+def _split(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v: each (B, H, T, e), as strided views of the packed qkv: (B, T, H, 3e) (no copy)."""
+    return qkv.transpose(1, 2).split(qkv.shape[-1] // 3, dim=-1)
+
+
 class _FlashBackward(torch.autograd.Function):
-    """Gradients with respect to q, k, v of out = _Flash(q, k, v); lse is the forward's row log-sum-exp."""
+    """The gradient with respect to qkv of out = _Flash(qkv); lse is the forward's row log-sum-exp.
+
+    The kernel returns dq, dk, dv in (B, T, H, e) memory order, so one concatenation writes the packed gradient
+    (B, T, H, 3e) that the qkv projection's backward reads without a further copy.
+    """
 
     @staticmethod
-    def forward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
-                ) -> tuple[Tensor, Tensor, Tensor]:
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out.contiguous(), q, k, v, out, lse, 0.0, True)
+    def forward(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor) -> Tensor:
+        if grad_out.stride(-1) != 1:  # the kernel reads rows of e; other strides are fine
+            grad_out = grad_out.contiguous()
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, *_split(qkv), out, lse, 0.0, True)
+        return torch.cat([g.transpose(1, 2) for g in grads], dim=-1)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -65,15 +78,16 @@ class _FlashBackward(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, *args):  # noqa: ANN001, ANN205
         n, flat = _fold(info, in_dims, args)
-        return _unfold(n, _FlashBackward.apply(*flat))
+        outs, dims = _unfold(n, (_FlashBackward.apply(*flat),))
+        return outs[0], dims[0]
 
 
 class _Flash(torch.autograd.Function):
-    """q, k, v: (B, H, T, e) -> causal attention output (B, H, T, e) and row log-sum-exp (B, H, T)."""
+    """qkv: (B, T, H, 3e) -> causal attention output (B, H, T, e) and row log-sum-exp (B, H, T)."""
 
     @staticmethod
-    def forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
+    def forward(qkv: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*_split(qkv), 0.0, True)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -81,21 +95,22 @@ class _Flash(torch.autograd.Function):
         ctx.mark_non_differentiable(output[1])
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor, _grad_lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # noqa: ANN001
-        q, k, v, out, lse = ctx.saved_tensors
-        return _FlashBackward.apply(grad_out, q, k, v, out, lse)
+    def backward(ctx, grad_out: Tensor, _grad_lse: Tensor) -> Tensor:  # noqa: ANN001
+        qkv, out, lse = ctx.saved_tensors
+        return _FlashBackward.apply(grad_out, qkv, out, lse)
 
     @staticmethod
-    def vmap(info, in_dims, q, k, v):  # noqa: ANN001, ANN205
-        n, flat = _fold(info, in_dims, (q, k, v))
+    def vmap(info, in_dims, qkv):  # noqa: ANN001, ANN205
+        n, flat = _fold(info, in_dims, (qkv,))
         return _unfold(n, _Flash.apply(*flat))
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """softmax(q kᵀ / √e + causal mask) v for q, k, v: (B, H, T, e) -> (B, H, T, e) (Vaswani et al. 2017, Eq. 1)."""
-    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64):
-        return _Flash.apply(q, k, v)[0]
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+def causal_attention(qkv: Tensor) -> Tensor:
+    """softmax(q kᵀ / √e + causal mask) v (Vaswani et al. 2017, Eq. 1) for packed qkv: (B, T, H, 3e), each head's
+    [q | k | v] side by side as the fused projection writes them -> z: (B, H, T, e)."""
+    if qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.float64):
+        return _Flash.apply(qkv)[0]
+    return F.scaled_dot_product_attention(*_split(qkv), is_causal=True)
 
 
 @contextmanager

@@ -119,9 +119,7 @@ class Attention(nn.Module):
         W = torch.cat([self.W_Q, self.W_K, self.W_V], dim=-1)  # (H, d, 3e)
         b = torch.cat([self.b_Q, self.b_K, self.b_V], dim=-1).reshape(H * 3 * e) if self.cfg.attn_bias else None
         qkv = linear(h, W.permute(1, 0, 2).reshape(d, H * 3 * e), b)  # (B, T, H*3e)
-        qkv = qkv.view(B, T, H, 3 * e).transpose(1, 2)  # (B, H, T, 3e)
-        q, k, v = qkv.split(e, dim=-1)
-        return causal_attention(q, k, v)
+        return causal_attention(qkv.view(B, T, H, 3 * e))
 
     def combine(self, z: Tensor) -> Tensor:
         """Attention output (B, T, d_model) from per-head outputs z: (B, H, T, d_head)."""
