@@ -13,9 +13,14 @@ Rows:
      extrapolated linearly to the full 4 × (200 + 50) steps; the md/json label these numbers "extrapolated".
   2. icl-lab's plain PyTorch `seed` preset (icl_lab.model.build_model): icl-lab vs devinterp, FULL estimates,
      λ̂ ± std of both and whether they agree within the chains' standard errors.
-  3. sampler overhead: one SGLD chain-step of icl-lab (estimate seconds / (chains × (draws + burn-in)), i.e. with
-     its fixed costs amortised) against one plain forward + backward of the same model at the same minibatch;
-     achieved GFLOP/s against the measured matmul peak (nominal FLOPs, benchmarks/ensemble_throughput.py formula).
+     Also icl-lab on the user's TransformerLens WEIGHTS converted by `icl_lab.interp.from_seed_model` into the
+     `seed` preset: the same function of the same parameter tensors (W_E and W_pos, unused by the seed's forward,
+     are excluded on every side), so the same λ; conversion time included, short runs extrapolated alike.
+  3. sampler overhead, paired: in each round (rotated order) S plain forward + backward steps of the plain model,
+     and one-chain icl-lab estimates of S0 and S0 + S draws; one SGLD draw = (t(S0 + S) − t(S0)) / S, so fixed
+     costs (copy, ℓ_n(w*), selection) cancel. Median over rounds of the per-round ratio. The amortised figure
+     (full estimate seconds / chain-steps, fixed costs included) of both tools is shown beside it. Achieved
+     GFLOP/s against the measured matmul peak (nominal FLOPs, benchmarks/ensemble_throughput.py formula).
   4. an LLC curve over 40 checkpoints: 40 × the measured per-estimate time (minibatch 32), computed, not run.
 
 devinterp adapter: devinterp.slt.sampling.sample wants a `datasets.Dataset` with an integer `input_ids` column of
@@ -65,6 +70,7 @@ from common import (  # noqa: E402
     write_json_atomic,
 )
 from icl_lab.config import LLCConfig, ModelConfig, TaskConfig  # noqa: E402
+from icl_lab.interp import from_seed_model  # noqa: E402
 from icl_lab.llc import estimate_llc  # noqa: E402
 from icl_lab.model import build_model, count_parameters  # noqa: E402
 from icl_lab.tasks import make_generator, sample_batch, task_pool  # noqa: E402
@@ -242,6 +248,8 @@ def main() -> None:
     ap.add_argument("--draws-256", type=int, default=None,
                     help="draws of the plain-model minibatch-256 row (default: same as the others); burn-in as the "
                          "others. Fewer draws keep the run short on loaded cores; the md says so")
+    ap.add_argument("--overhead-rounds", type=int, default=None,
+                    help="rounds of the paired sampler-overhead measurement (full: 4)")
     ap.add_argument("--tl-full", action="store_true", help="run the TransformerLens row at the full settings "
                     "instead of extrapolating (very slow on CPU)")
     args = ap.parse_args()
@@ -414,10 +422,19 @@ def main() -> None:
         def task() -> float:
             if args.tl_full:
                 kw = dict(chains=4, draws=200, burnin=50)
+            else:  # the converted model is ~9x cheaper per step: 5x longer short runs keep its fit out of the noise
+                kw = dict(chains=4, draws=nd * (5 if side == "icl_lab_converted" else 1), burnin=tl_burnin)
+            if side == "icl_lab":
+                r = run_icl_lab(tl, x, y, batch=batch, nbeta=nbeta, **kw)
+            elif side == "icl_lab_converted":  # the user's weights in icl-lab's own module; conversion timed
+                t0 = time.perf_counter()
+                converted = from_seed_model(tl, D=D, K=K)
+                convert_s = time.perf_counter() - t0
+                r = run_icl_lab(converted, x, y, batch=batch, nbeta=nbeta, **kw)
+                r["seconds"] += convert_s
+                r["convert_seconds"] = convert_s
             else:
-                kw = dict(chains=4, draws=nd, burnin=tl_burnin)
-            r = run_icl_lab(tl, x, y, batch=batch, nbeta=nbeta, **kw) if side == "icl_lab" else \
-                dev.run(tl, batch=batch, nbeta=nbeta, **kw)
+                r = dev.run(tl, batch=batch, nbeta=nbeta, **kw)
             tl_store.setdefault(f"{side}/{batch}", []).append(r)
             log(f"  TL {side:9s} m={batch:3d} steps={r['steps']:4d}: {r['seconds']:.1f}s ({r['seconds'] / r['steps'] * 1e3:.0f} ms/step)")
             return r["seconds"]
@@ -427,7 +444,7 @@ def main() -> None:
         rows = {}
         for b in batches:
             sides = {}
-            for side in ("icl_lab", "devinterp"):
+            for side in ("icl_lab", "devinterp", "icl_lab_converted"):
                 runs = tl_store.get(f"{side}/{b}", [])
                 if not runs:
                     continue
@@ -446,21 +463,25 @@ def main() -> None:
                                "measured_or_extrapolated": f"extrapolated linearly from {len(runs)} short runs "
                                                            f"(steps {sorted({r['steps'] for r in runs})}) to "
                                                            f"{full_steps} chain-steps"}
-            if len(sides) == 2:
+            if "icl_lab" in sides and "devinterp" in sides:
                 valid = args.tl_full or (sides["icl_lab"]["fit_valid"] and sides["devinterp"]["fit_valid"])
                 key = "seconds_full_estimate" if valid else "seconds_full_estimate_naive"
                 sp = sides["devinterp"][key] / sides["icl_lab"][key]
                 rows[str(b)] = {**sides, "speedup": sp, "speedup_from": key, "fit_valid": valid,
                                 "target": f">= {TARGET_TL}x", "target_met": sp >= TARGET_TL}
-                plain_b = results.get("plain", {}).get(str(b))
-                if plain_b is not None:  # the user's model as each tool runs it: TL under devinterp, `seed` preset
-                    icl_plain = plain_b["icl_lab_seconds"]["median"] * full_steps / plain_b["icl_lab_estimates"][0]["steps"]
+                conv = sides.get("icl_lab_converted")
+                if conv is not None:  # the user's TransformerLens model: devinterp on it, icl-lab on its weights
+                    ok = args.tl_full or (conv["fit_valid"] and sides["devinterp"]["fit_valid"])
+                    ck = "seconds_full_estimate" if ok else "seconds_full_estimate_naive"
+                    dims = {r["d"] for r in conv["runs"]} | {r["d"] for r in sides["icl_lab"]["runs"]}
+                    usp = sides["devinterp"][ck] / conv[ck]
                     rows[str(b)]["user_pipeline"] = {
-                        "devinterp_on_tl_seconds": sides["devinterp"][key], "icl_lab_on_seed_preset_seconds": icl_plain,
-                        "speedup": sides["devinterp"][key] / icl_plain, "target_met": sides["devinterp"][key] / icl_plain >= TARGET_TL,
-                        "note": "icl-lab's `seed` preset computes the same function as the user's TransformerLens "
-                                "model (outputs equal within 1e-5, tests/test_interp.py); icl-lab seconds scaled to "
-                                f"{full_steps} chain-steps from its measured plain-model estimate"}
+                        "devinterp_on_tl_seconds": sides["devinterp"][ck], "icl_lab_converted_seconds": conv[ck],
+                        "speedup": usp, "speedup_from": ck, "target_met": usp >= TARGET_TL,
+                        "sampled_parameters_d": sorted(dims), "same_d": len(dims) == 1,
+                        "note": "icl_lab.interp.from_seed_model(tl) puts the user's trained weights into icl-lab's "
+                                "`seed` preset: the same function (outputs equal within 1e-6, tests/test_interp.py) "
+                                "of the same parameter tensors, so the same λ; conversion time included"}
         results["transformer_lens"] = rows
 
     def tl_tasks(b: int) -> dict:
@@ -468,12 +489,68 @@ def main() -> None:
         for nd in (tl_draws if not args.tl_full else (None,)):
             out_tasks[f"icl_lab/{b}/{nd}"] = tl_task("icl_lab", b, nd)
             out_tasks[f"devinterp/{b}/{nd}"] = tl_task("devinterp", b, nd)
+            out_tasks[f"icl_lab_converted/{b}/{nd}"] = tl_task("icl_lab_converted", b, nd)
         return out_tasks
 
     def on_tl_round(r: int, values: dict) -> None:
         results["loadavg"][f"tl_round_{r}"] = loadavg()
         fill_tl()
         save()
+
+    # ---------------------------------------------------------------- sampler overhead, paired
+    ov_store: dict[str, list[float]] = {}
+
+    def ov_steps(b: int) -> tuple[int, int]:
+        """(S0, S): draws of the short estimate and the extra draws timed (about 5 s of sampling each)."""
+        return (2, 4) if quick else ((10, 40) if b == 256 else (20, 250))
+
+    def ov_fb(b: int):
+        def task() -> float:
+            s = fwd_bwd_seconds(plain, x, y, b, ov_steps(b)[1], gen)
+            ov_store.setdefault(f"fwdbwd/{b}", []).append(s)
+            return s
+        return task
+
+    def ov_sgld(b: int):
+        def task() -> float:
+            s0, s1 = ov_steps(b)
+            kw = dict(chains=1, burnin=0, batch=b, nbeta=nbeta)
+            short = run_icl_lab(plain, x, y, draws=s0, **kw)["seconds"]
+            long = run_icl_lab(plain, x, y, draws=s0 + s1, **kw)["seconds"]
+            v = (long - short) / s1
+            ov_store.setdefault(f"sgld/{b}", []).append(v)
+            return v
+        return task
+
+    def fill_overhead() -> None:
+        rows = {}
+        for b in batches:
+            fbs, sg = ov_store.get(f"fwdbwd/{b}", []), ov_store.get(f"sgld/{b}", [])
+            k = min(len(fbs), len(sg))
+            if k == 0:
+                continue
+            ratios = [sg[i] / fbs[i] for i in range(k)]
+            med = float(np.median(ratios))
+            fl = flops_fwd_bwd(ModelConfig(), b)
+            rows[str(b)] = {"steps": dict(zip(("short", "timed"), ov_steps(b), strict=True)),
+                            "fwd_bwd_seconds": summarize(fbs[:k]), "sgld_draw_seconds": summarize(sg[:k]),
+                            "ratio_per_round": ratios, "ratio_median": med, "target_ratio": TARGET_OVERHEAD,
+                            "target_met": med <= TARGET_OVERHEAD, "flops_per_fwd_bwd": fl,
+                            "gflops_sgld": fl / float(np.median(sg[:k])) / 1e9,
+                            "gflops_fwd_bwd": fl / float(np.median(fbs[:k])) / 1e9}
+        results["overhead_paired"] = rows
+        results["matmul_peak_gflops"] = {"best": max(peaks), "values": list(peaks), "n": 1024}
+
+    def on_ov_round(r: int, values: dict) -> None:
+        results["loadavg"][f"overhead_round_{r}"] = loadavg()
+        fill_overhead()
+        save()
+
+    ov_tasks = {f"{kind}/{b}": (ov_fb(b) if kind == "fwdbwd" else ov_sgld(b))
+                for b in batches for kind in ("fwdbwd", "sgld")}
+    ov_tasks["matmul"] = mm
+    log(f"sampler overhead, paired: {args.overhead_rounds or (1 if quick else 4)} round(s)")
+    interleaved_rounds(ov_tasks, args.overhead_rounds or (1 if quick else 4), on_round=on_ov_round)
 
     # order by priority (the run may be cut short on loaded cores; every section saves its results)
     log("TransformerLens rows, minibatch 32" + (" (full)" if args.tl_full else f" (short runs, draws {tl_draws})"))
@@ -528,8 +605,9 @@ def render_md(res: dict[str, Any]) -> str:
                      f"{yn(r['target_met'])} |")
             if "user_pipeline" in r:
                 u = r["user_pipeline"]
-                L.append(f"| the user's model in each tool: devinterp on the TransformerLens model{tag} vs icl-lab on "
-                         f"the `seed` preset (same function) | {b} | {u['icl_lab_on_seed_preset_seconds']:.0f} s | "
+                L.append(f"| the user's TransformerLens model: devinterp on it vs icl-lab on its weights converted by "
+                         f"`from_seed_model` (same function, same parameters{', same d' if u['same_d'] else ', d DIFFERS'})"
+                         f"{tag} | {b} | {u['icl_lab_converted_seconds']:.0f} s | "
                          f"{u['devinterp_on_tl_seconds']:.0f} s | {u['speedup']:.2f}x | {r['target']} | "
                          f"{yn(u['target_met'])} |")
     for b in ("256", "32"):
@@ -556,8 +634,8 @@ def render_md(res: dict[str, Any]) -> str:
                          f"{d['llc_std']:.2f} | {d['llc_mean_devinterp_all_steps_incl_burnin']:.2f} | {ag['z']:+.2f} | "
                          f"{yn(ag['within_1se'])} | {yn(ag['within_2se'])} | {', '.join(a['flags']) or 'none'} |")
         L.append("")
-        L.append("Sampler overhead (plain seed preset; one SGLD chain-step = estimate time / (chains × (draws + "
-                 "burn-in)), fixed costs amortised; nominal FLOPs of a forward + backward):\n")
+        L.append("Sampler overhead, amortised (plain seed preset; one SGLD chain-step = full estimate time / (chains "
+                 "× (draws + burn-in)), fixed costs included; nominal FLOPs of a forward + backward):\n")
         L.append("| minibatch | plain fwd+bwd | icl-lab SGLD step | ratio | devinterp SGLD step | ratio | icl-lab "
                  "GFLOP/s | % of matmul peak | target ≤ 1.1x met |")
         L.append("|---|---|---|---|---|---|---|---|---|")
@@ -571,6 +649,23 @@ def render_md(res: dict[str, Any]) -> str:
                          f"{100 * o['fraction_of_peak_icl_lab']:.1f}% | {yn(o['target_met'])} |")
         L.append(f"\nMeasured float32 matmul peak ({mp.get('n')}² @ {mp.get('n')}², best of all rounds): "
                  f"{mp.get('best', float('nan')):.1f} GFLOP/s.\n")
+    ov = res.get("overhead_paired", {})
+    if ov:
+        L.append("Sampler overhead, paired (the target's measure: one SGLD draw of icl-lab = (t(S0 + S draws) − "
+                 "t(S0 draws)) / S of one-chain estimates, so its fixed costs cancel, against one plain forward + "
+                 "backward of the same model and minibatch in the same round; median of the per-round ratios):\n")
+        L.append("| minibatch | S0, S | plain fwd+bwd (median) | SGLD draw (median) | ratio per round | median ratio | "
+                 "SGLD GFLOP/s | % of matmul peak | target ≤ 1.1x met |")
+        L.append("|---|---|---|---|---|---|---|---|---|")
+        peak = mp.get("best", float("nan"))
+        for b in ("256", "32"):
+            o = ov.get(b)
+            if o:
+                L.append(f"| {b} | {o['steps']['short']}, {o['steps']['timed']} | "
+                         f"{o['fwd_bwd_seconds']['median'] * 1e3:.2f} ms | {o['sgld_draw_seconds']['median'] * 1e3:.2f} ms | "
+                         f"{', '.join(f'{v:.3f}' for v in o['ratio_per_round'])} | {o['ratio_median']:.3f}x | "
+                         f"{o['gflops_sgld']:.1f} | {100 * o['gflops_sgld'] / peak:.1f}% | {yn(o['target_met'])} |")
+        L.append("")
     c = res.get("llc_curve_40_checkpoints")
     if c:
         L.append(f"LLC curve over 40 checkpoints: one process, one estimate after another, would take 40 × "
@@ -584,7 +679,7 @@ def render_md(res: dict[str, Any]) -> str:
         L.append("| minibatch | side | s per chain-step | fixed s | short runs (steps: seconds) |")
         L.append("|---|---|---|---|---|")
         for b in ("256", "32"):
-            for side in ("icl_lab", "devinterp"):
+            for side in ("icl_lab", "devinterp", "icl_lab_converted"):
                 r = tl.get(b, {}).get(side)
                 if r and "seconds_per_chain_step" in r:
                     runs = ", ".join(f"{x['steps']}: {x['seconds']:.1f}" for x in r["runs"])
