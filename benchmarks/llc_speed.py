@@ -44,6 +44,7 @@ interleaved round by round (common.interleaved_rounds). The cores are shared: lo
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -250,6 +251,9 @@ def main() -> None:
                          "others. Fewer draws keep the run short on loaded cores; the md says so")
     ap.add_argument("--overhead-rounds", type=int, default=None,
                     help="rounds of the paired sampler-overhead measurement (full: 4)")
+    ap.add_argument("--reuse-plain", action="store_true",
+                    help="keep the plain-model rows, the paired overhead and the matmul peak of the results file "
+                         "already in --out (an earlier full run) and run only the TransformerLens rows; the md says so")
     ap.add_argument("--tl-full", action="store_true", help="run the TransformerLens row at the full settings "
                     "instead of extrapolating (very slow on CPU)")
     args = ap.parse_args()
@@ -261,6 +265,8 @@ def main() -> None:
     chains, draws, burnin = (2, 6, 2) if quick else (4, 200, 50)
     draws_256 = args.draws_256 or draws
     tl_draws = args.tl_draws or ((1, 3) if quick else (2, 6))
+    # at minibatch 32 a TL step is ~8x cheaper than devinterp's fixed cost (~40 s of ℓ_n(w*) passes): longer runs
+    tl_draws_32 = args.tl_draws or ((1, 3) if quick else (2, 30))
     tl_burnin = 1 if quick else 2
     batches = (32, 256)
     nbeta = N / math.log(N)
@@ -279,7 +285,8 @@ def main() -> None:
                      "chains": chains, "draws": draws, "burnin": burnin, "draws_minibatch_256_plain": draws_256, "minibatches": list(batches),
                      "train": f"{args.train_steps} Adam steps, lr 3e-3, batch 32 fresh sequences, same task pool",
                      "rounds": rounds, "threads": threads,
-                     "tl_short_runs": {"chains": 4, "draws": list(tl_draws), "burnin": tl_burnin,
+                     "tl_short_runs": {"chains": 4, "draws": list(tl_draws), "draws_minibatch_32": list(tl_draws_32),
+                                       "burnin": tl_burnin,
                                        "extrapolated_to_steps": full_steps} if not args.tl_full else "full",
                      "icl_lab_seed": 0, "devinterp_init_seed": 100,
                      "devinterp_call": "devinterp.slt.sampling.sample(model, Dataset(input_ids=[[i,i]]), {}, lr=ε, "
@@ -289,7 +296,16 @@ def main() -> None:
         "loadavg": {"start": loadavg()},
     }
 
+    reused: dict[str, Any] = {}
+    if args.reuse_plain:  # read before this run's first save overwrites the file
+        old = json.loads((out / "llc_speed.json").read_text())
+        keys = ("plain", "overhead_paired", "matmul_peak_gflops", "llc_curve_40_checkpoints")
+        reused = {k: old[k] for k in keys if k in old}
+        reused["reused_from"] = old["machine"]["date_utc"]
+        peaks_old = old.get("matmul_peak_gflops", {}).get("values", [])
+
     def save() -> None:
+        results.update(reused)
         results["elapsed_s"] = time.perf_counter() - t_start
         results["loadavg"]["last"] = loadavg()
         write_json_atomic(out / "llc_speed.json", results)
@@ -412,18 +428,21 @@ def main() -> None:
                 "2-process end-to-end curve is benchmarks/llc_curve.py",
                 "settings_are_full": not quick, "target_seconds": TARGET_CURVE_S, "target_met": curve < TARGET_CURVE_S}
 
-    log(f"plain-model rows, minibatch 32: {rounds} round(s) of estimates ({chains}×({draws}+{burnin}))")
-    interleaved_rounds(plain_tasks(32), rounds, on_round=on_round_of(32))
+    if reused:
+        peaks.extend(peaks_old)
+    else:
+        log(f"plain-model rows, minibatch 32: {rounds} round(s) of estimates ({chains}×({draws}+{burnin}))")
+        interleaved_rounds(plain_tasks(32), rounds, on_round=on_round_of(32))
 
     # ---------------------------------------------------------------- TransformerLens model
     tl_store: dict[str, list[dict]] = {}
 
     def tl_task(side: str, batch: int, nd: int):
         def task() -> float:
-            if args.tl_full:
-                kw = dict(chains=4, draws=200, burnin=50)
-            else:  # the converted model is ~9x cheaper per step: 5x longer short runs keep its fit out of the noise
-                kw = dict(chains=4, draws=nd * (5 if side == "icl_lab_converted" else 1), burnin=tl_burnin)
+            if args.tl_full or side == "icl_lab_converted":  # the converted model is cheap: one full estimate
+                kw = dict(chains=chains, draws=draws, burnin=burnin)
+            else:
+                kw = dict(chains=4, draws=nd, burnin=tl_burnin)
             if side == "icl_lab":
                 r = run_icl_lab(tl, x, y, batch=batch, nbeta=nbeta, **kw)
             elif side == "icl_lab_converted":  # the user's weights in icl-lab's own module; conversion timed
@@ -448,9 +467,9 @@ def main() -> None:
                 runs = tl_store.get(f"{side}/{b}", [])
                 if not runs:
                     continue
-                if args.tl_full:
+                if args.tl_full or side == "icl_lab_converted":
                     sides[side] = {"runs": runs, "seconds_full_estimate": float(np.median([r["seconds"] for r in runs])),
-                                   "measured_or_extrapolated": "measured"}
+                                   "fit_valid": True, "measured_or_extrapolated": "measured"}
                     continue
                 if len({r["steps"] for r in runs}) < 2:
                     continue
@@ -471,25 +490,27 @@ def main() -> None:
                                 "target": f">= {TARGET_TL}x", "target_met": sp >= TARGET_TL}
                 conv = sides.get("icl_lab_converted")
                 if conv is not None:  # the user's TransformerLens model: devinterp on it, icl-lab on its weights
-                    ok = args.tl_full or (conv["fit_valid"] and sides["devinterp"]["fit_valid"])
-                    ck = "seconds_full_estimate" if ok else "seconds_full_estimate_naive"
+                    ck = key
                     dims = {r["d"] for r in conv["runs"]} | {r["d"] for r in sides["icl_lab"]["runs"]}
                     usp = sides["devinterp"][ck] / conv[ck]
                     rows[str(b)]["user_pipeline"] = {
-                        "devinterp_on_tl_seconds": sides["devinterp"][ck], "icl_lab_converted_seconds": conv[ck],
+                        "devinterp_on_tl_seconds": sides["devinterp"][ck],
+                        "icl_lab_converted_seconds": conv["seconds_full_estimate"], "icl_lab_converted": "measured",
                         "speedup": usp, "speedup_from": ck, "target_met": usp >= TARGET_TL,
                         "sampled_parameters_d": sorted(dims), "same_d": len(dims) == 1,
                         "note": "icl_lab.interp.from_seed_model(tl) puts the user's trained weights into icl-lab's "
                                 "`seed` preset: the same function (outputs equal within 1e-6, tests/test_interp.py) "
-                                "of the same parameter tensors, so the same λ; conversion time included"}
+                                "of the same parameter tensors, so the same λ; conversion time included; one full "
+                                "estimate, measured"}
         results["transformer_lens"] = rows
 
     def tl_tasks(b: int) -> dict:
         out_tasks = {}
-        for nd in (tl_draws if not args.tl_full else (None,)):
+        lengths = (None,) if args.tl_full else (tl_draws if b == 256 else tl_draws_32)
+        for nd in lengths:
             out_tasks[f"icl_lab/{b}/{nd}"] = tl_task("icl_lab", b, nd)
             out_tasks[f"devinterp/{b}/{nd}"] = tl_task("devinterp", b, nd)
-            out_tasks[f"icl_lab_converted/{b}/{nd}"] = tl_task("icl_lab_converted", b, nd)
+        out_tasks[f"icl_lab_converted/{b}"] = tl_task("icl_lab_converted", b, None)
         return out_tasks
 
     def on_tl_round(r: int, values: dict) -> None:
@@ -549,14 +570,16 @@ def main() -> None:
     ov_tasks = {f"{kind}/{b}": (ov_fb(b) if kind == "fwdbwd" else ov_sgld(b))
                 for b in batches for kind in ("fwdbwd", "sgld")}
     ov_tasks["matmul"] = mm
-    log(f"sampler overhead, paired: {args.overhead_rounds or (1 if quick else 4)} round(s)")
-    interleaved_rounds(ov_tasks, args.overhead_rounds or (1 if quick else 4), on_round=on_ov_round)
+    if not reused:
+        log(f"sampler overhead, paired: {args.overhead_rounds or (1 if quick else 4)} round(s)")
+        interleaved_rounds(ov_tasks, args.overhead_rounds or (1 if quick else 4), on_round=on_ov_round)
 
     # order by priority (the run may be cut short on loaded cores; every section saves its results)
     log("TransformerLens rows, minibatch 32" + (" (full)" if args.tl_full else f" (short runs, draws {tl_draws})"))
     interleaved_rounds(tl_tasks(32), 1, on_round=on_tl_round)
-    log(f"plain-model rows, minibatch 256: {rounds} round(s) of estimates ({chains}×({draws_256}+{burnin}))")
-    interleaved_rounds(plain_tasks(256), rounds, on_round=on_round_of(256))
+    if not reused:
+        log(f"plain-model rows, minibatch 256: {rounds} round(s) of estimates ({chains}×({draws_256}+{burnin}))")
+        interleaved_rounds(plain_tasks(256), rounds, on_round=on_round_of(256))
     log("TransformerLens rows, minibatch 256" + (" (full)" if args.tl_full else f" (short runs, draws {tl_draws})"))
     interleaved_rounds(tl_tasks(256), 1, on_round=on_tl_round)
 
@@ -586,6 +609,9 @@ def render_md(res: dict[str, Any]) -> str:
              f"explicitly); {s['chains']} chains × {s['draws']} draws after {s['burnin']} burn-in; minibatch "
              f"{' and '.join(map(str, s['minibatches']))}; models trained {s['train']}. λ̂ on both sides = nβ·(mean "
              "post-burn-in minibatch loss − ℓ_n(w*)).\n")
+    if "reused_from" in res:
+        L.append(f"The plain-model rows, the paired overhead and the matmul peak were measured on {res['reused_from']} "
+                 "with the same code and kept (`--reuse-plain`); this run re-measured the TransformerLens rows.\n")
     mp = res.get("matmul_peak_gflops", {})
     tl = res.get("transformer_lens", {})
     pl = res.get("plain", {})
@@ -605,9 +631,9 @@ def render_md(res: dict[str, Any]) -> str:
                      f"{yn(r['target_met'])} |")
             if "user_pipeline" in r:
                 u = r["user_pipeline"]
-                L.append(f"| the user's TransformerLens model: devinterp on it vs icl-lab on its weights converted by "
-                         f"`from_seed_model` (same function, same parameters{', same d' if u['same_d'] else ', d DIFFERS'})"
-                         f"{tag} | {b} | {u['icl_lab_converted_seconds']:.0f} s | "
+                L.append(f"| the user's TransformerLens model: devinterp on it{tag} vs icl-lab on its weights converted "
+                         f"by `from_seed_model` (same function, same parameters{', same d' if u['same_d'] else ', d DIFFERS'}"
+                         f"; measured, conversion included) | {b} | {u['icl_lab_converted_seconds']:.0f} s | "
                          f"{u['devinterp_on_tl_seconds']:.0f} s | {u['speedup']:.2f}x | {r['target']} | "
                          f"{yn(u['target_met'])} |")
     for b in ("256", "32"):
