@@ -70,6 +70,13 @@ def test_gradients_in_every_composition(qkv):
     assert torch.autograd.gradcheck(causal_attention, (qkv[0].clone().requires_grad_(True),))
 
 
+def test_jacobian_maps_the_cotangent_alone(qkv):
+    """jacrev vmaps the backward over cotangents with qkv, out and lse unmapped (the fold's expand branch)."""
+    small = qkv[0, :2, :3, :1]  # (B=2, T=3, H=1, 3e=12)
+    torch.testing.assert_close(torch.func.jacrev(causal_attention)(small), torch.func.jacrev(reference)(small),
+                               rtol=0, atol=1e-12)
+
+
 def test_math_backend_agrees(qkv):
     with sdpa_kernel([SDPBackend.MATH]):
         ref = F.scaled_dot_product_attention(*split(qkv[1]), is_causal=True)
