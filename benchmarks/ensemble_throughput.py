@@ -8,12 +8,18 @@ interleaved rounds (common.interleaved_rounds: each configuration once per round
 shared with other jobs, so the ratio is taken per round, side by side, and the median of those paired ratios is
 the headline):
 
-  - together: one training step of the whole ensemble, exactly the step of `train_ensemble` (`sample_stacked`:
-    a batch per member from its own generator and pool; `ensemble_step`: `StackedModels` forward = vmap of
-    functional_call over the model axis, per-member squared-error loss, backward, per-member grad clipping (off
-    here, as in the seed), `StackedAdamW`). Timed over a chunk of steps.
+  - together: one training step of the whole ensemble, exactly the step of `train_ensemble` (`StackGroups.step`
+    with its default groups: on a CPU one stack per torch thread, here 2 stacks of 4 members, each stack stepped
+    on its own thread with one intra-op thread; per stack `sample_stacked`: a batch per member from its own
+    generator and pool, and `ensemble_step`: `StackedModels` forward = vmap of functional_call over the model
+    axis, per-member squared-error loss, backward, per-member grad clipping (off here, as in the seed),
+    `StackedAdamW`). Timed over a chunk of steps.
   - one after another: for each of the 8 models in turn, the same chunk of steps of `icl_lab.train.train`'s step
-    (`sample_batch` + forward + loss + backward + AdamW from `make_optimizer`).
+    (`sample_batch` + forward + loss + backward + AdamW from `make_optimizer`), on all --threads threads.
+  - two decomposition rows, where the default splits the members (so that the headline is not read as the gain of
+    vmap alone): one stack of 8 on all threads (the stacking without the concurrency), and no stacking: the same
+    threads as `together`, each running its 4 models one after another with one intra-op thread (the concurrency
+    without the stacking).
   - a float32 --matmul-n² matmul (the best over all rounds = the machine's measured peak, as in
     train_throughput.py).
 
@@ -29,7 +35,7 @@ steps each, --e2e-rounds interleaved rounds.
 Results: benchmarks/results/ensemble_throughput.{json,md} (atomic writes). `--quick` is a smoke check only and
 writes to a temporary folder unless --out is given. A GPU row is added with --device cuda where one exists.
 
-    python benchmarks/ensemble_throughput.py            # full run (~10 min on 2 cores)
+    python benchmarks/ensemble_throughput.py            # full run (~20 min on 2 cores)
     python benchmarks/ensemble_throughput.py --quick    # ~1 min smoke check
 """
 
@@ -39,9 +45,11 @@ import argparse
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,13 +64,7 @@ from common import (  # noqa: E402  (the shared benchmark helpers: peak, timing,
     write_json_atomic,
 )
 from icl_lab.config import ModelConfig, RunConfig, build_run_config  # noqa: E402
-from icl_lab.ensemble import (  # noqa: E402
-    StackedAdamW,
-    StackedModels,
-    ensemble_step,
-    sample_stacked,
-    train_ensemble,
-)
+from icl_lab.ensemble import StackGroups, default_groups, train_ensemble  # noqa: E402
 from icl_lab.model import build_model, count_parameters  # noqa: E402
 from icl_lab.tasks import make_generator, sample_batch, task_pool  # noqa: E402
 from icl_lab.train import lr_factor, make_optimizer, train  # noqa: E402
@@ -94,24 +96,26 @@ def _sync(device: str) -> None:
 
 
 class Together:
-    """The step of train_ensemble, without its checkpoints and evaluations."""
+    """The step of train_ensemble, without its checkpoints and evaluations: `StackGroups.step` with `groups` stacks
+    (train_ensemble's default: one per torch thread on a CPU, each stepped on its own thread)."""
 
-    def __init__(self, cfgs: list[RunConfig]):
+    def __init__(self, cfgs: list[RunConfig], groups: int | None = None):
         self.cfgs = cfgs
         self.device = cfgs[0].train.device
+        self.groups = default_groups(len(cfgs), self.device) if groups is None else groups
         self.pools = [task_pool(c.task.family, c.task.M, c.task.D, c.seed, self.device) for c in cfgs]
         self.gens = [make_generator(c.seed, "train", self.device) for c in cfgs]
-        self.stack = StackedModels([build_model(c.task, c.model, c.seed, self.device) for c in cfgs])
-        self.opt = StackedAdamW(self.stack.params, [c.train.lr for c in cfgs], [c.train.weight_decay for c in cfgs],
-                                cfgs[0].train.betas)
+        self.ens = StackGroups([build_model(c.task, c.model, c.seed, self.device) for c in cfgs],
+                               [c.train.lr for c in cfgs], [c.train.weight_decay for c in cfgs], cfgs[0].train.betas,
+                               self.groups)
         self.clips = [c.train.grad_clip for c in cfgs]
         self.step = 0
 
     def __call__(self, n: int) -> None:
         tc = self.cfgs[0].train
         for _ in range(n):
-            x, y = sample_stacked(self.cfgs, self.pools, self.gens, tc.batch_size)
-            loss = ensemble_step(self.stack, self.opt, x, y, self.clips, lr_factor(self.step, tc))
+            loss = self.ens.step(self.cfgs, self.pools, self.gens, tc.batch_size, self.clips,
+                                 lr_factor(self.step, tc))
             if not bool(torch.isfinite(loss).all()):
                 raise RuntimeError("diverged")
             self.step += 1
@@ -119,9 +123,11 @@ class Together:
 
 
 class OneAfterAnother:
-    """For each model in turn, n steps of icl_lab.train.train's step."""
+    """For each model in turn, n steps of icl_lab.train.train's step. With threads > 1 (the decomposition row): the
+    models split into that many parts, each part's models one after another on its own thread with one intra-op
+    thread (the concurrency of StackGroups without the stacking)."""
 
-    def __init__(self, cfgs: list[RunConfig]):
+    def __init__(self, cfgs: list[RunConfig], threads: int = 1):
         self.cfgs = cfgs
         self.device = cfgs[0].train.device
         self.pools = [task_pool(c.task.family, c.task.M, c.task.D, c.seed, self.device) for c in cfgs]
@@ -129,10 +135,13 @@ class OneAfterAnother:
         self.models = [build_model(c.task, c.model, c.seed, self.device) for c in cfgs]
         self.opts = [make_optimizer(m, c.train) for m, c in zip(self.models, cfgs, strict=True)]
         self.steps = [0] * len(cfgs)
+        self.parts = [[int(i) for i in p] for p in np.array_split(np.arange(len(cfgs)), threads)]
+        self.pool = None if threads == 1 else ThreadPoolExecutor(threads, initializer=torch.set_num_threads,
+                                                                 initargs=(1,))
 
-    def __call__(self, n: int) -> None:
-        members = zip(self.cfgs, self.pools, self.gens, self.models, self.opts, strict=True)
-        for i, (c, pool, gen, model, opt) in enumerate(members):
+    def _run(self, members: list[int], n: int) -> None:
+        for i in members:
+            c, pool, gen, model, opt = self.cfgs[i], self.pools[i], self.gens[i], self.models[i], self.opts[i]
             tc = c.train
             for _ in range(n):
                 b = sample_batch(c.task, pool, tc.batch_size, gen)
@@ -145,6 +154,12 @@ class OneAfterAnother:
                 loss.backward()
                 opt.step()
                 self.steps[i] += 1
+
+    def __call__(self, n: int) -> None:
+        if self.pool is None:
+            self._run(self.parts[0], n)
+        else:
+            list(self.pool.map(self._run, self.parts, [n] * len(self.parts)))
         _sync(self.device)
 
 
@@ -173,10 +188,18 @@ def measure(args: argparse.Namespace, device: str, threads: int) -> dict[str, An
     set_threads(threads)
     cfgs = configs(args.models, args.batch, device=device)
     together, separate = Together(cfgs), OneAfterAnother(cfgs)
+    # decomposition rows where train_ensemble splits the members (CPU, several threads): the stacking alone (one
+    # stack on all threads) and the concurrency alone (members one after another on one thread per group)
+    parts: dict[str, Any] = {}
+    if together.groups > 1:
+        parts = {"together_one_stack": Together(cfgs, groups=1),
+                 "unstacked_on_threads": OneAfterAnother(cfgs, threads=together.groups)}
     seqs_per_step = args.models * args.batch  # sequences per ensemble step = per 8 model-steps
-    log(f"[{device}] warm-up")
+    log(f"[{device}] warm-up ({together.groups} stack(s) in train_ensemble's step)")
     together(args.warmup)
     separate(max(args.warmup // 2, 2))
+    for fn in parts.values():
+        fn(max(args.warmup // 2, 2))
     # chunk: about --chunk-seconds for the together side at its warm rate (the separate side runs the same steps)
     rate_t = 10 / timed(together, 10)
     chunk = max(5, round(rate_t * args.chunk_seconds))
@@ -199,6 +222,7 @@ def measure(args: argparse.Namespace, device: str, threads: int) -> dict[str, An
     tasks: dict[str, Any] = {
         "together": lambda: seqs_per_step * chunk / timed(together, chunk),
         "one_after_another": lambda: seqs_per_step * chunk / timed(separate, chunk),
+        **{k: (lambda fn=fn: seqs_per_step * chunk / timed(fn, chunk)) for k, fn in parts.items()},
     }
     if args.e2e_rounds > 0:
         tasks["e2e_together"] = e2e("together")
@@ -215,6 +239,7 @@ def measure(args: argparse.Namespace, device: str, threads: int) -> dict[str, An
     t0 = time.perf_counter()
     rounds = interleaved_rounds(tasks, args.rounds, on_round)
     return {"device": device, "threads": threads, "key": f"{device}/{threads} threads", "chunk_steps": chunk,
+            "groups": together.groups,
             "rounds": rounds, "loadavg_per_round": loads,
             "wall_s": time.perf_counter() - t0,
             "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else None}
@@ -252,7 +277,9 @@ def build_results(args: argparse.Namespace, machine: dict[str, Any], measured: l
             peak = max(r["matmul"])
             out["matmul_peak"] = {"n": args.matmul_n, "dtype": "float32", "gflops_best": peak,
                                   "gflops": summarize(r["matmul"])}
-        for key in ("together", "one_after_another", "e2e_together", "e2e_one_after_another"):
+        out["groups"] = m["groups"]
+        for key in ("together", "one_after_another", "together_one_stack", "unstacked_on_threads", "e2e_together",
+                    "e2e_one_after_another"):
             if not r.get(key):
                 continue
             s = summarize(r[key])
@@ -264,6 +291,9 @@ def build_results(args: argparse.Namespace, machine: dict[str, Any], measured: l
         out["ratios"] = {}
         if r.get("together") and r.get("one_after_another"):
             out["ratios"]["step_loop"] = _paired(r["together"], r["one_after_another"])
+        for key in ("together_one_stack", "unstacked_on_threads"):
+            if r.get(key) and r.get("one_after_another"):
+                out["ratios"][key] = _paired(r[key], r["one_after_another"])
         if r.get("e2e_together") and r.get("e2e_one_after_another"):
             out["ratios"]["end_to_end"] = _paired(r["e2e_together"], r["e2e_one_after_another"])
         ratio = out["ratios"].get("step_loop", {}).get("paired_median")
@@ -297,8 +327,14 @@ def markdown(res: dict[str, Any]) -> str:
             lines += [f"Measured peak: float32 {r['matmul_peak']['n']}² matmul, best of all rounds: "
                       f"**{r['matmul_peak']['gflops_best']:.1f} GFLOP/s**.", ""]
         lines += ["| what | sequences/s median [min–max] | GFLOP/s | % of peak |", "|---|---:|---:|---:|"]
-        names = {"together": f"{s['models']} models together (stacked, vmap) — step loop",
+        g, per = r.get("groups", 1), s["models"] // max(r.get("groups", 1), 1)
+        stacks = (f"{g} stacks of {per} (vmap), each on its own thread with 1 intra-op thread" if g > 1
+                  else "one stack (vmap)")
+        names = {"together": f"{s['models']} models together, train_ensemble's step: {stacks} — step loop",
                  "one_after_another": f"{s['models']} models one after another — step loop",
+                 "together_one_stack": f"decomposition: one stack of {s['models']} (vmap) on all threads",
+                 "unstacked_on_threads": f"decomposition: no stacking, {g} threads × {per} models one after "
+                                         "another (1 intra-op thread each)",
                  "e2e_together": f"train_ensemble end to end ({s['e2e_steps']} steps, {s['e2e_rounds']} rounds)",
                  "e2e_one_after_another": f"{s['models']} × train() end to end ({s['e2e_steps']} steps)"}
         for key, row in r["rows"].items():
@@ -307,10 +343,14 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(f"| {names[key]} | {st['median']:.0f} [{st['min']:.0f}–{st['max']:.0f}] | "
                          f"{row['gflops']:.2f} | {pct} |")
         lines.append("")
-        for key, label in (("step_loop", "step loop"), ("end_to_end", "end to end")):
+        for key, label in (("step_loop", "together / one after another, step loop"),
+                           ("end_to_end", "together / one after another, end to end"),
+                           ("together_one_stack", "decomposition, one stack on all threads / one after another"),
+                           ("unstacked_on_threads", "decomposition, no stacking on threads / one after another")):
             if key in r["ratios"]:
                 q = r["ratios"][key]
-                lines.append(f"- together / one after another, {label}: **{q['paired_median']:.2f}×** "
+                bold = "**" if key in ("step_loop", "end_to_end") else ""
+                lines.append(f"- {label}: {bold}{q['paired_median']:.2f}×{bold} "
                              f"(paired per round, median; range {q['paired_min']:.2f}–{q['paired_max']:.2f})")
         t = r.get("target")
         if t:

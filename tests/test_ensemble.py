@@ -184,3 +184,29 @@ def test_ensemble_errors(tmp_path):
     assert not (tmp_path / "p").exists()
     with pytest.raises(TrainingDiverged, match=r"member\(s\) \[1\]"):
         train_ensemble([cfg(seed=0), cfg(seed=1, lr=1e30)], [tmp_path / "d0", tmp_path / "d1"], progress=False)
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+def test_concurrent_stack_groups_equal_one_stack(tmp_path, groups):
+    """Members split into stacks stepped on their own threads train as one stack does (float tolerance: stacks of
+    other sizes round differently), and torch's thread count and attention switches are left as they were."""
+    configs = [cfg(seed=0, M=1), cfg(seed=1, M=4, weight_decay=0.1, grad_clip=0.5), cfg(seed=2, M=None, lr=1e-2)]
+    threads = torch.get_num_threads()
+    math_sdp = torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()
+    one = train_ensemble(configs, [tmp_path / f"one{i}" for i in range(3)], progress=False, groups=1)
+    split = train_ensemble(configs, [tmp_path / f"g{i}" for i in range(3)], progress=False, groups=groups)
+    assert torch.get_num_threads() == threads
+    assert (torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()) == math_sdp
+    for a, b in zip(one, split, strict=True):
+        wa, wb = a.load_checkpoint(60).state_dict(), b.load_checkpoint(60).state_dict()
+        for k in wa:
+            if not k.endswith(NON_IDENTIFIABLE):
+                torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
+        pd.testing.assert_frame_equal(a.train_loss, b.train_loss, rtol=1e-4, atol=1e-7)
+    again = train_ensemble(configs, [tmp_path / f"h{i}" for i in range(3)], progress=False, groups=groups)
+    for a, b in zip(split, again, strict=True):  # concurrency does not make results depend on scheduling
+        wa, wb = a.load_checkpoint(60).state_dict(), b.load_checkpoint(60).state_dict()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(EnsembleError, match=r"groups must be between 1 and the number of members \(3\), got 4"):
+        train_ensemble(configs, [tmp_path / f"x{i}" for i in range(3)], progress=False, groups=4)
+    assert not (tmp_path / "x0").exists()

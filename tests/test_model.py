@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from icl_lab.config import ModelConfig, TaskConfig, build_run_config
-from icl_lab.model import PRESETS, build_model, count_parameters, interleave
+from icl_lab.model import PRESETS, build_model, count_parameters, interleave, linear
 
 SEED_PARAMS = 101_449  # hand count below; the user's TL model has 104,073 of which 101,449 get gradients
 
@@ -86,3 +86,49 @@ def test_interleave_layout():
     t = interleave(x, y)
     expected = torch.tensor([[[0, 1, 2, 0], [0, 0, 0, 10], [3, 4, 5, 0], [0, 0, 0, 20]]], dtype=torch.float32)
     assert torch.equal(t, expected)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_under_vmap_and_grad_equals_the_written_out_product(bias):
+    """linear's vmap rule (one baddbmm for stacked weights, one addmm over folded rows for shared ones) against
+    einsum, in every combination of mapped arguments, through grad-of-vmap (ensembles) and vmap-of-grad (LLC chains)."""
+    g = torch.Generator().manual_seed(0)
+    N, B, T, di, do = 3, 4, 5, 6, 7
+    h = torch.randn(N, B, T, di, generator=g, dtype=torch.float64)
+    W = torch.randn(N, di, do, generator=g, dtype=torch.float64)
+    b = torch.randn(N, do, generator=g, dtype=torch.float64) if bias else None
+
+    def ref(h, W, b):  # h: (N, B, T, di) or (B, T, di); W: (N, di, do) or (di, do)
+        out = torch.einsum("nbti,nio->nbto" if W.dim() == 3 else "...i,io->...o", h, W)
+        if b is not None:
+            out = out + (b[:, None, None, :] if b.dim() == 2 else b)
+        return out
+
+    b_dims = (0, None) if bias else (None,)
+    for hd, Wd, bd in [(0, 0, 0), (0, None, None), (None, 0, 0), (0, 0, None), (0, None, 0)]:
+        if bd not in b_dims:
+            continue
+        args = (h if hd == 0 else h[0], W if Wd == 0 else W[0], None if b is None else (b if bd == 0 else b[0]))
+        got = torch.func.vmap(linear, in_dims=(hd, Wd, bd if bias else None))(*args)
+        full = tuple(a if d == 0 or a is None else a.expand(N, *a.shape)
+                     for a, d in zip(args, (hd, Wd, bd), strict=True))
+        torch.testing.assert_close(got, ref(*full))
+    # gradients: grad of a vmapped sum (the ensemble's backward) and vmap of per-member grads (vectorised chains)
+    target = torch.randn(N, B, T, do, generator=g, dtype=torch.float64)
+
+    def loss(h, W, b, t):
+        return (linear(h, W, b) - t).square().sum()
+
+    def ref_loss(h, W, b, t):
+        return (ref(h, W, b) - t).square().sum()
+
+    leaves = [x.clone().requires_grad_() for x in (h, W) + ((b,) if bias else ())]
+    torch.func.vmap(loss, in_dims=(0, 0, 0 if bias else None, 0))(*leaves[:2], leaves[2] if bias else None,
+                                                                  target).sum().backward()
+    expect = torch.autograd.grad(ref_loss(*leaves[:2], leaves[2] if bias else None, target), leaves)
+    for leaf, e in zip(leaves, expect, strict=True):
+        torch.testing.assert_close(leaf.grad, e)
+    per_member = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(0, 0, 0 if bias else None, 0))(
+        h, W, b, target)
+    for got, e in zip(per_member, expect[:2], strict=True):
+        torch.testing.assert_close(got, e)

@@ -61,12 +61,52 @@ def linear(h: Tensor, W: Tensor, b: Tensor | None = None) -> Tensor:
     """h @ W (+ b) for h: (..., d_in), W: (d_in, d_out), b: (d_out,), as ONE matrix product over all leading axes
     -> (..., d_out), with the bias added inside it (addmm; its backward is one column sum).
 
-    Under torch.func.vmap over stacked weights (ensembles, vectorised LLC chains) this batches into one bmm per
-    member, where `h @ W` on (B, T, d_in) becomes a broadcast matmul that copies W once per sequence.
+    Under torch.func transforms it goes through `_Linear`, whose vmap rule keeps the bias inside the product: with
+    stacked weights (ensembles, vectorised LLC chains) one baddbmm per layer, with shared weights one addmm over
+    the folded rows. functorch's own rule for addmm is a bmm plus a separate broadcast add (and `h @ W` on
+    (B, T, d_in) would be a broadcast matmul that copies W once per sequence).
     """
     flat = h.reshape(-1, h.shape[-1])
-    out = flat @ W if b is None else torch.addmm(b, flat, W)
+    if torch._C._functorch.peek_interpreter_stack() is not None:  # inside vmap / grad: the vmappable form
+        out = _Linear.apply(flat, W, b)
+    else:
+        out = flat @ W if b is None else torch.addmm(b, flat, W)
     return out.view(*h.shape[:-1], W.shape[-1])
+
+
+class _Linear(torch.autograd.Function):
+    """flat @ W (+ b) for flat: (R, d_in), W: (d_in, d_out), b: (d_out,) or None, with a vmap rule (see `linear`)."""
+
+    @staticmethod
+    def forward(flat: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
+        return flat @ W if b is None else torch.addmm(b, flat, W)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        flat, W, b = inputs
+        ctx.save_for_backward(flat, W)
+        ctx.has_bias = b is not None
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+        flat, W = ctx.saved_tensors
+        need_flat, need_W, need_b = ctx.needs_input_grad
+        return (grad @ W.T if need_flat else None, flat.T @ grad if need_W else None,
+                grad.sum(0) if ctx.has_bias and need_b else None)
+
+    @staticmethod
+    def vmap(info, in_dims, flat, W, b):  # noqa: ANN001, ANN205
+        n = info.batch_size
+        flat_dim, W_dim, b_dim = in_dims
+        if W_dim is None and b_dim is None:  # shared weights, batched rows: fold the mapped axis into the rows
+            x = flat.movedim(flat_dim, 0)
+            return _Linear.apply(x.reshape(-1, x.shape[-1]), W, b).view(n, x.shape[1], -1), 0
+
+        def lead(t: Tensor, d: int | None) -> Tensor:
+            return t.expand(n, *t.shape) if d is None else t.movedim(d, 0)
+
+        x, W = lead(flat, flat_dim), lead(W, W_dim)
+        return (torch.bmm(x, W) if b is None else torch.baddbmm(lead(b, b_dim).unsqueeze(1), x, W)), 0
 
 
 _ACTIVATIONS = {
