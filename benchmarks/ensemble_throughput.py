@@ -8,18 +8,17 @@ interleaved rounds (common.interleaved_rounds: each configuration once per round
 shared with other jobs, so the ratio is taken per round, side by side, and the median of those paired ratios is
 the headline):
 
-  - together: one training step of the whole ensemble, exactly the step of `train_ensemble` (`StackGroups.step`
-    with its default groups: on a CPU one stack per torch thread, here 2 stacks of 4 members, each stack stepped
-    on its own thread with one intra-op thread; per stack `sample_stacked`: a batch per member from its own
-    generator and pool, and `ensemble_step`: `StackedModels` forward = vmap of functional_call over the model
-    axis, per-member squared-error loss, backward, per-member grad clipping (off here, as in the seed),
-    `StackedAdamW`). Timed over a chunk of steps.
+  - together: one training step of the whole ensemble, exactly the step of `train_ensemble` with its defaults
+    (`MemberGroups.step`): on a CPU the members split into one group per torch thread (here 2 groups of 4), the
+    groups stepping concurrently on their own threads with one intra-op thread each, the members of a group taking
+    `train`'s step (`train_step`) one after another; on a GPU one stack (vmap of functional_call over the model
+    axis, per-member loss, clipping and `StackedAdamW`). Each member samples from its own generator and pool.
+    Timed over a chunk of steps.
   - one after another: for each of the 8 models in turn, the same chunk of steps of `icl_lab.train.train`'s step
-    (`sample_batch` + forward + loss + backward + AdamW from `make_optimizer`), on all --threads threads.
-  - two decomposition rows, where the default splits the members (so that the headline is not read as the gain of
-    vmap alone): one stack of 8 on all threads (the stacking without the concurrency), and no stacking: the same
-    threads as `together`, each running its 4 models one after another with one intra-op thread (the concurrency
-    without the stacking).
+    (`sample_batch` + `train_step`: forward + loss + backward + AdamW from `make_optimizer`), on all --threads
+    threads.
+  - where the default does not stack (CPU), the stacked alternatives, so that the headline is not read as the gain
+    of vmap: the same groups each as one stack (vmap) on its own thread, and one stack of all 8 on all threads.
   - a float32 --matmul-n² matmul (the best over all rounds = the machine's measured peak, as in
     train_throughput.py).
 
@@ -45,11 +44,9 @@ import argparse
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -64,10 +61,10 @@ from common import (  # noqa: E402  (the shared benchmark helpers: peak, timing,
     write_json_atomic,
 )
 from icl_lab.config import ModelConfig, RunConfig, build_run_config  # noqa: E402
-from icl_lab.ensemble import StackGroups, default_groups, train_ensemble  # noqa: E402
+from icl_lab.ensemble import MemberGroups, default_groups, train_ensemble  # noqa: E402
 from icl_lab.model import build_model, count_parameters  # noqa: E402
 from icl_lab.tasks import make_generator, sample_batch, task_pool  # noqa: E402
-from icl_lab.train import lr_factor, make_optimizer, train  # noqa: E402
+from icl_lab.train import lr_factor, make_optimizer, train, train_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 D, K, M, LR = 8, 16, 2, 3e-3
@@ -96,26 +93,25 @@ def _sync(device: str) -> None:
 
 
 class Together:
-    """The step of train_ensemble, without its checkpoints and evaluations: `StackGroups.step` with `groups` stacks
-    (train_ensemble's default: one per torch thread on a CPU, each stepped on its own thread)."""
+    """The step of train_ensemble, without its checkpoints and evaluations: `MemberGroups.step` with `groups` groups
+    and `stack` (None: train_ensemble's defaults for the device)."""
 
-    def __init__(self, cfgs: list[RunConfig], groups: int | None = None):
+    def __init__(self, cfgs: list[RunConfig], groups: int | None = None, stack: bool | None = None):
         self.cfgs = cfgs
         self.device = cfgs[0].train.device
         self.groups = default_groups(len(cfgs), self.device) if groups is None else groups
+        self.stack = torch.device(self.device).type != "cpu" if stack is None else stack
         self.pools = [task_pool(c.task.family, c.task.M, c.task.D, c.seed, self.device) for c in cfgs]
         self.gens = [make_generator(c.seed, "train", self.device) for c in cfgs]
-        self.ens = StackGroups([build_model(c.task, c.model, c.seed, self.device) for c in cfgs],
-                               [c.train.lr for c in cfgs], [c.train.weight_decay for c in cfgs], cfgs[0].train.betas,
-                               self.groups)
-        self.clips = [c.train.grad_clip for c in cfgs]
+        models = [build_model(c.task, c.model, c.seed, self.device) for c in cfgs]
+        self.ens = MemberGroups(models, [make_optimizer(m, c.train) for m, c in zip(models, cfgs, strict=True)],
+                                cfgs, self.groups, self.stack)
         self.step = 0
 
     def __call__(self, n: int) -> None:
         tc = self.cfgs[0].train
         for _ in range(n):
-            loss = self.ens.step(self.cfgs, self.pools, self.gens, tc.batch_size, self.clips,
-                                 lr_factor(self.step, tc))
+            loss = self.ens.step(self.pools, self.gens, lr_factor(self.step, tc))
             if not bool(torch.isfinite(loss).all()):
                 raise RuntimeError("diverged")
             self.step += 1
@@ -123,11 +119,9 @@ class Together:
 
 
 class OneAfterAnother:
-    """For each model in turn, n steps of icl_lab.train.train's step. With threads > 1 (the decomposition row): the
-    models split into that many parts, each part's models one after another on its own thread with one intra-op
-    thread (the concurrency of StackGroups without the stacking)."""
+    """For each model in turn, n steps of icl_lab.train.train's step (`train_step`)."""
 
-    def __init__(self, cfgs: list[RunConfig], threads: int = 1):
+    def __init__(self, cfgs: list[RunConfig]):
         self.cfgs = cfgs
         self.device = cfgs[0].train.device
         self.pools = [task_pool(c.task.family, c.task.M, c.task.D, c.seed, self.device) for c in cfgs]
@@ -135,31 +129,17 @@ class OneAfterAnother:
         self.models = [build_model(c.task, c.model, c.seed, self.device) for c in cfgs]
         self.opts = [make_optimizer(m, c.train) for m, c in zip(self.models, cfgs, strict=True)]
         self.steps = [0] * len(cfgs)
-        self.parts = [[int(i) for i in p] for p in np.array_split(np.arange(len(cfgs)), threads)]
-        self.pool = None if threads == 1 else ThreadPoolExecutor(threads, initializer=torch.set_num_threads,
-                                                                 initargs=(1,))
-
-    def _run(self, members: list[int], n: int) -> None:
-        for i in members:
-            c, pool, gen, model, opt = self.cfgs[i], self.pools[i], self.gens[i], self.models[i], self.opts[i]
-            tc = c.train
-            for _ in range(n):
-                b = sample_batch(c.task, pool, tc.batch_size, gen)
-                for group in opt.param_groups:
-                    group["lr"] = tc.lr * lr_factor(self.steps[i], tc)
-                loss = (model(b.x, b.y) - b.y).square().mean()
-                if not torch.isfinite(loss):
-                    raise RuntimeError("diverged")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                self.steps[i] += 1
 
     def __call__(self, n: int) -> None:
-        if self.pool is None:
-            self._run(self.parts[0], n)
-        else:
-            list(self.pool.map(self._run, self.parts, [n] * len(self.parts)))
+        members = zip(self.cfgs, self.pools, self.gens, self.models, self.opts, strict=True)
+        for i, (c, pool, gen, model, opt) in enumerate(members):
+            tc = c.train
+            for _ in range(n):
+                loss = train_step(model, opt, sample_batch(c.task, pool, tc.batch_size, gen),
+                                  tc.lr * lr_factor(self.steps[i], tc), tc.grad_clip)
+                if not torch.isfinite(loss):
+                    raise RuntimeError("diverged")
+                self.steps[i] += 1
         _sync(self.device)
 
 
@@ -188,14 +168,14 @@ def measure(args: argparse.Namespace, device: str, threads: int) -> dict[str, An
     set_threads(threads)
     cfgs = configs(args.models, args.batch, device=device)
     together, separate = Together(cfgs), OneAfterAnother(cfgs)
-    # decomposition rows where train_ensemble splits the members (CPU, several threads): the stacking alone (one
-    # stack on all threads) and the concurrency alone (members one after another on one thread per group)
+    # the stacked alternatives where train_ensemble's default does not stack (CPU): one stack per group (on the
+    # default's threads) and one stack of all members on all threads
     parts: dict[str, Any] = {}
-    if together.groups > 1:
-        parts = {"together_one_stack": Together(cfgs, groups=1),
-                 "unstacked_on_threads": OneAfterAnother(cfgs, threads=together.groups)}
+    if not together.stack:
+        parts = {"stacked_groups": Together(cfgs, stack=True)} if together.groups > 1 else {}
+        parts["one_stack"] = Together(cfgs, groups=1, stack=True)
     seqs_per_step = args.models * args.batch  # sequences per ensemble step = per 8 model-steps
-    log(f"[{device}] warm-up ({together.groups} stack(s) in train_ensemble's step)")
+    log(f"[{device}] warm-up (train_ensemble's step: {together.groups} group(s), stack={together.stack})")
     together(args.warmup)
     separate(max(args.warmup // 2, 2))
     for fn in parts.values():
@@ -239,7 +219,7 @@ def measure(args: argparse.Namespace, device: str, threads: int) -> dict[str, An
     t0 = time.perf_counter()
     rounds = interleaved_rounds(tasks, args.rounds, on_round)
     return {"device": device, "threads": threads, "key": f"{device}/{threads} threads", "chunk_steps": chunk,
-            "groups": together.groups,
+            "groups": together.groups, "stack": together.stack,
             "rounds": rounds, "loadavg_per_round": loads,
             "wall_s": time.perf_counter() - t0,
             "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else None}
@@ -277,8 +257,8 @@ def build_results(args: argparse.Namespace, machine: dict[str, Any], measured: l
             peak = max(r["matmul"])
             out["matmul_peak"] = {"n": args.matmul_n, "dtype": "float32", "gflops_best": peak,
                                   "gflops": summarize(r["matmul"])}
-        out["groups"] = m["groups"]
-        for key in ("together", "one_after_another", "together_one_stack", "unstacked_on_threads", "e2e_together",
+        out["groups"], out["stack"] = m["groups"], m["stack"]
+        for key in ("together", "one_after_another", "stacked_groups", "one_stack", "e2e_together",
                     "e2e_one_after_another"):
             if not r.get(key):
                 continue
@@ -291,7 +271,7 @@ def build_results(args: argparse.Namespace, machine: dict[str, Any], measured: l
         out["ratios"] = {}
         if r.get("together") and r.get("one_after_another"):
             out["ratios"]["step_loop"] = _paired(r["together"], r["one_after_another"])
-        for key in ("together_one_stack", "unstacked_on_threads"):
+        for key in ("stacked_groups", "one_stack"):
             if r.get(key) and r.get("one_after_another"):
                 out["ratios"][key] = _paired(r[key], r["one_after_another"])
         if r.get("e2e_together") and r.get("e2e_one_after_another"):
@@ -327,14 +307,13 @@ def markdown(res: dict[str, Any]) -> str:
             lines += [f"Measured peak: float32 {r['matmul_peak']['n']}² matmul, best of all rounds: "
                       f"**{r['matmul_peak']['gflops_best']:.1f} GFLOP/s**.", ""]
         lines += ["| what | sequences/s median [min–max] | GFLOP/s | % of peak |", "|---|---:|---:|---:|"]
-        g, per = r.get("groups", 1), s["models"] // max(r.get("groups", 1), 1)
-        stacks = (f"{g} stacks of {per} (vmap), each on its own thread with 1 intra-op thread" if g > 1
-                  else "one stack (vmap)")
-        names = {"together": f"{s['models']} models together, train_ensemble's step: {stacks} — step loop",
+        g, per = r["groups"], s["models"] // r["groups"]
+        how = (f"{g} groups of {per} on their own threads (1 intra-op thread each), " if g > 1 else "") + (
+            "each group one stack (vmap)" if r["stack"] else "members one after another within a group")
+        names = {"together": f"{s['models']} models together, train_ensemble's default step ({how}) — step loop",
                  "one_after_another": f"{s['models']} models one after another — step loop",
-                 "together_one_stack": f"decomposition: one stack of {s['models']} (vmap) on all threads",
-                 "unstacked_on_threads": f"decomposition: no stacking, {g} threads × {per} models one after "
-                                         "another (1 intra-op thread each)",
+                 "stacked_groups": f"stacked instead: {g} stacks of {per} (vmap), each on its own thread",
+                 "one_stack": f"stacked instead: one stack of {s['models']} (vmap) on all threads",
                  "e2e_together": f"train_ensemble end to end ({s['e2e_steps']} steps, {s['e2e_rounds']} rounds)",
                  "e2e_one_after_another": f"{s['models']} × train() end to end ({s['e2e_steps']} steps)"}
         for key, row in r["rows"].items():
@@ -345,8 +324,8 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append("")
         for key, label in (("step_loop", "together / one after another, step loop"),
                            ("end_to_end", "together / one after another, end to end"),
-                           ("together_one_stack", "decomposition, one stack on all threads / one after another"),
-                           ("unstacked_on_threads", "decomposition, no stacking on threads / one after another")):
+                           ("stacked_groups", "stacked groups on threads / one after another"),
+                           ("one_stack", "one stack on all threads / one after another")):
             if key in r["ratios"]:
                 q = r["ratios"][key]
                 bold = "**" if key in ("step_loop", "end_to_end") else ""

@@ -126,7 +126,7 @@ def test_ensemble_members_equal_separate_runs(tmp_path):
         cfg(seed=1, M=4, lr=3e-3, weight_decay=0.1, grad_clip=0.5, schedule="triangle"),
         cfg(seed=2, M=None, lr=1e-2, grad_clip=1e-3, noise_var=0.25, family="gaussian", schedule="triangle"),
     ]
-    members = train_ensemble(configs, [tmp_path / f"ens{i}" for i in range(3)], progress=False)
+    members = train_ensemble(configs, [tmp_path / f"ens{i}" for i in range(3)], progress=False, stack=True)
     for i, c in enumerate(configs):
         ens, sep = members[i], train(c, tmp_path / f"sep{i}", progress=False)
         assert sorted(p.name for p in ens.path.iterdir()) == sorted(p.name for p in sep.path.iterdir())
@@ -147,13 +147,14 @@ def test_ensemble_members_equal_separate_runs(tmp_path):
         assert ens.metrics["id_loss"].iloc[-1] < ens.metrics["id_loss"].iloc[0]
 
 
-def test_ensemble_resume_is_bit_identical_and_member_state_is_train_compatible(tmp_path):
+@pytest.mark.parametrize("stack", [True, False])
+def test_ensemble_resume_is_bit_identical_and_member_state_is_train_compatible(tmp_path, stack):
     configs = [cfg(seed=0, steps=40), cfg(seed=1, M=3, steps=40, weight_decay=0.05)]
-    straight = train_ensemble(configs, [tmp_path / f"a{i}" for i in range(2)], progress=False)
+    straight = train_ensemble(configs, [tmp_path / f"a{i}" for i in range(2)], progress=False, stack=stack)
     outs = [tmp_path / f"b{i}" for i in range(2)]
-    stopped = train_ensemble(configs, outs, progress=False, stop_after=17)
+    stopped = train_ensemble(configs, outs, progress=False, stop_after=17, stack=stack)
     assert not any(r.finished for r in stopped)
-    resumed = train_ensemble(configs, outs, resume=True, progress=False)
+    resumed = train_ensemble(configs, outs, resume=True, progress=False, stack=stack)
     for a, b in zip(straight, resumed, strict=True):
         wa, wb = a.load_checkpoint(40).state_dict(), b.load_checkpoint(40).state_dict()
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -161,7 +162,7 @@ def test_ensemble_resume_is_bit_identical_and_member_state_is_train_compatible(t
         pd.testing.assert_frame_equal(a.train_loss, b.train_loss)
     # a member's resumable state is train()'s own format: plain train(resume=True) continues it
     single = [tmp_path / "c0", tmp_path / "c1"]
-    train_ensemble(configs, single, progress=False, stop_after=17)
+    train_ensemble(configs, single, progress=False, stop_after=17, stack=stack)
     run = train(configs[1], single[1], resume=True, progress=False)
     ref = train(configs[1], tmp_path / "ref", progress=False)
     wa, wb = run.load_checkpoint(40).state_dict(), ref.load_checkpoint(40).state_dict()
@@ -170,7 +171,7 @@ def test_ensemble_resume_is_bit_identical_and_member_state_is_train_compatible(t
             torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
     # members left at different steps (a kill between their writes) are brought level, then resumed together
     train(configs[0], single[0], resume=True, progress=False, stop_after=30)
-    level = train_ensemble(configs, single, resume=True, progress=False)
+    level = train_ensemble(configs, single, resume=True, progress=False, stack=stack)
     assert all(r.finished for r in level)
 
 
@@ -187,26 +188,44 @@ def test_ensemble_errors(tmp_path):
 
 
 @pytest.mark.parametrize("groups", [2, 3])
-def test_concurrent_stack_groups_equal_one_stack(tmp_path, groups):
-    """Members split into stacks stepped on their own threads train as one stack does (float tolerance: stacks of
-    other sizes round differently), and torch's thread count and attention switches are left as they were."""
+def test_concurrent_groups_stacked_or_not_equal_one_stack(tmp_path, groups):
+    """Members split into groups stepped on their own threads, stacked or not, train as one stack does (float
+    tolerance: stacks of other sizes round differently), repeat bit for bit, and unstacked members equal `train`
+    at one thread bit for bit; torch's thread count and attention switches are left as they were."""
     configs = [cfg(seed=0, M=1), cfg(seed=1, M=4, weight_decay=0.1, grad_clip=0.5), cfg(seed=2, M=None, lr=1e-2)]
     threads = torch.get_num_threads()
-    math_sdp = torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()
-    one = train_ensemble(configs, [tmp_path / f"one{i}" for i in range(3)], progress=False, groups=1)
-    split = train_ensemble(configs, [tmp_path / f"g{i}" for i in range(3)], progress=False, groups=groups)
-    assert torch.get_num_threads() == threads
-    assert (torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()) == math_sdp
-    for a, b in zip(one, split, strict=True):
-        wa, wb = a.load_checkpoint(60).state_dict(), b.load_checkpoint(60).state_dict()
-        for k in wa:
-            if not k.endswith(NON_IDENTIFIABLE):
-                torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
-        pd.testing.assert_frame_equal(a.train_loss, b.train_loss, rtol=1e-4, atol=1e-7)
-    again = train_ensemble(configs, [tmp_path / f"h{i}" for i in range(3)], progress=False, groups=groups)
-    for a, b in zip(split, again, strict=True):  # concurrency does not make results depend on scheduling
-        wa, wb = a.load_checkpoint(60).state_dict(), b.load_checkpoint(60).state_dict()
-        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    sdp = torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()
+
+    def ens(name, **kw):
+        return train_ensemble(configs, [tmp_path / f"{name}{i}" for i in range(3)], progress=False, **kw)
+
+    def weights(run):
+        return run.load_checkpoint(60).state_dict()
+
+    torch.set_num_threads(groups)  # one intra-op thread per group (so unstacked members equal train at 1 thread)
+    try:
+        one = ens("one", groups=1, stack=True)
+        for stack in (True, False):
+            split = ens(f"g{stack}", groups=groups, stack=stack)
+            assert torch.get_num_threads() == groups
+            assert (torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()) == sdp
+            for a, b in zip(one, split, strict=True):
+                wa, wb = weights(a), weights(b)
+                for k in wa:
+                    if not k.endswith(NON_IDENTIFIABLE):
+                        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
+                pd.testing.assert_frame_equal(a.train_loss, b.train_loss, rtol=1e-4, atol=1e-7)
+            again = ens(f"h{stack}", groups=groups, stack=stack)
+            for a, b in zip(split, again, strict=True):  # concurrency does not make results depend on scheduling
+                assert all(torch.equal(weights(a)[k], v) for k, v in weights(b).items())
+        torch.set_num_threads(1)
+        for c, member in zip(configs, split, strict=True):  # split: the last, unstacked ensemble
+            ref = train(c, tmp_path / f"ref{c.seed}", progress=False)
+            assert all(torch.equal(weights(ref)[k], v) for k, v in weights(member).items())
+            pd.testing.assert_frame_equal(ref.metrics, member.metrics)
+            pd.testing.assert_frame_equal(ref.train_loss, member.train_loss)
+    finally:
+        torch.set_num_threads(threads)
     with pytest.raises(EnsembleError, match=r"groups must be between 1 and the number of members \(3\), got 4"):
-        train_ensemble(configs, [tmp_path / f"x{i}" for i in range(3)], progress=False, groups=4)
+        ens("x", groups=4)
     assert not (tmp_path / "x0").exists()

@@ -12,6 +12,7 @@ Reference values:
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -238,6 +239,28 @@ def test_vectorised_and_sequential_chains_agree():
     assert vec.llc_mean == pytest.approx(seq.llc_mean, rel=1e-8)
 
 
+def test_concurrent_sequential_chains_equal_one_thread(tiny_icl):
+    """The sequential path runs chains concurrently over the caller's torch threads (one intra-op thread and one
+    model copy each): every chain's trace equals the one-thread run bit for bit, with 2 threads and with more threads
+    than chains, and torch's thread count is left as it was."""
+    model, data = tiny_icl
+    cfg = SMALL.model_copy(update={"vectorize": False, "num_draws": 12, "num_burnin": 2, "step_size": 1e-4})
+    before = torch.get_num_threads()
+    traces = {}
+    try:
+        for threads in (1, 2, 5):
+            torch.set_num_threads(threads)
+            res = estimate_llc(model, data, icl_mse, config=cfg, seed=4)
+            assert torch.get_num_threads() == threads
+            traces[threads] = (res.burnin_trace, res.loss_trace)
+    finally:
+        torch.set_num_threads(before)
+    for threads in (2, 5):
+        for a, b in zip(traces[1], traces[threads], strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert np.isfinite(traces[1][1]).all() and len({tuple(row) for row in traces[1][1]}) == cfg.num_chains
+
+
 class InplaceModel(nn.Module):
     """Writes batched inputs into a fresh unbatched buffer, like the seed's ICLTransformer: vmap cannot do it."""
 
@@ -408,6 +431,11 @@ def test_large_step_size_is_reported_as_diverged_not_raised():
     res = estimate_llc(model, data, linear_mse, config=cfg, seed=0)
     assert not res.ok and "diverged" in res.diagnostics
     assert any("stopped" in note for note in res.notes)
+    seq = estimate_llc(model, data, linear_mse, config=cfg.model_copy(update={"vectorize": False}), seed=0)
+    assert not seq.ok and "diverged" in seq.diagnostics  # each chain stops itself; the others are not cut short
+    stopped = [n for n in seq.notes if "stopped" in n]
+    assert [re.sub(r"step \d+", "step t", n) for n in stopped] == [
+        f"sampling stopped at step t of chain {c}: non-finite parameters" for c in range(2)]
 
 
 def test_result_row_is_flat_and_parquet_ready(tmp_path):

@@ -15,21 +15,24 @@ equals the separately trained run up to float rounding (batched matmuls round di
 checkpoints, metrics.parquet, train_loss.parquet, baselines.json and a resumable state that `train(resume=True)`
 can also continue. Nothing downstream can tell an ensemble member from a separate run.
 
-On a CPU with several torch threads, the members are split into one stack per thread (`StackGroups`), and the
-stacks take their steps concurrently, each on its own thread with one intra-op thread. A model of the seed's size at
-batch 32 uses one core well and a second one poorly (its matmuls and attention kernels are too small to split), so
-the cores go further when each works on its own members. Measured on 2 cores (benchmarks/ensemble_throughput.py):
-8 members as one stack on 2 threads ran ~1.2x faster than 8 separate runs one after another, as 2 stacks of 4 on
-one core each ~1.4x.
+Where the members run (`MemberGroups`, `train_ensemble(groups=, stack=)`): on a GPU, as one stack (one vmapped
+step for all: tiny models leave a GPU idle one at a time). On a CPU, split into one group per torch thread, the
+groups stepping concurrently, each on its own thread with one intra-op thread; within a group the members take
+`train`'s own step one after another. A model of the seed's size at batch 32 keeps one core busy and a second one
+poorly, so the cores go further on separate members than on every op together, and stacking adds nothing there:
+its batched matmuls have the same per-member shapes as the single ones. Measured on 2 shared cores, 8 seed-preset
+members at batch 32, against the 8 trained one after another on 2 threads (benchmarks/ensemble_throughput.py):
+members on 2 threads ~1.6x, 2 stacks of 4 on 2 threads ~1.3x, one stack of 8 on 2 threads ~1.3x; at one thread a
+stack of 4 ran 0.9x of its members one after another. `stack=True` keeps stacking on a CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +48,7 @@ from icl_lab.model import build_model
 from icl_lab.progress import Bar
 from icl_lab.store import Run, write_json, write_parquet
 from icl_lab.tasks import make_generator, sample_batch, task_pool
+from icl_lab.threads import thread_pool
 from icl_lab.train import (
     TrainingDiverged,
     _stop_on_sigint,
@@ -54,6 +58,7 @@ from icl_lab.train import (
     make_optimizer,
     save_state,
     train,
+    train_step,
 )
 
 # Fields every member must share (the stacked computation and the common step/checkpoint loop need them equal).
@@ -272,71 +277,84 @@ def ensemble_step(stack: StackedModels, opt: StackedAdamW, x: Tensor, y: Tensor,
 
 
 def default_groups(n_members: int, device: str) -> int:
-    """How many stacks `train_ensemble` splits its members into by default: one per torch thread on a CPU (at most
+    """How many groups `train_ensemble` splits its members into by default: one per torch thread on a CPU (at most
     one per member), one on other devices (a GPU runs the whole stack at once)."""
     return max(1, min(n_members, torch.get_num_threads())) if device == "cpu" else 1
 
 
-class StackGroups:
-    """An ensemble's members as `groups` stacks (StackedModels + StackedAdamW each) of contiguous members, sizes
-    differing by at most one. With groups > 1 the stacks step concurrently, each on its own thread with
-    torch.get_num_threads() // groups (at least 1) intra-op threads; every member's generator and stack belong to
-    one thread, so results do not depend on scheduling. Use as a context manager (it owns the thread pool)."""
+class MemberGroups:
+    """An ensemble's members in `groups` groups of contiguous members (sizes differing by at most one) that step
+    concurrently, each on its own thread with torch.get_num_threads() // groups (at least 1) intra-op threads
+    (icl_lab.threads). Within a group the members are either
+      - one stack (stack=True): StackedModels + StackedAdamW, one vmapped step for the group, or
+      - stepped one after another (stack=False) with `train`'s own step, models and AdamW (`train_step`).
+    Every member's generator, model and optimizer belong to one thread, so results do not depend on scheduling.
+    `models` / `opts` are the members' ordinary models and make_optimizer AdamWs (with any resumed state); stacks
+    start from them, and `sync(i)` writes member i's current state back into them. Use as a context manager (it
+    owns the thread pool).
+    """
 
-    def __init__(self, models: Sequence[nn.Module], lrs: Sequence[float], weight_decays: Sequence[float],
-                 betas: tuple[float, float], groups: int = 1):
+    def __init__(self, models: Sequence[nn.Module], opts: Sequence[torch.optim.Optimizer],
+                 configs: Sequence[RunConfig], groups: int = 1, stack: bool = True):
         n = len(models)
         if not 1 <= groups <= n:
             raise EnsembleError(f"groups must be between 1 and the number of members ({n}), got {groups}")
-        self.n = n
+        self.models, self.opts, self.configs = list(models), list(opts), list(configs)
         self.members = [[int(i) for i in idx] for idx in np.array_split(np.arange(n), groups)]
-        self.stacks = [StackedModels([models[i] for i in idx]) for idx in self.members]
-        self.opts = [StackedAdamW(st.params, [lrs[i] for i in idx], [weight_decays[i] for i in idx], betas)
-                     for st, idx in zip(self.stacks, self.members, strict=True)]
+        self.stacks: list[StackedModels] = []
+        self.stack_opts: list[StackedAdamW] = []
+        if stack:
+            for idx in self.members:
+                st = StackedModels([self.models[i] for i in idx])
+                opt = StackedAdamW(st.params, [configs[i].train.lr for i in idx],
+                                   [configs[i].train.weight_decay for i in idx], configs[0].train.betas)
+                counts = {opt.load_member_state(j, self.models[i], self.opts[i]) for j, i in enumerate(idx)}
+                if len(counts) != 1:
+                    raise ValueError(f"cannot stack: members' optimizer step counts differ ({sorted(counts)})")
+                opt.t = counts.pop()
+                self.stacks.append(st)
+                self.stack_opts.append(opt)
         self._where = {i: (g, j) for g, idx in enumerate(self.members) for j, i in enumerate(idx)}
-        self._threads = torch.get_num_threads()
-        self._pool = None if groups == 1 else ThreadPoolExecutor(
-            groups, thread_name_prefix="icl-ensemble", initializer=torch.set_num_threads,
-            initargs=(max(1, self._threads // groups),))
+        self._exit = contextlib.ExitStack()
+        self._pool = None if groups == 1 else self._exit.enter_context(thread_pool(groups, "icl-ensemble"))
 
-    def __enter__(self) -> StackGroups:
+    def __enter__(self) -> MemberGroups:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            torch.set_num_threads(self._threads)  # the workers' setting also changed torch's process-wide default
+        self._exit.close()
 
-    def step(self, configs: Sequence[RunConfig], pools: Sequence[Tensor | None], gens: Sequence[torch.Generator],
-             batch_size: int, clips: Sequence[float | None], factor: float) -> Tensor:
-        """One training step of every member (sample_stacked + ensemble_step per stack); per-member losses (N,)."""
+    def step(self, pools: Sequence[Tensor | None], gens: Sequence[torch.Generator], factor: float) -> Tensor:
+        """One training step of every member at lr = member lr × `factor`; per-member losses (N,) before the
+        update (a member whose loss is not finite is not updated)."""
+        batch_size = self.configs[0].train.batch_size
 
         def one(g: int) -> Tensor:
             idx = self.members[g]
-            x, y = sample_stacked([configs[i] for i in idx], [pools[i] for i in idx], [gens[i] for i in idx],
+            if not self.stacks:
+                return torch.stack([train_step(self.models[i], self.opts[i],
+                                               sample_batch(self.configs[i].task, pools[i], batch_size, gens[i]),
+                                               self.configs[i].train.lr * factor, self.configs[i].train.grad_clip)
+                                    for i in idx])
+            x, y = sample_stacked([self.configs[i] for i in idx], [pools[i] for i in idx], [gens[i] for i in idx],
                                   batch_size)
-            return ensemble_step(self.stacks[g], self.opts[g], x, y, [clips[i] for i in idx], factor).detach()
+            clips = [self.configs[i].train.grad_clip for i in idx]
+            return ensemble_step(self.stacks[g], self.stack_opts[g], x, y, clips, factor).detach()
 
         if self._pool is None:
             return one(0)
         with vmappable_sdpa():  # entered here once: its switches are process-wide, not safe to toggle per thread
             return torch.cat(list(self._pool.map(one, range(len(self.members)))))
 
-    def copy_to(self, i: int, model: nn.Module) -> nn.Module:
-        g, j = self._where[i]
-        return self.stacks[g].copy_to(j, model)
-
-    def member_state(self, i: int, model: nn.Module, opt: torch.optim.Optimizer) -> None:
-        g, j = self._where[i]
-        self.opts[g].member_state(j, model, opt)
-
-    def load_member_state(self, i: int, model: nn.Module, opt: torch.optim.Optimizer) -> int:
-        g, j = self._where[i]
-        return self.opts[g].load_member_state(j, model, opt)
-
-    def set_step_count(self, t: int) -> None:
-        for opt in self.opts:
-            opt.t = t
+    def sync(self, i: int, optimizer: bool = False) -> nn.Module:
+        """Member i's current weights (and with optimizer=True its AdamW state) in models[i] (opts[i]); returns
+        models[i]."""
+        if self.stacks:
+            g, j = self._where[i]
+            self.stacks[g].copy_to(j, self.models[i])
+            if optimizer:
+                self.stack_opts[g].member_state(j, self.models[i], self.opts[i])
+        return self.models[i]
 
 
 def _flush_member(run: Run, rows: list[dict[str, float]], losses: list[float], step: int, model: nn.Module,
@@ -352,14 +370,17 @@ def _flush_member(run: Run, rows: list[dict[str, float]], losses: list[float], s
 
 def train_ensemble(configs: Sequence[RunConfig], out_dirs: Sequence[str | Path], *, resume: bool = False,
                    overwrite: bool = False, progress: bool = True, stop_after: int | None = None,
-                   groups: int | None = None) -> list[Run]:
+                   groups: int | None = None, stack: bool | None = None) -> list[Run]:
     """Train the members `configs` together, writing member i as a normal run directory `out_dirs[i]`.
 
     Same semantics as `icl_lab.train.train` for every member (init, data stream, eval sets, schedule, checkpoint
     steps, per-member grad clipping, AdamW with decay on matrices only, NaN check, Ctrl-C saves resumable state).
     resume: continue every member from its saved state (members stopped at different steps are first brought
     level with `train(resume=True, stop_after=...)`). stop_after: stop once this many steps are done.
-    groups: how many stacks step concurrently (StackGroups; default `default_groups`: one per torch thread on a CPU).
+    groups: how many groups of members step concurrently (MemberGroups; default `default_groups`: one per torch
+    thread on a CPU, one elsewhere). stack: vmap each group as one stack (default: on GPUs and other accelerators;
+    on a CPU the members of a group take `train`'s own steps one after another, which measured faster there and
+    is bit-identical to `train` with the same intra-op threads).
     Raises EnsembleError if the configs cannot be stacked (check_stackable), TrainingDiverged naming the members
     whose loss became non-finite.
     """
@@ -373,6 +394,7 @@ def train_ensemble(configs: Sequence[RunConfig], out_dirs: Sequence[str | Path],
     tc0 = configs[0].train
     device = tc0.device
     groups = default_groups(n, device) if groups is None else groups
+    stack = torch.device(device).type != "cpu" if stack is None else stack
     if not 1 <= groups <= n:
         raise EnsembleError(f"groups must be between 1 and the number of members ({n}), got {groups}")
 
@@ -393,7 +415,7 @@ def train_ensemble(configs: Sequence[RunConfig], out_dirs: Sequence[str | Path],
     sets = [prepare_eval_sets(c.task, pool, c.train.eval_size, c.seed, device)
             for c, pool in zip(configs, pools, strict=True)]
     models = [build_model(c.task, c.model, c.seed, device) for c in configs]
-    opts = [make_optimizer(m, c.train) for m, c in zip(models, configs, strict=True)]  # state I/O only
+    opts = [make_optimizer(m, c.train) for m, c in zip(models, configs, strict=True)]
     gens = [make_generator(c.seed, "train", device) for c in configs]
 
     ckpts = set(checkpoint_steps(tc0.steps, *tc0.checkpoint_counts))
@@ -416,14 +438,7 @@ def train_ensemble(configs: Sequence[RunConfig], out_dirs: Sequence[str | Path],
         for run, s in zip(runs, sets, strict=True):
             write_json(run.path / "baselines.json", baseline_levels(s))
 
-    ens = StackGroups(models, [c.train.lr for c in configs], [c.train.weight_decay for c in configs], tc0.betas,
-                      groups)
-    if resume:
-        counts = {ens.load_member_state(i, models[i], opts[i]) for i in range(n)}
-        if len(counts) != 1:
-            raise ValueError(f"cannot resume: members' optimizer step counts differ ({sorted(counts)})")
-        ens.set_step_count(counts.pop())
-    clips = [c.train.grad_clip for c in configs]
+    ens = MemberGroups(models, opts, configs, groups, stack)
 
     pending: list[Tensor] = []  # (N,) losses not yet synced to Python floats
     last_good = [max([s for s in run.checkpoint_steps if s <= start], default=None) for run in runs]
@@ -438,8 +453,7 @@ def train_ensemble(configs: Sequence[RunConfig], out_dirs: Sequence[str | Path],
     def flush(step: int) -> None:
         sync_losses()
         for i in range(n):
-            ens.copy_to(i, models[i])
-            ens.member_state(i, models[i], opts[i])
+            ens.sync(i, optimizer=True)
             _flush_member(runs[i], rows[i], losses[i], step, models[i], opts[i], gens[i], configs[i].train)
 
     bar = Bar(progress, tc0.steps, f"train ×{n}", completed=start, loss=float("nan"), rate=0.0,
@@ -449,7 +463,7 @@ def train_ensemble(configs: Sequence[RunConfig], out_dirs: Sequence[str | Path],
         for step in range(start, tc0.steps + 1):
             if step in evals or step in ckpts:
                 for i in range(n):
-                    ens.copy_to(i, models[i])
+                    ens.sync(i)
                     if step in evals:
                         rows[i].append({"step": step, "lr": configs[i].train.lr * lr_factor(step, configs[i].train),
                                         **evaluate(models[i], sets[i])})
@@ -466,7 +480,7 @@ def train_ensemble(configs: Sequence[RunConfig], out_dirs: Sequence[str | Path],
                 print(f"stopped at step {step}; continue with train_ensemble(..., resume=True)")
                 return runs
 
-            member_loss = ens.step(configs, pools, gens, tc0.batch_size, clips, lr_factor(step, tc0))
+            member_loss = ens.step(pools, gens, lr_factor(step, tc0))
             finite = torch.isfinite(member_loss)
             if not bool(finite.all()):
                 bad = [i for i in range(n) if not bool(finite[i])]

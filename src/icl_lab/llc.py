@@ -23,8 +23,10 @@ vectorised and sequential paths consume identical random numbers. Minibatches ar
 an epoch (a fresh permutation of the n rows per epoch, consumed m rows at a time; a batch may straddle two epochs).
 
 Execution: all chains at once through vmap(grad_and_value(functional_call)) over a flat (C, P) parameter matrix, or
-one chain after another with plain autograd (vectorize=False, the automatic fallback when vmap fails, and the
-default on CPU for models above 20k sampled parameters, where it is measured to be faster). The hot loop has no
+each chain's steps one after another with plain autograd (vectorize=False, the automatic fallback when vmap fails,
+and the default on CPU for models above 20k sampled parameters, where it is measured to be faster). On CPU that
+path runs the chains concurrently over the caller's torch threads, one intra-op thread and one model copy per
+thread (icl_lab.threads); the numbers do not depend on it. The hot loop has no
 per-parameter Python loop in the update, no host synchronisation except a finiteness check every 50 steps, and
 draws its random numbers in blocks. User-facing documentation: docs/llc.md.
 """
@@ -53,6 +55,7 @@ from icl_lab.attention import BATCHING_WARNING, vmappable_sdpa
 from icl_lab.config import LLCConfig
 from icl_lab.evaluate import eval_chunk
 from icl_lab.tasks import make_generator
+from icl_lab.threads import thread_pool
 
 __all__ = [
     "DEFAULT_STEP_SIZES",
@@ -71,6 +74,7 @@ __all__ = [
     "pick",
     "plot_calibration",
     "sgld_step",
+    "vectorizes",
 ]
 
 Forward = Callable[..., Any]
@@ -97,6 +101,14 @@ def default_nbeta(n: int) -> float:
     if n < 2:
         raise ValueError(f"n must be >= 2 for nβ = n / log n, got n={n}")
     return n / math.log(n)
+
+
+def vectorizes(config: LLCConfig, n_sampled: int, device: torch.device | str) -> bool:
+    """Whether estimate_llc tries the vmapped path: config.vectorize, or if None (auto) on accelerators and on CPU
+    for models with at most 20k sampled parameters (n_sampled)."""
+    if config.vectorize is not None:
+        return config.vectorize
+    return torch.device(device).type != "cpu" or n_sampled <= _AUTO_VMAP_MAX_CPU
 
 
 def sgld_step(theta: Tensor, grad: Tensor, theta_star: Tensor, noise: Tensor, *, step_size: float, nbeta: float,
@@ -586,16 +598,22 @@ def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, c
         return loss_fn(forward, batch)
 
     tied = len(list(work.named_parameters(remove_duplicate=False))) != len(list(work.named_parameters()))
-    slots = None if tied else [_slot(work, k) for k in flat.names]
 
-    def chain_loss_direct(theta: Tensor, batch: tuple[Tensor, ...]) -> Tensor:
-        """chain_loss for the sequential path, without functional_call's per-step bookkeeping: the private copy's
-        parameter slots are pointed at views of theta (tied weights fall back to functional_call)."""
-        if slots is None:
-            return chain_loss(theta, batch)
-        for (module, attr), view in zip(slots, flat.views(theta).values(), strict=True):
-            module._parameters[attr] = view
-        return loss_fn(work, batch)
+    def direct_loss(model: nn.Module) -> Callable[[Tensor, tuple[Tensor, ...]], Tensor]:
+        """chain_loss for the sequential path on `model` (the private copy, or a copy of it per thread), without
+        functional_call's per-step bookkeeping: its parameter slots are pointed at views of theta (tied weights
+        fall back to functional_call on `model`)."""
+        if tied:
+            return lambda theta, batch: loss_fn(
+                lambda *inputs: torch.func.functional_call(model, flat.views(theta), inputs), batch)
+        slots = [_slot(model, k) for k in flat.names]
+
+        def loss(theta: Tensor, batch: tuple[Tensor, ...]) -> Tensor:
+            for (module, attr), view in zip(slots, flat.views(theta).values(), strict=True):
+                module._parameters[attr] = view
+            return loss_fn(model, batch)
+
+        return loss
 
     C, S = config.num_chains, config.num_burnin + config.num_draws
 
@@ -608,9 +626,7 @@ def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, c
     trace = torch.full((C, S), float("nan"), dtype=torch.float64, device=device)
     notes: list[str] = []
 
-    vectorized = config.vectorize
-    if vectorized is None:
-        vectorized = device.type != "cpu" or flat.theta_star.numel() <= _AUTO_VMAP_MAX_CPU
+    vectorized = vectorizes(config, flat.theta_star.numel(), device)
     if vectorized:
         try:
             _run_vectorized(chain_loss, data, minibatch, flat.theta_star, trace, randomness(), step_kw, notes)
@@ -618,7 +634,9 @@ def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, c
             vectorized = False
             notes.append(f"vectorised chains failed ({e}); fell back to running the chains one after another")
     if not vectorized:
-        _run_sequential(chain_loss_direct, data, minibatch, flat.theta_star, trace, randomness(), step_kw, notes)
+        threads = min(C, torch.get_num_threads()) if device.type == "cpu" else 1
+        _run_sequential(work, direct_loss, data, minibatch, flat.theta_star, trace, randomness(), step_kw, notes,
+                        threads)
 
     trace_np = trace.cpu().numpy()
     burn, post = trace_np[:, : config.num_burnin], trace_np[:, config.num_burnin:]
@@ -708,32 +726,52 @@ def _first_vmapped_step(step: Callable, theta: Tensor, batch: tuple[Tensor, ...]
     return out
 
 
-def _run_sequential(chain_loss: Callable, data: tuple[Tensor, ...], minibatch: bool, theta_star: Tensor,
-                    trace: Tensor, rands: list[_ChainRandomness], step_kw: dict[str, Any], notes: list[str]) -> None:
-    """One chain after another with plain autograd (for models that cannot be vmapped). Fills trace in place."""
+def _run_sequential(work: nn.Module, direct_loss: Callable[[nn.Module], Callable], data: tuple[Tensor, ...],
+                    minibatch: bool, theta_star: Tensor, trace: Tensor, rands: list[_ChainRandomness],
+                    step_kw: dict[str, Any], notes: list[str], threads: int = 1) -> None:
+    """The chains with plain autograd, each chain's steps one after another (for models that cannot be vmapped, and
+    large models on CPU). Fills trace (C, S) in place; a chain whose parameters become non-finite stops there.
+
+    threads > 1 (CPU): the chains run that many at a time, each group on its own thread with one intra-op thread
+    and its own copy of the model. A model this small at minibatch 32-256 keeps one core busy and a second one
+    poorly, so the cores go further on separate chains. Every chain's numbers come from its own generators and
+    its own model copy, so the trace does not depend on `threads` or scheduling (up to the bits in which one and
+    two intra-op threads round differently).
+    """
     C, S = trace.shape
     P = theta_star.numel()
     block = _block_size(P)
-    noise = theta_star.new_empty(block, P)
-    for c, r in enumerate(rands):
-        theta = theta_star.clone()
-        idx = None
-        for t in range(S):
-            j = t % block
-            if j == 0:
-                r.fill_noise(noise)
-                if minibatch:
-                    idx = r.indices(block)  # (block, m)
-            batch = tuple(x[idx[j]] for x in data) if minibatch else data
-            leaf = theta.detach().requires_grad_(True)
-            loss = chain_loss(leaf, batch)
-            (grad,) = torch.autograd.grad(loss, leaf)
-            with torch.no_grad():
-                trace[c, t] = loss.detach()
-                theta = sgld_step(theta, grad, theta_star, noise[j], **step_kw)
-            if (t + 1) % _CHECK_EVERY == 0 and not bool(torch.isfinite(theta).all()):
-                notes.append(f"sampling stopped at step {t + 1} of chain {c}: non-finite parameters")
-                return
+
+    def run(chains: list[int], model: nn.Module) -> list[str]:
+        chain_loss, noise, stopped = direct_loss(model), theta_star.new_empty(block, P), []
+        for c in chains:
+            r, theta, idx = rands[c], theta_star.clone(), None
+            for t in range(S):
+                j = t % block
+                if j == 0:
+                    r.fill_noise(noise)
+                    if minibatch:
+                        idx = r.indices(block)  # (block, m)
+                batch = tuple(x[idx[j]] for x in data) if minibatch else data
+                leaf = theta.detach().requires_grad_(True)
+                loss = chain_loss(leaf, batch)
+                (grad,) = torch.autograd.grad(loss, leaf)
+                with torch.no_grad():
+                    trace[c, t] = loss.detach()
+                    theta = sgld_step(theta, grad, theta_star, noise[j], **step_kw)
+                if (t + 1) % _CHECK_EVERY == 0 and not bool(torch.isfinite(theta).all()):
+                    stopped.append(f"sampling stopped at step {t + 1} of chain {c}: non-finite parameters")
+                    break
+        return stopped
+
+    groups = [[int(c) for c in g] for g in np.array_split(np.arange(C), max(1, min(threads, C)))]
+    if len(groups) == 1:
+        notes += run(groups[0], work)
+        return
+    models = [work] + [copy.deepcopy(work) for _ in groups[1:]]
+    with thread_pool(len(groups), "icl-llc-chains") as pool:
+        for stopped in pool.map(run, groups, models):
+            notes += stopped
 
 
 # ----------------------------------------------------------------------------------------------------------------

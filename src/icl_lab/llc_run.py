@@ -21,13 +21,14 @@ from typing import Literal
 import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor
+from torch import Tensor, nn
 
 from icl_lab.config import LLCConfig
-from icl_lab.llc import calibrate, estimate_llc
+from icl_lab.llc import calibrate, estimate_llc, vectorizes
 from icl_lab.progress import Bar
 from icl_lab.store import Run, write_json, write_parquet
 from icl_lab.tasks import derive_seed, make_generator, root_task_batch, sample_batch, task_pool
+from icl_lab.threads import torch_threads
 
 DataSource = Literal["id", "ood", "root"]
 
@@ -78,17 +79,15 @@ def save_settings(run: Run, settings: LLCSettings) -> None:
 
 
 @contextmanager
-def _one_cpu_thread(device: str) -> Iterator[None]:
-    """Sample with one torch thread on CPU, restoring the caller's count: these models are so small that a second
-    intra-op thread only synchronises, and next to a busy core it spins (measured: 10 s against 0.1 s for a tiny
-    estimate)."""
-    before = torch.get_num_threads()
-    if torch.device(device).type == "cpu":
-        torch.set_num_threads(1)
-    try:
+def _sampling_threads(model: nn.Module, sampler: LLCConfig, device: str, shared_cores: bool) -> Iterator[None]:
+    """torch threads while sampling on CPU: one where estimates run in parallel processes (shared_cores) or the
+    chains are vmapped (these models are so small that a second intra-op thread only synchronises, and next to a
+    busy core it spins: measured 10 s against 0.1 s for a tiny estimate); otherwise the caller's, over which
+    estimate_llc runs the chains concurrently with one intra-op thread each (icl_lab.threads)."""
+    n_sampled = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    one = torch.device(device).type == "cpu" and (shared_cores or vectorizes(sampler, n_sampled, device))
+    with torch_threads(1 if one else torch.get_num_threads()):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def calibrate_run(run: Run, step: int | None = None, settings: LLCSettings | None = None, device: str = "cpu",
@@ -104,7 +103,7 @@ def calibrate_run(run: Run, step: int | None = None, settings: LLCSettings | Non
     step = run.checkpoint_steps[-1] if step is None else step
     model = run.load_checkpoint(step, device)
     data = llc_data(run, settings.n, settings.data)
-    with _one_cpu_thread(device):
+    with _sampling_threads(model, settings.sampler, device, shared_cores=False):
         cal = calibrate(model, data, mse_loss, base=settings.sampler, seed=_sgld_seed(settings), **grid)
     write_parquet(run.path / "llc_calibration.parquet", cal.table.assign(step=step))
     plot_calibration(cal, run.path / "figures" / "llc_calibration")
@@ -120,14 +119,16 @@ def _sgld_seed(settings: LLCSettings) -> int:
     return derive_seed(settings.seed, "sgld") % (2**31)
 
 
-def estimate_step(run_path: str | Path, step: int, settings_json: str, device: str = "cpu") -> dict:
-    """One checkpoint's LLC as a parquet row (a top-level function so worker processes can run it). The device is
-    where it runs, not part of the settings (recorded in the row: CPU and GPU agree only to float tolerance)."""
+def estimate_step(run_path: str | Path, step: int, settings_json: str, device: str = "cpu",
+                  shared_cores: bool = False) -> dict:
+    """One checkpoint's LLC as a parquet row (a top-level function so worker processes can run it; they pass
+    shared_cores=True). The device is where it runs, not part of the settings (recorded in the row: CPU and GPU
+    agree only to float tolerance)."""
     run = Run.load(run_path)
     settings = LLCSettings.model_validate_json(settings_json)
     model = run.load_checkpoint(step, device)
     data = llc_data(run, settings.n, settings.data)
-    with _one_cpu_thread(device):
+    with _sampling_threads(model, settings.sampler, device, shared_cores):
         result = estimate_llc(model, data, mse_loss, config=settings.sampler, seed=_sgld_seed(settings))
     return {"step": step, **result.to_row(), "settings_hash": settings.digest(), "device": str(device)}
 
@@ -175,7 +176,8 @@ def estimate_runs(runs: list[Run], settings: LLCSettings, steps: dict[Path, Iter
         else:
             ctx = mp.get_context("spawn")
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                futures = {pool.submit(estimate_step, run.path, step, payload, device): run for run, step in jobs}
+                futures = {pool.submit(estimate_step, run.path, step, payload, device, True): run
+                           for run, step in jobs}
                 for fut in as_completed(futures):
                     run = futures[fut]
                     rows[run.path].append(fut.result())

@@ -324,18 +324,6 @@ def _try_lock(path: Path) -> Iterator[bool]:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _start(status_file: Path, **extra: Any) -> dict[str, Any]:
     """Write and return a 'running' status record (attempts counted on from the previous record)."""
     previous = _read_json(status_file) or {}
@@ -410,9 +398,11 @@ def run_job(config_jsons: Sequence[str], run_dirs: Sequence[str], status_files: 
     as one ensemble (each member run on its own if the ensemble fails). Returns one status record per run (also
     written to its status file: status, error, started_at / finished_at (Unix s), seconds, attempts, host, pid,
     resumed_from). Picklable by reference; raises only if interrupted."""
+    from icl_lab.threads import torch_threads  # torch is imported where runs are trained, not by the CLI
+
     configs = [RunConfig.model_validate_json(c) for c in config_jsons]
     paths, files = [Path(d) for d in run_dirs], [Path(f) for f in status_files]
-    with _torch_threads(threads):
+    with torch_threads(threads):
         records = _run_ensemble(configs, paths, files) if len(configs) > 1 else None
         return records or [_run_one(c, p, f) for c, p, f in zip(configs, paths, files, strict=True)]
 

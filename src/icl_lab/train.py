@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from icl_lab.config import RunConfig, TrainConfig
 from icl_lab.evaluate import baseline_levels, evaluate, prepare_eval_sets
 from icl_lab.model import ICLTransformer, build_model
 from icl_lab.progress import Bar
 from icl_lab.store import Run, load_strict, load_tensors, save_tensors, write_json, write_parquet
-from icl_lab.tasks import make_generator, sample_batch, task_pool
+from icl_lab.tasks import Batch, make_generator, sample_batch, task_pool
 
 
 class TrainingDiverged(RuntimeError):
@@ -119,6 +119,24 @@ def _stop_on_sigint() -> Iterator[dict[str, bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch, lr: float,
+               grad_clip: float | None) -> Tensor:
+    """One training step: squared-error loss on batch (x: (B, K, D), y: (B, K)), backward, optional gradient
+    clipping to global norm grad_clip, then `opt` (make_optimizer's AdamW) at learning rate lr. Returns the loss
+    before the update (detached); if it is not finite, nothing is updated and the caller decides."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss = (model(batch.x, batch.y) - batch.y).square().mean()
+    if not torch.isfinite(loss):
+        return loss.detach()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return loss.detach()
+
+
 def train(config: RunConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
           progress: bool = True, stop_after: int | None = None) -> Run:
     """Train a model as `config` says, writing the run to `out`; returns the Run.
@@ -183,19 +201,12 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, overwrite
                 return run
 
             batch = sample_batch(task, pool, tc.batch_size, gen)
-            for group in opt.param_groups:
-                group["lr"] = tc.lr * lr_factor(step, tc)
-            loss = (model(batch.x, batch.y) - batch.y).square().mean()
+            loss = train_step(model, opt, batch, tc.lr * lr_factor(step, tc), tc.grad_clip)
             if not torch.isfinite(loss):
                 write_parquet(run.path / "metrics.parquet", pd.DataFrame(rows))
                 raise TrainingDiverged(f"training loss is {loss.item()} at step {step} of {run.path}; the last "
                                        f"good checkpoint is step {last_good} (lower --lr or set --grad-clip)")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            pending.append(loss.detach())
+            pending.append(loss)
             if len(pending) >= 200 or step + 1 == tc.steps:
                 losses.extend(torch.stack(pending).tolist())
                 pending.clear()
