@@ -21,9 +21,10 @@ groups stepping concurrently, each on its own thread with one intra-op thread; w
 `train`'s own step one after another. A model of the seed's size at batch 32 keeps one core busy and a second one
 poorly, so the cores go further on separate members than on every op together, and stacking adds nothing there:
 its batched matmuls have the same per-member shapes as the single ones. Measured on 2 shared cores, 8 seed-preset
-members at batch 32, against the 8 trained one after another on 2 threads (benchmarks/ensemble_throughput.py):
-members on 2 threads ~1.6x, 2 stacks of 4 on 2 threads ~1.3x, one stack of 8 on 2 threads ~1.3x; at one thread a
-stack of 4 ran 0.9x of its members one after another. `stack=True` keeps stacking on a CPU.
+members at batch 32, against the 8 trained one after another on 2 threads (benchmarks/ensemble_throughput.py,
+7 paired rounds): members on 2 threads 1.36x, 2 stacks of 4 on 2 threads 1.24x, one stack of 8 on 2 threads
+1.19x; at one thread a stack of 4 ran ~0.9x of its members one after another. `stack=True` keeps stacking on a
+CPU.
 """
 
 from __future__ import annotations
