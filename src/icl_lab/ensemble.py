@@ -49,7 +49,7 @@ from icl_lab.model import build_model
 from icl_lab.progress import Bar
 from icl_lab.store import Run, write_json, write_parquet
 from icl_lab.tasks import make_generator, sample_batch, task_pool
-from icl_lab.threads import thread_pool
+from icl_lab.threads import split_evenly, thread_pool
 from icl_lab.train import (
     TrainingDiverged,
     _stop_on_sigint,
@@ -283,6 +283,11 @@ def default_groups(n_members: int, device: str) -> int:
     return max(1, min(n_members, torch.get_num_threads())) if device == "cpu" else 1
 
 
+def _check_groups(groups: int, n_members: int) -> None:
+    if not 1 <= groups <= n_members:
+        raise EnsembleError(f"groups must be between 1 and the number of members ({n_members}), got {groups}")
+
+
 class MemberGroups:
     """An ensemble's members in `groups` groups of contiguous members (sizes differing by at most one) that step
     concurrently, each on its own thread with torch.get_num_threads() // groups (at least 1) intra-op threads
@@ -297,11 +302,9 @@ class MemberGroups:
 
     def __init__(self, models: Sequence[nn.Module], opts: Sequence[torch.optim.Optimizer],
                  configs: Sequence[RunConfig], groups: int = 1, stack: bool = True):
-        n = len(models)
-        if not 1 <= groups <= n:
-            raise EnsembleError(f"groups must be between 1 and the number of members ({n}), got {groups}")
+        _check_groups(groups, len(models))
         self.models, self.opts, self.configs = list(models), list(opts), list(configs)
-        self.members = [[int(i) for i in idx] for idx in np.array_split(np.arange(n), groups)]
+        self.members = split_evenly(len(models), groups)
         self.stacks: list[StackedModels] = []
         self.stack_opts: list[StackedAdamW] = []
         if stack:
@@ -396,8 +399,7 @@ def train_ensemble(configs: Sequence[RunConfig], out_dirs: Sequence[str | Path],
     device = tc0.device
     groups = default_groups(n, device) if groups is None else groups
     stack = torch.device(device).type != "cpu" if stack is None else stack
-    if not 1 <= groups <= n:
-        raise EnsembleError(f"groups must be between 1 and the number of members ({n}), got {groups}")
+    _check_groups(groups, n)  # before any run directory is written
 
     if resume:
         runs = []

@@ -55,7 +55,7 @@ from icl_lab.attention import BATCHING_WARNING, vmappable_sdpa
 from icl_lab.config import LLCConfig
 from icl_lab.evaluate import eval_chunk
 from icl_lab.tasks import make_generator
-from icl_lab.threads import thread_pool
+from icl_lab.threads import split_evenly, thread_pool
 
 __all__ = [
     "DEFAULT_STEP_SIZES",
@@ -634,7 +634,7 @@ def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, c
             vectorized = False
             notes.append(f"vectorised chains failed ({e}); fell back to running the chains one after another")
     if not vectorized:
-        threads = min(C, torch.get_num_threads()) if device.type == "cpu" else 1
+        threads = torch.get_num_threads() if device.type == "cpu" else 1
         _run_sequential(work, direct_loss, data, minibatch, flat.theta_star, trace, randomness(), step_kw, notes,
                         threads)
 
@@ -764,7 +764,7 @@ def _run_sequential(work: nn.Module, direct_loss: Callable[[nn.Module], Callable
                     break
         return stopped
 
-    groups = [[int(c) for c in g] for g in np.array_split(np.arange(C), max(1, min(threads, C)))]
+    groups = split_evenly(C, max(1, min(threads, C)))
     if len(groups) == 1:
         notes += run(groups[0], work)
         return

@@ -39,3 +39,10 @@ def thread_pool(workers: int, name: str) -> Iterator[ThreadPoolExecutor]:
     finally:
         pool.shutdown()
         torch.set_num_threads(before)
+
+
+def split_evenly(n: int, parts: int) -> list[list[int]]:
+    """0..n-1 in `parts` contiguous runs whose lengths differ by at most one (longer ones first)."""
+    q, r = divmod(n, parts)
+    bounds = [i * q + min(i, r) for i in range(parts + 1)]
+    return [list(range(a, b)) for a, b in zip(bounds, bounds[1:], strict=False)]
