@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import multiprocessing as mp
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -88,6 +89,16 @@ def _sampling_threads(model: nn.Module, sampler: LLCConfig, device: str, shared_
     one = torch.device(device).type == "cpu" and (shared_cores or vectorizes(sampler, n_sampled, device))
     with torch_threads(1 if one else torch.get_num_threads()):
         yield
+
+
+def finite_llc(run: Run) -> pd.DataFrame:
+    """The run's llc.parquet rows with a finite estimate, by step (diverged checkpoints are reported, not used
+    as values)."""
+    llc = run.llc
+    if llc is None or llc.empty:
+        raise ValueError(f"{run.path} has no LLC estimates; run `icl-lab llc {run.path}` first")
+    llc = llc.sort_values("step")
+    return llc[llc["llc_mean"].map(math.isfinite)]
 
 
 def calibrate_run(run: Run, step: int | None = None, settings: LLCSettings | None = None, device: str = "cpu",

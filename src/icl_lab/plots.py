@@ -4,6 +4,7 @@ symmetric-log x axis (linear below 1) so that step 0, the initialisation, is sho
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -37,7 +38,13 @@ def save_figure(fig: plt.Figure, path: str | Path, *, dpi: int = 130) -> tuple[P
 
 
 def step_axis(ax: plt.Axes) -> None:
+    """Symmetric-log step axis (linear below 1), autoscaled in that scale.
+
+    A log y-scale set before it freezes the x-limits at the linear autoscale (from about -5% of the last step,
+    so a third of the panel showed negative steps); re-enabling x autoscaling recomputes them on the symlog scale.
+    """
     ax.set_xscale("symlog", linthresh=1.0)
+    ax.autoscale(enable=True, axis="x")
     ax.set_xlabel("training step")
     ax.grid(alpha=0.3, which="both")
 
@@ -68,15 +75,60 @@ def plot_losses(ax: plt.Axes, metrics: pd.DataFrame, baselines: dict[str, float]
     ax.set_title(SET_TITLE.get(set_name, set_name))
 
 
-def plot_llc(ax: plt.Axes, llc: pd.DataFrame, label: str = "LLC") -> None:
-    """LLC mean ± std over chains against the true checkpoint steps (raw, not smoothed)."""
-    llc = llc.sort_values("step")
-    steps, mean, std = llc["step"].to_numpy(), llc["llc_mean"].to_numpy(), llc["llc_std"].to_numpy()
-    ax.fill_between(steps, mean - std, mean + std, color="tab:red", alpha=0.25, lw=0)
-    ax.plot(steps, mean, "o-", color="tab:red", ms=3, lw=1.2, label=label)
+def plot_llc(ax: plt.Axes, curves: Mapping[str, pd.DataFrame], colours: Sequence | None = None) -> None:
+    """LLC mean ± std over chains against the true checkpoint steps (raw, not smoothed), one curve per entry of
+    `curves` (label -> the rows of an llc.parquet: step, llc_mean, llc_std, ok).
+
+    Estimates with a diagnostic flag (`ok` False) are drawn hollow. The y-axis is scaled to the unflagged ones,
+    and flagged estimates beyond it are drawn at its edge as triangles (their values are in llc.parquet and the
+    legend gives the extreme): an early checkpoint that is not near a minimum gives a large negative λ̂ (the
+    chains descend below L_n(w*)), which would otherwise flatten the rest of the curve.
+    """
+    colours = list(colours) if colours is not None else list(plt.cm.tab10(np.arange(len(curves)) % 10))
+    rows = {label: _llc_arrays(llc) for label, llc in curves.items()}
+    lo, hi = llc_limits(*(np.concatenate([r[i] for r in rows.values()]) for i in (1, 2, 3)))
+    for (label, (steps, mean, std, ok)), colour in zip(rows.items(), colours, strict=True):
+        shown = np.clip(mean, lo, hi)
+        ax.fill_between(steps, np.clip(mean - std, lo, hi), np.clip(mean + std, lo, hi), color=colour, alpha=0.2,
+                        lw=0)
+        ax.plot(steps, shown, "-", color=colour, lw=1.2)
+        ax.plot(steps[ok], mean[ok], "o", color=colour, ms=3.5, label=label)
+        inside = ~ok & (mean >= lo) & (mean <= hi)
+        if inside.any():
+            ax.plot(steps[inside], mean[inside], "o", mfc="white", color=colour, ms=4, label=f"{label}: flagged")
+        below, above = mean < lo, mean > hi  # only flagged estimates can be off the axis
+        if below.any():
+            ax.plot(steps[below], shown[below], "v", mfc="white", color=colour, ms=5,
+                    label=f"{label}: {below.sum()} flagged below the axis (lowest {mean[below].min():.3g})")
+        if above.any():
+            ax.plot(steps[above], shown[above], "^", mfc="white", color=colour, ms=5,
+                    label=f"{label}: {above.sum()} flagged above the axis (highest {mean[above].max():.3g})")
+    ax.set_ylim(lo, hi)
     step_axis(ax)
-    ax.set_ylabel("estimated LLC λ̂")
-    ax.set_title("local learning coefficient (mean ± std over chains)")
+    ax.set_ylabel("estimated LLC λ̂ (mean ± std over chains)")
+    ax.legend(fontsize=7)
+
+
+def _llc_arrays(llc: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, mean, std, ok) of the finite estimates, by step; a missing `ok` column counts as unflagged."""
+    llc = llc.sort_values("step")
+    llc = llc[np.isfinite(llc["llc_mean"].to_numpy(dtype=float))]
+    ok = llc["ok"].to_numpy(dtype=bool) if "ok" in llc else np.ones(len(llc), bool)
+    return (llc["step"].to_numpy(), llc["llc_mean"].to_numpy(dtype=float),
+            np.nan_to_num(llc["llc_std"].to_numpy(dtype=float)), ok)
+
+
+def llc_limits(mean: np.ndarray, std: np.ndarray, ok: np.ndarray, pad: float = 0.08) -> tuple[float, float]:
+    """y-limits holding mean ± std of the unflagged estimates (all of them if none is unflagged), with 0 shown
+    when it is near, padded by `pad` of the range. mean, std, ok: (N,)."""
+    if mean.size == 0:
+        return 0.0, 1.0
+    use = ok if ok.any() else np.ones_like(ok)
+    lo, hi = float(np.min((mean - std)[use])), float(np.max((mean + std)[use]))
+    if lo > 0 and lo < 0.25 * hi:
+        lo = 0.0
+    span = hi - lo if hi > lo else max(abs(hi), 1.0)
+    return lo - pad * span, hi + pad * span
 
 
 def plot_run(run: Run, path: str | Path | None = None) -> list[Path]:
@@ -90,7 +142,8 @@ def plot_run(run: Run, path: str | Path | None = None) -> list[Path]:
         plot_losses(ax, metrics, baselines, name)
     axes[0].legend(fontsize=7, loc="lower left")
     if ncols == 3:
-        plot_llc(axes[2], llc)
+        plot_llc(axes[2], {"LLC": llc}, ["tab:red"])
+        axes[2].set_title("local learning coefficient (hollow: diagnostic flag)")
     t = run.config.task
     fig.suptitle(f"{run.path.name}: M={t.M if t.M is not None else '∞'}, D={t.D}, K={t.K}, σ²={t.noise_var}, "
                  f"{t.family}, preset {run.config.model.preset}, seed {run.config.seed}")

@@ -2,6 +2,7 @@
 
 import base64
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -63,9 +64,17 @@ def test_rerun_reuses_runs_and_estimates(study_dir):
     files = [p for p in (study_dir / "runs").rglob("*") if p.suffix in {".parquet", ".safetensors"}]
     before = {p: p.stat().st_mtime_ns for p in files}
     assert any(p.name == "llc.parquet" for p in before) and any(p.suffix == ".safetensors" for p in before)
+    first = json.loads((study_dir / "timings.json").read_text())
     run_study(tiny_study(), study_dir, progress=False)
     rewritten = [p for p, m in before.items() if p.stat().st_mtime_ns != m and p.name != "stages.parquet"]
     assert not rewritten, rewritten
+    # the first invocation's phase times survive the re-run (timings.json holds the latest) and are in its report
+    history = json.loads((study_dir / "timings_history.json").read_text())
+    assert [h["seconds"] for h in history] == [first, json.loads((study_dir / "timings.json").read_text())]
+    timing = next(t for t in pd.read_html(io.StringIO((study_dir / "report.html").read_text()))
+                  if "phase" in t.columns)
+    assert list(timing.columns[1:]) == ["this invocation", history[0]["finished_utc"].replace("T", " ")[:16] + " UTC"]
+    assert timing.set_index("phase").iloc[:, 1].to_dict() == pytest.approx({k: round(v, 1) for k, v in first.items()})
 
 
 def _chromium() -> tuple[str, str] | None:

@@ -3,15 +3,18 @@ of runs in worker processes, timing phases, predictions of a run's checkpoints o
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
@@ -19,7 +22,7 @@ from torch import Tensor
 from icl_lab.config import RunConfig, parse_m
 from icl_lab.evaluate import predict
 from icl_lab.progress import Bar
-from icl_lab.store import Run
+from icl_lab.store import Run, write_json
 
 
 def parse_ms(v: Any) -> Any:
@@ -79,7 +82,13 @@ class SweepStudyConfig(BaseModel):
 
 
 class PhaseTimer:
-    """Wall time per phase: `with timer("train"): ...`; `timer.seconds` keeps them in order."""
+    """Wall time per phase: `with timer("train"): ...`; `timer.seconds` keeps them in order.
+
+    `save(out)` writes OUT/timings.json (this invocation) and appends it to OUT/timings_history.json, so the times of
+    the invocation that did the work survive a later one that reuses everything (`icl-lab report`, a re-run).
+    """
+
+    HISTORY = "timings_history.json"
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -91,6 +100,27 @@ class PhaseTimer:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def save(self, out: Path) -> None:
+        history = self.history(out)
+        history.append({"finished_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+                        "seconds": self.seconds})
+        write_json(out / "timings.json", self.seconds)
+        write_json(out / self.HISTORY, history)
+
+    @classmethod
+    def history(cls, out: Path) -> list[dict[str, Any]]:
+        f = out / cls.HISTORY
+        return json.loads(f.read_text()) if f.exists() else []
+
+    def table(self, out: Path, earlier: int = 3) -> pd.DataFrame:
+        """Seconds per phase (rows): this invocation, then up to `earlier` previous ones (columns named by the time
+        they finished), newest first; a phase an invocation did not run is blank."""
+        columns = {"this invocation": self.seconds}
+        for past in reversed(self.history(out)[-earlier:]):
+            columns[past["finished_utc"].replace("T", " ")[:16] + " UTC"] = past["seconds"]
+        table = pd.DataFrame(columns).round(1)
+        return table.rename_axis("phase").reset_index()
 
 
 def _train_one(config_json: str, path: str, resume: bool) -> str:

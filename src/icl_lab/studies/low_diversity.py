@@ -21,8 +21,8 @@ from icl_lab.baselines import dmmse_predict, ridge_predict
 from icl_lab.config import LLCConfig, RunConfig, build_run_config
 from icl_lab.interp import attention_patterns, probe_residual
 from icl_lab.llc import min_burnin
-from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_runs
-from icl_lab.plots import BASELINE_STYLE, per_token_columns, save_figure, step_axis
+from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_runs, finite_llc
+from icl_lab.plots import BASELINE_STYLE, per_token_columns, plot_llc, save_figure, step_axis
 from icl_lab.report import Section, write_report
 from icl_lab.stages import find_milestones, plot_stages, save_stage_table, stage_table
 from icl_lab.store import Run, write_json
@@ -123,7 +123,7 @@ def run_study(cfg: LowDiversityConfig, out: str | Path, progress: bool = True) -
                  f"{settings.sampler.model_dump()} on n = {settings.n} fixed in-distribution sequences.")
         path = write_report(out / "report.html", "Low task diversity: how the seed model solves M = 1 and M = 2",
                             intro, sections)
-    write_json(out / "timings.json", timer.seconds)
+    timer.save(out)
     return path
 
 
@@ -173,12 +173,6 @@ def _joint_pca(cfg: LowDiversityConfig, runs: dict[str, Run], seed: int):
     refs["least squares"] = ridge_predict(batch.x, batch.y, 0.0).numpy()
     steps = {f"M={M}": np.array(runs[run_name(M, seed)].checkpoint_steps) for M in cfg.Ms}
     return joint_trajectory_pca(preds, refs, n_components=2, steps_by_run=steps, sigma=1.0)
-
-
-def finite_llc(run: Run) -> pd.DataFrame:
-    """The run's LLC rows with a finite estimate (diverged checkpoints are reported, not plotted as values)."""
-    llc = run.llc.sort_values("step")
-    return llc[np.isfinite(llc["llc_mean"])]
 
 
 def _stages(run: Run, ed, path: Path) -> pd.DataFrame:
@@ -313,14 +307,9 @@ def _llc_figure(cfg: LowDiversityConfig, runs: dict[str, Run], path: Path) -> li
     fig, axes = plt.subplots(1, len(cfg.Ms), figsize=(6 * len(cfg.Ms), 4), squeeze=False, constrained_layout=True)
     for c, M in enumerate(cfg.Ms):
         ax = axes[0, c]
-        for seed in cfg.seeds:
-            llc = finite_llc(runs[run_name(M, seed)])
-            ax.fill_between(llc["step"], llc["llc_mean"] - llc["llc_std"], llc["llc_mean"] + llc["llc_std"], alpha=0.2)
-            ax.plot(llc["step"], llc["llc_mean"], "o-", ms=3, label=f"seed {seed}")
-        step_axis(ax)
-        ax.set_ylabel("λ̂ (mean ± std over chains)")
-        ax.set_title(f"M={M}: LLC over training (raw, same settings and data at every checkpoint)", fontsize=9)
-        ax.legend(fontsize=7)
+        plot_llc(ax, {f"seed {seed}": finite_llc(runs[run_name(M, seed)]) for seed in cfg.seeds})
+        ax.set_title(f"M={M}: LLC over training (raw, same settings and data at every checkpoint; hollow: "
+                     "diagnostic flag)", fontsize=9)
     return save_figure(fig, path)
 
 
@@ -528,7 +517,9 @@ def _sections(cfg, runs, eds, joint, tables, attn_figs, probes, figs: Path, time
             "λ̂ against the SGLD step size ε at the final checkpoint of the calibration run, with the loss traces; "
             "the chosen ε is the largest in the stable plateau (no diagnostic flag; neighbours agree within 10% or "
             "two standard errors); each ε burns in for at least min_burnin(ε, γ) ≈ 3/(εγ) steps."), figures=[cal]))
-    timing = pd.DataFrame([{"phase": k, "seconds": round(v, 1)} for k, v in timer.seconds.items()])
-    sections.append(Section("Wall time per phase", "Measured in this invocation; reused results cost nothing.",
+    timing = timer.table(figs.parent)
+    sections.append(Section("Wall time per phase", (
+        "Seconds per phase in this invocation, then in up to three earlier ones (all of them: timings_history.json); "
+        "reused results cost nothing."),
                             tables=[timing]))
     return sections

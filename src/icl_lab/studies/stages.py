@@ -48,8 +48,8 @@ from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
 from icl_lab.config import LLCConfig, RunConfig, Schedule, build_run_config
-from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_runs
-from icl_lab.plots import save_figure, step_axis
+from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_runs, finite_llc
+from icl_lab.plots import plot_llc, save_figure, step_axis
 from icl_lab.report import Section, write_report
 from icl_lab.store import Run, write_json, write_parquet
 from icl_lab.studies.common import PhaseTimer, SweepStudyConfig
@@ -335,15 +335,6 @@ def developmental_curves(cfg: StagesConfig, run: Run) -> tuple[pd.DataFrame, np.
     return pd.DataFrame(rows), np.stack(preds), ridge
 
 
-def finite_llc(run: Run) -> pd.DataFrame:
-    """The run's LLC rows with a finite estimate, by step (diverged checkpoints are reported, not used)."""
-    llc = run.llc
-    if llc is None or llc.empty:
-        raise ValueError(f"{run.path} has no LLC estimates")
-    llc = llc.sort_values("step")
-    return llc[np.isfinite(llc["llc_mean"])]
-
-
 def _calibration_step(cfg: StagesConfig, run: Run) -> int:
     """The first checkpoint at or after calibration_frac of the steps."""
     target = cfg.calibration_frac * cfg.steps
@@ -379,7 +370,7 @@ def analyse_run(cfg: StagesConfig, run: Run, out: Path) -> dict[str, Any]:
     metrics = run.metrics.drop_duplicates("step", keep="last").set_index("step")
     curves = curves.merge(metrics[["id_loss", "ood_loss"]].rename(columns={"id_loss": "loss"}), left_on="step",
                           right_index=True, how="left")
-    curves = curves.merge(llc[["step", "llc_mean", "llc_std"]], on="step", how="left")
+    curves = curves.merge(llc[["step", "llc_mean", "llc_std", "ok"]], on="step", how="left")
     used = curves[np.isfinite(curves["llc_mean"])].reset_index(drop=True)
     steps, lam, loss = used["step"].to_numpy(float), used["llc_mean"].to_numpy(), used["loss"].to_numpy()
     milestones = find_milestones(steps, lam)
@@ -427,7 +418,7 @@ def run_study(cfg: StagesConfig, out: str | Path, progress: bool = True) -> Path
             pngs["seeds"] = seeds_figure(results, figs / "llc_all_seeds")[0]
     with timer("report"):
         path = _write(cfg, out, results, exp, pngs, settings, cal_step, timer)
-    write_json(out / "timings.json", timer.seconds)
+    timer.save(out)
     return path
 
 
@@ -679,9 +670,9 @@ def seeds_figure(results: Mapping[str, Mapping[str, Any]], path: Path) -> tuple[
 
     fig, axes = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, constrained_layout=True)
     colours = plt.cm.tab10(np.arange(len(results)) % 10)
+    plot_llc(axes[0], {name: r["used"] for name, r in results.items()}, colours)
     for (name, r), c in zip(results.items(), colours, strict=True):
         u = r["used"]
-        axes[0].plot(u["step"], u["llc_mean"], "o-", color=c, ms=2.5, lw=1.2, label=name)
         axes[1].plot(u["step"], u["loss"], "-", color=c, lw=1.2, label=name)
         for b in r["table"]["end"].iloc[:-1]:
             axes[0].axvline(float(b), ymin=0.92, ymax=1.0, color=c, lw=2)
@@ -852,9 +843,10 @@ def _write(cfg: StagesConfig, out: Path, results, exp: pd.DataFrame, pngs, setti
              f"{' '.join(r0['table']['type'])} against the paper's A A B B A. Only the order is comparable "
              "(papers.md §G9).")
     sections.append(Section("Where this study differs from the paper", text))
-    timing = pd.DataFrame([{"phase": k, "seconds": round(v, 1)} for k, v in timer.seconds.items()])
+    timing = timer.table(out)
     sections.append(Section("Wall time per phase", (
-        f"Measured in this invocation (executor {cfg.executor}, {cfg.workers} workers, device {cfg.device}); "
+        f"Seconds per phase in this invocation (first column; earlier ones beside it, all in timings_history.json; "
+        f"executor {cfg.executor}, {cfg.workers} workers, device {cfg.device}); "
         "finished runs and LLC estimates are reused and cost nothing. Writing this page is not included "
         "(timings.json has it)."), tables=[timing]))
     intro = (f"Hoogland et al. (2024) at scale '{cfg.scale}'{' (quick)' if cfg.quick else ''}: M = ∞, D = {cfg.D}, "

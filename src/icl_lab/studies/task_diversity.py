@@ -227,7 +227,7 @@ def run_study(cfg: TaskDiversityConfig, out: str | Path, progress: bool = True) 
                 "curves": training_curves_figure(cfg, runs, crossover, figs / "delta_ridge_vs_step")[0]}
     with timer("report"):
         path = _write(cfg, out, summary, analysis, exp, pngs, runs, timer)
-    write_json(out / "timings.json", timer.seconds)
+    timer.save(out)
     return path
 
 
@@ -755,9 +755,10 @@ def _write(cfg, out: Path, summary, analysis, exp, pngs, runs, timer) -> Path:
         "id = T_Pretrain (the pool's tasks, fresh inputs), ood = T_True (fresh tasks); losses and Δ divided by D "
         f"(Raventós' normalisation); mean over seeds {cfg.seeds}. Full per-token values: summary.parquet."),
         tables=[table]))
-    timing = pd.DataFrame([{"phase": k, "seconds": round(v, 1)} for k, v in timer.seconds.items()])
+    timing = timer.table(out)
     sections.append(Section("Wall time per phase", (
-        f"Measured in this invocation (executor {cfg.executor}, {cfg.workers} workers, device {cfg.device}); "
+        f"Seconds per phase in this invocation (first column; earlier ones beside it, all in timings_history.json; "
+        f"executor {cfg.executor}, {cfg.workers} workers, device {cfg.device}); "
         "finished runs are reused and cost nothing. Writing this page is not included (timings.json has it). "
         "Per-run training times: runs/index.parquet."), tables=[timing]))
     intro = (f"Raventós et al. (2023) at scale '{cfg.scale}'{' (quick)' if cfg.quick else ''}: {len(runs)} runs, "

@@ -371,7 +371,7 @@ def run_study(cfg: TransientRidgeConfig, out: str | Path, progress: bool = True)
         if summary["llc_mean"].notna().any():
             pngs["llc"] = llc_figure(summary, figs / "llc_vs_M")[0]
     path = _write(cfg, out, summary, exp, pngs, jps[cfg.seeds[0]], llc_note, timer)
-    write_json(out / "timings.json", timer.seconds)
+    timer.save(out)
     return path
 
 
@@ -1043,12 +1043,13 @@ def _write(
             tables=[table],
         )
     )
-    timing = pd.DataFrame([{"phase": k, "seconds": round(v, 1)} for k, v in timer.seconds.items()])
+    timing = timer.table(out)
     sections.append(
         Section(
             "Wall time per phase",
             (
-                f"Measured in this invocation (executor {cfg.executor}, {cfg.workers} workers, device {cfg.device}); "
+                f"Seconds per phase in this invocation (first column; earlier ones beside it, all in "
+                f"timings_history.json; executor {cfg.executor}, {cfg.workers} workers, device {cfg.device}); "
                 "finished runs, the LLC calibration and LLC estimates on disk are reused and cost nothing. Per-run "
                 "training times: runs/index.parquet (column 'seconds')."
             ),

@@ -1,0 +1,70 @@
+"""Figures: the step axis and the LLC panel (flagged estimates must not flatten the curve)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from icl_lab.plots import llc_limits, plot_llc, step_axis  # noqa: E402
+
+STEPS = np.array([0, 1, 2, 5, 10, 50, 100, 500, 1000, 5000])
+
+
+def _llc(mean: list[float], ok: list[bool]) -> pd.DataFrame:
+    return pd.DataFrame({"step": STEPS, "llc_mean": mean, "llc_std": np.full(len(STEPS), 0.5), "ok": ok})
+
+
+def test_step_axis_shows_no_negative_steps_after_a_log_y_scale():
+    # Setting the log y-scale first used to freeze x at the linear autoscale: left limit -250 for 0..5000.
+    fig, ax = plt.subplots()
+    ax.plot(STEPS, STEPS + 1.0)
+    ax.set_yscale("log")
+    step_axis(ax)
+    lo, hi = ax.get_xlim()
+    plt.close(fig)
+    assert -1.0 < lo < 0.0 and hi > 5000
+
+
+def test_llc_limits_from_unflagged_estimates():
+    mean = np.array([-2500.0, -400.0, 20.0, 25.0, 28.0])
+    std = np.array([1.0, 1.0, 0.5, 0.5, 1.0])
+    ok = np.array([False, False, True, True, True])
+    lo, hi = llc_limits(mean, std, ok, pad=0.0)
+    assert (lo, hi) == (19.5, 29.0)
+    # 0 is included when it is near (a lower edge below a quarter of the upper one) ...
+    lo, hi = llc_limits(np.array([1.0, 8.0]), np.zeros(2), np.array([True, True]), pad=0.0)
+    assert (lo, hi) == (0.0, 8.0)
+    # ... all estimates are used when none is unflagged, and an empty curve still gets limits
+    assert llc_limits(mean, std, np.zeros(5, bool), pad=0.0) == (-2501.0, 29.0)
+    assert llc_limits(np.array([]), np.array([]), np.array([], bool)) == (0.0, 1.0)
+
+
+def test_plot_llc_clips_flagged_estimates_to_the_edge():
+    mean = [-450.0, -2560.0, -400.0, -5.0, 2.0, 3.0, 4.0, 9.0, 7.0, 5.0]
+    ok = [False, False, False, False, True, True, True, True, False, True]
+    fig, ax = plt.subplots()
+    plot_llc(ax, {"seed 0": _llc(mean, ok)}, ["tab:red"])
+    lo, hi = ax.get_ylim()
+    # unflagged mean ± std spans 1.5..9.5; 0 is near, so 0..9.5, padded by 8%
+    assert lo == pytest.approx(-0.08 * 9.5) and hi == pytest.approx(9.5 * 1.08)
+    labels = ax.get_legend_handles_labels()[1]
+    assert "seed 0" in labels and "seed 0: flagged" in labels  # the flagged 7.0 is inside, drawn hollow
+    below = [lab for lab in labels if "below the axis" in lab]
+    assert below == ["seed 0: 4 flagged below the axis (lowest -2.56e+03)"]
+    line = next(ln for ln in ax.get_lines() if ln.get_label() == below[0])
+    assert np.allclose(line.get_ydata(), lo) and list(line.get_xdata()) == [0, 1, 2, 5]
+    plt.close(fig)
+
+
+def test_plot_llc_joint_limits_for_several_curves():
+    fig, ax = plt.subplots()
+    plot_llc(ax, {"a": _llc(list(np.linspace(1, 4, 10)), [True] * 10),
+                  "b": _llc(list(np.linspace(2, 20, 10)), [True] * 10)})
+    lo, hi = ax.get_ylim()
+    plt.close(fig)
+    assert lo < 1.0 and hi > 20.0  # neither curve is clipped by the other's limits
