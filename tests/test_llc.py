@@ -226,6 +226,47 @@ def test_monomial_loss_gives_sum_of_inverse_powers():
     assert res.ok, res.diagnostics
 
 
+def sloped_quadratic(g: torch.Tensor, h: torch.Tensor) -> Analytic:
+    """ℓ(w) = gᵀw + ½ Σ hᵢwᵢ² at w* = 0: a checkpoint on a slope (∇ℓ(w*) = g) of curvatures h ≥ 0."""
+    return Analytic({"w": (len(g),)}, lambda w: (g * w["w"]).sum() + 0.5 * (h * w["w"] ** 2).sum())
+
+
+def test_slope_term_and_its_bias_match_the_quadratic_closed_form():
+    """With A = nβH + γI: slope term S = −nβ²gᵀA⁻¹g, and λ̂ = ½nβ tr(HA⁻¹) − Σ nβ²gᵢ²(nβhᵢ + 2γ)/(2aᵢ²), whose
+    second part lies between S and S/2 (diagnose's message); at g = 0 both vanish and nothing is flagged."""
+    h = torch.tensor([0.0, 0.0, 0.05, 0.5, 2.0, 10.0], dtype=F64)
+    g = torch.tensor([0.2, -0.1, 0.2, 0.1, -0.4, 0.2], dtype=F64)
+    nb, gamma = 20.0, 20.0
+    a = nb * h + gamma
+    cfg = LLCConfig(step_size=1e-3, localization=gamma, nbeta=nb, num_chains=64, num_draws=2000, num_burnin=500,
+                    batch_size=None)
+    res = estimate_llc(sloped_quadratic(g, h), DUMMY, analytic_loss, config=cfg, seed=0)
+    lam0 = float((0.5 * nb * h / a).sum())
+    S = float(-(nb**2 * g**2 / a).sum())
+    bias = float(-(nb**2 * g**2 * (nb * h + 2 * gamma) / (2 * a**2)).sum())
+    assert S <= bias <= S / 2 < 0 and lam0 + bias < 0  # the slope outweighs λ here: λ̂ reads negative
+    assert res.grad_norm == pytest.approx(float(g.norm()), rel=1e-12)
+    # the discretised chain's stationary mean is exact (−nβA⁻¹g); S's noise here is ~1.6% (64 chains of ~10
+    # effective draws along the flat directions), so 6% is about 4 standard errors
+    assert res.llc_slope == pytest.approx(S, rel=0.06), (res.llc_slope, S)
+    assert abs(res.llc_mean - (lam0 + bias)) < 4 * res.llc_se + 0.03 * abs(lam0 + bias), (res.summary(), lam0 + bias)
+    assert "not_at_minimum" in res.diagnostics and "drift downhill" in res.diagnostics["not_at_minimum"]
+    row = res.to_row()
+    assert row["llc_slope"] == res.llc_slope and row["grad_norm"] == res.grad_norm
+
+    flat = estimate_llc(sloped_quadratic(0 * g, h), DUMMY, analytic_loss, config=cfg, seed=0)
+    assert flat.grad_norm == 0.0 and flat.llc_slope == 0.0
+    assert flat.llc_mean == pytest.approx(lam0, rel=0.1) and "not_at_minimum" not in flat.diagnostics
+
+
+def test_slope_term_is_the_same_on_both_paths():
+    model, data = SmallMLP(), mlp_data()
+    vec = estimate_llc(model, data, mlp_mse, config=SMALL.model_copy(update={"vectorize": True}), seed=3)
+    seq = estimate_llc(model, data, mlp_mse, config=SMALL.model_copy(update={"vectorize": False}), seed=3)
+    assert vec.grad_norm == pytest.approx(seq.grad_norm, rel=1e-12) and vec.grad_norm > 0
+    assert vec.llc_slope == pytest.approx(seq.llc_slope, rel=1e-6, abs=1e-9)
+
+
 # ------------------------------------------------------------------------------ determinism and isolation
 
 
@@ -423,6 +464,14 @@ def test_diagnose_flags_each_failure_and_passes_a_clean_trace():
     assert "exceeds d/2" in diagnose(synthetic_trace(mean=60.0), burn, **kw)["exceeds_half_d"]
     assert diagnose(synthetic_trace(mean=60.0), burn, **kw, thresholds=Thresholds(exceed_se=1e9)) == {}
     assert diagnose(synthetic_trace(mean=52.0), burn, **kw) == {}  # within the 5% slack above d/2
+    # slope term S = nβ·mean(slope) = -2 against λ̂ = 5: |S|/2 = 1 > 10% of λ̂, and far beyond its noise
+    downhill = np.random.default_rng(1).normal(-2.0, 0.1, size=(4, 400))
+    msg = diagnose(clean, burn, **kw, slope_trace=downhill, grad_norm=0.3)["not_at_minimum"]
+    assert "‖∇ℓ_n(w*)‖ = 0.3" in msg and "by between 1 and 2" in msg
+    assert diagnose(clean, burn, **kw, slope_trace=downhill * 0.4) == {}  # |S|/2 = 0.4 < 10% of λ̂ = 5
+    assert diagnose(clean, burn, **kw, slope_trace=-downhill) == {}  # uphill on average: not a slope bias
+    noisy = np.repeat([[-12.0], [8.0], [-10.0], [6.0]], 400, axis=1)  # S = -2, its standard error 5.0
+    assert "not_at_minimum" not in diagnose(clean, burn, **kw, slope_trace=noisy)
 
 
 def test_large_step_size_is_reported_as_diverged_not_raised():
@@ -535,6 +584,10 @@ def test_pick_rule_on_a_synthetic_table():
     assert idx == 0 and "smallest stable" in reason  # no plateau: the least-biased stable ε
     idx, reason = pick(table([2.0, 5.0], [False, False]))
     assert idx is None and "every grid point" in reason
+    # "not_at_minimum" is about the checkpoint, not ε: it does not break a plateau; sampler flags do
+    tab = table([5.0, 5.1, 5.2], [False, False, False]).assign(flags=["not_at_minimum", "not_at_minimum", ""])
+    assert pick(tab)[0] == 2
+    assert pick(tab.assign(flags=["not_at_minimum", "chains_disagree;not_at_minimum", ""]))[0] == 0
 
 
 def test_pick_accepts_differences_within_two_standard_errors():

@@ -61,6 +61,22 @@ def test_plot_llc_clips_flagged_estimates_to_the_edge():
     plt.close(fig)
 
 
+def test_checkpoints_on_a_slope_are_diamonds_and_keep_the_axis():
+    """An estimate whose only flag is not_at_minimum is a sound sample that reads low: it is marked apart from
+    the sampler's failures and, unlike them, counts for the y-limits (a peak on a slope is not hidden)."""
+    mean = [-450.0, -5.0, 2.0, 3.0, 4.0, 20.0, 7.0, 5.0, 6.0, 5.0]
+    flags = ["negative", "negative", "", "", "", "not_at_minimum", "chains_disagree;not_at_minimum", "", "", ""]
+    llc = _llc(mean, [not f for f in flags]).assign(flags=flags)
+    fig, ax = plt.subplots()
+    plot_llc(ax, {"s": llc}, ["tab:red"])
+    lo, hi = ax.get_ylim()
+    labels = ax.get_legend_handles_labels()[1]
+    plt.close(fig)
+    assert hi == pytest.approx(20.5 * 1.08) and lo == pytest.approx(-0.08 * 20.5)  # 20 ± 0.5 sets the top
+    assert "s: w* on a slope (not_at_minimum)" in labels and "s: flagged" in labels
+    assert any("2 flagged below the axis" in lab for lab in labels)
+
+
 def test_plot_llc_joint_limits_for_several_curves():
     fig, ax = plt.subplots()
     plot_llc(ax, {"a": _llc(list(np.linspace(1, 4, 10)), [True] * 10),

@@ -89,6 +89,7 @@ _AUTO_VMAP_MAX_CPU = 20_000
 _CHECK_EVERY = 50  # steps between (synchronising) finiteness checks of the chain state
 DEFAULT_STEP_SIZES = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)  # calibration grid of ε
 _HEAD_LEAVES = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V")
+W_STAR_FLAGS = frozenset({"not_at_minimum"})  # flags about the checkpoint w*, not the sampler: `pick` ignores them
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,6 +176,9 @@ class Thresholds:
     rhat: "chains disagree" when the Gelman-Rubin R̂ of the post-burn-in traces exceeds this.
     exceed_rel, exceed_se: "exceeds d/2" when λ̂ − exceed_se · (standard error over chains) > (1 + exceed_rel) d/2;
         the slack keeps a regular model, whose λ is exactly d/2, from tripping it on noise and O(ε) bias.
+    slope_rel, slope_z: "not at a minimum" when the slope term S = nβ·E[∇ℓ_n(w*)ᵀ(w − w*)] is negative with
+        |S|/2 (the least it lowers λ̂, see `diagnose`) above slope_rel × |λ̂| AND |S| above slope_z standard errors
+        (from its spread over chains; skipped for one chain).
     """
 
     divergence_factor: float = 100.0
@@ -183,6 +187,8 @@ class Thresholds:
     rhat: float = 1.1
     exceed_rel: float = 0.05
     exceed_se: float = 2.0
+    slope_rel: float = 0.1
+    slope_z: float = 3.0
 
 
 def _gelman_rubin(trace: np.ndarray) -> float:
@@ -198,11 +204,19 @@ def _gelman_rubin(trace: np.ndarray) -> float:
 
 
 def diagnose(loss_trace: np.ndarray, burnin_trace: np.ndarray, init_loss: float, nbeta: float, d: int,
-             thresholds: Thresholds | None = None) -> dict[str, str]:
+             thresholds: Thresholds | None = None, *, slope_trace: np.ndarray | None = None,
+             grad_norm: float = float("nan")) -> dict[str, str]:
     """Flags raised on one estimate, each with a plain-language message; an empty dict means no problem found.
 
     loss_trace: (C, T) minibatch losses after burn-in; burnin_trace: (C, B); init_loss: ℓ_n(w*); d: sampled
-    parameters. Flags: "diverged", "negative", "not_stationary", "chains_disagree", "exceeds_half_d".
+    parameters; slope_trace: (C, T) values of ∇ℓ_n(w*)ᵀ(w_t − w*) at the same draws, or None; grad_norm:
+    ‖∇ℓ_n(w*)‖ (for the message). Flags: "diverged", "negative", "not_stationary", "chains_disagree",
+    "exceeds_half_d", and with slope_trace "not_at_minimum".
+
+    "not_at_minimum" reads the slope term S = nβ·mean(slope_trace). For a quadratic loss
+    ℓ_n(w*) + gᵀΔ + ½ΔᵀHΔ with H ⪰ 0 and A = nβH + γI, the localised posterior has mean Δ̄ = −nβA⁻¹g, so
+    S = −nβ²gᵀA⁻¹g, and λ̂ falls short of its value at g = 0 by Σᵢ nβ²gᵢ²(nβhᵢ + 2γ)/(2aᵢ²), which lies between
+    |S|/2 and |S|: a checkpoint on a slope reads low by at least |S|/2.
     """
     th = thresholds or Thresholds()
     trace = np.asarray(loss_trace, dtype=np.float64)
@@ -250,6 +264,16 @@ def diagnose(loss_trace: np.ndarray, burnin_trace: np.ndarray, init_loss: float,
     if mean - th.exceed_se * se > (1 + th.exceed_rel) * d / 2:
         flags["exceeds_half_d"] = (f"λ̂ = {mean:.4g} exceeds d/2 = {d / 2:g}, impossible for an LLC: the chain is "
                                    "not sampling the local posterior (ε too large, or γ too small to localise)")
+    if slope_trace is not None:
+        slope = nbeta * np.asarray(slope_trace, dtype=np.float64).mean(axis=1)  # (C,) per-chain slope terms
+        S = float(slope.mean())
+        se_s = float(slope.std(ddof=1)) / math.sqrt(C) if C > 1 else 0.0
+        if S < 0 and -S / 2 > th.slope_rel * abs(mean) and -S > th.slope_z * se_s:
+            flags["not_at_minimum"] = (
+                f"w* is not a local minimum: ‖∇ℓ_n(w*)‖ = {grad_norm:.3g} and the chains drift downhill along it; "
+                f"the slope term nβ·E[∇ℓ_n(w*)ᵀ(w − w*)] = {S:.4g} lowers λ̂ = {mean:.4g} by between {-S / 2:.3g} and "
+                f"{-S:.3g} (exact for a locally quadratic loss), more than {th.slope_rel:.0%} of λ̂: the value "
+                "mixes the LLC with the slope at w*, so compare it across checkpoints with care")
     return flags
 
 
@@ -266,6 +290,9 @@ class LLCResult:
     llc_std is the sample standard deviation over chains (ddof = 1; nan for a single chain).
     diagnostics: flag -> message (see `diagnose`); empty when nothing looks wrong.
     sampled: names of the parameters that were moved; excluded: name -> why it was not sampled.
+    grad_norm: ‖∇ℓ_n(w*)‖ over the sampled entries (0 at a critical point).
+    llc_slope: nβ · E[∇ℓ_n(w*)ᵀ(w − w*)] over the post-burn-in draws, the first-order (slope) part of λ̂: near 0 at
+        a local minimum; when w* sits on a slope the chains drift downhill and this is negative (see `diagnose`).
     """
 
     llc_mean: float
@@ -286,6 +313,8 @@ class LLCResult:
     vectorized: bool = True
     data_hash: str = ""
     fingerprint: str = ""
+    grad_norm: float = float("nan")
+    llc_slope: float = float("nan")
     seconds: float = float("nan")
 
     @property
@@ -310,6 +339,8 @@ class LLCResult:
             "llc_std": self.llc_std,
             "llc_per_chain": [float(v) for v in self.llc_per_chain],
             "init_loss": self.init_loss,
+            "grad_norm": self.grad_norm,
+            "llc_slope": self.llc_slope,
             "nbeta": self.nbeta,
             "n": self.n,
             "d": self.d,
@@ -484,18 +515,6 @@ def _block_size(P: int) -> int:
     return max(1, min(64, 2**20 // max(P, 1)))
 
 
-def _loss_at(module: nn.Module, loss_fn: LossFn, data: tuple[Tensor, ...], n: int) -> float:
-    """ℓ_n at the module's own weights on the whole data, in chunks, without autograd (loss_fn is a mean)."""
-    total = 0.0
-    size = eval_chunk(data[0].device)  # small chunks stay in a CPU's cache
-    with torch.no_grad():
-        for start in range(0, n, size):
-            chunk = tuple(t[start:start + size] for t in data)
-            rows = chunk[0].shape[0]
-            total += float(loss_fn(module, chunk).double()) * rows
-    return total / n
-
-
 def _select_parameters(work: nn.Module, params: ParamSpec, loss_fn: LossFn, probe: tuple[Tensor, ...]
                        ) -> tuple[dict[str, Tensor | None], dict[str, str]]:
     """Resolve `params` on the private copy, then drop what gets no gradient in one forward + backward at w*.
@@ -587,7 +606,7 @@ def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, c
     m = n if config.batch_size is None else min(config.batch_size, n)
     chosen, excluded = _select_parameters(work, params, loss_fn, tuple(t[:m] for t in data))
     flat = _Flat.of(work, chosen, device)
-    init_loss = _loss_at(work, loss_fn, data, n)
+    init_loss, grad_star = _loss_and_grad_at(work, flat, loss_fn, data, n)
     if not math.isfinite(init_loss):
         raise ValueError(f"the loss at w* is not finite ({init_loss}); cannot estimate an LLC there")
 
@@ -624,24 +643,29 @@ def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, c
     minibatch = m < n
     step_kw = dict(step_size=config.step_size, nbeta=nbeta, localization=config.localization, mask=flat.mask)
     trace = torch.full((C, S), float("nan"), dtype=torch.float64, device=device)
+    slope = torch.full((C, S), float("nan"), dtype=torch.float64, device=device)  # ∇ℓ_n(w*)ᵀ(w_t − w*)
     notes: list[str] = []
 
     vectorized = vectorizes(config, flat.theta_star.numel(), device)
     if vectorized:
         try:
-            _run_vectorized(chain_loss, data, minibatch, flat.theta_star, trace, randomness(), step_kw, notes)
+            _run_vectorized(chain_loss, data, minibatch, flat.theta_star, grad_star, trace, slope, randomness(),
+                            step_kw, notes)
         except _VmapUnsupported as e:
             vectorized = False
             notes.append(f"vectorised chains failed ({e}); fell back to running the chains one after another")
     if not vectorized:
         threads = torch.get_num_threads() if device.type == "cpu" else 1
-        _run_sequential(work, direct_loss, data, minibatch, flat.theta_star, trace, randomness(), step_kw, notes,
-                        threads)
+        _run_sequential(work, direct_loss, data, minibatch, flat.theta_star, grad_star, trace, slope, randomness(),
+                        step_kw, notes, threads)
 
     trace_np = trace.cpu().numpy()
     burn, post = trace_np[:, : config.num_burnin], trace_np[:, config.num_burnin:]
     per_chain = llc_per_chain(post, init_loss, nbeta)
-    diagnostics = diagnose(post, burn, init_loss, nbeta, flat.d, thresholds)
+    slope_post = slope.cpu().numpy()[:, config.num_burnin:]
+    grad_norm = float(grad_star.double().norm())
+    diagnostics = diagnose(post, burn, init_loss, nbeta, flat.d, thresholds, slope_trace=slope_post,
+                           grad_norm=grad_norm)
     if (note := burnin_note(config)) is not None:
         notes.append(note)
     data_hash = _hash_data(data)
@@ -653,14 +677,42 @@ def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, c
     with np.errstate(all="ignore"):
         llc_mean = float(per_chain.mean())
         llc_std = float(per_chain.std(ddof=1)) if C > 1 else float("nan")
+        llc_slope = float(nbeta * slope_post.mean())
     return LLCResult(
         llc_mean=llc_mean,
         llc_std=llc_std,
         llc_per_chain=per_chain, loss_trace=post, burnin_trace=burn, init_loss=init_loss, nbeta=nbeta, n=n,
         d=flat.d, config=config, seed=seed, diagnostics=diagnostics, sampled=flat.names, excluded=excluded, notes=notes,
-        vectorized=vectorized, data_hash=data_hash, fingerprint=fingerprint,
-        seconds=time.perf_counter() - t_start,
+        vectorized=vectorized, data_hash=data_hash, fingerprint=fingerprint, grad_norm=grad_norm,
+        llc_slope=llc_slope, seconds=time.perf_counter() - t_start,
     )
+
+
+def _loss_and_grad_at(work: nn.Module, flat: _Flat, loss_fn: LossFn, data: tuple[Tensor, ...], n: int
+                      ) -> tuple[float, Tensor]:
+    """ℓ_n(w*) and ∇ℓ_n(w*): (P,) over the sampled entries (masked ones 0), on the whole data in chunks
+    (loss_fn is a mean). One forward + backward of the n rows; leaves requires_grad False on every parameter."""
+    named = dict(work.named_parameters())
+    leaves = [named[k] for k in flat.names]
+    grads = [torch.zeros_like(p) for p in leaves]
+    total = 0.0
+    size = eval_chunk(data[0].device)  # small chunks stay in a CPU's cache
+    for p in leaves:
+        p.requires_grad_(True)
+    try:
+        for start in range(0, n, size):
+            chunk = tuple(t[start:start + size] for t in data)
+            rows = chunk[0].shape[0]
+            loss = loss_fn(work, chunk)
+            total += float(loss.detach().double()) * rows
+            for acc, g in zip(grads, torch.autograd.grad(loss, leaves, allow_unused=True), strict=True):
+                if g is not None:
+                    acc.add_(g, alpha=rows / n)
+    finally:
+        for p in leaves:
+            p.requires_grad_(False)
+    grad = torch.cat([g.reshape(-1) for g in grads])
+    return total / n, grad if flat.mask is None else grad * flat.mask
 
 
 def _slot(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -674,8 +726,10 @@ class _VmapUnsupported(RuntimeError):
 
 
 def _run_vectorized(chain_loss: Callable, data: tuple[Tensor, ...], minibatch: bool, theta_star: Tensor,
-                    trace: Tensor, rands: list[_ChainRandomness], step_kw: dict[str, Any], notes: list[str]) -> None:
-    """All chains at once: vmap over the chain axis of grad_and_value(chain_loss). Fills trace (C, S) in place.
+                    grad_star: Tensor, trace: Tensor, slope: Tensor, rands: list[_ChainRandomness],
+                    step_kw: dict[str, Any], notes: list[str]) -> None:
+    """All chains at once: vmap over the chain axis of grad_and_value(chain_loss). Fills trace (C, S) with ℓ_m(w_t)
+    and slope (C, S) with ∇ℓ_n(w*)ᵀ(w_t − w*) in place (grad_star: (P,)).
 
     Raises _VmapUnsupported if the first step cannot be vectorised (nothing has been sampled then).
     """
@@ -703,6 +757,7 @@ def _run_vectorized(chain_loss: Callable, data: tuple[Tensor, ...], minibatch: b
                 grad, loss = step(theta, batch)
             with torch.no_grad():
                 trace[:, t] = loss.detach()
+                slope[:, t] = torch.sub(theta, theta_star) @ grad_star
                 theta = sgld_step(theta, grad, theta_star, noise[:, j], **step_kw)
             if (t + 1) % _CHECK_EVERY == 0 and not bool(torch.isfinite(theta).all()):
                 notes.append(f"sampling stopped at step {t + 1}: non-finite parameters")
@@ -727,10 +782,12 @@ def _first_vmapped_step(step: Callable, theta: Tensor, batch: tuple[Tensor, ...]
 
 
 def _run_sequential(work: nn.Module, direct_loss: Callable[[nn.Module], Callable], data: tuple[Tensor, ...],
-                    minibatch: bool, theta_star: Tensor, trace: Tensor, rands: list[_ChainRandomness],
-                    step_kw: dict[str, Any], notes: list[str], threads: int = 1) -> None:
+                    minibatch: bool, theta_star: Tensor, grad_star: Tensor, trace: Tensor, slope: Tensor,
+                    rands: list[_ChainRandomness], step_kw: dict[str, Any], notes: list[str], threads: int = 1
+                    ) -> None:
     """The chains with plain autograd, each chain's steps one after another (for models that cannot be vmapped, and
-    large models on CPU). Fills trace (C, S) in place; a chain whose parameters become non-finite stops there.
+    large models on CPU). Fills trace and slope (C, S) in place as `_run_vectorized` does; a chain whose
+    parameters become non-finite stops there.
 
     threads > 1 (CPU): the chains run that many at a time, each group on its own thread with one intra-op thread
     and its own copy of the model. A model this small at minibatch 32-256 keeps one core busy and a second one
@@ -758,6 +815,7 @@ def _run_sequential(work: nn.Module, direct_loss: Callable[[nn.Module], Callable
                 (grad,) = torch.autograd.grad(loss, leaf)
                 with torch.no_grad():
                     trace[c, t] = loss.detach()
+                    slope[c, t] = torch.dot(torch.sub(theta, theta_star), grad_star)
                     theta = sgld_step(theta, grad, theta_star, noise[j], **step_kw)
                 if (t + 1) % _CHECK_EVERY == 0 and not bool(torch.isfinite(theta).all()):
                     stopped.append(f"sampling stopped at step {t + 1} of chain {c}: non-finite parameters")
@@ -817,7 +875,8 @@ def _finite(x: float) -> float:
 def pick(table: pd.DataFrame, *, rel_tol: float = 0.1) -> tuple[int | None, str]:
     """Choose the largest ε inside the stable plateau of a calibration table.
 
-    Within each (localization, nbeta) group, sort by ε. A point is stable when it has no diagnostic flag. Two
+    Within each (localization, nbeta) group, sort by ε. A point is stable when it has no diagnostic flag other than
+    "not_at_minimum" (a property of w*, not of ε; read from the `flags` column when present, else `ok`). Two
     grid-neighbouring stable points agree when their λ̂ differ by at most rel_tol (relative to the smaller ε's λ̂)
     or by at most twice the standard error of the difference, 2·√(se₁² + se₂²) (column `llc_se`, when present):
     a difference the chains cannot resolve is not evidence that λ̂ still moves with ε. A plateau is a run of
@@ -829,11 +888,14 @@ def pick(table: pd.DataFrame, *, rel_tol: float = 0.1) -> tuple[int | None, str]
     best: tuple[int, float, int] | None = None  # (length, ε, row index)
     stable_any: list[tuple[float, int]] = []
     has_se = "llc_se" in table.columns
+    stable = table["ok"].astype(bool)
+    if "flags" in table.columns:
+        stable = table["flags"].fillna("").map(lambda f: not set(filter(None, f.split(";"))) - W_STAR_FLAGS)
     for _, group in table.groupby(["localization", "nbeta"], sort=False, dropna=False):
         group = group.sort_values("step_size")
         run: list[int] = []
         for idx, row in group.iterrows():
-            if not row["ok"]:
+            if not stable[idx]:
                 run = []
                 continue
             stable_any.append((float(row["step_size"]), idx))
@@ -851,7 +913,7 @@ def pick(table: pd.DataFrame, *, rel_tol: float = 0.1) -> tuple[int | None, str]
                     best = key
     if best is not None:
         length, eps, idx = best
-        return idx, (f"largest ε = {eps:g} of a stable plateau of {length} grid points (no diagnostic flag, each λ̂ "
+        return idx, (f"largest ε = {eps:g} of a stable plateau of {length} grid points (no sampler flag, each λ̂ "
                      f"within {rel_tol:.0%} or two standard errors of the next smaller ε)")
     if stable_any:  # no plateau: λ̂ still moves with ε, so take the least biased (smallest) stable ε
         eps, idx = min(stable_any)
@@ -893,7 +955,7 @@ def calibrate(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *,
                      "num_burnin": burnin, "llc_mean": res.llc_mean, "llc_std": res.llc_std,
                      "llc_se": res.llc_se, "ok": res.ok,
                      "flags": ";".join(res.diagnostics), "init_loss": res.init_loss, "d": res.d,
-                     "seconds": res.seconds})
+                     "llc_slope": res.llc_slope, "seconds": res.seconds})
         if progress is not None:
             progress(i + 1, len(grid), res)
     table = pd.DataFrame(rows)

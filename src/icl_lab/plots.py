@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from icl_lab.llc import W_STAR_FLAGS  # noqa: E402
 from icl_lab.store import Run, atomic_write  # noqa: E402
 
 BASELINE_STYLE = {"dmmse": ("tab:green", "dMMSE"), "ridge": ("tab:blue", "ridge / least squares"),
@@ -79,24 +80,30 @@ def plot_llc(ax: plt.Axes, curves: Mapping[str, pd.DataFrame], colours: Sequence
     """LLC mean ± std over chains against the true checkpoint steps (raw, not smoothed), one curve per entry of
     `curves` (label -> the rows of an llc.parquet: step, llc_mean, llc_std, ok).
 
-    Estimates with a diagnostic flag (`ok` False) are drawn hollow. The y-axis is scaled to the unflagged ones,
-    and flagged estimates beyond it are drawn at its edge as triangles (their values are in llc.parquet and the
-    legend gives the extreme): an early checkpoint that is not near a minimum gives a large negative λ̂ (the
-    chains descend below L_n(w*)), which would otherwise flatten the rest of the curve.
+    Estimates with a diagnostic flag (`ok` False) are drawn hollow: diamonds when the only flag is the checkpoint's
+    own "not_at_minimum" (w* on a slope: the sample is sound but reads low by the slope term, column llc_slope),
+    circles for a sampler flag. The y-axis is scaled to the estimates without a sampler flag, and flagged estimates
+    beyond it are drawn at its edge as triangles (their values are in llc.parquet and the legend gives the
+    extreme): an early checkpoint that is not near a minimum gives a large negative λ̂ (the chains descend below
+    L_n(w*)), which would otherwise flatten the rest of the curve.
     """
     colours = list(colours) if colours is not None else list(plt.cm.tab10(np.arange(len(curves)) % 10))
     rows = {label: _llc_arrays(llc) for label, llc in curves.items()}
-    lo, hi = llc_limits(*(np.concatenate([r[i] for r in rows.values()]) for i in (1, 2, 3)))
-    for (label, (steps, mean, std, ok)), colour in zip(rows.items(), colours, strict=True):
+    lo, hi = llc_limits(*(np.concatenate([r[i] for r in rows.values()]) for i in (1, 2, 4)))
+    for (label, (steps, mean, std, ok, sampler_ok)), colour in zip(rows.items(), colours, strict=True):
         shown = np.clip(mean, lo, hi)
         ax.fill_between(steps, np.clip(mean - std, lo, hi), np.clip(mean + std, lo, hi), color=colour, alpha=0.2,
                         lw=0)
         ax.plot(steps, shown, "-", color=colour, lw=1.2)
         ax.plot(steps[ok], mean[ok], "o", color=colour, ms=3.5, label=label)
-        inside = ~ok & (mean >= lo) & (mean <= hi)
+        slope = ~ok & sampler_ok  # only "not_at_minimum": a sound sample of a checkpoint on a slope (reads low)
+        if slope.any():
+            ax.plot(steps[slope], mean[slope], "D", mfc="white", color=colour, ms=3.5,
+                    label=f"{label}: w* on a slope (not_at_minimum)")
+        inside = ~sampler_ok & (mean >= lo) & (mean <= hi)
         if inside.any():
             ax.plot(steps[inside], mean[inside], "o", mfc="white", color=colour, ms=4, label=f"{label}: flagged")
-        below, above = mean < lo, mean > hi  # only flagged estimates can be off the axis
+        below, above = mean < lo, mean > hi  # only estimates with a sampler flag can be off the axis
         if below.any():
             ax.plot(steps[below], shown[below], "v", mfc="white", color=colour, ms=5,
                     label=f"{label}: {below.sum()} flagged below the axis (lowest {mean[below].min():.3g})")
@@ -109,18 +116,23 @@ def plot_llc(ax: plt.Axes, curves: Mapping[str, pd.DataFrame], colours: Sequence
     ax.legend(fontsize=7)
 
 
-def _llc_arrays(llc: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(steps, mean, std, ok) of the finite estimates, by step; a missing `ok` column counts as unflagged."""
+def _llc_arrays(llc: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, mean, std, ok, sampler_ok) of the finite estimates, by step: ok = no flag, sampler_ok = no flag but
+    the checkpoint's own (llc.W_STAR_FLAGS, read from `flags`); a missing `ok` column counts as unflagged."""
     llc = llc.sort_values("step")
     llc = llc[np.isfinite(llc["llc_mean"].to_numpy(dtype=float))]
     ok = llc["ok"].to_numpy(dtype=bool) if "ok" in llc else np.ones(len(llc), bool)
+    sampler_ok = ok.copy()
+    if "flags" in llc:
+        sampler_ok = np.array([not set(filter(None, str(f).split(";"))) - W_STAR_FLAGS
+                               for f in llc["flags"].fillna("")], dtype=bool)
     return (llc["step"].to_numpy(), llc["llc_mean"].to_numpy(dtype=float),
-            np.nan_to_num(llc["llc_std"].to_numpy(dtype=float)), ok)
+            np.nan_to_num(llc["llc_std"].to_numpy(dtype=float)), ok, sampler_ok)
 
 
 def llc_limits(mean: np.ndarray, std: np.ndarray, ok: np.ndarray, pad: float = 0.08) -> tuple[float, float]:
-    """y-limits holding mean ± std of the unflagged estimates (all of them if none is unflagged), with 0 shown
-    when it is near, padded by `pad` of the range. mean, std, ok: (N,)."""
+    """y-limits holding mean ± std of the estimates marked ok (plot_llc passes those without a sampler flag; all
+    of them if none is), with 0 shown when it is near, padded by `pad` of the range. mean, std, ok: (N,)."""
     if mean.size == 0:
         return 0.0, 1.0
     use = ok if ok.any() else np.ones_like(ok)
