@@ -155,7 +155,7 @@ def plot_run(run: Run, path: str | Path | None = None) -> list[Path]:
     axes[0].legend(fontsize=7, loc="lower left")
     if ncols == 3:
         plot_llc(axes[2], {"LLC": llc}, ["tab:red"])
-        axes[2].set_title("local learning coefficient (hollow: diagnostic flag)")
+        axes[2].set_title("local learning coefficient (hollow: diagnostic flag; diamonds: w* on a slope)", fontsize=9)
     t = run.config.task
     fig.suptitle(f"{run.path.name}: M={t.M if t.M is not None else '∞'}, D={t.D}, K={t.K}, σ²={t.noise_var}, "
                  f"{t.family}, preset {run.config.model.preset}, seed {run.config.seed}")

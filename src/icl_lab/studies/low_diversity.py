@@ -309,7 +309,7 @@ def _llc_figure(cfg: LowDiversityConfig, runs: dict[str, Run], path: Path) -> li
         ax = axes[0, c]
         plot_llc(ax, {f"seed {seed}": finite_llc(runs[run_name(M, seed)]) for seed in cfg.seeds})
         ax.set_title(f"M={M}: LLC over training (raw, same settings and data at every checkpoint; hollow: "
-                     "diagnostic flag)", fontsize=9)
+                     "diagnostic flag, diamonds: w* on a slope)", fontsize=9)
     return save_figure(fig, path)
 
 
