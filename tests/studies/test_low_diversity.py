@@ -129,3 +129,7 @@ def test_llc_wiggles_separate_sampling_noise_from_the_trajectory():
     text, ok = _llc_wiggles(smooth, metrics)
     assert ok is True and "0 of 5 changes beyond 2 se" in text
     assert _llc_wiggles(zigzag.iloc[:2], metrics) == ("2 finite estimates", None)
+    # the zig-zag is the slope term: S = -1000·loss + const, so λ̂ − S/2 is flat; the verdict stays λ̂'s own
+    sloped = zigzag.assign(llc_slope=-1000 * loss + 10)
+    text, ok = _llc_wiggles(sloped, metrics)
+    assert ok is False and "corr(Δλ̂, ΔS) = 1.00" in text and "λ̂ − S/2 has 0 of 5 changes beyond 2 se" in text

@@ -340,7 +340,8 @@ def _verdict(ok: bool | None) -> str:
 def _llc_wiggles(llc: pd.DataFrame, metrics: pd.DataFrame) -> tuple[str, bool | None]:
     """How many steps of the LLC curve exceed the chains' standard error, and whether they follow the loss of the
     checkpoint: with a constant learning rate each checkpoint sits at a different height above the minimum, and λ̂,
-    defined at a minimum, moves with it. Returns (measured text, verdict: at most half the changes beyond 2 se)."""
+    defined at a minimum, moves with it; with an `llc_slope` column, also how much of it the slope term S explains.
+    Returns (measured text, verdict on λ̂ itself: at most half the changes beyond 2 se)."""
     llc = llc[np.isfinite(llc["llc_mean"])].sort_values("step")
     if len(llc) < 3:
         return f"{len(llc)} finite estimates", None
@@ -349,10 +350,21 @@ def _llc_wiggles(llc: pd.DataFrame, metrics: pd.DataFrame) -> tuple[str, bool | 
     loss = metrics.set_index("step").loc[llc["step"], "id_loss"].to_numpy()
     d_lam, d_loss = np.diff(lam), np.diff(loss)
     beyond = np.abs(d_lam) > 2 * np.hypot(se[1:], se[:-1])
-    corr = float(np.corrcoef(d_lam, d_loss)[0, 1]) if np.std(d_lam) > 0 and np.std(d_loss) > 0 else float("nan")
-    return (f"{int(beyond.sum())} of {len(d_lam)} changes beyond 2 se (rms change {np.sqrt(np.mean(d_lam**2)):.2g}, "
-            f"rms se {np.sqrt(np.mean(se**2)):.2g}); corr(Δλ̂, Δ loss of the checkpoint) = {corr:.2f}",
-            bool(beyond.mean() <= 0.5))
+    corr = _corr(d_lam, d_loss)
+    text = (f"{int(beyond.sum())} of {len(d_lam)} changes beyond 2 se (rms change {np.sqrt(np.mean(d_lam**2)):.2g}, "
+            f"rms se {np.sqrt(np.mean(se**2)):.2g}); corr(Δλ̂, Δ loss of the checkpoint) = {corr:.2f}")
+    if "llc_slope" in llc and np.isfinite(slope := llc["llc_slope"].to_numpy(dtype=float)).all():
+        # the slope term S (λ̂ reads low by |S|/2 to |S| on a slope, docs/llc.md): how much of the zig-zag it explains
+        d_free = np.diff(lam - slope / 2)
+        free_beyond = np.abs(d_free) > 2 * np.hypot(se[1:], se[:-1])
+        text += (f"; corr(Δλ̂, ΔS) = {_corr(d_lam, np.diff(slope)):.2f}, and λ̂ − S/2 has {int(free_beyond.sum())} "
+                 f"of {len(d_free)} changes beyond 2 se (rms change {np.sqrt(np.mean(d_free**2)):.2g})")
+    return text, bool(beyond.mean() <= 0.5)
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two (N,) arrays; nan when either is constant."""
+    return float(np.corrcoef(a, b)[0, 1]) if np.std(a) > 0 and np.std(b) > 0 else float("nan")
 
 
 def expectations(cfg: LowDiversityConfig, runs: dict[str, Run], probes: pd.DataFrame) -> pd.DataFrame:
