@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import loadavg, machine_info, write_atomic, write_json_atomic  # noqa: E402
 from icl_lab.config import LLCConfig, build_run_config  # noqa: E402
-from icl_lab.llc import W_STAR_FLAGS  # noqa: E402
+from icl_lab.llc import sampler_ok  # noqa: E402
 from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_run  # noqa: E402
 from icl_lab.store import Run  # noqa: E402
 from icl_lab.train import train  # noqa: E402
@@ -101,7 +101,7 @@ def main() -> None:
 def markdown(res: dict, sampler: LLCConfig, n: int) -> str:
     m = res["machine"]
     ok = sum(bool(r["ok"]) for r in res["curve"])
-    sampler_ok = sum(not set(filter(None, r["flags"].split(";"))) - W_STAR_FLAGS for r in res["curve"])
+    n_sampler_ok = sum(sampler_ok(r["flags"]) for r in res["curve"])
     lam = np.array([r["llc_mean"] for r in res["curve"]])
     lines = [
         "# LLC curve over 40 checkpoints, end to end", "",
@@ -121,7 +121,7 @@ def markdown(res: dict, sampler: LLCConfig, n: int) -> str:
         "",
         f"Target (curve < {TARGET_S:.0f} s on 2 cores): **{'met' if res['target_met'] else 'NOT met'}**. "
         f"Chosen ε = {res['chosen']['step_size']:g} ({res['chosen']['reason']}). {ok}/{len(res['curve'])} "
-        f"estimates without diagnostic flags ({sampler_ok} without a sampler flag, i.e. at most not_at_minimum); "
+        f"estimates without diagnostic flags ({n_sampler_ok} without a sampler flag, i.e. at most not_at_minimum); "
         f"λ̂ from {np.nanmin(lam):.3g} to {np.nanmax(lam):.3g}.", "",
         "‖g‖ = ‖∇ℓ_n(w*)‖; S = nβ·E[∇ℓ_n(w*)ᵀ(w − w*)], the slope term, by which λ̂ reads low by between |S|/2 "
         "and |S| at a checkpoint that is not a minimum (docs/llc.md); λ̂ − S/2 is shown for comparison only, it is "

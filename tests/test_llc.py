@@ -36,6 +36,7 @@ from icl_lab.llc import (
     min_burnin,
     pick,
     plot_calibration,
+    sampler_ok,
     sgld_step,
 )
 
@@ -585,6 +586,8 @@ def test_pick_rule_on_a_synthetic_table():
     idx, reason = pick(table([2.0, 5.0], [False, False]))
     assert idx is None and "every grid point" in reason
     # "not_at_minimum" is about the checkpoint, not ε: it does not break a plateau; sampler flags do
+    assert sampler_ok("") and sampler_ok(None) and sampler_ok(float("nan")) and sampler_ok("not_at_minimum")
+    assert not sampler_ok("negative;not_at_minimum") and not sampler_ok("chains_disagree")
     tab = table([5.0, 5.1, 5.2], [False, False, False]).assign(flags=["not_at_minimum", "not_at_minimum", ""])
     assert pick(tab)[0] == 2
     assert pick(tab.assign(flags=["not_at_minimum", "chains_disagree;not_at_minimum", ""]))[0] == 0

@@ -73,6 +73,7 @@ __all__ = [
     "min_burnin",
     "pick",
     "plot_calibration",
+    "sampler_ok",
     "sgld_step",
     "vectorizes",
 ]
@@ -125,6 +126,13 @@ def sgld_step(theta: Tensor, grad: Tensor, theta_star: Tensor, noise: Tensor, *,
     if mask is not None:
         delta.mul_(mask)
     return delta.add_(theta)
+
+
+def sampler_ok(flags: str | float | None) -> bool:
+    """True when a `flags` string ("a;b", as in llc.parquet; NaN or None = no flag) holds no flag but the
+    checkpoint's own (W_STAR_FLAGS): the sampler did its job, whatever w* is."""
+    names = set(filter(None, flags.split(";"))) if isinstance(flags, str) else set()
+    return not names - W_STAR_FLAGS
 
 
 def llc_per_chain(loss_trace: np.ndarray, init_loss: float, nbeta: float) -> np.ndarray:
@@ -890,7 +898,7 @@ def pick(table: pd.DataFrame, *, rel_tol: float = 0.1) -> tuple[int | None, str]
     has_se = "llc_se" in table.columns
     stable = table["ok"].astype(bool)
     if "flags" in table.columns:
-        stable = table["flags"].fillna("").map(lambda f: not set(filter(None, f.split(";"))) - W_STAR_FLAGS)
+        stable = table["flags"].map(sampler_ok)
     for _, group in table.groupby(["localization", "nbeta"], sort=False, dropna=False):
         group = group.sort_values("step_size")
         run: list[int] = []

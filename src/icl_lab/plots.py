@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from icl_lab.llc import W_STAR_FLAGS  # noqa: E402
+from icl_lab.llc import sampler_ok  # noqa: E402
 from icl_lab.store import Run, atomic_write  # noqa: E402
 
 BASELINE_STYLE = {"dmmse": ("tab:green", "dMMSE"), "ridge": ("tab:blue", "ridge / least squares"),
@@ -90,17 +90,17 @@ def plot_llc(ax: plt.Axes, curves: Mapping[str, pd.DataFrame], colours: Sequence
     colours = list(colours) if colours is not None else list(plt.cm.tab10(np.arange(len(curves)) % 10))
     rows = {label: _llc_arrays(llc) for label, llc in curves.items()}
     lo, hi = llc_limits(*(np.concatenate([r[i] for r in rows.values()]) for i in (1, 2, 4)))
-    for (label, (steps, mean, std, ok, sampler_ok)), colour in zip(rows.items(), colours, strict=True):
+    for (label, (steps, mean, std, ok, sampled_ok)), colour in zip(rows.items(), colours, strict=True):
         shown = np.clip(mean, lo, hi)
         ax.fill_between(steps, np.clip(mean - std, lo, hi), np.clip(mean + std, lo, hi), color=colour, alpha=0.2,
                         lw=0)
         ax.plot(steps, shown, "-", color=colour, lw=1.2)
         ax.plot(steps[ok], mean[ok], "o", color=colour, ms=3.5, label=label)
-        slope = ~ok & sampler_ok  # only "not_at_minimum": a sound sample of a checkpoint on a slope (reads low)
+        slope = ~ok & sampled_ok  # only "not_at_minimum": a sound sample of a checkpoint on a slope (reads low)
         if slope.any():
             ax.plot(steps[slope], mean[slope], "D", mfc="white", color=colour, ms=3.5,
                     label=f"{label}: w* on a slope (not_at_minimum)")
-        inside = ~sampler_ok & (mean >= lo) & (mean <= hi)
+        inside = ~sampled_ok & (mean >= lo) & (mean <= hi)
         if inside.any():
             ax.plot(steps[inside], mean[inside], "o", mfc="white", color=colour, ms=4, label=f"{label}: flagged")
         below, above = mean < lo, mean > hi  # only estimates with a sampler flag can be off the axis
@@ -117,17 +117,14 @@ def plot_llc(ax: plt.Axes, curves: Mapping[str, pd.DataFrame], colours: Sequence
 
 
 def _llc_arrays(llc: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(steps, mean, std, ok, sampler_ok) of the finite estimates, by step: ok = no flag, sampler_ok = no flag but
-    the checkpoint's own (llc.W_STAR_FLAGS, read from `flags`); a missing `ok` column counts as unflagged."""
+    """(steps, mean, std, ok, sampled_ok) of the finite estimates, by step: ok = no flag, sampled_ok = no flag but
+    the checkpoint's own (llc.sampler_ok of `flags`); a missing `ok` column counts as unflagged."""
     llc = llc.sort_values("step")
     llc = llc[np.isfinite(llc["llc_mean"].to_numpy(dtype=float))]
     ok = llc["ok"].to_numpy(dtype=bool) if "ok" in llc else np.ones(len(llc), bool)
-    sampler_ok = ok.copy()
-    if "flags" in llc:
-        sampler_ok = np.array([not set(filter(None, str(f).split(";"))) - W_STAR_FLAGS
-                               for f in llc["flags"].fillna("")], dtype=bool)
+    sampled_ok = np.array([sampler_ok(f) for f in llc["flags"]], dtype=bool) if "flags" in llc else ok.copy()
     return (llc["step"].to_numpy(), llc["llc_mean"].to_numpy(dtype=float),
-            np.nan_to_num(llc["llc_std"].to_numpy(dtype=float)), ok, sampler_ok)
+            np.nan_to_num(llc["llc_std"].to_numpy(dtype=float)), ok, sampled_ok)
 
 
 def llc_limits(mean: np.ndarray, std: np.ndarray, ok: np.ndarray, pad: float = 0.08) -> tuple[float, float]:
