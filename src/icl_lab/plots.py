@@ -122,7 +122,7 @@ def _llc_arrays(llc: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     llc = llc.sort_values("step")
     llc = llc[np.isfinite(llc["llc_mean"].to_numpy(dtype=float))]
     ok = llc["ok"].to_numpy(dtype=bool) if "ok" in llc else np.ones(len(llc), bool)
-    sampled_ok = np.array([sampler_ok(f) for f in llc["flags"]], dtype=bool) if "flags" in llc else ok.copy()
+    sampled_ok = np.array([sampler_ok(f) for f in llc["flags"]], dtype=bool) if "flags" in llc else ok
     return (llc["step"].to_numpy(), llc["llc_mean"].to_numpy(dtype=float),
             np.nan_to_num(llc["llc_std"].to_numpy(dtype=float)), ok, sampled_ok)
 

@@ -349,14 +349,15 @@ def _llc_wiggles(llc: pd.DataFrame, metrics: pd.DataFrame) -> tuple[str, bool | 
     se = (llc["llc_std"] / np.sqrt(llc["num_chains"])).fillna(0).to_numpy()
     loss = metrics.set_index("step").loc[llc["step"], "id_loss"].to_numpy()
     d_lam, d_loss = np.diff(lam), np.diff(loss)
-    beyond = np.abs(d_lam) > 2 * np.hypot(se[1:], se[:-1])
+    tol = 2 * np.hypot(se[1:], se[:-1])  # 2 standard errors of each change
+    beyond = np.abs(d_lam) > tol
     corr = _corr(d_lam, d_loss)
     text = (f"{int(beyond.sum())} of {len(d_lam)} changes beyond 2 se (rms change {np.sqrt(np.mean(d_lam**2)):.2g}, "
             f"rms se {np.sqrt(np.mean(se**2)):.2g}); corr(Δλ̂, Δ loss of the checkpoint) = {corr:.2f}")
     if "llc_slope" in llc and np.isfinite(slope := llc["llc_slope"].to_numpy(dtype=float)).all():
         # the slope term S (λ̂ reads low by |S|/2 to |S| on a slope, docs/llc.md): how much of the zig-zag it explains
         d_free = np.diff(lam - slope / 2)
-        free_beyond = np.abs(d_free) > 2 * np.hypot(se[1:], se[:-1])
+        free_beyond = np.abs(d_free) > tol
         text += (f"; corr(Δλ̂, ΔS) = {_corr(d_lam, np.diff(slope)):.2f}, and λ̂ − S/2 has {int(free_beyond.sum())} "
                  f"of {len(d_free)} changes beyond 2 se (rms change {np.sqrt(np.mean(d_free**2)):.2g})")
     return text, bool(beyond.mean() <= 0.5)
