@@ -34,7 +34,9 @@ from icl_lab.llc import (
     head_mask,
     llc_per_chain,
     min_burnin,
+    _gamma_order,
     pick,
+    pick_settings,
     plot_calibration,
     sampler_ok,
     sgld_step,
@@ -604,6 +606,34 @@ def test_pick_accepts_differences_within_two_standard_errors():
     assert idx == 0
 
 
+def gamma_table(llc: dict[float, float], flags: dict[float, str] | None = None, nbeta: float = 490.0):
+    """A calibration table: at each γ, an ε plateau (1e-4, 3e-4) at λ̂ = llc[γ], standard error 0.2."""
+    rows = []
+    for gamma, lam in llc.items():
+        for eps in (1e-4, 3e-4):
+            rows.append({"step_size": eps, "localization": gamma, "nbeta": nbeta, "role": "grid", "llc_mean": lam,
+                         "llc_se": 0.2, "ok": True, "flags": (flags or {}).get(gamma, "")})
+    return pd.DataFrame(rows)
+
+
+def test_pick_settings_wants_a_gamma_plateau():
+    # λ̂ still rises as γ falls from 49 to 24.5; from 12.25 down it is flat: 12.25 is the first whose γ/2 and 2γ agree
+    tab = gamma_table({49.0: 10.0, 24.5: 14.0, 12.25: 14.5, 6.125: 14.6})
+    idx, reason, plateau = pick_settings(tab)
+    assert plateau and tab.loc[idx, "localization"] == 12.25 and tab.loc[idx, "step_size"] == 3e-4
+    assert "γ-plateau" in reason
+    # a flagged estimate at γ/2 cannot confirm the plateau
+    idx, _, plateau = pick_settings(gamma_table({49.0: 10.0, 24.5: 14.0, 12.25: 14.5, 6.125: 14.6},
+                                                flags={6.125: "not_stationary"}))
+    assert not plateau
+    # λ̂ moves at every γ: no plateau, the smallest stationary γ is the fallback, and the reason says so
+    idx, reason, plateau = pick_settings(gamma_table({49.0: 5.0, 24.5: 10.0, 12.25: 20.0}))
+    assert not plateau and tab.loc[idx, "localization"] == 12.25 and "no γ-plateau" in reason
+    assert "smallest γ whose chains were stationary is γ = 12.25" in reason
+    # γ/nβ ≤ 0.1 is tried first, the largest γ first (it relaxes fastest)
+    assert _gamma_order([1.0, 98.0, 49.0, 10.0], 490.0, 0.1) == [49.0, 10.0, 1.0, 98.0]
+
+
 def test_min_burnin_is_three_relaxation_times_of_the_localised_ar1():
     # Where ∇ℓ ≈ 0: Δ_{t+1} = (1 − εγ/2)Δ_t + N(0, ε), so Var Δ_t = v∞ (1 − a^{2t}) with a = 1 − εγ/2.
     for eps, gamma in [(1e-5, 1000.0), (3e-5, 1000.0), (1e-4, 100.0), (0.01, 10.0)]:
@@ -643,10 +673,14 @@ def test_short_burnin_is_noted_and_kept_in_the_row():
 def test_calibrate_burns_in_each_step_size_for_its_relaxation_time():
     model, data, _ = linear_problem(10)
     base = LLCConfig(localization=100.0, num_chains=2, num_draws=40, num_burnin=50, batch_size=100)
-    cal = calibrate(model, data, linear_mse, step_sizes=[3e-5, 1e-4, 1e-3], base=base, seed=0, max_burnin=500)
-    # min_burnin: 1000 (capped at 500), 300, 30 (below the base's 50)
-    assert list(cal.table["num_burnin"]) == [500, 300, 50]
-    assert [r.burnin_trace.shape[1] for r in cal.results] == [500, 300, 50]
+    cal = calibrate(model, data, linear_mse, step_sizes=[3e-5, 1e-4, 1e-3], localizations=[100.0], base=base,
+                    seed=0, max_burnin=500)
+    # min_burnin: 1000 (capped at 500), 300, 30 (below the base's 50); the γ checks at 50 and 200 burn in for theirs
+    grid = cal.table["role"] == "grid"
+    assert list(cal.table.loc[grid, "num_burnin"]) == [500, 300, 50]
+    assert [r.burnin_trace.shape[1] for r in cal.results] == list(cal.table["num_burnin"])
+    checks = cal.table[~grid]
+    assert sorted(checks["localization"]) == [50.0, 200.0] and len(set(checks["step_size"])) == 1
     assert (cal.table["llc_se"] > 0).all()
     assert cal.chosen is not None and cal.chosen.num_burnin == int(cal.table.loc[cal.index, "num_burnin"])
 
@@ -654,13 +688,17 @@ def test_calibrate_burns_in_each_step_size_for_its_relaxation_time():
 def test_calibrate_finds_the_plateau_and_plots(tmp_path):
     """ε = 3e-5 has not mixed (flagged), 1e-4 and 3e-4 agree (the plateau), 0.1 diverges: pick 3e-4."""
     model, data, _ = linear_problem(10)
-    base = LLCConfig(localization=1.0, num_chains=16, num_draws=400, num_burnin=200, batch_size=100)
+    base = LLCConfig(localization=1.0, num_chains=16, num_draws=1200, num_burnin=200, batch_size=100)
     # γ = 1 makes min_burnin (the flat-direction bound) 10⁴-10⁵ steps, but this regular model has no flat
     # direction: keep the base's 200 (each such point carries a burn-in note)
-    cal = calibrate(model, data, linear_mse, step_sizes=[3e-5, 1e-4, 3e-4, 0.1], base=base, seed=0, max_burnin=200)
-    assert list(cal.table["num_burnin"]) == [200, 200, 200, 200]
-    assert isinstance(cal, Calibration) and len(cal.results) == 4
-    tab = cal.table
+    cal = calibrate(model, data, linear_mse, step_sizes=[3e-5, 1e-4, 3e-4, 0.1], localizations=[1.0], base=base,
+                    seed=0, max_burnin=200)
+    assert list(cal.table["num_burnin"]) == [200] * 6
+    assert isinstance(cal, Calibration) and len(cal.results) == 6
+    # a regular model's λ̂ = Σ nβ·2h/(2(nβ·2h + γ)) ≈ d/2 for γ ≪ nβ·h: halving or doubling γ = 1 moves nothing
+    assert cal.on_plateau and "γ-plateau" in cal.reason
+    assert list(cal.table["role"]) == ["grid"] * 4 + ["check"] * 2
+    tab = cal.table[cal.table["role"] == "grid"]
     assert list(tab["step_size"]) == [3e-5, 1e-4, 3e-4, 0.1]
     assert {"step_size", "localization", "nbeta", "llc_mean", "llc_std", "ok", "flags"} <= set(tab.columns)
     assert list(tab["ok"]) == [False, True, True, False]

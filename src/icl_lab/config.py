@@ -20,6 +20,7 @@ Activation = Literal["relu", "gelu", "gelu_tanh"]
 InitScheme = Literal["transformer_lens", "gpt2", "torch"]
 Readout = Literal["token", "scalar"]
 Schedule = Literal["constant", "triangle", "cosine"]
+Sampler = Literal["sgld", "rmsprop_sgld", "mala"]
 
 
 def parse_m(v: Any) -> Any:
@@ -146,6 +147,18 @@ class LLCConfig(_Strict):
     batch_size: int | None = Field(256, ge=1, description="SGLD minibatch size; None -> full data")
     vectorize: bool | None = Field(None, description="run chains together with torch.func.vmap; None (auto): "
                                    "on accelerators, and on CPU for models with <= 20k sampled parameters")
+    sampler: Sampler = Field("sgld", description="sgld (Welling & Teh), rmsprop_sgld (diagonal preconditioner "
+                             "adapted during burn-in, then frozen) or mala (exact: Metropolis-adjusted, full data)")
+    rmsprop_alpha: float = Field(0.99, gt=0, lt=1, description="rmsprop_sgld: decay of the squared-gradient average")
+    tilted: bool = Field(False, description="also sample the tilted loss ℓ_n(w) − ∇ℓ_n(w*)ᵀ(w − w*) and record its "
+                         "λ̂ next to the plain one (exact for a quadratic off its minimum; twice the cost)")
+
+    @model_validator(mode="after")
+    def _mala_uses_full_data(self) -> LLCConfig:
+        if self.sampler == "mala" and self.batch_size is not None:
+            raise ValueError(f"sampler 'mala' needs batch_size None (the full data; its accept step is exact only "
+                             f"for ℓ_n), got batch_size={self.batch_size}; allowed samplers: sgld, rmsprop_sgld, mala")
+        return self
 
 
 class RunConfig(_Strict):

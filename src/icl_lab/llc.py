@@ -53,11 +53,13 @@ from torch import Tensor, nn
 
 from icl_lab.attention import BATCHING_WARNING, vmappable_sdpa
 from icl_lab.config import LLCConfig
+from icl_lab.convergence import ess, llc_mcse, mcse_mean, split_rhat
 from icl_lab.evaluate import eval_chunk
 from icl_lab.tasks import make_generator
 from icl_lab.threads import split_evenly, thread_pool
 
 __all__ = [
+    "DEFAULT_LOCALIZATION_RATIOS",
     "DEFAULT_STEP_SIZES",
     "Calibration",
     "LLCConfig",
@@ -72,6 +74,7 @@ __all__ = [
     "llc_per_chain",
     "min_burnin",
     "pick",
+    "pick_settings",
     "plot_calibration",
     "sampler_ok",
     "sgld_step",
@@ -91,6 +94,7 @@ _CHECK_EVERY = 50  # steps between (synchronising) finiteness checks of the chai
 DEFAULT_STEP_SIZES = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)  # calibration grid of ε
 _HEAD_LEAVES = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V")
 W_STAR_FLAGS = frozenset({"not_at_minimum"})  # flags about the checkpoint w*, not the sampler: `pick` ignores them
+PRECISION_FLAGS = frozenset({"few_effective_draws"})  # too few draws for the error bar: `pick` ignores it (budget)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -128,11 +132,123 @@ def sgld_step(theta: Tensor, grad: Tensor, theta_star: Tensor, noise: Tensor, *,
     return delta.add_(theta)
 
 
-def sampler_ok(flags: str | float | None) -> bool:
+class _Kernel:
+    """One step of the configured sampler for a block of chains, the state each chain carries, and what is recorded.
+
+    The target is p(w) ∝ exp(−U(w)), U(w) = nβ ℓ(w) + (γ/2)‖w − w*‖² (tilted: ℓ(w) − gᵀ(w − w*), g = ∇ℓ_n(w*)).
+    The caller evaluates ℓ_m and its gradient at the point `step` returned last (w* first) and passes them in;
+    `step` returns (next point to evaluate, the point to record, its loss). Rows are chains: theta, grad: (R, P),
+    loss: (R,), rows: the chains' indices into the per-chain state (C, P).
+
+    sgld: `sgld_step`; the evaluated point is recorded.
+    rmsprop_sgld (Li et al. 2016, pSGLD, with the adaptation stopped after burn-in so that the chain targets p
+        exactly up to O(ε)): a diagonal preconditioner G from the running mean V of the squared drift gradient
+        (nβ∇ℓ_m)², G = median(√V) / (√V + δ), capped at 0.1 / (εγ) so that along flat directions the localised
+        step stays within the SGLD bias of about εGγ/4 ≤ 2.5%; updated during burn-in, frozen after. The update is
+        w − (ε/2) G ⊙ ∇U + √(εG) ⊙ ξ (a constant G leaves exp(−U) stationary).
+    mala (Roberts & Tweedie 1996): the SGLD move as a proposal from the current point, accepted with the
+        Metropolis-Hastings probability on the full-data U; the current point (after accept / reject) is recorded.
+        Exact for any ε: a reference for small models.
+    """
+
+    def __init__(self, config: LLCConfig, nbeta: float, theta_star: Tensor, grad_star: Tensor, mask: Tensor | None,
+                 chains: int, tilted: bool, accept_gens: list[torch.Generator] | None = None):
+        self.kind, self.eps, self.nbeta, self.gamma = config.sampler, config.step_size, nbeta, config.localization
+        self.burnin, self.alpha = config.num_burnin, config.rmsprop_alpha
+        self.theta_star, self.mask = theta_star, mask
+        self.tilt = grad_star if tilted else None
+        P = theta_star.numel()
+        if self.kind == "rmsprop_sgld":
+            self.V = theta_star.new_zeros(chains, P)
+            self.G = theta_star.new_ones(chains, P)
+            self.g_max = 0.1 / (self.eps * self.gamma)
+        if self.kind == "mala":
+            self.cur = theta_star.expand(chains, -1).clone()  # current point, its U and ∇U
+            self.cur_u = torch.zeros(chains, dtype=torch.float64, device=theta_star.device)
+            self.cur_grad = torch.zeros_like(self.cur)
+            self.cur_loss = torch.zeros_like(self.cur_u)
+            self.accepted = torch.zeros(chains, dtype=torch.float64, device=theta_star.device)
+            self.accept_gens = accept_gens
+
+    def _drift(self, theta: Tensor, grad: Tensor) -> Tensor:
+        """∇U = nβ(∇ℓ − g_tilt) + γ(w − w*), masked. (R, P)."""
+        g = grad if self.tilt is None else grad - self.tilt
+        d = torch.sub(theta, self.theta_star).mul_(self.gamma).add_(g, alpha=self.nbeta)
+        return d if self.mask is None else d.mul_(self.mask)
+
+    def _energy(self, theta: Tensor, loss: Tensor) -> Tensor:
+        """U at theta: (R,) float64."""
+        diff = torch.sub(theta, self.theta_star)
+        u = self.nbeta * loss.double() + 0.5 * self.gamma * diff.double().square().sum(-1)
+        if self.tilt is not None:
+            u = u - self.nbeta * (diff.double() @ self.tilt.double())
+        return u
+
+    def step(self, t: int, theta: Tensor, loss: Tensor, grad: Tensor, noise: Tensor, rows: slice
+             ) -> tuple[Tensor, Tensor, Tensor]:
+        """theta, grad, noise: (R, P); loss: (R,). Returns (next theta to evaluate, recorded theta, recorded loss)."""
+        if self.kind == "sgld":
+            g = grad if self.tilt is None else grad - self.tilt
+            return sgld_step(theta, g, self.theta_star, noise, step_size=self.eps, nbeta=self.nbeta,
+                             localization=self.gamma, mask=self.mask), theta, loss
+        if self.kind == "rmsprop_sgld":
+            drift = self._drift(theta, grad)
+            if t < self.burnin:
+                g = grad if self.tilt is None else grad - self.tilt
+                sq = g.square().mul_(self.nbeta**2)
+                V = self.V[rows]
+                V.copy_(sq) if t == 0 else V.mul_(self.alpha).add_(sq, alpha=1 - self.alpha)
+                root = V.sqrt()
+                scale = root.median(dim=-1, keepdim=True).values if self.mask is None else \
+                    root.masked_fill(self.mask == 0, float("nan")).nanmedian(dim=-1, keepdim=True).values
+                G = scale / root.add_(1e-12 * scale.clamp_min(1e-30) + 1e-30)
+                self.G[rows] = G.clamp_(max=self.g_max)
+            G = self.G[rows]
+            move = drift.mul_(G).mul_(-0.5 * self.eps).add_(noise.mul(G.sqrt()), alpha=math.sqrt(self.eps))
+            if self.mask is not None:
+                move.mul_(self.mask)
+            return move.add_(theta), theta, loss
+        # mala: theta is the proposal evaluated by the caller (w* at t = 0, always accepted)
+        u, drift = self._energy(theta, loss), self._drift(theta, grad)
+        if t == 0:
+            accept = torch.ones_like(u, dtype=torch.bool)
+        else:
+            cur, cur_drift = self.cur[rows], self.cur_grad[rows]
+            fwd = torch.sub(theta, cur).add_(cur_drift, alpha=0.5 * self.eps)  # θ' − θ + (ε/2)∇U(θ)
+            bwd = torch.sub(cur, theta).add_(drift, alpha=0.5 * self.eps)
+            log_q = (fwd.double().square().sum(-1) - bwd.double().square().sum(-1)) / (2 * self.eps)
+            log_a = self.cur_u[rows] - u + log_q
+            uniform = torch.stack([torch.rand((), generator=self.accept_gens[c], dtype=torch.float64,
+                                              device=u.device) for c in range(rows.start, rows.stop)])
+            accept = torch.isfinite(u) & (uniform.log() < log_a)
+            self.accepted[rows] += accept.double()
+        a = accept[:, None]
+        self.cur[rows] = torch.where(a, theta, self.cur[rows])
+        self.cur_grad[rows] = torch.where(a, drift, self.cur_grad[rows])
+        self.cur_u[rows] = torch.where(accept, u, self.cur_u[rows])
+        self.cur_loss[rows] = torch.where(accept, loss.double(), self.cur_loss[rows])
+        cur = self.cur[rows]
+        proposal = torch.sub(cur, self.cur_grad[rows], alpha=0.5 * self.eps)
+        step_noise = noise if self.mask is None else noise * self.mask
+        proposal.add_(step_noise, alpha=math.sqrt(self.eps))
+        return proposal, cur, self.cur_loss[rows]
+
+    def acceptance(self, draws: int) -> np.ndarray | None:
+        """MALA's acceptance rate per chain over all proposals; None for the other samplers."""
+        if self.kind != "mala":
+            return None
+        return (self.accepted / max(draws - 1, 1)).cpu().numpy()
+
+    def preconditioner(self) -> np.ndarray | None:
+        """rmsprop_sgld's frozen G: (C, P); None for the other samplers."""
+        return self.G.cpu().numpy() if self.kind == "rmsprop_sgld" else None
+
+
+def sampler_ok(flags: str | float | None, ignore: frozenset[str] = frozenset()) -> bool:
     """True when a `flags` string ("a;b", as in llc.parquet; NaN or None = no flag) holds no flag but the
-    checkpoint's own (W_STAR_FLAGS): the sampler did its job, whatever w* is."""
+    checkpoint's own (W_STAR_FLAGS) and those in `ignore`: the sampler did its job, whatever w* is."""
     names = set(filter(None, flags.split(";"))) if isinstance(flags, str) else set()
-    return not names - W_STAR_FLAGS
+    return not names - W_STAR_FLAGS - ignore
 
 
 def llc_per_chain(loss_trace: np.ndarray, init_loss: float, nbeta: float) -> np.ndarray:
@@ -181,7 +297,11 @@ class Thresholds:
     stationarity_rel, stationarity_z: "not stationary" when Δ, the change of the mean between the first and second
         half of the post-burn-in draws (in λ units, averaged over chains), exceeds stationarity_rel × |λ̂| AND
         stationarity_z standard errors of Δ (from its spread over chains; this part is skipped for one chain).
-    rhat: "chains disagree" when the Gelman-Rubin R̂ of the post-burn-in traces exceeds this.
+    rhat: "chains disagree" when the split-R̂ of the post-burn-in traces (icl_lab.convergence; each chain's halves
+        count as two chains, so a trend inside a chain also raises it) exceeds this.
+    min_ess: "few effective draws" when the effective sample size of the post-burn-in loss draws (all chains) is
+        below this: Vehtari et al. (2021) ask for at least 100 before R̂ and the Monte-Carlo standard error (MCSE)
+        can be relied on.
     exceed_rel, exceed_se: "exceeds d/2" when λ̂ − exceed_se · (standard error over chains) > (1 + exceed_rel) d/2;
         the slack keeps a regular model, whose λ is exactly d/2, from tripping it on noise and O(ε) bias.
     slope_rel, slope_z: "not at a minimum" when the slope term S = nβ·E[∇ℓ_n(w*)ᵀ(w − w*)] is negative with
@@ -193,22 +313,11 @@ class Thresholds:
     stationarity_rel: float = 0.1
     stationarity_z: float = 3.0
     rhat: float = 1.1
+    min_ess: float = 100.0
     exceed_rel: float = 0.05
     exceed_se: float = 2.0
     slope_rel: float = 0.1
     slope_z: float = 3.0
-
-
-def _gelman_rubin(trace: np.ndarray) -> float:
-    """Potential scale reduction R̂ of (C, T) draws (Gelman & Rubin 1992); nan for C < 2 or T < 2."""
-    C, T = trace.shape
-    if C < 2 or T < 2:
-        return float("nan")
-    W = trace.var(axis=1, ddof=1).mean()
-    B_over_T = trace.mean(axis=1).var(ddof=1)
-    if W <= 0:
-        return 1.0 if B_over_T <= 0 else float("inf")
-    return float(math.sqrt(((T - 1) / T * W + B_over_T) / W))
 
 
 def diagnose(loss_trace: np.ndarray, burnin_trace: np.ndarray, init_loss: float, nbeta: float, d: int,
@@ -251,11 +360,11 @@ def diagnose(loss_trace: np.ndarray, burnin_trace: np.ndarray, init_loss: float,
         flags["negative"] = (f"λ̂ = {mean:.4g} < 0 ({n_neg}/{C} chains negative): the chains found lower loss than "
                              "at w*, so w* is not a local minimum of ℓ_n (e.g. a checkpoint mid-descent) or ε is too "
                              "large; the value is not an LLC")
-    if T >= 4:
+    if T >= 8:
         half = T // 2
-        trend = nbeta * (trace[:, T - half:].mean(axis=1) - trace[:, :half].mean(axis=1))  # (C,)
-        delta = float(trend.mean())
-        se = float(trend.std(ddof=1)) / math.sqrt(C) if C > 1 else 0.0
+        first, second = trace[:, :half], trace[:, T - half:]
+        delta = float(nbeta * (second.mean() - first.mean()))
+        se = nbeta * math.hypot(_finite(mcse_mean(first)), _finite(mcse_mean(second)))  # autocorrelation-aware
         tol = max(th.stationarity_rel * abs(mean), th.stationarity_z * se)
         if abs(delta) > tol:
             direction = "rising" if delta > 0 else "falling"
@@ -263,11 +372,16 @@ def diagnose(loss_trace: np.ndarray, burnin_trace: np.ndarray, init_loss: float,
                                        f"of the draws differs from the first half by {delta:+.4g} in λ units "
                                        f"(more than {th.stationarity_rel:.0%} of λ̂ and {th.stationarity_z:g} "
                                        "standard errors); use more burn-in or a larger ε")
-    rhat = _gelman_rubin(trace)
+    rhat = split_rhat(trace)
     if math.isfinite(rhat) and rhat > th.rhat or rhat == float("inf"):
         flags["chains_disagree"] = (f"the chains disagree: per-chain λ̂ from {per_chain.min():.4g} to "
-                                    f"{per_chain.max():.4g}, R̂ = {rhat:.3f} > {th.rhat}; they have not mixed "
+                                    f"{per_chain.max():.4g}, split-R̂ = {rhat:.3f} > {th.rhat}; they have not mixed "
                                     "(more draws, larger ε) or sit in different basins")
+    n_eff = ess(trace)
+    if math.isfinite(n_eff) and n_eff < th.min_ess:
+        flags["few_effective_draws"] = (f"only {n_eff:.0f} effective draws (of {C * T}) < {th.min_ess:g}: the draws "
+                                        "are strongly autocorrelated, so λ̂'s standard error is itself unreliable; "
+                                        "use more draws or chains, or a sampler that mixes faster")
     se = float(per_chain.std(ddof=1) / math.sqrt(C)) if C > 1 else 0.0
     if mean - th.exceed_se * se > (1 + th.exceed_rel) * d / 2:
         flags["exceeds_half_d"] = (f"λ̂ = {mean:.4g} exceeds d/2 = {d / 2:g}, impossible for an LLC: the chain is "
@@ -301,6 +415,14 @@ class LLCResult:
     grad_norm: ‖∇ℓ_n(w*)‖ over the sampled entries (0 at a critical point).
     llc_slope: nβ · E[∇ℓ_n(w*)ᵀ(w − w*)] over the post-burn-in draws, the first-order (slope) part of λ̂: near 0 at
         a local minimum; when w* sits on a slope the chains drift downhill and this is negative (see `diagnose`).
+    rhat, ess: split-R̂ and effective sample size of the post-burn-in loss trace (icl_lab.convergence);
+    llc_mcse: Monte-Carlo standard error of λ̂ from all draws and their autocorrelation (nβ · MCSE of the mean loss).
+    llc_tilted, llc_tilted_per_chain, llc_tilted_mcse: with config.tilted, λ̂ of the tilted loss
+        ℓ_n(w) − ∇ℓ_n(w*)ᵀ(w − w*), sampled by a second set of chains with the same random numbers. For a loss that
+        is quadratic near w* it equals the λ̂ the checkpoint would read at a minimum of the same curvature;
+        read it where `not_at_minimum` is raised. NaN otherwise.
+    acceptance_rate: (C,) MALA's acceptance rate per chain (sampler "mala"), else None.
+    preconditioner: (C, P) rmsprop_sgld's frozen diagonal preconditioner G, else None.
     """
 
     llc_mean: float
@@ -324,6 +446,14 @@ class LLCResult:
     grad_norm: float = float("nan")
     llc_slope: float = float("nan")
     seconds: float = float("nan")
+    rhat: float = float("nan")
+    ess: float = float("nan")
+    llc_mcse: float = float("nan")
+    llc_tilted: float = float("nan")
+    llc_tilted_per_chain: np.ndarray | None = None
+    llc_tilted_mcse: float = float("nan")
+    acceptance_rate: np.ndarray | None = None
+    preconditioner: np.ndarray | None = None
 
     @property
     def ok(self) -> bool:
@@ -367,6 +497,15 @@ class LLCResult:
             "data_hash": self.data_hash,
             "fingerprint": self.fingerprint,
             "seconds": self.seconds,
+            "sampler": cfg.sampler,
+            "llc_mcse": self.llc_mcse,
+            "rhat": self.rhat,
+            "ess": self.ess,
+            "llc_tilted": self.llc_tilted,
+            "llc_tilted_mcse": self.llc_tilted_mcse,
+            "acceptance_rate": float("nan") if self.acceptance_rate is None else float(self.acceptance_rate.mean()),
+            "precond_median": float("nan") if self.preconditioner is None else float(np.median(self.preconditioner)),
+            "precond_max": float("nan") if self.preconditioner is None else float(self.preconditioner.max()),
         }
 
 
@@ -649,24 +788,45 @@ def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, c
         return [_ChainRandomness(seed, c, n, m, device) for c in range(C)]
 
     minibatch = m < n
-    step_kw = dict(step_size=config.step_size, nbeta=nbeta, localization=config.localization, mask=flat.mask)
-    trace = torch.full((C, S), float("nan"), dtype=torch.float64, device=device)
-    slope = torch.full((C, S), float("nan"), dtype=torch.float64, device=device)  # ∇ℓ_n(w*)ᵀ(w_t − w*)
+    if config.sampler == "mala" and minibatch:  # unreachable through LLCConfig's own check; kept for clarity
+        raise ValueError("sampler 'mala' needs the full data (batch_size None)")
     notes: list[str] = []
-
     vectorized = vectorizes(config, flat.theta_star.numel(), device)
-    if vectorized:
-        try:
-            _run_vectorized(chain_loss, data, minibatch, flat.theta_star, grad_star, trace, slope, randomness(),
-                            step_kw, notes)
-        except _VmapUnsupported as e:
-            vectorized = False
-            notes.append(f"vectorised chains failed ({e}); fell back to running the chains one after another")
-    if not vectorized:
-        threads = torch.get_num_threads() if device.type == "cpu" else 1
-        _run_sequential(work, direct_loss, data, minibatch, flat.theta_star, grad_star, trace, slope, randomness(),
-                        step_kw, notes, threads)
 
+    def sample(tilted: bool) -> tuple[Tensor, Tensor, _Kernel]:
+        """Run the C chains; returns ℓ at the recorded points (C, S), ∇ℓ_n(w*)ᵀ(w_t − w*) (C, S), the kernel."""
+        nonlocal vectorized
+        trace = torch.full((C, S), float("nan"), dtype=torch.float64, device=device)
+        slope = torch.full((C, S), float("nan"), dtype=torch.float64, device=device)
+
+        def kernel() -> _Kernel:
+            gens = [make_generator(seed, f"llc/chain{c}/accept", device) for c in range(C)]
+            return _Kernel(config, nbeta, flat.theta_star, grad_star, flat.mask, C, tilted, gens)
+
+        if vectorized:
+            try:
+                k = kernel()
+                _run_vectorized(chain_loss, data, minibatch, flat.theta_star, grad_star, trace, slope, randomness(),
+                                k, notes)
+                return trace, slope, k
+            except _VmapUnsupported as e:
+                vectorized = False
+                notes.append(f"vectorised chains failed ({e}); fell back to running the chains one after another")
+        threads = torch.get_num_threads() if device.type == "cpu" else 1
+        k = kernel()
+        _run_sequential(work, direct_loss, data, minibatch, flat.theta_star, grad_star, trace, slope, randomness(),
+                        k, notes, threads)
+        return trace, slope, k
+
+    trace, slope, kernel = sample(tilted=False)
+    tilted_stats: dict[str, Any] = {}
+    if config.tilted:
+        t_trace, t_slope, _ = sample(tilted=True)
+        tilted_post = (t_trace - t_slope).cpu().numpy()[:, config.num_burnin:]  # ℓ(w) − gᵀ(w − w*)
+        t_chain = llc_per_chain(tilted_post, init_loss, nbeta)
+        with np.errstate(all="ignore"):
+            tilted_stats = {"llc_tilted": float(t_chain.mean()), "llc_tilted_per_chain": t_chain,
+                            "llc_tilted_mcse": float(nbeta * mcse_mean(tilted_post))}
     trace_np = trace.cpu().numpy()
     burn, post = trace_np[:, : config.num_burnin], trace_np[:, config.num_burnin:]
     per_chain = llc_per_chain(post, init_loss, nbeta)
@@ -686,6 +846,9 @@ def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, c
         llc_mean = float(per_chain.mean())
         llc_std = float(per_chain.std(ddof=1)) if C > 1 else float("nan")
         llc_slope = float(nbeta * slope_post.mean())
+    finite = bool(np.isfinite(post).all())
+    accept = kernel.acceptance(S)
+    precond = kernel.preconditioner()
     return LLCResult(
         llc_mean=llc_mean,
         llc_std=llc_std,
@@ -693,6 +856,9 @@ def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, c
         d=flat.d, config=config, seed=seed, diagnostics=diagnostics, sampled=flat.names, excluded=excluded, notes=notes,
         vectorized=vectorized, data_hash=data_hash, fingerprint=fingerprint, grad_norm=grad_norm,
         llc_slope=llc_slope, seconds=time.perf_counter() - t_start,
+        rhat=split_rhat(post) if finite else float("nan"), ess=ess(post) if finite else float("nan"),
+        llc_mcse=llc_mcse(post, nbeta) if finite else float("nan"),
+        acceptance_rate=accept, preconditioner=precond, **tilted_stats,
     )
 
 
@@ -735,7 +901,7 @@ class _VmapUnsupported(RuntimeError):
 
 def _run_vectorized(chain_loss: Callable, data: tuple[Tensor, ...], minibatch: bool, theta_star: Tensor,
                     grad_star: Tensor, trace: Tensor, slope: Tensor, rands: list[_ChainRandomness],
-                    step_kw: dict[str, Any], notes: list[str]) -> None:
+                    kernel: _Kernel, notes: list[str]) -> None:
     """All chains at once: vmap over the chain axis of grad_and_value(chain_loss). Fills trace (C, S) with ℓ_m(w_t)
     and slope (C, S) with ∇ℓ_n(w*)ᵀ(w_t − w*) in place (grad_star: (P,)).
 
@@ -764,9 +930,9 @@ def _run_vectorized(chain_loss: Callable, data: tuple[Tensor, ...], minibatch: b
             else:
                 grad, loss = step(theta, batch)
             with torch.no_grad():
-                trace[:, t] = loss.detach()
-                slope[:, t] = torch.sub(theta, theta_star) @ grad_star
-                theta = sgld_step(theta, grad, theta_star, noise[:, j], **step_kw)
+                theta, point, point_loss = kernel.step(t, theta, loss.detach(), grad, noise[:, j], slice(0, C))
+                trace[:, t] = point_loss
+                slope[:, t] = torch.sub(point, theta_star) @ grad_star
             if (t + 1) % _CHECK_EVERY == 0 and not bool(torch.isfinite(theta).all()):
                 notes.append(f"sampling stopped at step {t + 1}: non-finite parameters")
                 return
@@ -791,7 +957,7 @@ def _first_vmapped_step(step: Callable, theta: Tensor, batch: tuple[Tensor, ...]
 
 def _run_sequential(work: nn.Module, direct_loss: Callable[[nn.Module], Callable], data: tuple[Tensor, ...],
                     minibatch: bool, theta_star: Tensor, grad_star: Tensor, trace: Tensor, slope: Tensor,
-                    rands: list[_ChainRandomness], step_kw: dict[str, Any], notes: list[str], threads: int = 1
+                    rands: list[_ChainRandomness], kernel: _Kernel, notes: list[str], threads: int = 1
                     ) -> None:
     """The chains with plain autograd, each chain's steps one after another (for models that cannot be vmapped, and
     large models on CPU). Fills trace and slope (C, S) in place as `_run_vectorized` does; a chain whose
@@ -822,9 +988,11 @@ def _run_sequential(work: nn.Module, direct_loss: Callable[[nn.Module], Callable
                 loss = chain_loss(leaf, batch)
                 (grad,) = torch.autograd.grad(loss, leaf)
                 with torch.no_grad():
-                    trace[c, t] = loss.detach()
-                    slope[c, t] = torch.dot(torch.sub(theta, theta_star), grad_star)
-                    theta = sgld_step(theta, grad, theta_star, noise[j], **step_kw)
+                    nxt, point, point_loss = kernel.step(t, theta[None], loss.detach()[None], grad[None],
+                                                         noise[j][None], slice(c, c + 1))
+                    theta = nxt[0]
+                    trace[c, t] = point_loss[0]
+                    slope[c, t] = torch.dot(torch.sub(point[0], theta_star), grad_star)
                 if (t + 1) % _CHECK_EVERY == 0 and not bool(torch.isfinite(theta).all()):
                     stopped.append(f"sampling stopped at step {t + 1} of chain {c}: non-finite parameters")
                     break
@@ -847,11 +1015,13 @@ def _run_sequential(work: nn.Module, direct_loss: Callable[[nn.Module], Callable
 
 @dataclass
 class Calibration:
-    """A grid of LLC estimates at one checkpoint and the settings `pick` chose.
+    """A grid of LLC estimates at one checkpoint and the settings `pick_settings` chose.
 
-    table: one row per grid point (step_size, localization, nbeta, llc_mean, llc_std, ok, flags, …);
+    table: one row per estimate (step_size, localization, nbeta, role, llc_mean, llc_se, ok, flags, …); role "grid"
+        for the ε sweep at a γ, "check" for the estimates at γ/2 and 2γ that test the γ-plateau;
     results: the LLCResult of each row (same order; traces for plotting);
-    chosen: the base config with the picked (ε, γ, nβ), or None; index: its row; reason: why.
+    chosen: the base config with the picked (ε, γ, nβ), or None; index: its row; reason: why;
+    on_plateau: whether halving and doubling γ left λ̂ within tolerance (False: `chosen` is a fallback).
     """
 
     table: pd.DataFrame
@@ -860,11 +1030,12 @@ class Calibration:
     chosen: LLCConfig | None
     index: int | None
     reason: str
+    on_plateau: bool = False
 
     def repick(self, rel_tol: float = 0.1) -> Calibration:
-        index, reason = pick(self.table, rel_tol=rel_tol)
+        index, reason, plateau = pick_settings(self.table, rel_tol=rel_tol)
         chosen = None if index is None else _config_of_row(self.base, self.table.loc[index])
-        return Calibration(self.table, self.results, self.base, chosen, index, reason)
+        return Calibration(self.table, self.results, self.base, chosen, index, reason, plateau)
 
 
 def _config_of_row(base: LLCConfig, row: pd.Series) -> LLCConfig:
@@ -880,11 +1051,27 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else 0.0
 
 
-def pick(table: pd.DataFrame, *, rel_tol: float = 0.1) -> tuple[int | None, str]:
-    """Choose the largest ε inside the stable plateau of a calibration table.
+def _stable(table: pd.DataFrame) -> pd.Series:
+    """Rows whose sampler did its job at this ε: no flag but the checkpoint's own and `few_effective_draws` (a matter
+    of the budget, not of ε). Read from `flags` when present, else `ok`."""
+    if "flags" not in table.columns:
+        return table["ok"].astype(bool)
+    return table["flags"].map(lambda f: sampler_ok(f, ignore=PRECISION_FLAGS))
 
-    Within each (localization, nbeta) group, sort by ε. A point is stable when it has no diagnostic flag other than
-    "not_at_minimum" (a property of w*, not of ε; read from the `flags` column when present, else `ok`). Two
+
+def _agree(a: pd.Series, b: pd.Series, rel_tol: float) -> bool:
+    """λ̂ of two rows within rel_tol of the first's |λ̂| or within 2·√(se₁² + se₂²) (column llc_se, when present)."""
+    tol = rel_tol * abs(a["llc_mean"])
+    if "llc_se" in a.index:
+        tol = max(tol, 2 * math.hypot(_finite(a["llc_se"]), _finite(b["llc_se"])))
+    return abs(b["llc_mean"] - a["llc_mean"]) <= tol
+
+
+def pick(table: pd.DataFrame, *, rel_tol: float = 0.1) -> tuple[int | None, str]:
+    """Choose the largest ε inside the stable plateau of a calibration table (the ε rule, at fixed γ and nβ).
+
+    Within each (localization, nbeta) group, sort by ε. A point is stable when its sampler raised no flag (`_stable`:
+    "not_at_minimum", a property of w*, and "few_effective_draws", a matter of budget, do not count). Two
     grid-neighbouring stable points agree when their λ̂ differ by at most rel_tol (relative to the smaller ε's λ̂)
     or by at most twice the standard error of the difference, 2·√(se₁² + se₂²) (column `llc_se`, when present):
     a difference the chains cannot resolve is not evidence that λ̂ still moves with ε. A plateau is a run of
@@ -895,10 +1082,7 @@ def pick(table: pd.DataFrame, *, rel_tol: float = 0.1) -> tuple[int | None, str]
     """
     best: tuple[int, float, int] | None = None  # (length, ε, row index)
     stable_any: list[tuple[float, int]] = []
-    has_se = "llc_se" in table.columns
-    stable = table["ok"].astype(bool)
-    if "flags" in table.columns:
-        stable = table["flags"].map(sampler_ok)
+    stable = _stable(table)
     for _, group in table.groupby(["localization", "nbeta"], sort=False, dropna=False):
         group = group.sort_values("step_size")
         run: list[int] = []
@@ -907,13 +1091,7 @@ def pick(table: pd.DataFrame, *, rel_tol: float = 0.1) -> tuple[int | None, str]
                 run = []
                 continue
             stable_any.append((float(row["step_size"]), idx))
-            agrees = False
-            if run:
-                prev = table.loc[run[-1]]
-                tol = rel_tol * abs(prev["llc_mean"])
-                if has_se:
-                    tol = max(tol, 2 * math.hypot(_finite(prev["llc_se"]), _finite(row["llc_se"])))
-                agrees = abs(row["llc_mean"] - prev["llc_mean"]) <= tol
+            agrees = bool(run) and _agree(table.loc[run[-1]], row, rel_tol)
             run = [*run, idx] if agrees else [idx]
             if len(run) >= 2:
                 key = (len(run), float(row["step_size"]), idx)
@@ -929,47 +1107,143 @@ def pick(table: pd.DataFrame, *, rel_tol: float = 0.1) -> tuple[int | None, str]
     return None, "every grid point raised a diagnostic flag; widen the grid (smaller ε) or change γ / nβ"
 
 
+def _gamma_order(gammas: Sequence[float], nbeta: float, max_ratio: float) -> list[float]:
+    """The order in which γ values are tried: those with γ/nβ ≤ max_ratio first, each part from the largest γ down
+    (a larger γ relaxes the chain faster, 1/(εγ) steps, so it is the cheapest that can pass)."""
+    gs = sorted({float(g) for g in gammas}, reverse=True)
+    limit = max_ratio * nbeta * (1 + 1e-9)
+    return [g for g in gs if g <= limit] + [g for g in gs if g > limit]
+
+
+def _rows_at(table: pd.DataFrame, eps: float, gamma: float, nbeta: float) -> pd.DataFrame:
+    close = lambda col, v: np.isclose(table[col].astype(float), v, rtol=1e-6, atol=0.0)
+    return table[close("step_size", eps) & close("localization", gamma) & close("nbeta", nbeta)]
+
+
+def pick_settings(table: pd.DataFrame, *, rel_tol: float = 0.1, max_ratio: float = 0.1
+                  ) -> tuple[int | None, str, bool]:
+    """Choose (ε, γ, nβ) from a calibration table: an ε plateau at a γ that sits on a γ-plateau.
+
+    For each nβ (in table order) and each γ (`_gamma_order`: γ/nβ ≤ max_ratio first, largest first), `pick` chooses
+    ε among that γ's grid rows. The γ is on a plateau when rows at the same ε and nβ exist for γ/2 and 2γ (role
+    "check" or grid rows), are stable, and each agrees with it (`_agree`: within rel_tol or two standard errors).
+    Localisation suppresses a direction of curvature h by nβh/(nβh + γ) (docs/llc.md), so λ̂ that does not move
+    when γ halves or doubles no longer depends on it. The first γ that passes is chosen. Without one, the pick
+    at the smallest γ with a stable ε is returned as a fallback, with on_plateau False and the reason saying so.
+    Returns (row index | None, reason, on_plateau).
+    """
+    stable = _stable(table)
+    roles = table["role"] if "role" in table.columns else pd.Series("grid", index=table.index)
+    grid = table[roles == "grid"]
+    fallback: tuple[float, int, str] | None = None  # (γ, row, reason of its ε pick)
+    tried: list[str] = []
+    for nb in pd.unique(grid["nbeta"]):
+        at_nb = grid[np.isclose(grid["nbeta"].astype(float), float(nb), rtol=1e-9)]
+        for gamma in _gamma_order(at_nb["localization"], float(nb), max_ratio):
+            rows = at_nb[np.isclose(at_nb["localization"].astype(float), gamma, rtol=1e-9)]
+            idx, why = pick(rows, rel_tol=rel_tol)
+            if idx is None:
+                tried.append(f"γ = {gamma:.4g}: no stable ε")
+                continue
+            if fallback is None or gamma < fallback[0]:
+                fallback = (gamma, idx, why)
+            row = table.loc[idx]
+            eps = float(row["step_size"])
+            verdicts = []
+            for factor in (0.5, 2.0):
+                other = _rows_at(table, eps, gamma * factor, float(nb))
+                if other.empty:
+                    verdicts.append(f"no estimate at {factor:g}γ")
+                elif not stable[other.index[0]]:
+                    verdicts.append(f"{factor:g}γ flagged ({other.iloc[0]['flags']})")
+                elif not _agree(row, other.iloc[0], rel_tol):
+                    verdicts.append(f"{factor:g}γ gives λ̂ = {other.iloc[0]['llc_mean']:.4g} vs {row['llc_mean']:.4g}")
+            if not verdicts:
+                return idx, (f"γ = {gamma:.4g} (γ/nβ = {gamma / float(nb):.3g}) on a γ-plateau: λ̂ = "
+                             f"{row['llc_mean']:.4g} moves by less than {rel_tol:.0%} or two standard errors when γ "
+                             f"is halved or doubled; {why}"), True
+            tried.append(f"γ = {gamma:.4g}: " + "; ".join(verdicts))
+    if fallback is None:
+        return None, "every grid point raised a diagnostic flag; widen the grid (smaller ε) or change γ / nβ", False
+    gamma, idx, why = fallback
+    return idx, (f"no γ-plateau within the grid ({' | '.join(tried)}); the smallest γ whose chains were stationary "
+                 f"is γ = {gamma:.4g}, used as a fallback: λ̂ there still depends on γ, so it is not the LLC the "
+                 f"papers mean; {why}"), False
+
+
+DEFAULT_LOCALIZATION_RATIOS = (0.1, 0.05, 0.025, 0.0125)  # γ/nβ tried by `calibrate` (each checked at γ/2, 2γ)
+
+
 def calibrate(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *,
               step_sizes: Sequence[float] | None = None,
               localizations: Sequence[float] | None = None, nbetas: Sequence[float | None] | None = None,
               base: LLCConfig | None = None, seed: int = 0, params: ParamSpec = None, rel_tol: float = 0.1,
-              max_burnin: int = 2000,
+              max_burnin: int = 2000, max_ratio: float = 0.1,
               progress: Callable[[int, int, LLCResult], None] | None = None) -> Calibration:
-    """Sweep ε × γ × nβ at one checkpoint with `estimate_llc` and pick settings with `pick`.
+    """Choose ε, γ (and nβ when asked) at one checkpoint with `estimate_llc` and `pick_settings`.
 
-    step_sizes default to DEFAULT_STEP_SIZES (1e-6 … 1e-3, half-decades); localizations / nbetas default to the
-    base config's single value; nbeta None means n / log n. Each grid point burns in for
-    max(base.num_burnin, min_burnin(ε, γ)) steps, at most max(max_burnin, base.num_burnin) (such a point carries a
-    `burnin_note`), so small ε are not judged on chains whose flat directions have not relaxed; the picked config
-    carries its burn-in. Every grid point uses the same seed (common random numbers), data and parameter
-    selection. progress(i, total, result) is called after each point.
+    step_sizes default to DEFAULT_STEP_SIZES (1e-6 … 1e-3, half-decades); localizations default to
+    DEFAULT_LOCALIZATION_RATIOS × nβ; nbetas default to the base config's single value (None means n / log n).
+    For each nβ, γ is tried in `_gamma_order` (γ/nβ ≤ max_ratio first, largest first): the ε grid at that γ, then,
+    at the ε that `pick` chooses, one estimate each at γ/2 and 2γ (role "check"). The first γ whose λ̂ they
+    confirm is chosen and the sweep stops; otherwise every γ is tried and the fallback of `pick_settings` is
+    returned with on_plateau False. Each estimate burns in for max(base.num_burnin, min_burnin(ε, γ)) steps, at
+    most max(max_burnin, base.num_burnin) (such a point carries a `burnin_note`), so small εγ are not judged on
+    chains whose flat directions have not relaxed; the picked config carries its burn-in. Every estimate uses the
+    same seed (common random numbers), data and parameter selection. progress(i, total, result) is called after
+    each estimate (total is an upper bound).
     Returns a Calibration (table, traces, chosen config).
     """
     base = base or LLCConfig()
     step_sizes = DEFAULT_STEP_SIZES if step_sizes is None else step_sizes
-    gammas = list(localizations) if localizations is not None else [base.localization]
     nbs = list(nbetas) if nbetas is not None else [base.nbeta]
-    if not step_sizes or not gammas or not nbs:
+    if not step_sizes or (localizations is not None and not list(localizations)) or not nbs:
         raise ValueError("calibrate: step_sizes, localizations and nbetas must each hold at least one value")
-    grid = [(float(e), float(g), nb) for g in gammas for nb in nbs for e in step_sizes]
-    rows, results = [], []
-    for i, (eps, gamma, nb) in enumerate(grid):
+    n = _check_data(data)[1]
+    rows: list[dict[str, Any]] = []
+    results: list[LLCResult] = []
+    n_gammas = len(DEFAULT_LOCALIZATION_RATIOS) if localizations is None else len(list(localizations))
+    total = len(nbs) * n_gammas * (len(step_sizes) + 2)
+
+    def run(eps: float, gamma: float, nb: float | None, role: str) -> None:
         burnin = min(max(base.num_burnin, min_burnin(eps, gamma)), max(max_burnin, base.num_burnin))
         cfg = base.model_copy(update={"step_size": eps, "localization": gamma, "nbeta": nb, "num_burnin": burnin})
         cfg = LLCConfig.model_validate(cfg.model_dump())
         res = estimate_llc(model, data, loss_fn, config=cfg, seed=seed, params=params)
         results.append(res)
-        rows.append({"step_size": eps, "localization": gamma, "nbeta": res.nbeta, "nbeta_setting": nb,
+        rows.append({"step_size": eps, "localization": gamma, "nbeta": res.nbeta, "nbeta_setting": nb, "role": role,
                      "num_burnin": burnin, "llc_mean": res.llc_mean, "llc_std": res.llc_std,
-                     "llc_se": res.llc_se, "ok": res.ok,
-                     "flags": ";".join(res.diagnostics), "init_loss": res.init_loss, "d": res.d,
-                     "llc_slope": res.llc_slope, "seconds": res.seconds})
+                     "llc_se": max(_finite(res.llc_se), _finite(res.llc_mcse)), "llc_mcse": res.llc_mcse,
+                     "rhat": res.rhat, "ess": res.ess, "ok": res.ok, "flags": ";".join(res.diagnostics),
+                     "init_loss": res.init_loss, "d": res.d, "llc_slope": res.llc_slope, "seconds": res.seconds})
         if progress is not None:
-            progress(i + 1, len(grid), res)
+            progress(len(rows), max(total, len(rows)), res)
+
+    for nb in nbs:
+        nbeta = default_nbeta(n) if nb is None else float(nb)
+        gammas = [r * nbeta for r in DEFAULT_LOCALIZATION_RATIOS] if localizations is None else list(localizations)
+        for gamma in _gamma_order(gammas, nbeta, max_ratio):
+            for eps in step_sizes:
+                run(float(eps), gamma, nb, "grid")
+            table = pd.DataFrame(rows)
+            at = table[(table["role"] == "grid") & np.isclose(table["localization"], gamma)
+                       & np.isclose(table["nbeta"], nbeta)]
+            idx, _ = pick(at, rel_tol=rel_tol)
+            if idx is None:
+                continue
+            eps = float(table.loc[idx, "step_size"])
+            for factor in (0.5, 2.0):
+                if _rows_at(table, eps, gamma * factor, nbeta).empty:
+                    run(eps, gamma * factor, nb, "check")
+            if pick_settings(pd.DataFrame(rows), rel_tol=rel_tol, max_ratio=max_ratio)[2]:
+                break
+        else:
+            continue
+        break
     table = pd.DataFrame(rows)
-    index, reason = pick(table, rel_tol=rel_tol)
+    index, reason, plateau = pick_settings(table, rel_tol=rel_tol, max_ratio=max_ratio)
     chosen = None if index is None else _config_of_row(base, table.loc[index])
-    return Calibration(table, results, base, chosen, index, reason)
+    return Calibration(table, results, base, chosen, index, reason, plateau)
 
 
 def plot_calibration(cal: Calibration, path: str | Path) -> list[Path]:
