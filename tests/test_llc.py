@@ -26,6 +26,7 @@ from icl_lab.llc import (
     LLCConfig,
     LLCResult,
     Thresholds,
+    _gamma_order,
     burnin_note,
     calibrate,
     default_nbeta,
@@ -34,7 +35,6 @@ from icl_lab.llc import (
     head_mask,
     llc_per_chain,
     min_burnin,
-    _gamma_order,
     pick,
     pick_settings,
     plot_calibration,
@@ -268,6 +268,118 @@ def test_slope_term_is_the_same_on_both_paths():
     seq = estimate_llc(model, data, mlp_mse, config=SMALL.model_copy(update={"vectorize": False}), seed=3)
     assert vec.grad_norm == pytest.approx(seq.grad_norm, rel=1e-12) and vec.grad_norm > 0
     assert vec.llc_slope == pytest.approx(seq.llc_slope, rel=1e-6, abs=1e-9)
+
+
+# ------------------------------------------------------------------------------ samplers and the tilted loss
+
+
+def quadrature_llc(energy, observable, lim: float = 3.0, points: int = 400_001) -> float:
+    """E[observable(w)] under p(w) ∝ exp(−energy(w)) in one dimension, by the trapezoid rule on [−lim, lim]
+    (an independent reference for the sampler)."""
+    w = np.linspace(-lim, lim, points)
+    u = energy(w)
+    p = np.exp(-(u - u.min()))
+    return float(np.trapezoid(observable(w) * p, w) / np.trapezoid(p, w))
+
+
+def test_mala_is_exact_where_sgld_is_biased():
+    """A stiff quadratic at a large ε: SGLD's stationary variance per direction is 1/(a(1 − εa/4)), 33% too wide
+    at εa = 1, while MALA's Metropolis step removes the bias (closed form Σ ½·nβh/a, a = nβh + γ)."""
+    h = torch.tensor([0.5, 2.0, 5.0, 10.0], dtype=F64)
+    nb, gamma, eps = 20.0, 2.0, 1 / (20.0 * 10.0 + 2.0)  # εa = 1 along the stiffest direction
+    model = sloped_quadratic(0 * h, h)
+    a = nb * h + gamma
+    exact = float((0.5 * nb * h / a).sum())
+    sgld_biased = float((0.5 * nb * h / (a * (1 - eps * a / 4))).sum())
+    base = dict(step_size=eps, localization=gamma, nbeta=nb, num_chains=16, num_draws=2000, num_burnin=200,
+                batch_size=None)
+    mala = estimate_llc(model, DUMMY, analytic_loss, config=LLCConfig(sampler="mala", **base), seed=0)
+    sgld = estimate_llc(model, DUMMY, analytic_loss, config=LLCConfig(**base), seed=0)
+    assert sgld_biased > 1.08 * exact  # the bias is large enough to be seen
+    assert abs(mala.llc_mean - exact) < 4 * mala.llc_mcse, (mala.summary(), exact, mala.llc_mcse)
+    assert abs(sgld.llc_mean - sgld_biased) < 4 * sgld.llc_mcse, (sgld.summary(), sgld_biased)
+    assert mala.acceptance_rate.shape == (16,) and 0.3 < mala.acceptance_rate.mean() < 1.0
+    assert mala.to_row()["acceptance_rate"] == pytest.approx(float(mala.acceptance_rate.mean()))
+    assert sgld.acceptance_rate is None
+
+
+def test_tilted_loss_removes_the_slope_of_a_quadratic_with_negative_curvature():
+    """ℓ = gᵀw + ½Σhᵢwᵢ² with one hᵢ < 0 (γ > nβ|hᵢ| keeps the localised posterior proper): the tilted loss drops
+    gᵀw, so λ̂_tilted = Σ ½·nβhᵢ/aᵢ exactly (a = nβh + γ), a negative term included; the plain λ̂ also carries
+    ½nβhᵢ(nβgᵢ/aᵢ)² + nβgᵢ(−nβgᵢ/aᵢ) per direction."""
+    h = torch.tensor([-0.4, 0.0, 0.5, 2.0, 6.0], dtype=F64)
+    g = torch.tensor([0.3, -0.2, 0.2, 0.4, -0.3], dtype=F64)
+    nb, gamma = 20.0, 10.0
+    a = nb * h + gamma
+    tilted_exact = float((0.5 * nb * h / a).sum())
+    mean = -nb * g / a
+    plain_exact = float((0.5 * nb * h * (1 / a + mean**2) + nb * g * mean).sum())
+    cfg = LLCConfig(sampler="mala", step_size=0.02, localization=gamma, nbeta=nb, num_chains=16, num_draws=2000,
+                    num_burnin=200, batch_size=None, tilted=True)
+    res = estimate_llc(sloped_quadratic(g, h), DUMMY, analytic_loss, config=cfg, seed=0)
+    assert abs(res.llc_tilted - tilted_exact) < 4 * res.llc_tilted_mcse + 0.01, (res.llc_tilted, tilted_exact)
+    assert abs(res.llc_mean - plain_exact) < 4 * res.llc_mcse + 0.01, (res.llc_mean, plain_exact)
+    assert plain_exact < tilted_exact - 1  # the slope's bias is large, and the tilt removes it
+    assert res.llc_tilted_per_chain.shape == (16,) and res.to_row()["llc_tilted"] == res.llc_tilted
+
+
+def test_tilted_loss_on_a_quartic_matches_quadrature():
+    """ℓ = g·w + c·w⁴ per coordinate: no quadratic part, so the tilt is not exact here; both λ̂ are compared with
+    one-dimensional quadrature of their definitions (the plain one under exp(−nβℓ − γw²/2), the tilted one under
+    exp(−nβcw⁴ − γw²/2))."""
+    c = torch.tensor([1.0, 3.0], dtype=F64)
+    g = torch.tensor([0.2, -0.3], dtype=F64)
+    nb, gamma = 200.0, 1.0
+    model = Analytic({"w": (2,)}, lambda w: (g * w["w"]).sum() + (c * w["w"] ** 4).sum())
+    cfg = LLCConfig(sampler="mala", step_size=2e-3, localization=gamma, nbeta=nb, num_chains=16, num_draws=3000,
+                    num_burnin=300, batch_size=None, tilted=True)
+    res = estimate_llc(model, DUMMY, analytic_loss, config=cfg, seed=0)
+    plain = sum(quadrature_llc(lambda w, gi=gi, ci=ci: nb * (gi * w + ci * w**4) + gamma * w**2 / 2,
+                               lambda w, gi=gi, ci=ci: nb * (gi * w + ci * w**4)) for gi, ci in zip(g.tolist(), c.tolist(), strict=True))
+    tilted = sum(quadrature_llc(lambda w, ci=ci: nb * ci * w**4 + gamma * w**2 / 2, lambda w, ci=ci: nb * ci * w**4)
+                 for ci in c.tolist())
+    assert tilted == pytest.approx(0.5, rel=0.1)  # two quartic coordinates, 1/4 each
+    assert abs(res.llc_tilted - tilted) < 4 * res.llc_tilted_mcse + 0.005, (res.llc_tilted, tilted)
+    assert abs(res.llc_mean - plain) < 4 * res.llc_mcse + 0.005, (res.llc_mean, plain)
+
+
+def test_rmsprop_sgld_preconditioner_is_adapted_in_burnin_then_frozen():
+    """Curvatures over four decades: the preconditioner gives the soft directions the larger steps, stays under
+    the cap 0.1/(εγ), stops changing after burn-in (a longer run ends with the same G), and the frozen chain
+    targets the right law: λ̂ agrees with Σ ½·nβh/(nβh + γ). (Measured on this model: no gain in effective draws
+    over plain SGLD at the same ε; the loss trace's autocorrelation is set by the soft directions either way.)"""
+    h = torch.tensor([0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0], dtype=F64)
+    nb, gamma = 50.0, 0.5
+    exact = float((0.5 * nb * h / (nb * h + gamma)).sum())
+    base = dict(step_size=2e-4, localization=gamma, nbeta=nb, num_chains=8, num_draws=3000, num_burnin=1000,
+                batch_size=None, sampler="rmsprop_sgld")
+    model = sloped_quadratic(0 * h, h)
+    rms = estimate_llc(model, DUMMY, analytic_loss, config=LLCConfig(**base), seed=0)
+    short = estimate_llc(model, DUMMY, analytic_loss, config=LLCConfig(**{**base, "num_draws": 10}), seed=0)
+    assert rms.preconditioner.shape == (8, 9)
+    np.testing.assert_array_equal(rms.preconditioner, short.preconditioner)  # frozen after burn-in
+    G = rms.preconditioner.mean(axis=0)
+    assert G[0] > 10 * G[-1]  # soft directions get the larger steps
+    assert rms.preconditioner.max() <= 0.1 / (2e-4 * gamma) + 1e-9  # the cap that bounds the localised step
+    assert abs(rms.llc_mean - exact) < 4 * rms.llc_mcse + 0.02 * exact, (rms.summary(), exact, rms.llc_mcse)
+    assert rms.to_row()["precond_max"] == pytest.approx(float(rms.preconditioner.max()))
+
+
+@pytest.mark.parametrize("sampler", ["rmsprop_sgld", "mala"])
+def test_samplers_agree_on_both_paths(sampler):
+    model, data = SmallMLP(), mlp_data()
+    cfg = SMALL.model_copy(update={"sampler": sampler, "tilted": True,
+                                   "batch_size": None if sampler == "mala" else 32})
+    vec = estimate_llc(model, data, mlp_mse, config=cfg.model_copy(update={"vectorize": True}), seed=3)
+    seq = estimate_llc(model, data, mlp_mse, config=cfg.model_copy(update={"vectorize": False}), seed=3)
+    assert vec.vectorized and not seq.vectorized
+    np.testing.assert_allclose(vec.loss_trace, seq.loss_trace, rtol=1e-9, atol=1e-12)
+    assert vec.llc_tilted == pytest.approx(seq.llc_tilted, rel=1e-9)
+
+
+def test_mala_refuses_minibatches():
+    with pytest.raises(ValidationError, match="batch_size"):
+        LLCConfig(sampler="mala")
 
 
 # ------------------------------------------------------------------------------ determinism and isolation

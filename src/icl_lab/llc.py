@@ -201,7 +201,8 @@ class _Kernel:
                 root = V.sqrt()
                 scale = root.median(dim=-1, keepdim=True).values if self.mask is None else \
                     root.masked_fill(self.mask == 0, float("nan")).nanmedian(dim=-1, keepdim=True).values
-                G = scale / root.add_(1e-12 * scale.clamp_min(1e-30) + 1e-30)
+                G = scale / root.add_(1e-12 * scale + 1e-30)
+                G = torch.where(scale > 0, G, torch.ones_like(G))  # no gradient yet (a chain at an exact minimum)
                 self.G[rows] = G.clamp_(max=self.g_max)
             G = self.G[rows]
             move = drift.mul_(G).mul_(-0.5 * self.eps).add_(noise.mul(G.sqrt()), alpha=math.sqrt(self.eps))
