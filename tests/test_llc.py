@@ -335,7 +335,8 @@ def test_tilted_loss_on_a_quartic_matches_quadrature():
                     num_burnin=300, batch_size=None, tilted=True)
     res = estimate_llc(model, DUMMY, analytic_loss, config=cfg, seed=0)
     plain = sum(quadrature_llc(lambda w, gi=gi, ci=ci: nb * (gi * w + ci * w**4) + gamma * w**2 / 2,
-                               lambda w, gi=gi, ci=ci: nb * (gi * w + ci * w**4)) for gi, ci in zip(g.tolist(), c.tolist(), strict=True))
+                               lambda w, gi=gi, ci=ci: nb * (gi * w + ci * w**4))
+                for gi, ci in zip(g.tolist(), c.tolist(), strict=True))
     tilted = sum(quadrature_llc(lambda w, ci=ci: nb * ci * w**4 + gamma * w**2 / 2, lambda w, ci=ci: nb * ci * w**4)
                  for ci in c.tolist())
     assert tilted == pytest.approx(0.5, rel=0.1)  # two quartic coordinates, 1/4 each

@@ -117,7 +117,7 @@ def test_milestones_survive_two_percent_noise():
         np.testing.assert_allclose(_logs(ms), [peak, onset], atol=0.35)
     # without the noise-aware criteria the same curve breaks into spurious milestones
     noisy = _rise_plateau_fall(x) + np.random.default_rng(0).normal(0, 0.2, steps.size)
-    assert len(sg.find_milestones(steps, noisy, noise_z=0.0, min_change=0.0)) > 2
+    assert len(sg.find_milestones(steps, noisy, noise_z=0.0, change_z=0.0, min_change=0.0)) > 2
 
 
 def test_constant_and_monotone_curves_have_no_interior_milestones():
@@ -223,3 +223,212 @@ def test_plot_stages_writes_png_and_pdf(tmp_path):
     for p in (png, pdf):
         assert p.exists() and p.stat().st_size > 1000
     assert png.read_bytes()[:4] == b"\x89PNG" and pdf.read_bytes()[:4] == b"%PDF"
+
+
+# ------------------------------------------------------------------------- trusted estimates, SE thresholds
+
+
+def _truth(x):
+    """A rise at log t = 3.5 (+10), a maximum around 5.3, a fall at 7 (−6), then flat: λ̂ > 0 throughout."""
+    return 1.0 + _step(x, 3.5, 10.0) - _step(x, 7.0, 6.0)
+
+
+def _se(x):
+    """Per-point standard errors that grow with λ̂ (as the chains' spread does): 0.07 to 0.27."""
+    return 0.05 + 0.02 * _truth(x)
+
+
+EARLY = 5  # steps ≤ EARLY hold the off-minimum estimates of early training
+
+
+def _llc_rows(seed: int, early: str = "negative", *, noise_scale: float = 1.0) -> pd.DataFrame:
+    """llc.parquet-like rows of the _truth curve with Gaussian noise of the stated SE (4 chains: llc_std = 2 SE),
+    and an early section of large estimates: 'negative' (−2000…, flagged), 'unflagged' (the same values with no
+    flag), 'flagged_positive' (+5000…, with sampler flags)."""
+    steps = _grid()
+    x = np.log(steps + 1)
+    se = noise_scale * _se(x)
+    lam = _truth(x) + np.random.default_rng(seed).normal(0.0, se)
+    flags = np.full(steps.size, "", dtype=object)
+    e = steps <= EARLY
+    if early == "flagged_positive":
+        lam[e], flags[e] = 5000.0 * np.exp(-steps[e] / 2) + 50, "exceeds_half_d;not_stationary"
+    else:
+        lam[e] = -2000.0 * np.exp(-steps[e] / 2) - 5
+        flags[e] = "negative" if early == "negative" else ""
+    flags[1] = flags[1] + (";" if flags[1] else "") + "not_at_minimum"  # w* flags never decide
+    return pd.DataFrame({"step": steps, "llc_mean": lam, "llc_std": 2.0 * se, "num_chains": 4, "flags": flags})
+
+
+def _reference(se_scale: float = 1.0):
+    """Milestones of the noise-free curve after the early section, with the same standard errors: where the
+    SE-based thresholds put them when noise does not move them. Also the grid index of the true maximum."""
+    steps = _grid()
+    x = np.log(steps + 1)
+    keep = steps > EARLY
+    ref = sg.find_milestones(steps[keep], _truth(x[keep]), se=se_scale * _se(x[keep]))
+    return ref, int(np.argmax(_truth(x)))
+
+
+@pytest.mark.parametrize("early", ["negative", "unflagged", "flagged_positive"])
+def test_llc_milestones_ignore_a_large_early_section(early):
+    steps = _grid()
+    ref, i_peak = _reference()
+    assert [m.kind for m in ref] == ["max", "plateau"]
+    for seed in range(3):
+        rows = _llc_rows(seed, early)
+        ms = sg.llc_milestones(rows)
+        assert [m.kind for m in ms] == ["max", "plateau"], (early, seed)
+        idx = np.searchsorted(steps, [m.step for m in ms])
+        assert abs(idx[0] - i_peak) <= 2, (early, seed)  # the maximum, within two checkpoints
+        assert abs(idx[1] - np.searchsorted(steps, ref[1].step)) <= 2, (early, seed)  # where it settles
+    # the same rows through the old path (every finite value, range-based thresholds): the early section sets
+    # the range, the real features are a few per mille of it, and the only milestone sits in the early section
+    rows = _llc_rows(0, early)
+    old = sg.find_milestones(rows["step"], rows["llc_mean"])
+    assert not any(m.kind == "max" for m in old)
+    assert all(m.step < 30 for m in old)
+
+
+def test_trusted_mask_uses_sampler_flags_and_positivity():
+    rows = pd.DataFrame({
+        "llc_mean": [2.0, 2.0, 2.0, 2.0, -1.0, 0.0, np.nan, np.inf, 2.0, 2.0],
+        "flags": ["", None, "not_at_minimum", "negative;not_at_minimum", "", "", "", "", "chains_disagree",
+                  "diverged"],
+    })  # fmt: skip
+    np.testing.assert_array_equal(sg.trusted_mask(rows), [1, 1, 1, 0, 0, 0, 0, 0, 0, 0])
+    # without a flags column the ok column decides (it cannot tell a w* flag from a sampler flag)
+    old = pd.DataFrame({"llc_mean": [2.0, 2.0, -2.0], "ok": [True, False, True]})
+    np.testing.assert_array_equal(sg.trusted_mask(old), [True, False, False])
+    np.testing.assert_array_equal(sg.trusted_mask(old[["llc_mean"]]), [True, True, False])
+
+
+def test_llc_standard_errors_prefer_se_columns():
+    rows = pd.DataFrame({"llc_std": [2.0, 2.0, 2.0, np.nan], "num_chains": [4, 4, 4, 4]})
+    np.testing.assert_allclose(sg.llc_standard_errors(rows), [1.0, 1.0, 1.0, np.nan])
+    rows["llc_mcse"] = [0.3, np.nan, 0.3, 0.3]
+    np.testing.assert_allclose(sg.llc_standard_errors(rows), [0.3, 1.0, 0.3, 0.3])
+    rows["llc_se"] = [0.2, 0.2, np.nan, 0.0]  # missing or non-positive: the next source
+    np.testing.assert_allclose(sg.llc_standard_errors(rows), [0.2, 0.2, 0.3, 0.3])
+
+
+@pytest.mark.parametrize("smooth_sigma", [0.0, 0.15])
+def test_slope_and_change_standard_errors_match_monte_carlo(smooth_sigma):
+    """SE(d) and SE(a_j − a_i) propagated from per-point SEs through the fit's weights, against the spread of
+    the fit over many noise draws (the fit applied independently of the weight rows)."""
+    from icl_lab.trajectory import _local_linear
+
+    steps = _grid()
+    x = np.log(steps + 1)
+    se = _se(x)
+    noise = np.random.default_rng(3).normal(0.0, 1.0, (x.size, 4000)) * se[:, None]
+    grad = np.gradient(noise, x, axis=0)
+    if smooth_sigma > 0:
+        a, b, ok = _local_linear(x, noise, np.full(x.size, smooth_sigma), 3.0)
+        d = np.where(ok[:, None], b, grad)
+    else:
+        a, d = noise, grad
+    np.testing.assert_allclose(sg._slope_se(x, se, smooth_sigma, 3.0), d.std(1), rtol=0.06)
+    pairs = [(20, 24), (60, 61), (100, 140)]
+    expected = [(a[j] - a[i]).std() for i, j in pairs]
+    np.testing.assert_allclose(sg._change_se(x, se, pairs, smooth_sigma, 3.0), expected, rtol=0.06)
+    # the weight rows are the fit: A v and B v reproduce the smoothed values and slopes
+    v = _truth(x) + noise[:, 0]
+    A, B = sg._operator_rows(x, smooth_sigma, 3.0, np.arange(x.size))
+    fit_a, fit_d = sg._fit(x, v, smooth_sigma, 3.0)
+    np.testing.assert_allclose(A @ v, fit_a, atol=1e-9)
+    np.testing.assert_allclose(B @ v, fit_d, atol=1e-9)
+
+
+def test_flagged_points_are_drawn_but_never_place_boundaries():
+    """A late flagged outlier (chains disagree) changes nothing; the same outlier unflagged adds a milestone."""
+    rows = _llc_rows(0)
+    base = sg.llc_milestones(rows)
+    spike = rows.copy()
+    j = int(np.searchsorted(spike["step"], 20_000))
+    spike.loc[j, "llc_mean"] += 3.0
+    spike.loc[j, "flags"] = "chains_disagree"
+    assert not sg.trusted_mask(spike)[j]
+    assert [(m.kind, m.step) for m in sg.llc_milestones(spike)] == [(m.kind, m.step) for m in base]
+    spike.loc[j, "flags"] = ""
+    assert len(sg.llc_milestones(spike)) > len(base)
+
+
+def test_thresholds_scale_with_the_standard_errors():
+    steps = _grid()
+    x = np.log(steps + 1)
+    # doubling the noise and the stated SE together: the same milestones, no spurious ones
+    for scale in (1.0, 2.0):
+        for seed in range(3):
+            assert [m.kind for m in sg.llc_milestones(_llc_rows(seed, noise_scale=scale))] == ["max", "plateau"]
+    # a flat curve of pure noise has no milestone when the SE is stated right, at either noise level ...
+    for sigma in (0.1, 0.2):
+        for seed in range(5):
+            flat = 5.0 + np.random.default_rng(seed).normal(0.0, sigma, x.size)
+            assert sg.find_milestones(steps, flat, se=sigma) == [], (sigma, seed)
+    # ... and several when the SE is understated five-fold: the thresholds really are in units of se
+    flat = 5.0 + np.random.default_rng(0).normal(0.0, 0.1, x.size)
+    assert len(sg.find_milestones(steps, flat, se=0.02)) >= 2
+    # a small real step (+0.3 at log t = 6) is found with small SEs and is noise at SEs of its own size
+    small = 5.0 + _step(x, 6.0, 0.3)
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        found = sg.find_milestones(steps, small + rng.normal(0.0, 0.005, x.size), se=0.005)
+        assert [m.kind for m in found] == ["plateau"], seed  # where the curve settles after the step
+        assert 6.0 < np.log(found[0].step + 1) < 7.5
+        assert sg.find_milestones(steps, small + rng.normal(0.0, 0.3, x.size), se=0.3) == [], seed
+
+
+def test_se_is_validated_and_missing_entries_fall_back_to_the_scatter():
+    steps = _grid()
+    x = np.log(steps + 1)
+    v = _truth(x) + np.random.default_rng(0).normal(0.0, 0.1, x.size)
+    with pytest.raises(ValueError, match="se"):
+        sg.find_milestones(steps, v, se=np.ones(5))
+    scatter = sg.estimate_noise(steps, v)
+    a = sg.find_milestones(steps, v, se=np.full(x.size, np.nan))
+    b = sg.find_milestones(steps, v, se=scatter)
+    assert [(m.kind, m.step) for m in a] == [(m.kind, m.step) for m in b] and len(a) >= 2
+    assert sg.llc_milestones(_llc_rows(0).iloc[:8]) == []  # fewer than 3 trusted rows: no milestones
+
+
+def test_stage_table_uses_only_trusted_llc_and_still_tiles_the_run():
+    rows = _llc_rows(0, "unflagged")  # λ̂ ≤ 0 without a flag: untrusted all the same
+    steps, lam = rows["step"].to_numpy(), rows["llc_mean"].to_numpy()
+    trusted = sg.trusted_mask(rows)
+    ms = sg.llc_milestones(rows)
+    df = sg.stage_table(steps, lam, np.exp(-np.log(steps + 1)), ms, trusted=trusted)
+    assert list(df["type"][:2]) == ["A", "B"] and list(df["end_kind"]) == ["max", "plateau", "end"]
+    assert df["start"].iloc[0] == 0 and df["end"].iloc[-1] == steps[-1]  # every checkpoint is in a stage
+    first = steps[trusted][0]
+    assert first > EARLY and df["llc_start_step"].iloc[0] == first  # λ̂ changes start at the first trusted one
+    assert df["llc_start"].iloc[0] == pytest.approx(lam[trusted][0])
+    assert df["delta_llc"].sum() == pytest.approx(lam[trusted][-1] - lam[trusted][0])
+    np.testing.assert_allclose(df["delta_llc"].iloc[:2], [10.0, -6.0], atol=0.6)
+    assert df["rel_delta_llc"].abs().max() < 1.0  # relative to the trusted range, not to −2000
+    # the old table on every finite value would report stage 1 as a rise of ~2000
+    assert sg.stage_table(steps, lam, None, ms)["delta_llc"].iloc[0] > 1000
+    # a stage with fewer than two trusted estimates has no LLC change and no type
+    late = sg.stage_table(steps, lam, None, ms, trusted=trusted & (steps >= ms[0].step))
+    assert late["type"].iloc[0] == "?" and np.isnan(late["delta_llc"].iloc[0])
+    assert list(late["type"][1:2]) == ["B"] and late["end"].iloc[0] == ms[0].step
+
+
+def test_plot_stages_draws_untrusted_points_hollow_and_off_scale(tmp_path, monkeypatch):
+    rows = _llc_rows(0)
+    steps, lam = rows["step"].to_numpy(), rows["llc_mean"].to_numpy()
+    trusted = sg.trusted_mask(rows)
+    ms = sg.llc_milestones(rows)
+    table = sg.stage_table(steps, lam, np.exp(-np.log(steps + 1)), ms, trusted=trusted)
+    figs = []
+    save = sg.save_figure
+    monkeypatch.setattr(sg, "save_figure", lambda fig, path: (figs.append(fig), save(fig, path))[1])
+    png, pdf = sg.plot_stages(steps, np.exp(-np.log(steps + 1)), lam, rows["llc_std"], table, tmp_path / "fig",
+                              milestones=ms, trusted=trusted)  # fmt: skip
+    assert png.exists() and pdf.exists()
+    ax = figs[0].axes[1]
+    lo, hi = ax.get_ylim()
+    assert -5 < lo < 1 and 10 < hi < 15  # scaled to the trusted estimates, not to −2000
+    hollow = [ln for ln in ax.get_lines() if ln.get_markerfacecolor() == "white"]
+    shown = np.concatenate([ln.get_xdata() for ln in hollow])
+    np.testing.assert_array_equal(np.sort(shown), steps[(steps > 0) & ~trusted])  # every untrusted one, drawn

@@ -242,21 +242,25 @@ def llc(
 @app.command()
 def stages(run_dir: Annotated[Path, typer.Argument(help="a run with llc.parquet")]) -> None:
     """Stage boundaries from critical points of the LLC curve; writes RUN/stages.{parquet,csv} and a figure."""
-    from icl_lab.stages import find_milestones, plot_stages, save_stage_table, stage_table
+    import numpy as np
+
+    from icl_lab.stages import llc_milestones, plot_stages, save_stage_table, stage_table, trusted_mask
 
     run = _load_run(run_dir)
     llc_df = run.llc
     if llc_df is None or llc_df.empty:
         fail(f"{run.path} has no LLC estimates; run `icl-lab llc {run.path}` first")
     llc_df = llc_df.sort_values("step")
+    llc_df = llc_df[np.isfinite(llc_df["llc_mean"].to_numpy(dtype=float))]  # diverged estimates: not even drawn
     steps_ = llc_df["step"].to_numpy()
     loss = run.metrics.set_index("step").loc[steps_]["id_loss"].to_numpy()
     lam = llc_df["llc_mean"].to_numpy()
-    milestones = find_milestones(steps_, lam)
-    table = stage_table(steps_, lam, loss, milestones, loss_plateaus="auto")
+    trusted = trusted_mask(llc_df)  # boundaries only from unflagged λ̂ > 0; the rest is drawn, not used
+    milestones = llc_milestones(llc_df)
+    table = stage_table(steps_, lam, loss, milestones, loss_plateaus="auto", trusted=trusted)
     save_stage_table(table, run.path / "stages")
     plot_stages(steps_, loss, lam, llc_df["llc_std"].to_numpy(), table, run.path / "figures" / "stages",
-                milestones=milestones)
+                milestones=milestones, trusted=trusted)
     Console().print(table.to_string(index=False))
 
 

@@ -14,6 +14,11 @@ x at every checkpoint, which gives the smoothed value and slope together, is exa
 therefore never shifts a feature, even on the irregular linear + log checkpoint grid or at the ends of the
 curve. It is used only to locate critical points; tables and plots keep the raw values.
 
+Only trustworthy estimates place boundaries (:func:`trusted_mask`: no sampler flag and λ̂ > 0; early,
+off-minimum checkpoints give large negative λ̂), and the thresholds are in units of the estimates' standard
+errors (:func:`llc_standard_errors`), never fractions of the curve's range; :func:`llc_milestones` does both
+from llc.parquet rows. Untrusted estimates are drawn, not used.
+
 The Timaeus authors picked milestones by hand (peers.md §2.7: no automated plateau finder exists); the
 hyper-parameters of the automation here are explicit arguments of :func:`find_milestones`.
 """
@@ -30,7 +35,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from icl_lab.plots import save_figure
+from icl_lab.llc import sampler_ok
+from icl_lab.plots import llc_limits, save_figure
 from icl_lab.trajectory import ArrayLike, _kernel_rows, _local_linear, _row_chunks, _to_numpy
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,6 +47,8 @@ __all__ = [
     "cross_check",
     "estimate_noise",
     "find_milestones",
+    "llc_milestones",
+    "llc_standard_errors",
     "log_derivative",
     "log_steps",
     "milestones_frame",
@@ -48,6 +56,7 @@ __all__ = [
     "save_stage_table",
     "smooth_log",
     "stage_table",
+    "trusted_mask",
 ]
 
 MilestoneKind = Literal["max", "min", "plateau"]
@@ -75,33 +84,84 @@ def _prepare(steps: ArrayLike, values: ArrayLike, offset: float) -> tuple[np.nda
     return s, v, log_steps(s, offset)
 
 
-def _fit(
-    x: np.ndarray, v: np.ndarray, smooth_sigma: float, truncate: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Smoothed values, slopes d/dx and the slopes' noise factors g (slope std error = noise σ · g).
+def _fit(x: np.ndarray, v: np.ndarray, smooth_sigma: float, truncate: float) -> tuple[np.ndarray, np.ndarray]:
+    """Smoothed values and slopes d/dx, both (T,).
 
-    smooth_sigma > 0: Gaussian-weighted local linear fit (slope b = Σw d̃ y / Σw d̃², d̃ = d − weighted
-    mean of d, so Var b = σ² Σw² d̃² / (Σw d̃²)²); smooth_sigma = 0: raw values and `np.gradient` (g from
-    the central difference). Points with fewer than two neighbours in the window fall back to the finite
-    difference."""
+    smooth_sigma > 0: Gaussian-weighted local linear fit at every x_i (slope b = Σw d̃ y / Σw d̃², d̃ = d − weighted
+    mean of d); smooth_sigma = 0: raw values and `np.gradient`. Points with fewer than two neighbours in the window
+    fall back to the raw value and the finite difference. Both are linear in v: :func:`_operator_rows` gives the
+    rows of the two maps, for standard errors."""
     raw_slope = np.gradient(v, x)
-    g_raw = np.empty_like(x)
-    g_raw[1:-1] = np.sqrt(2.0) / (x[2:] - x[:-2])
-    g_raw[0] = np.sqrt(2.0) / (x[1] - x[0])
-    g_raw[-1] = np.sqrt(2.0) / (x[-1] - x[-2])
     if smooth_sigma <= 0:
-        return v.copy(), raw_slope, g_raw
+        return v.copy(), raw_slope
     sig = np.full(x.size, float(smooth_sigma))
     a, b, ok = _local_linear(x, v[:, None], sig, truncate)
-    g = np.empty_like(x)
+    return a[:, 0], np.where(ok, b[:, 0], raw_slope)
+
+
+def _gradient_rows(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Rows `rows` of the matrix G with G @ v = np.gradient(v, x) (second order inside, first order at the ends).
+    x: (T,) strictly increasing, T ≥ 2 → (R, T)."""
+    T = x.size
+    G = np.zeros((rows.size, T))
+    r = np.arange(rows.size)
+    first, last = rows == 0, rows == T - 1
+    inner = ~(first | last)
+    G[r[first], 0], G[r[first], 1] = -1.0 / (x[1] - x[0]), 1.0 / (x[1] - x[0])
+    G[r[last], T - 2], G[r[last], T - 1] = -1.0 / (x[-1] - x[-2]), 1.0 / (x[-1] - x[-2])
+    i, ri = rows[inner], r[inner]
+    hm, hp = x[i] - x[i - 1], x[i + 1] - x[i]
+    G[ri, i - 1] = -hp / (hm * (hm + hp))
+    G[ri, i] = (hp - hm) / (hm * hp)
+    G[ri, i + 1] = hm / (hp * (hm + hp))
+    return G
+
+
+def _operator_rows(
+    x: np.ndarray, smooth_sigma: float, truncate: float, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows `rows` of the linear maps v ↦ smoothed values and v ↦ slopes of :func:`_fit`: (A, B), each (R, T),
+    so that _fit(x, v) = (A_full @ v, B_full @ v). The local linear fit at x_i with weights w_k and offsets
+    d_k = x_k − x_i has A_ik = w_k (S2 − S1 d_k) / det and B_ik = w_k (S0 d_k − S1) / det (S_n = Σ w d^n,
+    det = S0 S2 − S1²); rows where the fit falls back use the identity and the finite difference."""
+    E = np.zeros((rows.size, x.size))
+    E[np.arange(rows.size), rows] = 1.0
+    G = _gradient_rows(x, rows)
+    if smooth_sigma <= 0:
+        return E, G
+    w, d = _kernel_rows(x, np.full(x.size, float(smooth_sigma)), rows, truncate)
+    s0, s1, s2 = w.sum(1, keepdims=True), (w * d).sum(1, keepdims=True), (w * d * d).sum(1, keepdims=True)
+    det = s0 * s2 - s1 * s1
+    good = ((w > 0).sum(1) >= 2) & (det[:, 0] > 1e-12 * np.maximum(s0[:, 0] * s2[:, 0], 1e-300))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        A = w * (s2 - s1 * d) / det
+        B = w * (s0 * d - s1) / det
+    return np.where(good[:, None], A, E), np.where(good[:, None], B, G)
+
+
+def _slope_se(x: np.ndarray, se: np.ndarray, smooth_sigma: float, truncate: float) -> np.ndarray:
+    """Standard error of each slope of :func:`_fit` from independent per-point standard errors se: (T,) → (T,):
+    SE(d_i) = sqrt(Σ_k B_ik² se_k²); for the local linear fit Var b_i = Σ_k w_k² d̃_k² se_k² / (Σ_k w_k d̃_k²)²."""
+    out = np.empty(x.size)
     for rows in _row_chunks(x.size, x.size):
-        w, d = _kernel_rows(x, sig, rows, truncate)
-        dbar = (w * d).sum(1, keepdims=True) / w.sum(1, keepdims=True)
-        dt = d - dbar
-        sxx = (w * dt * dt).sum(1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            g[rows] = np.sqrt((w * w * dt * dt).sum(1)) / sxx
-    return a[:, 0], np.where(ok, b[:, 0], raw_slope), np.where(ok, g, g_raw)
+        _, B = _operator_rows(x, smooth_sigma, truncate, rows)
+        out[rows] = np.sqrt((B * B) @ (se * se))
+    return out
+
+
+def _change_se(
+    x: np.ndarray, se: np.ndarray, pairs: Sequence[tuple[int, int]], smooth_sigma: float, truncate: float
+) -> np.ndarray:
+    """Standard error of a_j − a_i (smoothed values of :func:`_fit`) for each index pair (i, j), from independent
+    per-point standard errors se: (T,). SE = sqrt(Σ_k (A_jk − A_ik)² se_k²); neighbouring smoothed values share
+    most of their data, so the SE of a short change is much smaller than √2 times the SE of one value. → (P,)."""
+    if not pairs:
+        return np.zeros(0)
+    idx = np.unique(np.asarray(pairs, dtype=np.int64).reshape(-1))
+    A, _ = _operator_rows(x, smooth_sigma, truncate, idx)
+    pos = {int(k): n for n, k in enumerate(idx)}
+    diff = np.stack([A[pos[j]] - A[pos[i]] for i, j in pairs])
+    return np.sqrt((diff * diff) @ (se * se))
 
 
 def estimate_noise(steps: ArrayLike, values: ArrayLike, *, offset: float = 1.0) -> float:
@@ -195,27 +255,36 @@ def find_milestones(
     steps: ArrayLike,
     llc: ArrayLike,
     *,
+    se: ArrayLike | float | None = None,
     smooth_sigma: float = 0.15,
-    plateau_tol: float = 0.05,
+    plateau_tol: float | None = None,
     min_plateau_width: float = 0.3,
     noise: float | None = None,
     noise_z: float = 2.0,
-    min_change: float = 0.05,
+    change_z: float = 4.0,
+    min_change: float | None = None,
     edge_plateaus: Literal["none", "end", "both"] = "end",
     offset: float = 1.0,
     truncate: float = 3.0,
 ) -> list[Milestone]:
     """Milestones of an LLC (or loss) curve: critical points of λ̂ against log step (Hoogland et al. §3.3).
 
+    For an LLC curve, pass only the trustworthy estimates and their standard errors (:func:`llc_milestones`
+    does both from llc.parquet rows): the thresholds are then in units of the estimates' standard errors, and
+    nothing depends on the curve's range, so a stretch of off-minimum estimates cannot set the scale.
+
     Procedure (papers.md §D4):
       1. x = log(step + offset); smoothed value a(x) and slope d(x) = dλ̂/dx by a centred local-linear
-         Gaussian fit of width `smooth_sigma` (see :func:`log_derivative`).
-      2. A checkpoint is *flat* when the slope is small relative to the curve's range,
-         |d| ≤ plateau_tol · (max a − min a) (change per e-fold of steps, as a fraction of the range),
-         or when it is not significantly non-zero given the noise, |d| ≤ noise_z · SE(d), with
-         SE(d) = noise · (noise factor of the fit); `noise` defaults to :func:`estimate_noise`.
-      3. A run of steep checkpoints over which the smoothed curve changes by less than
-         `min_change` · (max a − min a) is noise, not development: it is counted as flat.
+         Gaussian fit of width `smooth_sigma` (see :func:`log_derivative`). Both are linear in the values, so
+         their standard errors follow from the per-point standard errors se_k (taken as independent):
+         SE(d_i)² = Σ_k B_ik² se_k² (for the local linear fit Σ w_k² d̃_k² se_k² / (Σ w_k d̃_k²)²) and
+         SE(a_j − a_i)² = Σ_k (A_jk − A_ik)² se_k², with A, B the fit's weights.
+      2. A checkpoint is *flat* when its slope is not significantly non-zero, |d| ≤ noise_z · SE(d), or (range
+         path only, see below) when |d| ≤ plateau_tol · (max a − min a).
+      3. A run of steep checkpoints is noise, not development, and counted as flat when the change of the
+         smoothed curve across it (from the checkpoint before the run to the one after) is within change_z
+         standard errors of that change, |a_j − a_i| ≤ change_z · SE(a_j − a_i), or (range path only) below
+         `min_change` · (max a − min a).
       4. Flat stretches are maximal runs of flat checkpoints. For each stretch strictly inside the curve, the
          milestone sits at the stretch's centre in x (robust to noise; for a sharp turn the stretch is
          narrow and its centre is the turning point), and the sign of d just outside it decides the kind:
@@ -230,37 +299,73 @@ def find_milestones(
          The initial one is off by default: log(step + 1) stretches the first few steps, where nothing has
          happened yet, over a wide x range, so it would nearly always be flagged.
 
+    Standard errors, two paths:
+      - `se` given (the LLC path): per-point standard errors of the values, e.g. the Monte-Carlo standard error
+        of each λ̂ or its std over chains / sqrt(chains). Entries that are not finite and positive (e.g. a
+        one-chain estimate) are replaced by :func:`estimate_noise` of the curve. plateau_tol and min_change
+        default to 0: no range-based threshold.
+      - `se` None (the range path, for curves without per-point errors such as a loss): every point has the
+        standard error `noise` (default :func:`estimate_noise`, a robust scatter estimate), and plateau_tol and
+        min_change default to 0.05, so that a smooth, noise-free curve, whose estimated noise is ~0, still has
+        plateaus where it is nearly flat.
+      Passing plateau_tol or min_change explicitly applies them on either path.
+
     Defaults and why:
       - smooth_sigma 0.15 (≈ ±16 % in step): removes checkpoint-to-checkpoint SGLD noise, while stages span at
         least a factor ~2 in step (0.7 in x), so distinct critical points are not merged;
-      - plateau_tol 0.05: the curve moves by < 5 % of its total range per e-fold of steps;
-      - min_plateau_width 0.3 (a factor 1.35 in step);
-      - noise_z 2: a slope within two standard errors of 0 is treated as flat (0 disables the test);
-      - min_change 0.05: a stage must move the curve by at least 5 % of its range (Hoogland's smallest
-        regression stage, LR3, moves the LLC by about 7 % of its range);
+      - noise_z 2: a slope within two standard errors of 0 is flat. This only splits the curve into flat and
+        steep stretches (and sets where a plateau starts); the steep runs that noise produces at this level
+        (about 5 % of the slopes for Gaussian errors) are removed by the next test. 0 disables the test;
+      - change_z 4: the change test is repeated for every steep run along the curve, tens of nearly
+        independent windows on a log-step grid of a few hundred checkpoints, so it needs a margin for
+        multiple comparisons: the two-sided Gaussian tail beyond 4 SE is 6e-5 per window, so a curve of pure
+        noise rarely gets a milestone, whereas at 2 SE (5 % per window) most such curves would get one. A real
+        stage moves the curve by many standard errors of its change (the SE of a change is far below that of
+        one point, since the smoothed values share data). 0 disables the test;
+      - plateau_tol 0.05 (range path): the curve moves by < 5 % of its total range per e-fold of steps;
+      - min_change 0.05 (range path): a stage must move the curve by at least 5 % of its range (Hoogland's
+        smallest regression stage, LR3, moves the LLC by about 7 % of its range);
+      - min_plateau_width 0.3 (a factor 1.35 in step): shorter slow-downs are not plateaus;
       - offset 1: step 0 maps to x = 0.
 
     Args:
         steps: (T,) strictly increasing checkpoint steps.
         llc: (T,) curve values (LLC means; or a loss).
-        noise: known noise σ of each value (e.g. LLC std over chains / sqrt(chains)); None → estimated.
+        se: (T,) per-point standard errors of the values (or one number for all); None → the range path.
+        noise: range path only: known noise σ of every value; None → :func:`estimate_noise`.
 
     Returns:
-        Milestones sorted by step. A constant curve has none.
+        Milestones sorted by step (`index` into `steps`). A constant curve has none.
     """
     s, v, x = _prepare(steps, llc, offset)
-    a, d, g = _fit(x, v, smooth_sigma, truncate)
+    a, d = _fit(x, v, smooth_sigma, truncate)
     T = s.size
     span = float(a.max() - a.min())
     if span <= 1e-12 * max(1.0, float(np.abs(a).max())):  # constant up to rounding
         return []
-    sigma_noise = estimate_noise(s, v, offset=offset) if noise is None else float(noise)
-    threshold = np.maximum(plateau_tol * span, noise_z * sigma_noise * np.nan_to_num(g, nan=0.0))
-    flat = np.abs(d) <= threshold
-    # a steep run that moves the smoothed curve by less than min_change of its range is noise: make it flat
-    for j0, j1 in _runs(~flat):
-        lo_i, hi_i = max(j0 - 1, 0), min(j1 + 1, T - 1)
-        if abs(a[hi_i] - a[lo_i]) < min_change * span:
+    if se is not None:
+        sev = _to_numpy(se).reshape(-1)
+        if sev.size == 1:
+            sev = np.full(T, sev[0])
+        elif sev.shape != (T,):
+            raise ValueError(f"se {sev.shape} must be one number or one per checkpoint ({T},)")
+        bad = ~(np.isfinite(sev) & (sev > 0))
+        if bad.any():
+            sev = np.where(bad, estimate_noise(s, v, offset=offset), sev)
+        range_default = 0.0
+    else:
+        sev = np.full(T, estimate_noise(s, v, offset=offset) if noise is None else float(noise))
+        range_default = 0.05
+    tol = range_default if plateau_tol is None else plateau_tol
+    min_move = range_default if min_change is None else min_change
+    flat = np.abs(d) <= np.maximum(tol * span, noise_z * _slope_se(x, sev, smooth_sigma, truncate))
+    # a steep run whose change is within change_z standard errors (or below min_change of the range) is noise
+    runs = _runs(~flat)
+    pairs = [(max(j0 - 1, 0), min(j1 + 1, T - 1)) for j0, j1 in runs]
+    change_se = _change_se(x, sev, pairs, smooth_sigma, truncate)
+    for (j0, j1), (lo_i, hi_i), c_se in zip(runs, pairs, change_se, strict=True):
+        change = abs(a[hi_i] - a[lo_i])
+        if change < min_move * span or change <= change_z * c_se:
             flat[j0 : j1 + 1] = True
     found: dict[int, Milestone] = {}
 
@@ -296,6 +401,67 @@ def find_milestones(
             j = i if a[i] <= a[i + 1] else i + 1
             add(j, "min", j, j)
     return [found[k] for k in sorted(found)]
+
+
+SE_COLUMNS = ("llc_se", "llc_mcse")  # llc.parquet columns holding a standard error of λ̂, preferred first
+
+
+def trusted_mask(llc: pd.DataFrame) -> np.ndarray:
+    """Which rows of an LLC table (llc.parquet: llc_mean, flags, …) may place stage boundaries: (N,) bool, in
+    the table's row order.
+
+    A row is trusted when λ̂ is finite and > 0 and the sampler raised no flag (:func:`icl_lab.llc.sampler_ok`
+    of `flags`; "not_at_minimum", a property of the checkpoint, does not count). λ̂ ≤ 0 is impossible for an
+    LLC: it comes from chains that found lower loss than w*, as early, off-minimum checkpoints do, and such
+    estimates can be thousands of times larger in magnitude than the rest of the curve. Without a `flags`
+    column the `ok` column decides (no flag of any kind), and without either every positive estimate counts.
+    Untrusted rows are still drawn (:func:`plot_stages`), just not used."""
+    mean = pd.to_numeric(llc["llc_mean"], errors="coerce").to_numpy(dtype=np.float64)
+    keep = np.isfinite(mean) & (mean > 0)
+    if "flags" in llc.columns:
+        keep &= np.array([sampler_ok(f) for f in llc["flags"]], dtype=bool)
+    elif "ok" in llc.columns:
+        keep &= llc["ok"].fillna(False).to_numpy(dtype=bool)
+    return keep
+
+
+def llc_standard_errors(llc: pd.DataFrame) -> np.ndarray:
+    """Standard error of each λ̂ of an LLC table: (N,), in the table's row order.
+
+    The first finite, positive value of: column `llc_se`, column `llc_mcse` (Monte-Carlo standard error),
+    llc_std / sqrt(num_chains) (the spread of the chains' means, taken as independent); NaN when none exists
+    (:func:`find_milestones` then uses the curve's estimated scatter for that point)."""
+    n = len(llc)
+
+    def col(name: str) -> np.ndarray:
+        if name not in llc.columns:
+            return np.full(n, np.nan)
+        return pd.to_numeric(llc[name], errors="coerce").to_numpy(dtype=np.float64)
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        chains = col("num_chains")
+        se = np.where(chains > 0, col("llc_std") / np.sqrt(chains), np.nan)
+    for name in reversed(SE_COLUMNS):
+        v = col(name)
+        se = np.where(np.isfinite(v) & (v > 0), v, se)
+    return se
+
+
+def llc_milestones(llc: pd.DataFrame, **kwargs: Any) -> list[Milestone]:
+    """Stage boundaries of an LLC table (llc.parquet rows: step, llc_mean, flags, llc_std, num_chains and
+    optionally llc_se / llc_mcse) from its trusted rows only (:func:`trusted_mask`), with thresholds in units of
+    their standard errors (:func:`llc_standard_errors`). kwargs go to :func:`find_milestones`; a Milestone's
+    `index` counts trusted rows by step. Fewer than 3 trusted rows give no milestones."""
+    rows = llc.sort_values("step")
+    rows = rows[trusted_mask(rows)]
+    if len(rows) < 3:
+        return []
+    return find_milestones(
+        rows["step"].to_numpy(dtype=np.float64),
+        rows["llc_mean"].to_numpy(dtype=np.float64),
+        se=llc_standard_errors(rows),
+        **kwargs,
+    )
 
 
 def milestones_frame(milestones: Sequence[Milestone]) -> pd.DataFrame:
@@ -405,11 +571,13 @@ def stage_table(
     ed_events: Sequence[float] | np.ndarray | EssentialDynamics | None = None,
     tol_in_log_steps: float = 0.3,
     offset: float = 1.0,
+    trusted: ArrayLike | None = None,
 ) -> pd.DataFrame:
     """The stage table (Hoogland et al. Tables 1-2): one row per interval between successive boundaries.
 
     Stages run from the first checkpoint to the first boundary, between boundaries, and from the last
-    boundary to the last checkpoint. Each boundary is snapped to the nearest checkpoint step (in log step).
+    boundary to the last checkpoint. Each boundary is snapped to the nearest trusted checkpoint step (in log
+    step).
 
     Args:
         steps: (T,) strictly increasing checkpoint steps.
@@ -419,14 +587,20 @@ def stage_table(
         loss_plateaus, ed_events, tol_in_log_steps: optional cross-checks of each stage's END boundary (see
             :func:`cross_check`); adds columns loss_step, loss_agrees, ed_step, ed_agrees and the chance
             levels loss_chance, ed_chance (fraction of the log-step range within tolerance of an event).
-            loss_plateaus="auto" finds them on `loss` with :func:`find_milestones` and its defaults.
+            loss_plateaus="auto" finds them on `loss` with :func:`find_milestones` and its defaults (the range
+            path: a loss has no per-point standard errors).
+        trusted: (T,) bool, which λ̂ are trustworthy (:func:`trusted_mask`); None → all. Only trusted λ̂ enter
+            the table: each stage's LLC change runs from its first to its last trusted checkpoint (columns
+            llc_start_step, llc_end_step; the stage ends themselves when they are trusted, as boundaries
+            from :func:`llc_milestones` are), and is NaN, with type '?', when the stage holds fewer than two.
+            The loss columns still use the stage ends.
 
     Returns:
         DataFrame with columns stage (1, 2, …), start, end (steps), delta_loss (= loss(end) − loss(start)),
-        delta_llc (= λ̂(end) − λ̂(start)), rel_delta_llc (delta_llc / range of λ̂, to spot negligible stages),
-        type ('A' if delta_llc > 0, the LLC rises; 'B' otherwise), end_kind (the milestone kind at the end
-        boundary, 'end' for the last stage), llc_start, llc_end, loss_start, loss_end, and the cross-check
-        columns when requested.
+        delta_llc (= λ̂(llc_end_step) − λ̂(llc_start_step)), rel_delta_llc (delta_llc / range of the trusted λ̂,
+        to spot negligible stages), type ('A' if delta_llc > 0, the LLC rises; 'B' if ≤ 0; '?' if NaN),
+        end_kind (the milestone kind at the end boundary, 'end' for the last stage), llc_start, llc_end,
+        llc_start_step, llc_end_step, loss_start, loss_end, and the cross-check columns when requested.
     """
     s, lam, x = _prepare(steps, llc, offset)
     if loss is None:
@@ -435,21 +609,27 @@ def stage_table(
         lo = _to_numpy(loss).reshape(-1)
         if lo.shape != s.shape:
             raise ValueError(f"loss {lo.shape} and steps {s.shape} must have the same length")
+    ok = np.ones(s.size, dtype=bool) if trusted is None else np.asarray(trusted, dtype=bool).reshape(-1)
+    if ok.shape != s.shape:
+        raise ValueError(f"trusted {ok.shape} and steps {s.shape} must have the same length")
     kinds: dict[int, str] = {}
     idx: list[int] = []
-    for bnd in boundaries:
+    candidates = np.nonzero(ok)[0]
+    for bnd in boundaries if candidates.size else []:
         st = bnd.step if isinstance(bnd, Milestone) else float(bnd)
-        i = int(np.argmin(np.abs(x - np.log(st + offset))))
+        i = int(candidates[np.argmin(np.abs(x[candidates] - np.log(st + offset)))])
         if 0 < i < s.size - 1 and i not in kinds:
             idx.append(i)
             kinds[i] = bnd.kind if isinstance(bnd, Milestone) else "boundary"
     idx = sorted(idx)
     edges = [0, *idx, s.size - 1]
-    span = float(lam.max() - lam.min())
+    span = float(lam[ok].max() - lam[ok].min()) if ok.any() else 0.0
     rows = []
     for n in range(len(edges) - 1):
         i, j = edges[n], edges[n + 1]
-        dl = float(lam[j] - lam[i])
+        inside = candidates[(candidates >= i) & (candidates <= j)]
+        ti, tj = (int(inside[0]), int(inside[-1])) if inside.size >= 2 else (-1, -1)
+        dl = float(lam[tj] - lam[ti]) if ti >= 0 else np.nan
         rows.append(
             {
                 "stage": n + 1,
@@ -457,11 +637,13 @@ def stage_table(
                 "end": s[j],
                 "delta_loss": float(lo[j] - lo[i]),
                 "delta_llc": dl,
-                "rel_delta_llc": dl / span if span > 0 else 0.0,
-                "type": "A" if dl > 0 else "B",
+                "rel_delta_llc": dl / span if span > 0 else dl * 0.0,
+                "type": "A" if dl > 0 else ("B" if dl <= 0 else "?"),
                 "end_kind": kinds.get(j, "end"),
-                "llc_start": float(lam[i]),
-                "llc_end": float(lam[j]),
+                "llc_start": float(lam[ti]) if ti >= 0 else np.nan,
+                "llc_end": float(lam[tj]) if ti >= 0 else np.nan,
+                "llc_start_step": s[ti] if ti >= 0 else np.nan,
+                "llc_end_step": s[tj] if ti >= 0 else np.nan,
                 "loss_start": float(lo[i]),
                 "loss_end": float(lo[j]),
             }
@@ -523,13 +705,19 @@ def plot_stages(
     milestones: Sequence[Milestone] | None = None,
     loss_label: str = "test loss",
     title: str | None = None,
+    trusted: ArrayLike | None = None,
 ) -> tuple[Path, Path]:
     """Hoogland et al. Fig. 1: loss (top) and LLC ± std over chains (bottom) against step on a log x-axis,
-    with stage bands (orange hues: LLC rising, type A; blue hues: falling, type B) and stage labels.
+    with stage bands (orange hues: LLC rising, type A; blue hues: falling, type B; grey: unknown) and stage
+    labels.
 
     Raw values are plotted; `smoothed_llc` (e.g. :func:`smooth_log`) is overlaid as a thin line if given, and
-    `milestones` as dashed vertical lines. Step 0 cannot sit on a log axis: points with step ≤ 0 are left out
-    of the plot and a band starting at 0 is drawn from the first positive step. Saves PNG + PDF."""
+    `milestones` as dashed vertical lines. `trusted` ((T,) bool, :func:`trusted_mask`; None → all) marks the
+    estimates the stages come from: they are joined by the line and drawn as filled dots; the others are drawn
+    as hollow grey circles, the LLC axis is scaled to the trusted estimates ± std (as in
+    :func:`icl_lab.plots.plot_llc`), and untrusted estimates beyond it sit at its edge as hollow grey triangles
+    (the legend gives the extreme). Step 0 cannot sit on a log axis: points with step ≤ 0 are left out of the
+    plot and a band starting at 0 is drawn from the first positive step. Saves PNG + PDF."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
@@ -542,13 +730,29 @@ def plot_stages(
     xmin = float(s[pos].min())
     fig = Figure(figsize=(7.5, 6.0), layout="constrained")
     ax_loss, ax_llc = fig.subplots(2, 1, sharex=True)
+    ok = np.ones(s.size, dtype=bool) if trusted is None else np.asarray(trusted, dtype=bool).reshape(-1)
+    sd = np.zeros_like(lam) if llc_std is None else np.nan_to_num(_to_numpy(llc_std).reshape(-1))
+    fin = np.isfinite(lam)
+    y_lo, y_hi = llc_limits(lam[pos & fin], sd[pos & fin], ok[pos & fin])
+    shown = np.clip(lam, y_lo, y_hi)
     ax_loss.plot(s[pos], lo[pos], "-", color="black", lw=1.4)
-    ax_llc.plot(s[pos], lam[pos], "-", color="black", lw=1.4, label="LLC (mean over chains)")
+    good = pos & ok & fin
+    ax_llc.plot(s[good], lam[good], "o-", color="black", lw=1.4, ms=2.5, label="LLC (mean over chains)")
     if llc_std is not None:
-        sd = _to_numpy(llc_std).reshape(-1)
         ax_llc.fill_between(
-            s[pos], (lam - sd)[pos], (lam + sd)[pos], color="0.6", alpha=0.4, lw=0, label="± std"
+            s[good], (lam - sd)[good], (lam + sd)[good], color="0.6", alpha=0.4, lw=0, label="± std"
         )
+    bad = pos & ~ok & fin
+    inside = bad & (lam >= y_lo) & (lam <= y_hi)
+    if inside.any():
+        ax_llc.plot(s[inside], lam[inside], "o", mfc="white", color="0.5", ms=4,
+                    label="not used for stages (sampler flag or λ̂ ≤ 0)")  # fmt: skip
+    for off, marker, where in ((lam < y_lo, "v", "below"), (lam > y_hi, "^", "above")):
+        off = off & bad
+        if off.any():
+            extreme = f"lowest {lam[off].min():.3g}" if where == "below" else f"highest {lam[off].max():.3g}"
+            ax_llc.plot(s[off], shown[off], marker, mfc="white", color="0.5", ms=5,
+                        label=f"{off.sum()} not used, {where} the axis ({extreme})")  # fmt: skip
     if smoothed_llc is not None:
         sm = _to_numpy(smoothed_llc).reshape(-1)
         ax_llc.plot(s[pos], sm[pos], "--", color="tab:red", lw=1.0, label="smoothed (for milestones)")
@@ -558,6 +762,8 @@ def plot_stages(
         if row["type"] == "A":
             colour = oranges(0.25 + 0.2 * (na % 2))
             na += 1
+        elif row["type"] == "?":
+            colour = "0.85"
         else:
             colour = blues(0.25 + 0.2 * (nb % 2))
             nb += 1
@@ -578,6 +784,7 @@ def plot_stages(
         if m.step > 0:
             for ax in (ax_loss, ax_llc):
                 ax.axvline(m.step, color="0.3", ls=":", lw=0.8)
+    ax_llc.set_ylim(y_lo, y_hi)
     ax_llc.set_xscale("log")
     ax_llc.set_xlabel("step")
     ax_loss.set_ylabel(loss_label)

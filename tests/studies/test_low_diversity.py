@@ -50,7 +50,9 @@ def test_numbers_are_finite_and_outputs_are_on_disk(study_dir):
         assert len(llc) == len(list((run / "checkpoints").glob("step_*.safetensors")))
         assert np.isfinite(llc["llc_mean"]).mean() > 0.5
         stages = pd.read_parquet(run / "stages.parquet")
-        assert len(stages) >= 1 and set(stages["type"]) <= {"A", "B"}
+        # '?': a stage holding fewer than two trusted λ̂ (no sampler flag, λ̂ > 0) has no measured LLC change
+        assert len(stages) >= 1 and set(stages["type"]) <= {"A", "B", "?"}
+        assert ((stages["type"] == "?") == stages["delta_llc"].isna()).all()
     for fig in ("loss_curves", "delta", "llc_curves", "ed_M2", "joint_pca_seed0", "attention_M1", "probes"):
         assert (study_dir / "figures" / f"{fig}.png").stat().st_size > 5_000
         assert (study_dir / "figures" / f"{fig}.pdf").exists()

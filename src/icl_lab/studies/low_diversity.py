@@ -24,7 +24,7 @@ from icl_lab.llc import min_burnin
 from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_runs, finite_llc
 from icl_lab.plots import BASELINE_STYLE, per_token_columns, plot_llc, save_figure, step_axis
 from icl_lab.report import Section, write_report
-from icl_lab.stages import find_milestones, plot_stages, save_stage_table, stage_table
+from icl_lab.stages import llc_milestones, plot_stages, save_stage_table, stage_table, trusted_mask
 from icl_lab.store import Run, write_json
 from icl_lab.studies.common import PhaseTimer, checkpoint_predictions, train_runs
 from icl_lab.tasks import make_generator, root_task_batch, sample_batch, task_pool
@@ -179,12 +179,14 @@ def _stages(run: Run, ed, path: Path) -> pd.DataFrame:
     llc = finite_llc(run)
     metrics = run.metrics.set_index("step").loc[llc["step"]]
     steps, lam, loss = llc["step"].to_numpy(), llc["llc_mean"].to_numpy(), metrics["id_loss"].to_numpy()
-    milestones = find_milestones(steps, lam)
-    table = stage_table(steps, lam, loss, milestones, loss_plateaus="auto", ed_events=ed)
+    trusted = trusted_mask(llc)  # boundaries only from unflagged λ̂ > 0; the rest is drawn, not used
+    milestones = llc_milestones(llc)
+    table = stage_table(steps, lam, loss, milestones, loss_plateaus="auto", ed_events=ed, trusted=trusted)
     save_stage_table(table, run.path / "stages")
     t = run.config.task
     plot_stages(steps, loss, lam, llc["llc_std"].to_numpy(), table, path, milestones=milestones,
-                loss_label="in-distribution loss", title=f"{run.path.name}: M={t.M}, seed {run.config.seed}")
+                loss_label="in-distribution loss", title=f"{run.path.name}: M={t.M}, seed {run.config.seed}",
+                trusted=trusted)
     return table
 
 

@@ -360,7 +360,7 @@ def _shared_llc_settings(cfg: StagesConfig, out: Path, run: Run) -> tuple[LLCSet
 
 def analyse_run(cfg: StagesConfig, run: Run, out: Path) -> dict[str, Any]:
     """Curves, essential dynamics, milestones and the stage table of one run; writes curves and tables to OUT."""
-    from icl_lab.stages import find_milestones, save_stage_table, stage_table
+    from icl_lab.stages import SE_COLUMNS, llc_milestones, save_stage_table, stage_table, trusted_mask
     from icl_lab.trajectory import essential_dynamics
 
     curves, ed_preds, ridge = developmental_curves(cfg, run)
@@ -370,11 +370,14 @@ def analyse_run(cfg: StagesConfig, run: Run, out: Path) -> dict[str, Any]:
     metrics = run.metrics.drop_duplicates("step", keep="last").set_index("step")
     curves = curves.merge(metrics[["id_loss", "ood_loss"]].rename(columns={"id_loss": "loss"}), left_on="step",
                           right_index=True, how="left")
-    curves = curves.merge(llc[["step", "llc_mean", "llc_std", "ok"]], on="step", how="left")
+    llc_cols = ["step", "llc_mean", "llc_std", "ok", "flags", "num_chains", *SE_COLUMNS]
+    curves = curves.merge(llc[[c for c in llc_cols if c in llc.columns]], on="step", how="left")
     used = curves[np.isfinite(curves["llc_mean"])].reset_index(drop=True)
+    used["trusted"] = trusted_mask(used)  # boundaries only from unflagged λ̂ > 0; the rest is drawn, not used
     steps, lam, loss = used["step"].to_numpy(float), used["llc_mean"].to_numpy(), used["loss"].to_numpy()
-    milestones = find_milestones(steps, lam)
-    table = stage_table(steps, lam, loss, milestones, loss_plateaus="auto", ed_events=ed)
+    milestones = llc_milestones(used)
+    table = stage_table(steps, lam, loss, milestones, loss_plateaus="auto", ed_events=ed,
+                        trusted=used["trusted"].to_numpy())
     name = run.path.name
     save_stage_table(table, out / f"stage_table_{name}")
     write_parquet(out / f"curves_{name}.parquet", curves)
@@ -694,7 +697,7 @@ def _figures(cfg: StagesConfig, r: Mapping[str, Any], figs: Path) -> dict[str, P
     u = r["used"]
     out = {"stages": plot_stages(u["step"], u["loss"], u["llc_mean"], u["llc_std"], r["table"],
                                  figs / f"stages_{name}", milestones=r["milestones"],
-                                 loss_label="test loss (fresh tasks)",
+                                 loss_label="test loss (fresh tasks)", trusted=u["trusted"],
                                  title=f"{name}: loss and LLC with stages (Hoogland et al. Fig. 1)")[0],
            "indicators": indicator_figure(cfg, r, figs / f"indicators_{name}")[0],
            "ed": plot_pc_pairs(r["ed"], figs / f"ed_{name}", osculating=True,
