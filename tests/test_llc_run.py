@@ -25,7 +25,7 @@ def test_calibrate_then_estimate_every_checkpoint_on_cpu(tiny_run):
     threads = torch.get_num_threads()
     base = LLCSettings(sampler=LLCConfig(num_chains=2, num_draws=20, num_burnin=5, batch_size=16,
                                          localization=100.0), n=128)
-    cal, chosen = calibrate_run(tiny_run, settings=base, step_sizes=[3e-4, 1e-3])
+    cal, chosen = calibrate_run(tiny_run, settings=base, step_sizes=[3e-4, 1e-3], localizations=[100.0])
     assert torch.get_num_threads() == threads  # sampled with one thread, the caller's count restored
     assert chosen.calibrated and load_settings(tiny_run) == chosen
     eps = chosen.sampler.step_size
@@ -39,6 +39,22 @@ def test_calibrate_then_estimate_every_checkpoint_on_cpu(tiny_run):
     assert again["llc_mean"].tolist() == llc["llc_mean"].tolist()
 
 
+def test_estimates_at_several_settings_are_kept_side_by_side(tiny_run):
+    steps = tiny_run.checkpoint_steps[-2:]
+    sampler = LLCConfig(step_size=1e-3, num_chains=2, num_draws=10, num_burnin=5, batch_size=16, localization=50.0)
+    first = LLCSettings(sampler=sampler, n=128)
+    second = first.model_copy(update={"sampler": sampler.model_copy(update={"localization": 25.0})})
+    a = estimate_run(tiny_run, steps=steps, settings=first, progress=False)
+    b = estimate_run(tiny_run, steps=steps, settings=second, progress=False)
+    assert list(b["localization"]) == [25.0, 25.0]  # run.llc: the curve at the settings used last
+    every = tiny_run.llc_all
+    for settings, curve in ((first, a), (second, b)):
+        kept = every[every["settings_hash"] == settings.digest()]
+        assert list(kept["step"]) == steps and kept["llc_mean"].tolist() == curve["llc_mean"].tolist()
+    again = estimate_run(tiny_run, steps=steps, settings=first, progress=False)  # back to the first: reused
+    assert again["llc_mean"].tolist() == a["llc_mean"].tolist() and len(tiny_run.llc_all) == len(every)
+
+
 def test_cli_calibrate_estimate_resume_and_plot(tmp_path):
     from typer.testing import CliRunner
 
@@ -50,11 +66,14 @@ def test_cli_calibrate_estimate_resume_and_plot(tmp_path):
     small = ["--n", "128", "--chains", "2", "--draws", "20", "--burnin", "5", "--batch-size", "16", "--quiet"]
     result = runner.invoke(app, ["llc", str(path), "--quiet"])
     assert result.exit_code == 2 and "llc calibrate" in result.output  # no settings yet: says what to run
-    result = runner.invoke(app, ["llc", "calibrate", str(path), "--step-sizes", "3e-4,1e-3", *small])
+    result = runner.invoke(app, ["llc", "calibrate", str(path), "--step-sizes", "3e-4,1e-3", "--localizations", "100",
+                                 *small])
     assert result.exit_code == 0, result.output
-    assert "chosen:" in result.output and (path / "llc_settings.json").exists()
+    assert "chosen (" in result.output and "γ-plateau" in result.output and (path / "llc_settings.json").exists()
     assert (path / "figures" / "llc_calibration.png").exists()
     steps = Run.load(path).checkpoint_steps
+    result = runner.invoke(app, ["llc", str(path), "--chains", "8", "--quiet"])  # not silently ignored
+    assert result.exit_code == 2 and "--chains: only for `icl-lab llc calibrate`" in result.output
     result = runner.invoke(app, ["llc", str(path), "--steps", ",".join(map(str, steps[-3:])), "--quiet"])
     assert result.exit_code == 0, result.output
     first = Run.load(path).llc

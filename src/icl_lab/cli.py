@@ -194,13 +194,17 @@ def llc(
     workers: Annotated[int, typer.Option(help="parallel processes (one checkpoint each)")] = 1,
     n: Annotated[int, typer.Option(help="size of the fixed LLC dataset (sets nβ = n / log n)")] = 4096,
     data: Annotated[str, typer.Option(help="dataset: id, ood or root")] = "id",
-    step_sizes: Annotated[str, typer.Option(help="calibrate: ε grid, comma-separated")] = "1e-5,3e-5,1e-4,3e-4,1e-3",
-    localizations: Annotated[Optional[str], typer.Option(help="calibrate: γ grid")] = None,  # noqa: UP045
-    nbetas: Annotated[Optional[str], typer.Option(help="calibrate: nβ grid")] = None,  # noqa: UP045
-    chains: Annotated[int, typer.Option(help="SGLD chains")] = 4,
-    draws: Annotated[int, typer.Option(help="draws kept after burn-in")] = 200,
-    burnin: Annotated[int, typer.Option(help="burn-in draws")] = 50,
-    batch_size: Annotated[int, typer.Option(help="SGLD minibatch size")] = 64,
+    step_sizes: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="calibrate: ε grid, comma-separated (default: llc.DEFAULT_STEP_SIZES)")] = None,
+    localizations: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="calibrate: γ grid (default: llc.DEFAULT_LOCALIZATION_RATIOS × nβ; each pick checked at γ/2, 2γ)")] = None,
+    nbetas: Annotated[Optional[str], typer.Option(help="calibrate: nβ grid (default: n / log n)")] = None,  # noqa: UP045
+    chains: Annotated[Optional[int], typer.Option(help="calibrate: SGLD chains (default: LLCConfig's)")] = None,  # noqa: UP045
+    draws: Annotated[Optional[int], typer.Option(help="calibrate: draws kept after burn-in")] = None,  # noqa: UP045
+    burnin: Annotated[Optional[int], typer.Option(help="calibrate: least burn-in draws")] = None,  # noqa: UP045
+    batch_size: Annotated[Optional[int], typer.Option(help="calibrate: SGLD minibatch size")] = None,  # noqa: UP045
+    sampler: Annotated[Optional[str], typer.Option(help="calibrate: sgld, rmsprop_sgld or mala")] = None,  # noqa: UP045
+    tilted: Annotated[bool, typer.Option(help="calibrate: also sample the tilted loss at every estimate")] = False,
     device: Annotated[str, typer.Option(help="where the chains run: cpu or cuda[:N]")] = "cpu",
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
@@ -223,13 +227,24 @@ def llc(
     floats = lambda text: [float(v) for v in text.split(",")] if text else None  # noqa: E731
     try:
         if action == "calibrate":
-            sampler = LLCConfig(num_chains=chains, num_draws=draws, num_burnin=burnin, batch_size=batch_size)
-            base = LLCSettings(sampler=sampler, n=n, data=data, seed=run.config.seed)
+            given = {"num_chains": chains, "num_draws": draws, "num_burnin": burnin, "batch_size": batch_size,
+                     "sampler": sampler, "tilted": tilted or None}
+            base = LLCSettings(sampler=LLCConfig(**{k: v for k, v in given.items() if v is not None}), n=n,
+                               data=data, seed=run.config.seed)
             cal, chosen = calibrate_run(run, step, settings=base, step_sizes=floats(step_sizes),
                                         localizations=floats(localizations), nbetas=floats(nbetas), device=device)
             Console().print(cal.table.to_string())
-            typer.echo(f"chosen: {chosen.sampler.model_dump()} ({cal.reason}); saved to {run.path}/llc_settings.json")
+            verdict = "on a γ-plateau" if cal.on_plateau else "NOT on a γ-plateau: λ̂ still depends on γ"
+            typer.echo(f"chosen ({verdict}): {chosen.sampler.model_dump()} ({cal.reason}); saved to "
+                       f"{run.path}/llc_settings.json")
         else:
+            ignored = [flag for flag, value in (("--step-sizes", step_sizes), ("--localizations", localizations),
+                       ("--nbetas", nbetas), ("--chains", chains), ("--draws", draws), ("--burnin", burnin),
+                       ("--batch-size", batch_size), ("--sampler", sampler), ("--tilted", tilted or None),
+                       ("--step", step)) if value is not None]
+            if ignored:
+                fail(f"{', '.join(ignored)}: only for `icl-lab llc calibrate`; an estimate uses the settings saved in "
+                     f"{run.path}/llc_settings.json (calibrate again to change them)")
             if load_settings(run) is None:
                 fail(f"{run.path} has no LLC settings; run `icl-lab llc calibrate {run.path}` first")
             subset = [int(v) for v in steps.split(",")] if steps else None

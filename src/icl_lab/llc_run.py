@@ -4,12 +4,12 @@ Every checkpoint of a run is estimated with identical settings and data (papers.
 n sequences drawn from its own generator (`llc/<source>`), the run's calibrated SGLD settings from
 `RUN/llc_settings.json`, and the same SGLD seed at every checkpoint (common random numbers, as the Timaeus
 sweeps do), so differences between checkpoints are not sampler noise. Results go to `RUN/llc.parquet`, one
-row per step, with a hash of settings and data; finished steps are skipped when re-run.
+row per step and settings (column settings_hash): a curve at a second setting is kept next to the first, never
+over it, and `Run.llc` reads the curve at the settings used last. Finished steps are skipped when re-run.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from icl_lab.config import LLCConfig
 from icl_lab.llc import calibrate, estimate_llc, vectorizes
 from icl_lab.progress import Bar
-from icl_lab.store import Run, write_json, write_parquet
+from icl_lab.store import Run, settings_digest, write_json, write_parquet
 from icl_lab.tasks import derive_seed, make_generator, root_task_batch, sample_batch, task_pool
 from icl_lab.threads import torch_threads
 
@@ -45,7 +45,7 @@ class LLCSettings(BaseModel):
     calibrated: bool = False
 
     def digest(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+        return settings_digest(json.loads(self.model_dump_json()))
 
 
 def mse_loss(forward, batch: tuple[Tensor, ...]) -> Tensor:
@@ -169,13 +169,13 @@ def estimate_runs(runs: list[Run], settings: LLCSettings, steps: dict[Path, Iter
         missing = set(wanted) - set(run.checkpoint_steps)
         if missing:
             raise ValueError(f"no checkpoints at steps {sorted(missing)} in {run.path}")
-        old = run.llc
-        rows[run.path] = [] if old is None else old[old["settings_hash"] == digest].to_dict("records")
-        done = {r["step"] for r in rows[run.path]}
+        old = run.llc_all
+        rows[run.path] = [] if old is None else old.to_dict("records")  # every setting's rows are kept
+        done = {r["step"] for r in rows[run.path] if r.get("settings_hash") == digest}
         jobs += [(run, s) for s in wanted if s not in done]
 
     def save(run: Run) -> None:
-        ordered = sorted(rows[run.path], key=lambda r: r["step"])
+        ordered = sorted(rows[run.path], key=lambda r: (str(r.get("settings_hash")), r["step"]))
         write_parquet(run.path / "llc.parquet", pd.DataFrame(ordered))
 
     with Bar(progress, len(jobs), "LLC checkpoints") as bar:

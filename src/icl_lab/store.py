@@ -51,6 +51,11 @@ def write_json(path: str | Path, obj: Any) -> None:
     atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=str)))
 
 
+def settings_digest(settings: dict[str, Any]) -> str:
+    """A short hash of a JSON-able settings dict (key order does not matter): the key of an LLC curve."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
 def write_parquet(path: str | Path, df: pd.DataFrame) -> None:
     atomic_write(path, lambda p: df.to_parquet(p, index=False))
 
@@ -172,8 +177,20 @@ class Run:
         return df if df is not None else pd.DataFrame(columns=["step", "loss"])
 
     @property
-    def llc(self) -> pd.DataFrame | None:
+    def llc_all(self) -> pd.DataFrame | None:
+        """Every LLC estimate of the run, at every setting (column settings_hash), or None."""
         return self._table("llc.parquet")
+
+    @property
+    def llc(self) -> pd.DataFrame | None:
+        """The LLC curve at the run's current settings (RUN/llc_settings.json, the last ones used): one row per
+        step. Estimates at other settings stay in llc.parquet (`llc_all`)."""
+        df = self.llc_all
+        settings = self.path / "llc_settings.json"
+        if df is None or "settings_hash" not in df.columns or not settings.exists():
+            return df
+        current = settings_digest(json.loads(settings.read_text()))
+        return df[df["settings_hash"] == current].reset_index(drop=True)
 
     @property
     def baselines(self) -> dict[str, float]:

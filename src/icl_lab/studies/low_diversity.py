@@ -136,7 +136,8 @@ def _shared_llc_settings(cfg: LowDiversityConfig, out: Path, runs: dict[str, Run
             return settings
     probe_run = runs[run_name(max(cfg.Ms), cfg.seeds[0])]
     base = LLCSettings(sampler=cfg.sampler, n=cfg.llc_n, data="id", seed=0)
-    _, chosen = calibrate_run(probe_run, settings=base, step_sizes=cfg.step_sizes, device=cfg.device)
+    _, chosen = calibrate_run(probe_run, settings=base, step_sizes=cfg.step_sizes,
+                              localizations=[base.sampler.localization], device=cfg.device)
     write_json(f, json.loads(chosen.model_dump_json()))
     return chosen
 

@@ -353,7 +353,8 @@ def _shared_llc_settings(cfg: StagesConfig, out: Path, run: Run) -> tuple[LLCSet
         if saved.get("inputs") == inputs:
             return LLCSettings.model_validate(saved["settings"]), step
     base = LLCSettings(sampler=cfg.sampler, n=cfg.llc_n, data="id", seed=0)
-    _, chosen = calibrate_run(run, step=step, settings=base, step_sizes=cfg.step_sizes, device=cfg.device)
+    _, chosen = calibrate_run(run, step=step, settings=base, step_sizes=cfg.step_sizes,
+                              localizations=[base.sampler.localization], device=cfg.device)
     write_json(f, {"inputs": inputs, "settings": json.loads(chosen.model_dump_json())})
     return chosen, step
 

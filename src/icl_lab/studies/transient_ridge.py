@@ -463,7 +463,8 @@ def final_llc(
         probe = runs[run_name(cfg.Ms[-1], cfg.seeds[0])]
         base = LLCSettings(sampler=cfg.sampler, n=cfg.llc_n, data="id", seed=0)
         try:
-            cal, chosen = calibrate_run(probe, settings=base, step_sizes=cfg.step_sizes, device=cfg.device)
+            cal, chosen = calibrate_run(probe, settings=base, step_sizes=cfg.step_sizes,
+                                        localizations=[base.sampler.localization], device=cfg.device)
             note = (
                 f"Calibrated at the final checkpoint of {probe.path.name} (table and figure: "
                 f"runs/{probe.path.name}/llc_calibration.parquet, figures/llc_calibration.png): {cal.reason}"
