@@ -361,11 +361,16 @@ def diagnose(loss_trace: np.ndarray, burnin_trace: np.ndarray, init_loss: float,
         flags["negative"] = (f"λ̂ = {mean:.4g} < 0 ({n_neg}/{C} chains negative): the chains found lower loss than "
                              "at w*, so w* is not a local minimum of ℓ_n (e.g. a checkpoint mid-descent) or ε is too "
                              "large; the value is not an LLC")
-    if T >= 8:
+    if T >= 4:
         half = T // 2
         first, second = trace[:, :half], trace[:, T - half:]
         delta = float(nbeta * (second.mean() - first.mean()))
-        se = nbeta * math.hypot(_finite(mcse_mean(first)), _finite(mcse_mean(second)))  # autocorrelation-aware
+        # the error of Δ from each half's autocorrelation (MCSE); where a half is too short for that, from the
+        # spread of the per-chain changes (C > 1), else none (then only the relative test applies)
+        se = nbeta * math.hypot(mcse_mean(first, split=False), mcse_mean(second, split=False))
+        if not math.isfinite(se):
+            trend = nbeta * (second.mean(axis=1) - first.mean(axis=1))
+            se = float(trend.std(ddof=1)) / math.sqrt(C) if C > 1 else 0.0
         tol = max(th.stationarity_rel * abs(mean), th.stationarity_z * se)
         if abs(delta) > tol:
             direction = "rising" if delta > 0 else "falling"

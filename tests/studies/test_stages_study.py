@@ -296,10 +296,13 @@ def test_numbers_are_finite_and_stages_tile_the_run(study_dir):
     assert first["ln_rms:ln_final"] == 1.0 and first["ln_small:ln_final"] == 0.0  # LN gains start at 1
     assert (curves["loss_g2"] > 0).all() and (curves["yhat_sq"] >= 0).all()
     table = pd.read_parquet(study_dir / "stage_table_Minf-seed0.parquet")
-    assert len(table) >= 1 and set(table["type"]) <= {"A", "B"}
+    # '?': a stage with fewer than two trusted estimates (these tiny chains raise sampler flags), its Δλ̂ unknown
+    assert len(table) >= 1 and set(table["type"]) <= {"A", "B", "?"}
+    assert ((table["type"] == "?") == table["delta_llc"].isna()).all()
     assert table["start"].iloc[0] == steps[0] and table["end"].iloc[-1] == steps[-1]
     assert (table["start"].iloc[1:].to_numpy() == table["end"].iloc[:-1].to_numpy()).all()  # contiguous
-    assert ((table["delta_llc"] > 0) == (table["type"] == "A")).all()
+    known = table["type"] != "?"
+    assert ((table.loc[known, "delta_llc"] > 0) == (table.loc[known, "type"] == "A")).all()
     settings = json.loads((study_dir / "llc_settings.json").read_text())
     assert settings["settings"]["calibrated"]
     assert settings["inputs"]["step"] == min(s for s in steps if s >= 30)  # the first checkpoint at half the steps
