@@ -143,9 +143,11 @@ class _Kernel:
     sgld: `sgld_step`; the evaluated point is recorded.
     rmsprop_sgld (Li et al. 2016, pSGLD, with the adaptation stopped after burn-in so that the chain targets p
         exactly up to O(ε)): a diagonal preconditioner G from the running mean V of the squared drift gradient
-        (nβ∇ℓ_m)², G = median(√V) / (√V + δ), capped at 0.1 / (εγ) so that along flat directions the localised
-        step stays within the SGLD bias of about εGγ/4 ≤ 2.5%; updated during burn-in, frozen after. The update is
-        w − (ε/2) G ⊙ ∇U + √(εG) ⊙ ξ (a constant G leaves exp(−U) stationary).
+        (nβ∇ℓ_m)², G = max(√V) / (√V + δ), so the stiffest direction keeps the step ε that calibration sets and
+        softer ones take larger steps, capped at 0.1 / (εγ) so that along flat directions the localised step stays
+        within the SGLD bias of about εGγ/4 ≤ 2.5%; updated during burn-in, frozen after. The update is
+        w − (ε/2) G ⊙ ∇U + √(εG) ⊙ ξ (a constant G leaves exp(−U) stationary up to the O(εGa) bias of each
+        direction of curvature a).
     mala (Roberts & Tweedie 1996): the SGLD move as a proposal from the current point, accepted with the
         Metropolis-Hastings probability on the full-data U; the current point (after accept / reject) is recorded.
         Exact for any ε: a reference for small models.
@@ -199,8 +201,7 @@ class _Kernel:
                 V = self.V[rows]
                 V.copy_(sq) if t == 0 else V.mul_(self.alpha).add_(sq, alpha=1 - self.alpha)
                 root = V.sqrt()
-                scale = root.median(dim=-1, keepdim=True).values if self.mask is None else \
-                    root.masked_fill(self.mask == 0, float("nan")).nanmedian(dim=-1, keepdim=True).values
+                scale = root.amax(dim=-1, keepdim=True)  # masked entries have V = 0: they never set the max
                 G = scale / root.add_(1e-12 * scale + 1e-30)
                 G = torch.where(scale > 0, G, torch.ones_like(G))  # no gradient yet (a chain at an exact minimum)
                 self.G[rows] = G.clamp_(max=self.g_max)
