@@ -125,25 +125,30 @@ class TrainConfig(_Strict):
 class LLCConfig(_Strict):
     """SGLD hyper-parameters of the LLC estimator (llc.py; Hoogland et al. Eq. 5-6, Carroll et al. Eq. 9).
 
-    Defaults are a starting point for `llc.calibrate`, not a substitute for it (docs/llc.md):
-    - step_size 3e-5: on the seed preset (n = 4096, so nβ ≈ 492, γ = 100, minibatch 64) ε = 3e-4 diverged at both
-      checkpoints tried (steps 500, 5000), 1e-4 was at the edge (λ̂ 56 ± 19 over 4 chains at step 5000), 3e-5 never
-      diverged (though its chains were still rising after 200 draws, which the diagnostics flag).
+    The defaults are those validated on models with a known learning coefficient (icl_lab.ground_truth; the
+    measurements and the reasons are in docs/llc.md, "Defaults and their validation"); `llc.calibrate` checks
+    them, or chooses others, at the checkpoint at hand:
     - nbeta None: nβ = n / log n, i.e. β* = 1 / log n (Watanabe's WBIC temperature; Hoogland et al. §2.2).
-    - localization 100: γ/nβ ≈ 0.2 at n = 4096, the order of the Timaeus regression sweeps (γ/nβ ≈ 0.1).
-    - 4 chains × 200 draws after 50 burn-in, minibatch 256: the settings of the LLC benchmark (issue 5, item 9).
-    - vectorize None (auto): measured on 2 CPU cores, vmap over 4 chains cost 1.5-2x a plain forward+backward per
-      chain-draw for the 100k-parameter seed preset and the sequential path 1.0-1.3x; on CUDA vmap cost 0.66x.
-      Small models (<= 20k sampled parameters) are dominated by per-step Python overhead, where vmap wins.
+    - localization None: γ = 0.01·nβ (llc.DEFAULT_LOCALIZATION_RATIO). Localisation suppresses a direction of
+      curvature h by the factor nβh / (nβh + γ), so λ̂ counts the singular, flat directions that define the LLC
+      only when γ/nβ is small; deep linear networks read 30-96% low at γ/nβ = 0.2 and within 10% at 0.01.
+    - step_size 1e-4: the largest ε at which those networks read within 10% at γ/nβ = 0.01; larger ε bias λ̂
+      upwards, which no diagnostic of a singular model catches (λ̂ stays far below d/2).
+    - num_burnin None: min_burnin(ε, γ) ≈ 3/(εγ), the relaxation time of the flat directions (llc.min_burnin).
+    - 4 chains × 500 draws, minibatch 256.
+    - vectorize None (auto): vmap on accelerators and on CPU for models with <= 20k sampled parameters, where
+      per-step Python overhead dominates; the sequential path (chains on threads) on CPU above that.
     """
 
-    step_size: float = Field(3e-5, gt=0, allow_inf_nan=False, description="SGLD step size epsilon")
+    step_size: float = Field(1e-4, gt=0, allow_inf_nan=False, description="SGLD step size epsilon")
     nbeta: float | None = Field(None, gt=0, allow_inf_nan=False,
                                 description="n * beta; None -> n / log n (beta* = 1 / log n)")
-    localization: float = Field(100.0, gt=0, allow_inf_nan=False, description="localisation strength gamma")
+    localization: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                       description="localisation strength gamma; None -> 0.01 * nbeta")
     num_chains: int = Field(4, ge=1)
-    num_draws: int = Field(200, ge=1, description="draws kept after burn-in")
-    num_burnin: int = Field(50, ge=0, description="draws discarded before the kept ones")
+    num_draws: int = Field(500, ge=1, description="draws kept after burn-in")
+    num_burnin: int | None = Field(None, ge=0, description="draws discarded before the kept ones; None -> "
+                                   "min_burnin(step_size, localization) = 3 / (epsilon gamma)")
     batch_size: int | None = Field(256, ge=1, description="SGLD minibatch size; None -> full data")
     vectorize: bool | None = Field(None, description="run chains together with torch.func.vmap; None (auto): "
                                    "on accelerators, and on CPU for models with <= 20k sampled parameters")

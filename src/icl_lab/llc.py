@@ -59,6 +59,7 @@ from icl_lab.tasks import make_generator
 from icl_lab.threads import split_evenly, thread_pool
 
 __all__ = [
+    "DEFAULT_LOCALIZATION_RATIO",
     "DEFAULT_LOCALIZATION_RATIOS",
     "DEFAULT_STEP_SIZES",
     "Calibration",
@@ -76,6 +77,7 @@ __all__ = [
     "pick",
     "pick_settings",
     "plot_calibration",
+    "resolve",
     "sampler_ok",
     "sgld_step",
     "vectorizes",
@@ -107,6 +109,17 @@ def default_nbeta(n: int) -> float:
     if n < 2:
         raise ValueError(f"n must be >= 2 for nβ = n / log n, got n={n}")
     return n / math.log(n)
+
+
+DEFAULT_LOCALIZATION_RATIO = 0.01  # γ/nβ of LLCConfig(localization=None); docs/llc.md, "Defaults"
+
+
+def resolve(config: LLCConfig, nbeta: float) -> LLCConfig:
+    """config with γ and burn-in made concrete for this nβ: localization None → DEFAULT_LOCALIZATION_RATIO · nβ,
+    num_burnin None → min_burnin(ε, γ). An estimate records the resolved config."""
+    gamma = DEFAULT_LOCALIZATION_RATIO * nbeta if config.localization is None else config.localization
+    burnin = min_burnin(config.step_size, gamma) if config.num_burnin is None else config.num_burnin
+    return config.model_copy(update={"localization": float(gamma), "num_burnin": int(burnin)})
 
 
 def vectorizes(config: LLCConfig, n_sampled: int, device: torch.device | str) -> bool:
@@ -282,6 +295,8 @@ def burnin_note(config: LLCConfig) -> str | None:
     transformer), but a model without flat directions (a regular one, where nβ·h ≫ γ everywhere) relaxes much
     faster, so a shorter burn-in can be right there; `not_stationary` judges the draws themselves.
     """
+    if config.localization is None or config.num_burnin is None:
+        return None  # resolved per estimate: γ = 0.01·nβ, burn-in = min_burnin(ε, γ)
     need = min_burnin(config.step_size, config.localization)
     if config.num_burnin >= need:
         return None
@@ -753,6 +768,7 @@ def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, c
     config = LLCConfig() if config is None else LLCConfig.model_validate(config.model_dump())
     data, n = _check_data(data)
     nbeta = default_nbeta(n) if config.nbeta is None else float(config.nbeta)
+    config = resolve(config, nbeta)
 
     work = copy.deepcopy(model).eval()  # private: the caller's model is never touched
     device = next(work.parameters()).device
@@ -1178,14 +1194,14 @@ def pick_settings(table: pd.DataFrame, *, rel_tol: float = 0.1, max_ratio: float
                  f"papers mean; {why}"), False
 
 
-DEFAULT_LOCALIZATION_RATIOS = (0.1, 0.05, 0.025, 0.0125)  # γ/nβ tried by `calibrate` (each checked at γ/2, 2γ)
+DEFAULT_LOCALIZATION_RATIOS = (0.02, 0.01, 0.005)  # γ/nβ tried by `calibrate` (each checked at γ/2 and 2γ)
 
 
 def calibrate(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *,
               step_sizes: Sequence[float] | None = None,
               localizations: Sequence[float] | None = None, nbetas: Sequence[float | None] | None = None,
               base: LLCConfig | None = None, seed: int = 0, params: ParamSpec = None, rel_tol: float = 0.1,
-              max_burnin: int = 2000, max_ratio: float = 0.1,
+              max_burnin: int = 10_000, max_ratio: float = 0.1,
               progress: Callable[[int, int, LLCResult], None] | None = None) -> Calibration:
     """Choose ε, γ (and nβ when asked) at one checkpoint with `estimate_llc` and `pick_settings`.
 
@@ -1213,7 +1229,8 @@ def calibrate(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *,
     total = len(nbs) * n_gammas * (len(step_sizes) + 2)
 
     def run(eps: float, gamma: float, nb: float | None, role: str) -> None:
-        burnin = min(max(base.num_burnin, min_burnin(eps, gamma)), max(max_burnin, base.num_burnin))
+        floor = base.num_burnin or 0
+        burnin = min(max(floor, min_burnin(eps, gamma)), max(max_burnin, floor))
         cfg = base.model_copy(update={"step_size": eps, "localization": gamma, "nbeta": nb, "num_burnin": burnin})
         cfg = LLCConfig.model_validate(cfg.model_dump())
         res = estimate_llc(model, data, loss_fn, config=cfg, seed=seed, params=params)
