@@ -405,7 +405,8 @@ def test_concurrent_sequential_chains_equal_one_thread(tiny_icl):
     model copy each): every chain's trace equals the one-thread run bit for bit, with 2 threads and with more threads
     than chains, and torch's thread count is left as it was."""
     model, data = tiny_icl
-    cfg = SMALL.model_copy(update={"vectorize": False, "num_draws": 12, "num_burnin": 2, "step_size": 1e-4})
+    cfg = SMALL.model_copy(update={"vectorize": False, "num_draws": 12, "num_burnin": 2, "step_size": 1e-4,
+                                   "tilted": True})  # tilted: a second sampling pass on the same thread copies
     before = torch.get_num_threads()
     traces = {}
     try:
@@ -413,12 +414,13 @@ def test_concurrent_sequential_chains_equal_one_thread(tiny_icl):
             torch.set_num_threads(threads)
             res = estimate_llc(model, data, icl_mse, config=cfg, seed=4)
             assert torch.get_num_threads() == threads
-            traces[threads] = (res.burnin_trace, res.loss_trace)
+            traces[threads] = (res.burnin_trace, res.loss_trace, res.llc_tilted_per_chain)
     finally:
         torch.set_num_threads(before)
     for threads in (2, 5):
-        for a, b in zip(traces[1], traces[threads], strict=True):
+        for a, b in zip(traces[1][:2], traces[threads][:2], strict=True):
             np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(traces[1][2], traces[threads][2], rtol=1e-5)  # float32 rounding
     assert np.isfinite(traces[1][1]).all() and len({tuple(row) for row in traces[1][1]}) == cfg.num_chains
 
 

@@ -815,6 +815,7 @@ def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, c
         raise ValueError("sampler 'mala' needs the full data (batch_size None)")
     notes: list[str] = []
     vectorized = vectorizes(config, flat.theta_star.numel(), device)
+    thread_models: list[nn.Module] = []  # the sequential path's model copies, one per thread: made once, reused
 
     def sample(tilted: bool) -> tuple[Tensor, Tensor, _Kernel]:
         """Run the C chains; returns ℓ at the recorded points (C, S), ∇ℓ_n(w*)ᵀ(w_t − w*) (C, S), the kernel."""
@@ -835,10 +836,12 @@ def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, c
             except _VmapUnsupported as e:
                 vectorized = False
                 notes.append(f"vectorised chains failed ({e}); fell back to running the chains one after another")
-        threads = torch.get_num_threads() if device.type == "cpu" else 1
+        if not thread_models:  # one copy per thread, made before any sequential sampling points its slots at views
+            threads = torch.get_num_threads() if device.type == "cpu" else 1
+            thread_models.extend([work] + [copy.deepcopy(work) for _ in range(max(1, min(threads, C)) - 1)])
         k = kernel()
-        _run_sequential(work, direct_loss, data, minibatch, flat.theta_star, grad_star, trace, slope, randomness(),
-                        k, notes, threads)
+        _run_sequential(thread_models, direct_loss, data, minibatch, flat.theta_star, grad_star, trace, slope,
+                        randomness(), k, notes, len(thread_models))
         return trace, slope, k
 
     trace, slope, kernel = sample(tilted=False)
@@ -978,7 +981,7 @@ def _first_vmapped_step(step: Callable, theta: Tensor, batch: tuple[Tensor, ...]
     return out
 
 
-def _run_sequential(work: nn.Module, direct_loss: Callable[[nn.Module], Callable], data: tuple[Tensor, ...],
+def _run_sequential(models: list[nn.Module], direct_loss: Callable[[nn.Module], Callable], data: tuple[Tensor, ...],
                     minibatch: bool, theta_star: Tensor, grad_star: Tensor, trace: Tensor, slope: Tensor,
                     rands: list[_ChainRandomness], kernel: _Kernel, notes: list[str], threads: int = 1
                     ) -> None:
@@ -1021,11 +1024,10 @@ def _run_sequential(work: nn.Module, direct_loss: Callable[[nn.Module], Callable
                     break
         return stopped
 
-    groups = split_evenly(C, max(1, min(threads, C)))
+    groups = split_evenly(C, max(1, min(threads, C, len(models))))
     if len(groups) == 1:
-        notes += run(groups[0], work)
+        notes += run(groups[0], models[0])
         return
-    models = [work] + [copy.deepcopy(work) for _ in groups[1:]]
     with thread_pool(len(groups), "icl-llc-chains") as pool:
         for stopped in pool.map(run, groups, models):
             notes += stopped
