@@ -1189,7 +1189,13 @@ def pick_settings(table: pd.DataFrame, *, rel_tol: float = 0.1, max_ratio: float
                              f"is halved or doubled; {why}"), True
             tried.append(f"γ = {gamma:.4g}: " + "; ".join(verdicts))
     if fallback is None:
-        return None, "every grid point raised a diagnostic flag; widen the grid (smaller ε) or change γ / nβ", False
+        counts = pd.Series([f for fl in table.get("flags", pd.Series(dtype=str)).fillna("") for f in fl.split(";")
+                            if f]).value_counts()
+        common = ", ".join(f"{k} ({v})" for k, v in counts.items())
+        hint = ("the chains are too short to mix: raise num_draws (or num_chains)"
+                if {"chains_disagree", "not_stationary"} & set(counts.index[:1]) else
+                "widen the grid (smaller ε) or change γ / nβ")
+        return None, f"every estimate raised a sampler flag ({common}); {hint}", False
     gamma, idx, why = fallback
     return idx, (f"no γ-plateau within the grid ({' | '.join(tried)}); the smallest γ whose chains were stationary "
                  f"is γ = {gamma:.4g}, used as a fallback: λ̂ there still depends on γ, so it is not the LLC the "
@@ -1285,11 +1291,13 @@ def plot_calibration(cal: Calibration, path: str | Path) -> list[Path]:
     FigureCanvasAgg(fig)
     ax_l, ax_t = fig.subplots(1, 2)
     tab = cal.table
+    stable = _stable(tab)
     for (gamma, nb), group in tab.groupby(["localization", "nbeta"], sort=False):
         group = group.sort_values("step_size")
+        role = " (check)" if "role" in group.columns and (group["role"] == "check").all() else ""
         line = ax_l.errorbar(group["step_size"], group["llc_mean"], yerr=group["llc_std"].fillna(0), marker="o",
-                             mfc="none", capsize=2, label=f"γ = {gamma:g}, nβ = {nb:.3g}")
-        good = group[group["ok"]]
+                             mfc="none", capsize=2, label=f"γ = {gamma:.3g} (γ/nβ = {gamma / nb:.3g}){role}")
+        good = group[stable[group.index]]
         ax_l.plot(good["step_size"], good["llc_mean"], "o", color=line[0].get_color())
     if cal.index is not None:
         row = tab.loc[cal.index]
@@ -1297,7 +1305,8 @@ def plot_calibration(cal: Calibration, path: str | Path) -> list[Path]:
     ax_l.set_xscale("log")
     ax_l.set_xlabel("step size ε")
     ax_l.set_ylabel("λ̂ (mean ± std over chains)")
-    ax_l.set_title("calibration (filled: no diagnostic flag)", fontsize=10)
+    plateau = "on a γ-plateau" if cal.on_plateau else "no γ-plateau"
+    ax_l.set_title(f"calibration, nβ = {tab['nbeta'].iloc[0]:.4g} (filled: no sampler flag; {plateau})", fontsize=10)
     ax_l.legend(fontsize=8)
     ref = tab.loc[cal.index] if cal.index is not None else tab.iloc[0]
     sel = tab[(tab["localization"] == ref["localization"]) & (tab["nbeta"] == ref["nbeta"])]
