@@ -32,6 +32,16 @@ def tiny_overrides(**kw) -> dict:
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test (restored after): for tiny models a second thread only adds
+    synchronisation, and hurts on shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_config() -> RunConfig:
     return build_run_config(overrides=tiny_overrides())
 
