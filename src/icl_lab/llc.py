@@ -11,7 +11,11 @@ with the expectation taken by stochastic-gradient Langevin dynamics (Welling & T
 
 where ℓ_m is the mean loss of a minibatch of m rows of the fixed data. Each chain is ONE Markov chain started at
 w*; the first `num_burnin` draws are discarded and ℓ_m(w_t) is recorded at every later step, read from the same
-forward pass as the gradient. ℓ_n(w*) is the loss at the exact, unperturbed w* on the whole data.
+forward pass as the gradient. ℓ_n(w*) is the loss at the exact, unperturbed w* on the whole data. Other samplers
+(`LLCConfig.sampler`, `_Kernel`): RMSProp-preconditioned SGLD with the preconditioner frozen after burn-in, and
+MALA (exact, full data) as a reference; `LLCConfig.tilted` also samples the tilted loss ℓ_n(w) − ∇ℓ_n(w*)ᵀ(w − w*).
+Every estimate reports split-R̂, the effective sample size and the Monte-Carlo standard error of λ̂
+(icl_lab.convergence), and `calibrate` chooses ε and γ (a γ-plateau; docs/llc.md).
 
 Layout (style.md §3-4): pure pieces (`default_nbeta`, `sgld_step`, `llc_per_chain`, `diagnose`, `pick`) and a thin
 `estimate_llc` that owns the copy of the model, the generators and the loop. Shapes use C = chains, T = draws,
@@ -755,7 +759,8 @@ def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, c
     data: tuple of tensors with a common leading sample axis of length n (the fixed dataset; n sets nβ = n/log n).
     loss_fn(forward, batch) -> scalar tensor: the MEAN loss of `batch` (a tuple like `data`, m rows), where
         forward(*inputs) runs the model, e.g. `lambda f, b: ((f(b[0], b[1]) - b[1]) ** 2).mean()`.
-    config: LLCConfig (ε = step_size, γ = localization, nβ, chains, draws, burn-in, minibatch size).
+    config: LLCConfig (ε = step_size, γ = localization, nβ, chains, draws, burn-in, minibatch size, sampler,
+        tilted); None fields are resolved for this n by `resolve` (γ = 0.01·nβ, burn-in = min_burnin(ε, γ)).
     seed: the only source of the chains' randomness (minibatches and noise).
     params: which parameters to sample (refined LLC): None = all trainable ones that get a gradient; a glob
         pattern or list of them ("blocks.0.*", "*.mlp.*", a module prefix "blocks.1", or "re:<regex>"); or
