@@ -743,6 +743,10 @@ def test_pick_settings_wants_a_gamma_plateau():
     idx, reason, plateau = pick_settings(gamma_table({49.0: 5.0, 24.5: 10.0, 12.25: 20.0}))
     assert not plateau and tab.loc[idx, "localization"] == 12.25 and "no γ-plateau" in reason
     assert "smallest γ whose chains were stationary is γ = 12.25" in reason
+    # the fallback is the stationary γ nearest the validated γ/nβ = 0.01 (4.9 here), not always the smallest
+    wide = gamma_table({49.0: 5.0, 9.8: 10.0, 2.45: 20.0, 0.6125: 40.0})
+    idx, reason, plateau = pick_settings(wide)
+    assert not plateau and wide.loc[idx, "localization"] in (9.8, 2.45) and "γ = 0.6125" in reason
     # γ/nβ ≤ 0.1 is tried first, the largest γ first (it relaxes fastest)
     assert _gamma_order([1.0, 98.0, 49.0, 10.0], 490.0, 0.1) == [49.0, 10.0, 1.0, 98.0]
 

@@ -1159,13 +1159,15 @@ def pick_settings(table: pd.DataFrame, *, rel_tol: float = 0.1, max_ratio: float
     "check" or grid rows), are stable, and each agrees with it (`_agree`: within rel_tol or two standard errors).
     Localisation suppresses a direction of curvature h by nβh/(nβh + γ) (docs/llc.md), so λ̂ that does not move
     when γ halves or doubles no longer depends on it. The first γ that passes is chosen. Without one, the pick
-    at the smallest γ with a stable ε is returned as a fallback, with on_plateau False and the reason saying so.
+    at the stationary γ nearest DEFAULT_LOCALIZATION_RATIO · nβ is returned as a fallback, with on_plateau False
+    and a reason that also names the smallest stationary γ. (Not the smallest γ itself: on deep linear networks a
+    weakly localised chain leaves the most singular point, and λ̂ then overshoots the learning coefficient.)
     Returns (row index | None, reason, on_plateau).
     """
     stable = _stable(table)
     roles = table["role"] if "role" in table.columns else pd.Series("grid", index=table.index)
     grid = table[roles == "grid"]
-    fallback: tuple[float, int, str] | None = None  # (γ, row, reason of its ε pick)
+    stationary: list[tuple[float, float, int, str]] = []  # (γ, nβ, row, reason of its ε pick)
     tried: list[str] = []
     for nb in pd.unique(grid["nbeta"]):
         at_nb = grid[np.isclose(grid["nbeta"].astype(float), float(nb), rtol=1e-9)]
@@ -1175,8 +1177,7 @@ def pick_settings(table: pd.DataFrame, *, rel_tol: float = 0.1, max_ratio: float
             if idx is None:
                 tried.append(f"γ = {gamma:.4g}: no stable ε")
                 continue
-            if fallback is None or gamma < fallback[0]:
-                fallback = (gamma, idx, why)
+            stationary.append((gamma, float(nb), idx, why))
             row = table.loc[idx]
             eps = float(row["step_size"])
             verdicts = []
@@ -1193,7 +1194,7 @@ def pick_settings(table: pd.DataFrame, *, rel_tol: float = 0.1, max_ratio: float
                              f"{row['llc_mean']:.4g} moves by less than {rel_tol:.0%} or two standard errors when γ "
                              f"is halved or doubled; {why}"), True
             tried.append(f"γ = {gamma:.4g}: " + "; ".join(verdicts))
-    if fallback is None:
+    if not stationary:
         counts = pd.Series([f for fl in table.get("flags", pd.Series(dtype=str)).fillna("") for f in fl.split(";")
                             if f]).value_counts()
         common = ", ".join(f"{k} ({v})" for k, v in counts.items())
@@ -1201,10 +1202,12 @@ def pick_settings(table: pd.DataFrame, *, rel_tol: float = 0.1, max_ratio: float
                 if {"chains_disagree", "not_stationary"} & set(counts.index[:1]) else
                 "widen the grid (smaller ε) or change γ / nβ")
         return None, f"every estimate raised a sampler flag ({common}); {hint}", False
-    gamma, idx, why = fallback
+    smallest = min(g for g, *_ in stationary)
+    gamma, nb, idx, why = min(stationary, key=lambda r: abs(math.log(r[0] / (DEFAULT_LOCALIZATION_RATIO * r[1]))))
     return idx, (f"no γ-plateau within the grid ({' | '.join(tried)}); the smallest γ whose chains were stationary "
-                 f"is γ = {gamma:.4g}, used as a fallback: λ̂ there still depends on γ, so it is not the LLC the "
-                 f"papers mean; {why}"), False
+                 f"is γ = {smallest:.4g}; fell back to γ = {gamma:.4g} (γ/nβ = {gamma / nb:.3g}, the stationary γ "
+                 f"nearest the validated ratio {DEFAULT_LOCALIZATION_RATIO:g}): λ̂ there still depends on γ, so it "
+                 f"is not the LLC the papers mean; {why}"), False
 
 
 DEFAULT_LOCALIZATION_RATIOS = (0.02, 0.01, 0.005)  # γ/nβ tried by `calibrate` (each checked at γ/2 and 2γ)
