@@ -165,11 +165,15 @@ def markdown(res: dict[str, Any]) -> str:
 
 def through_calibrate(cases: list[Case], n: int, out: Path) -> None:
     """Each case through `validate` (calibrate with the defaults, then estimate at a fresh seed); one row each."""
+    path = out / "llc_ground_truth_calibrated.json"
+    old = json.loads(path.read_text())["rows"] if path.exists() else []  # other cases' rows are kept
     res: dict[str, Any] = {"benchmark": "llc_ground_truth_calibrated", "machine": machine_info(("icl-lab", "numpy")),
-                           "command": "python " + " ".join(sys.argv), "loadavg_start": loadavg(), "n": n, "rows": []}
+                           "command": "python " + " ".join(sys.argv), "loadavg_start": loadavg(), "n": n,
+                           "rows": [r for r in old if r["case"] not in {c.name for c in cases}]}
     for case in cases:
         v = validate(case, n=n, seed=0)
-        res["rows"].append({**v.row(), "on_plateau": "on a γ-plateau" in v.reason})
+        res["rows"].append({**v.row(), "on_plateau": "on a γ-plateau" in v.reason,
+                            "date": time.strftime("%Y-%m-%d %H:%M")})
         print(res["rows"][-1], flush=True)
         res["loadavg_end"] = loadavg()
         write_json_atomic(out / "llc_ground_truth_calibrated.json", res)
@@ -178,14 +182,14 @@ def through_calibrate(cases: list[Case], n: int, out: Path) -> None:
                  f"{res['loadavg_end']}. n = {n}, nβ = n/log n; `calibrate` with the library defaults (ε grid, "
                  "γ/nβ grid, each pick checked at γ/2 and 2γ), then `estimate_llc` with the chosen settings at "
                  "another seed. Target: within 10% of theory.", "",
-                 "| case | d | λ | λ̂ ± se | error | γ/nβ | ε | γ-plateau | calibrate s | estimate s |",
-                 "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+                 "| case | d | λ | λ̂ ± se | error | γ/nβ | ε | γ-plateau | flags | calibrate s | estimate s |",
+                 "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
         for r in res["rows"]:
             cfg = r["config"] or {}
             ratio = cfg.get("localization", float("nan")) / default_nbeta(n) if cfg else float("nan")
             lines.append(f"| {r['case']} | {r['d']} | {r['llc_theory']:g} | {r['llc_mean']:.2f} ± {r['llc_se']:.2f} | "
                          f"{100 * r['rel_error']:+.1f}% | {ratio:.3g} | {cfg.get('step_size', float('nan')):g} | "
-                         f"{'yes' if r['on_plateau'] else 'no'} | {r['calibrate_seconds']:.0f} | "
+                         f"{'yes' if r['on_plateau'] else 'no'} | {r['flags'] or '—'} | {r['calibrate_seconds']:.0f} | "
                          f"{r['estimate_seconds']:.0f} |")
         write_atomic(out / "llc_ground_truth_calibrated.md", "\n".join(lines) + "\n")
 

@@ -2,14 +2,15 @@
 
 The run is benchmarks/llc_curve.py's: the seed preset on M = 2 unit-norm noiseless tasks (D = 8, K = 16), 5,000
 steps at batch 32, lr 3e-3 constant, 13 linear + 30 log-spaced checkpoints (reused from --workdir if present).
-The ten checkpoints between steps 110 and 789 are estimated at the settings that gave the zig-zag (the studies'
-γ = 1000, ε = 3e-5, nβ = n / log n with n = 4,096, 4 chains × 200 draws after min_burnin(ε, γ) = 100, minibatch
-32), with `tilted=True`: every estimate also samples the tilted loss ℓ_n(w) − ∇ℓ_n(w*)ᵀ(w − w*) with the same
-random numbers. The table gives λ̂, its slope term S, λ̂ − S/2 and λ̂_tilted, each with its standard error.
+The checkpoints between steps 110 and 789 (at most ten; eight on this run's grid) are estimated at the settings
+that gave the zig-zag (the studies' γ = 1000, ε = 3e-5, nβ = n / log n with n = 4,096, 4 chains × 200 draws
+after min_burnin(ε, γ) = 100, minibatch 32), with `tilted=True`: every estimate also samples the tilted loss
+ℓ_n(w) − ∇ℓ_n(w*)ᵀ(w − w*) with the same random numbers. The table gives λ̂, its slope term S, λ̂ − S/2 and
+λ̂_tilted, each with its standard error.
 
 The check, written before the run: a change between consecutive checkpoints is *significant* when it exceeds
 two standard errors of the difference, 2·√(se₁² + se₂²) (se = the Monte-Carlo standard error). The tilt removes
-the zig-zag when λ̂_tilted has at most 1 significant change among the 9 consecutive pairs while λ̂ has at least 3.
+the zig-zag when λ̂_tilted has at most 1 significant change among the consecutive pairs while λ̂ has at least 3.
 
     python benchmarks/llc_tilted.py            # training (~1-2 min, skipped when the run exists) + 10 × 2 estimates
     python benchmarks/llc_tilted.py --quick    # smoke check: short run, short chains, results in a temp folder
@@ -18,6 +19,7 @@ the zig-zag when λ̂_tilted has at most 1 significant change among the 9 consec
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import tempfile
@@ -41,13 +43,40 @@ def significant_changes(values: list[float], ses: list[float]) -> int:
                for a, b, sa, sb in zip(values, values[1:], ses, ses[1:], strict=False))
 
 
+def markdown(res: dict) -> str:
+    """The results file's text, from the JSON."""
+    rows, sampler = res["rows"], res["sampler"]
+    plain, tilted = res["significant_changes"]["llc"], res["significant_changes"]["llc_tilted"]
+    machine = res["machine"]
+    lines = ["# Does the tilted loss remove the zig-zag? (`benchmarks/llc_tilted.py`)", "",
+             f"{machine.get('cpu_model') or machine.get('cpu', '')}; {res.get('date', '')}; load {res['load']}; "
+             f"{res['seconds']:.0f} s for {len(rows)} estimates (each samples the plain and the tilted loss).", "",
+             f"Settings: ε = {sampler['step_size']:g}, γ = {sampler['localization']:g}, nβ = n/log n "
+             f"(n = {res['n']}), {sampler['num_chains']} chains × {sampler['num_draws']} draws after "
+             f"{sampler['num_burnin']}, minibatch {sampler['batch_size']}. Checkpoints: those of the run between "
+             "steps 110 and 789. Standard errors are Monte-Carlo (MCSE).", "",
+             "| step | λ̂ | S | λ̂ − S/2 | λ̂_tilted | ‖∇ℓ_n(w*)‖ | flags |", "|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['step']} | {r['llc']:.2f} ± {r['llc_mcse']:.2f} | {r['slope']:.2f} | "
+                     f"{r['llc_minus_half_slope']:.2f} | {r['llc_tilted']:.2f} ± {r['llc_tilted_mcse']:.2f} | "
+                     f"{r['grad_norm']:.3g} | {r['flags'] or '—'} |")
+    lines += ["", f"Significant consecutive changes (> 2 standard errors of the difference, of {len(rows) - 1}): "
+              f"λ̂ {plain}, λ̂_tilted {tilted}. Check (written before the run): the tilt removes the zig-zag when "
+              f"λ̂_tilted has at most 1 while λ̂ has at least 3. **Verdict: {res['verdict']}.**", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--workdir", type=Path, default=Path("runs/bench-llc-curve"))
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--render", action="store_true", help="only rewrite the md from the json in --out (or results)")
     args = ap.parse_args()
     out = args.out or (Path(tempfile.mkdtemp(prefix="llc_tilted_")) if args.quick else RESULTS)
+    if args.render:
+        write_atomic(out / "llc_tilted.md", markdown(json.loads((out / "llc_tilted.json").read_text())))
+        return
     steps, lin, log_ = (300, 4, 8) if args.quick else (5000, 13, 30)
     sampler = LLCConfig(step_size=3e-5, localization=1000.0, num_chains=2 if args.quick else 4,
                         num_draws=20 if args.quick else 200, num_burnin=10 if args.quick else 100, batch_size=32,
@@ -78,23 +107,9 @@ def main() -> None:
     res = {"benchmark": "llc_tilted", "quick": args.quick, "machine": machine_info(), "load": loadavg(),
            "command": "python " + " ".join(sys.argv), "sampler": sampler.model_dump(), "n": settings.n,
            "rows": rows, "significant_changes": {"llc": plain, "llc_tilted": tilted}, "verdict": verdict,
-           "seconds": time.perf_counter() - t0}
+           "seconds": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d")}
     write_json_atomic(out / "llc_tilted.json", res)
-    lines = ["# Does the tilted loss remove the zig-zag? (`benchmarks/llc_tilted.py`)", "",
-             f"{res['machine'].get('cpu', '')}; {time.strftime('%Y-%m-%d')}; load {res['load']}; "
-             f"{res['seconds']:.0f} s for {len(rows)} estimates (each samples the plain and the tilted loss).", "",
-             f"Settings: ε = {sampler.step_size:g}, γ = {sampler.localization:g}, nβ = n/log n (n = {settings.n}), "
-             f"{sampler.num_chains} chains × {sampler.num_draws} draws after {sampler.num_burnin}, minibatch "
-             f"{sampler.batch_size}. Standard errors are Monte-Carlo (MCSE).", "",
-             "| step | λ̂ | S | λ̂ − S/2 | λ̂_tilted | ‖∇ℓ_n(w*)‖ | flags |", "|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        lines.append(f"| {r['step']} | {r['llc']:.2f} ± {r['llc_mcse']:.2f} | {r['slope']:.2f} | "
-                     f"{r['llc_minus_half_slope']:.2f} | {r['llc_tilted']:.2f} ± {r['llc_tilted_mcse']:.2f} | "
-                     f"{r['grad_norm']:.3g} | {r['flags'] or '—'} |")
-    lines += ["", f"Significant consecutive changes (> 2 standard errors of the difference, of 9): λ̂ {plain}, "
-              f"λ̂_tilted {tilted}. Check (written before the run): the tilt removes the zig-zag when λ̂_tilted has "
-              f"at most 1 while λ̂ has at least 3. **Verdict: {verdict}.**", ""]
-    write_atomic(out / "llc_tilted.md", "\n".join(lines))
+    write_atomic(out / "llc_tilted.md", markdown(res))
     print(f"wrote {out / 'llc_tilted.md'}")
 
 
