@@ -38,6 +38,7 @@ from icl_lab.llc import (
     pick,
     pick_settings,
     plot_calibration,
+    resolve,
     sampler_ok,
     sgld_step,
 )
@@ -800,6 +801,22 @@ def test_calibrate_burns_in_each_step_size_for_its_relaxation_time():
     assert sorted(checks["localization"]) == [50.0, 200.0] and len(set(checks["step_size"])) == 1
     assert (cal.table["llc_se"] > 0).all()
     assert cal.chosen is not None and cal.chosen.num_burnin == int(cal.table.loc[cal.index, "num_burnin"])
+
+
+def test_calibrate_default_gamma_grid_is_relative_to_nbeta():
+    model, data, _ = linear_problem(10)
+    nb = default_nbeta(1000)
+    base = LLCConfig(num_chains=4, num_draws=400, num_burnin=5, batch_size=100)
+    cal = calibrate(model, data, linear_mse, step_sizes=[3e-4], localizations=[None], base=base, seed=0,
+                    max_burnin=200)
+    grid = cal.table[cal.table["role"] == "grid"]
+    assert grid["localization"].tolist() == pytest.approx([0.01 * nb])  # None: the validated γ/nβ
+    checks = cal.table[cal.table["role"] == "check"]
+    assert sorted(checks["localization"]) == pytest.approx([0.005 * nb, 0.02 * nb])
+    assert (cal.table["num_burnin"] == 200).all()  # min_burnin capped at max_burnin
+    assert LLCConfig().localization is None and LLCConfig().num_burnin is None
+    resolved = resolve(LLCConfig(), nb)
+    assert resolved.localization == pytest.approx(0.01 * nb) and resolved.num_burnin == min_burnin(1e-4, 0.01 * nb)
 
 
 def test_calibrate_finds_the_plateau_and_plots(tmp_path):

@@ -1222,7 +1222,8 @@ def calibrate(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *,
     """Choose ε, γ (and nβ when asked) at one checkpoint with `estimate_llc` and `pick_settings`.
 
     step_sizes default to DEFAULT_STEP_SIZES (1e-6 … 1e-3, half-decades); localizations default to
-    DEFAULT_LOCALIZATION_RATIOS × nβ; nbetas default to the base config's single value (None means n / log n).
+    DEFAULT_LOCALIZATION_RATIOS × nβ (a None entry: DEFAULT_LOCALIZATION_RATIO × nβ); nbetas default to the base
+    config's single value (None means n / log n).
     For each nβ, γ is tried in `_gamma_order` (γ/nβ ≤ max_ratio first, largest first): the ε grid at that γ, then,
     at the ε that `pick` chooses, one estimate each at γ/2 and 2γ (role "check"). The first γ whose λ̂ they
     confirm is chosen and the sweep stops; otherwise every γ is tried and the fallback of `pick_settings` is
@@ -1261,7 +1262,8 @@ def calibrate(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *,
 
     for nb in nbs:
         nbeta = default_nbeta(n) if nb is None else float(nb)
-        gammas = [r * nbeta for r in DEFAULT_LOCALIZATION_RATIOS] if localizations is None else list(localizations)
+        gammas = ([r * nbeta for r in DEFAULT_LOCALIZATION_RATIOS] if localizations is None else
+                  [DEFAULT_LOCALIZATION_RATIO * nbeta if g is None else float(g) for g in localizations])
         for gamma in _gamma_order(gammas, nbeta, max_ratio):
             for eps in step_sizes:
                 run(float(eps), gamma, nb, "grid")
