@@ -178,7 +178,7 @@ def through_calibrate(cases: list[Case], n: int, out: Path) -> None:
         res["loadavg_end"] = loadavg()
         write_json_atomic(out / "llc_ground_truth_calibrated.json", res)
         lines = ["# Ground truth through the user's procedure (`benchmarks/llc_ground_truth.py --through-calibrate`)",
-                 "", f"{res['machine'].get('cpu', '')}; {time.strftime('%Y-%m-%d')}; load {res['loadavg_start']} → "
+                 "", f"{res['machine'].get('cpu_model', '')}; {time.strftime('%Y-%m-%d')}; load {res['loadavg_start']} → "
                  f"{res['loadavg_end']}. n = {n}, nβ = n/log n; `calibrate` with the library defaults (ε grid, "
                  "γ/nβ grid, each pick checked at γ/2 and 2γ), then `estimate_llc` with the chosen settings at "
                  "another seed. Target: within 10% of theory.", "",

@@ -76,7 +76,7 @@ def main() -> None:
            "step_size": eps, "rows": rows, "seconds": time.perf_counter() - t0}
     write_json_atomic(out / "llc_localization.json", res)
     lines = ["# λ̂ of the seed transformer against γ (`benchmarks/llc_localization.py`)", "",
-             f"{res['machine'].get('cpu', '')}; {time.strftime('%Y-%m-%d')}; load at the end {res['load']}; "
+             f"{res['machine'].get('cpu_model', '')}; {time.strftime('%Y-%m-%d')}; load at the end {res['load']}; "
              f"{res['seconds']:.0f} s in all.", "",
              f"Checkpoint: step {res['step']} of the seed-preset M = 2 run of llc_curve.py. n = {n}, nβ = "
              f"{nbeta:.1f}, ε = {eps:g}, minibatch 64, {chains} chains × {draws} draws. Standard errors: MCSE.", "",
