@@ -177,3 +177,22 @@ def write_atomic(path: str | Path, text: str) -> Path:
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
     return write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def seed_m2_run(workdir: Path, quick: bool = False):
+    """The user's kind of run that the LLC benchmarks share (benchmarks/llc_curve.py's): the seed preset on M = 2
+    unit-norm noiseless tasks, batch 32, lr 3e-3 constant, 5,000 steps with 13 linear + 30 log-spaced checkpoints
+    (quick: 300 steps, 4 + 8). Reused from workdir/full (or /quick) when it is there and finished; else trained."""
+    from icl_lab.config import build_run_config
+    from icl_lab.store import Run
+    from icl_lab.train import train
+
+    steps, lin, log_ = (300, 4, 8) if quick else (5000, 13, 30)
+    cfg = build_run_config(overrides=dict(preset="seed", family="unit_norm", noise_var=0.0, M=2, steps=steps,
+                                          batch_size=32, lr=3e-3, n_checkpoints_linear=lin, n_checkpoints_log=log_,
+                                          seed=0, name="seed-M2"))
+    path = Path(workdir) / ("quick" if quick else "full")
+    run = Run.load(path) if (path / "config.json").exists() else None
+    if run is None or not run.finished or run.config != cfg:
+        run = train(cfg, path, overwrite=True, progress=False)
+    return run

@@ -24,12 +24,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import loadavg, machine_info, write_atomic, write_json_atomic  # noqa: E402
-from icl_lab.config import LLCConfig, build_run_config  # noqa: E402
+from common import loadavg, machine_info, seed_m2_run, write_atomic, write_json_atomic  # noqa: E402
+from icl_lab.config import LLCConfig  # noqa: E402
 from icl_lab.llc import default_nbeta, estimate_llc, min_burnin  # noqa: E402
 from icl_lab.llc_run import LLCSettings, _sgld_seed, llc_data, mse_loss  # noqa: E402
-from icl_lab.store import Run  # noqa: E402
-from icl_lab.train import train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RATIOS = (0.2, 0.1, 0.05, 0.02, 0.01)
@@ -42,14 +40,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     out = args.out or (Path(tempfile.mkdtemp(prefix="llc_localization_")) if args.quick else RESULTS)
-    steps, lin, log_ = (300, 4, 8) if args.quick else (5000, 13, 30)
-    cfg = build_run_config(overrides=dict(preset="seed", family="unit_norm", noise_var=0.0, M=2, steps=steps,
-                                          batch_size=32, lr=3e-3, n_checkpoints_linear=lin, n_checkpoints_log=log_,
-                                          seed=0, name="seed-M2"))
-    path = args.workdir / ("quick" if args.quick else "full")  # the same run as llc_curve.py's
-    run = Run.load(path) if (path / "config.json").exists() else None
-    if run is None or not run.finished or run.config != cfg:
-        run = train(cfg, path, overwrite=True, progress=False)
+    run = seed_m2_run(args.workdir, args.quick)  # the same run as llc_curve.py's
     n = 512 if args.quick else 4096
     nbeta = default_nbeta(n)
     draws, chains, eps = (20, 2, 1e-4) if args.quick else (300, 4, 1e-4)

@@ -27,12 +27,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import loadavg, machine_info, write_atomic, write_json_atomic  # noqa: E402
-from icl_lab.config import LLCConfig, build_run_config  # noqa: E402
+from common import loadavg, machine_info, seed_m2_run, write_atomic, write_json_atomic  # noqa: E402
+from icl_lab.config import LLCConfig  # noqa: E402
 from icl_lab.llc import estimate_llc  # noqa: E402
 from icl_lab.llc_run import LLCSettings, _sgld_seed, llc_data, mse_loss  # noqa: E402
-from icl_lab.store import Run  # noqa: E402
-from icl_lab.train import train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -77,18 +75,11 @@ def main() -> None:
     if args.render:
         write_atomic(out / "llc_tilted.md", markdown(json.loads((out / "llc_tilted.json").read_text())))
         return
-    steps, lin, log_ = (300, 4, 8) if args.quick else (5000, 13, 30)
     sampler = LLCConfig(step_size=3e-5, localization=1000.0, num_chains=2 if args.quick else 4,
                         num_draws=20 if args.quick else 200, num_burnin=10 if args.quick else 100, batch_size=32,
                         tilted=True)
     settings = LLCSettings(sampler=sampler, n=512 if args.quick else 4096)
-    cfg = build_run_config(overrides=dict(preset="seed", family="unit_norm", noise_var=0.0, M=2, steps=steps,
-                                          batch_size=32, lr=3e-3, n_checkpoints_linear=lin, n_checkpoints_log=log_,
-                                          seed=0, name="seed-M2"))
-    path = args.workdir / ("quick" if args.quick else "full")  # the same run as llc_curve.py's
-    run = Run.load(path) if (path / "config.json").exists() else None
-    if run is None or not run.finished or run.config != cfg:
-        run = train(cfg, path, overwrite=True, progress=False)
+    run = seed_m2_run(args.workdir, args.quick)  # the same run as llc_curve.py's
     lo, hi = (10, 300) if args.quick else (110, 789)
     chosen = [s for s in run.checkpoint_steps if lo <= s <= hi][:10]
     data = llc_data(run, settings.n, settings.data)
