@@ -131,8 +131,8 @@ class LLCConfig(_Strict):
     - nbeta None: nβ = n / log n, i.e. β* = 1 / log n (Watanabe's WBIC temperature; Hoogland et al. §2.2).
     - localization None: γ = 0.01·nβ (llc.DEFAULT_LOCALIZATION_RATIO). Localisation suppresses a direction of
       curvature h by the factor nβh / (nβh + γ), so λ̂ counts the singular, flat directions that define the LLC
-      only when γ/nβ is small; deep linear networks read 30-96% low at γ/nβ = 0.2 and within 10% at 0.01.
-    - step_size 1e-4: the largest ε at which those networks read within 10% at γ/nβ = 0.01; larger ε bias λ̂
+      only when γ/nβ is small.
+    - step_size 1e-4: the largest ε at which the ground-truth networks read right at that γ/nβ; larger ε bias λ̂
       upwards, which no diagnostic of a singular model catches (λ̂ stays far below d/2).
     - num_burnin None: min_burnin(ε, γ) ≈ 3/(εγ), the relaxation time of the flat directions (llc.min_burnin).
     - 4 chains × 500 draws, minibatch 256.
