@@ -249,7 +249,8 @@ def llc(
                 fail(f"{run.path} has no LLC settings; run `icl-lab llc calibrate {run.path}` first")
             subset = [int(v) for v in steps.split(",")] if steps else None
             df = estimate_run(run, subset, workers=workers, progress=not quiet, device=device)
-            typer.echo(df[["step", "llc_mean", "llc_std", "ok"]].to_string(index=False))
+            cols = [c for c in ("step", "llc_mean", "llc_std", "llc_mcse", "rhat", "ess", "flags") if c in df.columns]
+            typer.echo(df[cols].to_string(index=False))
     except (ValueError, ValidationError) as e:
         fail(str(e))
 
