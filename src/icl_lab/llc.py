@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from icl_lab.attention import BATCHING_WARNING, vmappable_sdpa
 from icl_lab.config import LLCConfig
-from icl_lab.convergence import ess, llc_mcse, mcse_mean, split_rhat
+from icl_lab.convergence import ess, mcse_mean, split_rhat, summarize
 from icl_lab.evaluate import eval_chunk
 from icl_lab.tasks import make_generator
 from icl_lab.threads import split_evenly, thread_pool
@@ -189,9 +189,12 @@ class _Kernel:
             self.accepted = torch.zeros(chains, dtype=torch.float64, device=theta_star.device)
             self.accept_gens = accept_gens
 
-    def _drift(self, theta: Tensor, grad: Tensor) -> Tensor:
-        """∇U = nβ(∇ℓ − g_tilt) + γ(w − w*), masked. (R, P)."""
-        g = grad if self.tilt is None else grad - self.tilt
+    def _tilted(self, grad: Tensor) -> Tensor:
+        """∇ of the sampled loss: ∇ℓ, or ∇ℓ − g for the tilted one. (R, P)."""
+        return grad if self.tilt is None else grad - self.tilt
+
+    def _drift(self, theta: Tensor, g: Tensor) -> Tensor:
+        """∇U = nβ·g + γ(w − w*), masked, with g from `_tilted`. (R, P)."""
         d = torch.sub(theta, self.theta_star).mul_(self.gamma).add_(g, alpha=self.nbeta)
         return d if self.mask is None else d.mul_(self.mask)
 
@@ -206,14 +209,13 @@ class _Kernel:
     def step(self, t: int, theta: Tensor, loss: Tensor, grad: Tensor, noise: Tensor, rows: slice
              ) -> tuple[Tensor, Tensor, Tensor]:
         """theta, grad, noise: (R, P); loss: (R,). Returns (next theta to evaluate, recorded theta, recorded loss)."""
+        g = self._tilted(grad)
         if self.kind == "sgld":
-            g = grad if self.tilt is None else grad - self.tilt
             return sgld_step(theta, g, self.theta_star, noise, step_size=self.eps, nbeta=self.nbeta,
                              localization=self.gamma, mask=self.mask), theta, loss
         if self.kind == "rmsprop_sgld":
-            drift = self._drift(theta, grad)
+            drift = self._drift(theta, g)
             if t < self.burnin:
-                g = grad if self.tilt is None else grad - self.tilt
                 sq = g.square().mul_(self.nbeta**2)
                 V = self.V[rows]
                 V.copy_(sq) if t == 0 else V.mul_(self.alpha).add_(sq, alpha=1 - self.alpha)
@@ -228,7 +230,7 @@ class _Kernel:
                 move.mul_(self.mask)
             return move.add_(theta), theta, loss
         # mala: theta is the proposal evaluated by the caller (w* at t = 0, always accepted)
-        u, drift = self._energy(theta, loss), self._drift(theta, grad)
+        u, drift = self._energy(theta, loss), self._drift(theta, g)
         if t == 0:
             accept = torch.ones_like(u, dtype=torch.bool)
         else:
@@ -816,8 +818,6 @@ def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, c
         return [_ChainRandomness(seed, c, n, m, device) for c in range(C)]
 
     minibatch = m < n
-    if config.sampler == "mala" and minibatch:  # unreachable through LLCConfig's own check; kept for clarity
-        raise ValueError("sampler 'mala' needs the full data (batch_size None)")
     notes: list[str] = []
     vectorized = vectorizes(config, flat.theta_star.numel(), device)
     thread_models: list[nn.Module] = []  # the sequential path's model copies, one per thread: made once, reused
@@ -846,7 +846,7 @@ def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, c
             thread_models.extend([work] + [copy.deepcopy(work) for _ in range(max(1, min(threads, C)) - 1)])
         k = kernel()
         _run_sequential(thread_models, direct_loss, data, minibatch, flat.theta_star, grad_star, trace, slope,
-                        randomness(), k, notes, len(thread_models))
+                        randomness(), k, notes)
         return trace, slope, k
 
     trace, slope, kernel = sample(tilted=False)
@@ -877,7 +877,7 @@ def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, c
         llc_mean = float(per_chain.mean())
         llc_std = float(per_chain.std(ddof=1)) if C > 1 else float("nan")
         llc_slope = float(nbeta * slope_post.mean())
-    finite = bool(np.isfinite(post).all())
+    stats = summarize(post) if np.isfinite(post).all() else {"rhat": math.nan, "ess": math.nan, "mcse": math.nan}
     accept = kernel.acceptance(S)
     precond = kernel.preconditioner()
     return LLCResult(
@@ -887,8 +887,7 @@ def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, c
         d=flat.d, config=config, seed=seed, diagnostics=diagnostics, sampled=flat.names, excluded=excluded, notes=notes,
         vectorized=vectorized, data_hash=data_hash, fingerprint=fingerprint, grad_norm=grad_norm,
         llc_slope=llc_slope, seconds=time.perf_counter() - t_start,
-        rhat=split_rhat(post) if finite else float("nan"), ess=ess(post) if finite else float("nan"),
-        llc_mcse=llc_mcse(post, nbeta) if finite else float("nan"),
+        rhat=stats["rhat"], ess=stats["ess"], llc_mcse=nbeta * stats["mcse"],
         acceptance_rate=accept, preconditioner=precond, **tilted_stats,
     )
 
@@ -988,16 +987,16 @@ def _first_vmapped_step(step: Callable, theta: Tensor, batch: tuple[Tensor, ...]
 
 def _run_sequential(models: list[nn.Module], direct_loss: Callable[[nn.Module], Callable], data: tuple[Tensor, ...],
                     minibatch: bool, theta_star: Tensor, grad_star: Tensor, trace: Tensor, slope: Tensor,
-                    rands: list[_ChainRandomness], kernel: _Kernel, notes: list[str], threads: int = 1
-                    ) -> None:
+                    rands: list[_ChainRandomness], kernel: _Kernel, notes: list[str]) -> None:
     """The chains with plain autograd, each chain's steps one after another (for models that cannot be vmapped, and
     large models on CPU). Fills trace and slope (C, S) in place as `_run_vectorized` does; a chain whose
     parameters become non-finite stops there.
 
-    threads > 1 (CPU): the chains run that many at a time, each group on its own thread with one intra-op thread
-    and its own copy of the model. A model this small at minibatch 32-256 keeps one core busy and a second one
-    poorly, so the cores go further on separate chains. Every chain's numbers come from its own generators and
-    its own model copy, so the trace does not depend on `threads` or scheduling (up to the bits in which one and
+    models: one private copy of the model per thread (estimate_llc makes min(chains, torch threads) on CPU); with
+    more than one, the chains run that many at a time, each group on its own thread with one intra-op thread and
+    its own copy. A model this small at minibatch 32-256 keeps one core busy and a second one poorly, so the
+    cores go further on separate chains. Every chain's numbers come from its own generators and its own model
+    copy, so the trace does not depend on the number of threads or scheduling (up to the bits in which one and
     two intra-op threads round differently).
     """
     C, S = trace.shape
@@ -1029,7 +1028,7 @@ def _run_sequential(models: list[nn.Module], direct_loss: Callable[[nn.Module], 
                     break
         return stopped
 
-    groups = split_evenly(C, max(1, min(threads, C, len(models))))
+    groups = split_evenly(C, max(1, min(C, len(models))))
     if len(groups) == 1:
         notes += run(groups[0], models[0])
         return
@@ -1260,7 +1259,8 @@ def calibrate(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *,
         if progress is not None:
             progress(len(rows), max(total, len(rows)), res)
 
-    for nb in nbs:
+    def sweep(nb: float | None) -> bool:
+        """The γ values at one nβ, largest first; True as soon as one sits on a γ-plateau."""
         nbeta = default_nbeta(n) if nb is None else float(nb)
         gammas = ([r * nbeta for r in DEFAULT_LOCALIZATION_RATIOS] if localizations is None else
                   [DEFAULT_LOCALIZATION_RATIO * nbeta if g is None else float(g) for g in localizations])
@@ -1278,10 +1278,12 @@ def calibrate(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *,
                 if _rows_at(table, eps, gamma * factor, nbeta).empty:
                     run(eps, gamma * factor, nb, "check")
             if pick_settings(pd.DataFrame(rows), rel_tol=rel_tol, max_ratio=max_ratio)[2]:
-                break
-        else:
-            continue
-        break
+                return True
+        return False
+
+    for nb in nbs:
+        if sweep(nb):
+            break
     table = pd.DataFrame(rows)
     index, reason, plateau = pick_settings(table, rel_tol=rel_tol, max_ratio=max_ratio)
     chosen = None if index is None else _config_of_row(base, table.loc[index])
