@@ -1,0 +1,94 @@
+"""icl_lab.tracking: the null tracker, the key mapping, and a real wandb run in offline mode (no network)."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from icl_lab.tracking import Tracker, evaluation_values, llc_values, open_tracker
+
+
+def test_null_tracker_without_project_does_not_import_wandb():
+    code = ("import sys\nfrom icl_lab.tracking import open_tracker\n"
+            "t = open_tracker(None, '.', name='r', job_type='train')\n"
+            "t.log(0, {'train/loss': 1.0}); t.finish()\n"
+            "assert type(t).__name__ == 'Tracker', type(t)\n"
+            "assert 'wandb' not in sys.modules, 'wandb was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_evaluation_values_prefix_and_skip():
+    row = {"step": 10, "lr": 1e-3, "id_loss": 0.5, "id_loss_k0": 1.0, "ood_delta_dmmse": np.float32(0.25),
+           "bad": float("nan")}
+    assert evaluation_values(row) == {"eval/id_loss": 0.5, "eval/id_loss_k0": 1.0, "eval/ood_delta_dmmse": 0.25,
+                                      "train/lr": 1e-3}
+
+
+def test_llc_values_numbers_and_flags():
+    row = {"step": 3, "llc_mean": np.float64(12.5), "num_chains": np.int64(4), "ok": False, "sampler": "sgld",
+           "flags": "not_stationary;chains_disagree", "llc_per_chain": [1.0, 2.0]}
+    assert llc_values(row) == {"llc/llc_mean": 12.5, "llc/num_chains": 4.0,
+                               "llc/flags": "not_stationary;chains_disagree"}
+    assert llc_values({"llc_mean": 1.0, "flags": ""})["llc/flags"] == "ok"
+
+
+def read_wandb_file(path) -> tuple[set[str], dict[str, str]]:
+    """History keys and config of a .wandb file: 32 KiB blocks of records (7-byte header: crc, length, type),
+    each a wandb_internal_pb2.Record, after a 7-byte file header."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, block, buf, records = path.read_bytes(), 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pos += 7
+        buf += data[pos:pos + length]
+        pos += length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            records.append(buf)
+            buf = b""
+    keys, config = set(), {}
+    for raw in records:
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            keys |= {item.key or "/".join(item.nested_key) for item in rec.history.item}
+        elif kind == "run":
+            config |= {item.key: item.value_json for item in rec.run.config.update}
+    return keys, config
+
+
+def test_wandb_offline_run_holds_the_logged_keys(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is not installed (the `wandb` extra)")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    fig_path = tmp_path / "fig.png"
+    plt.plot([0, 1], [1, 0])
+    plt.savefig(fig_path)
+    plt.close("all")
+    run_dir = tmp_path / "run"
+    with open_tracker("icl-lab-test", run_dir, name="r", job_type="train", config={"D": 8, "M": 2}) as t:
+        assert isinstance(t, Tracker) and type(t).__name__ == "WandbTracker"
+        t.log(0, {"train/loss": 1.0})
+        t.log(1, evaluation_values({"id_loss": 0.5, "id_loss_k0": 0.7}))
+        t.log(1, llc_values({"llc_mean": 3.0, "flags": ""}))
+        t.log_figure("loss", fig_path)
+    files = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 1, list(run_dir.rglob("*"))
+    keys, config = read_wandb_file(files[0])
+    assert {"step", "train/loss", "eval/id_loss", "eval/id_loss_k0", "llc/llc_mean", "llc/flags",
+            "figures/loss/path"} <= keys  # an image is logged as a record of its file
+    assert config["D"] == "8" and config["M"] == "2"
