@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -61,3 +64,19 @@ def test_load_checkpoint_is_strict(tmp_path, tiny_config):
         run.load_checkpoint(9)
     with pytest.raises(FileNotFoundError, match="no checkpoint at step 3"):
         run.load_checkpoint(3)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_atomic_writes_respect_the_umask(tmp_path, umask):
+    """Files written through atomic_write get the mode a plain open(..., "w") would give them."""
+    code = (f"import os, pathlib\nos.umask({umask})\n"
+            "from icl_lab.store import write_json, current_umask\n"
+            f"assert current_umask() == {umask}, oct(current_umask())\n"
+            f"d = pathlib.Path({str(tmp_path)!r})\n"
+            "write_json(d / 'sub' / 'a.json', {'x': 1})\n"
+            "open(d / 'plain.txt', 'w').close()\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    plain = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert plain == 0o666 & ~umask
+    assert (tmp_path / "sub" / "a.json").stat().st_mode & 0o777 == plain
+    assert (tmp_path / "sub").stat().st_mode & 0o777 == 0o777 & ~umask
