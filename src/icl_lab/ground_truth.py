@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from icl_lab.config import LLCConfig
-from icl_lab.tasks import make_generator
+from icl_lab.seeding import make_generator
 
 __all__ = [
     "SUITE",

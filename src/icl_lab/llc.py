@@ -59,7 +59,7 @@ from icl_lab.attention import BATCHING_WARNING, vmappable_sdpa
 from icl_lab.config import LLCConfig
 from icl_lab.convergence import ess, mcse_mean, split_rhat, summarize
 from icl_lab.evaluate import eval_chunk
-from icl_lab.tasks import make_generator
+from icl_lab.seeding import make_generator
 from icl_lab.threads import split_evenly, thread_pool
 
 __all__ = [

@@ -64,7 +64,7 @@ from typing import Any, Literal
 import pandas as pd
 from pydantic import ValidationError
 
-from icl_lab.config import SECTIONS, RunConfig, build_run_config, leaf_fields, read_config_file
+from icl_lab.config import PRESETS, SECTIONS, RunConfig, build_run_config, leaf_fields, read_config_file
 from icl_lab.progress import Bar
 from icl_lab.store import Run, write_json, write_parquet
 
@@ -179,8 +179,6 @@ def allowed_values(key: str) -> str:
     if key == "M":
         return "an integer >= 1, or 'inf' (a fresh task per sequence)"
     if key == "preset":
-        from icl_lab.model import PRESETS
-
         return "one of: " + ", ".join(PRESETS)
     section = leaf_fields()[key]
     field = (SECTIONS[section] if section else RunConfig).model_fields[key]
