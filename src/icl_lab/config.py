@@ -15,6 +15,28 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+__all__ = [
+    "PRESETS",
+    "SECTIONS",
+    "Activation",
+    "Family",
+    "InitScheme",
+    "LLCConfig",
+    "ModelConfig",
+    "Readout",
+    "RunConfig",
+    "Sampler",
+    "Schedule",
+    "TaskConfig",
+    "TrainConfig",
+    "build_run_config",
+    "leaf_fields",
+    "nest",
+    "parse_m",
+    "preset_fields",
+    "read_config_file",
+]
+
 Family = Literal["gaussian", "unit_norm"]
 Activation = Literal["relu", "gelu", "gelu_tanh"]
 InitScheme = Literal["transformer_lens", "gpt2", "torch"]
