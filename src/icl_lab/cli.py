@@ -337,6 +337,8 @@ def llc_calibrate(
     and save them with the run, in RUN/llc_settings.json; also writes RUN/llc_calibration.parquet and a figure."""
     _check_device(device)
     run = _load_run(run_dir)
+    if step is not None and step not in run.checkpoint_steps:
+        fail(f"no checkpoint at step {step} in {run.path}; steps: {run.checkpoint_steps}")
     grids = {"step_sizes": _floats("--step-sizes", step_sizes), "localizations": _floats("--localizations",
              localizations), "nbetas": _floats("--nbetas", nbetas)}
     try:

@@ -413,7 +413,7 @@ def trusted_mask(llc: pd.DataFrame) -> np.ndarray:
     LLC: it comes from chains that found lower loss than w*, as early, off-minimum checkpoints do, and such
     estimates can be thousands of times larger in magnitude than the rest of the curve. Without a `flags`
     column the `ok` column decides (no flag of any kind), and without either every positive estimate counts.
-    Untrusted rows are still drawn (:func:`plot_stages`), just not used."""
+    Untrusted rows are still drawn (:func:`icl_lab.plots.plot_stages`), just not used."""
     mean = pd.to_numeric(llc["llc_mean"], errors="coerce").to_numpy(dtype=np.float64)
     keep = np.isfinite(mean) & (mean > 0)
     if "flags" in llc.columns:
