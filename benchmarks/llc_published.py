@@ -72,8 +72,8 @@ from common import loadavg, machine_info, write_atomic, write_json_atomic  # noq
 from icl_lab.config import LLCConfig, RunConfig, build_run_config  # noqa: E402
 from icl_lab.llc import calibrate, default_nbeta, estimate_llc  # noqa: E402
 from icl_lab.llc_run import llc_data, mse_loss  # noqa: E402
+from icl_lab.seeding import derive_seed  # noqa: E402
 from icl_lab.store import Run, load_tensors, save_tensors  # noqa: E402
-from icl_lab.tasks import derive_seed  # noqa: E402
 from icl_lab.train import checkpoint_steps, train  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

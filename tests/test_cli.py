@@ -188,3 +188,131 @@ def test_sweep_file_errors_name_the_table(tmp_path):
                       env={"COLUMNS": "300"})
     assert r.exit_code == 2 and "given both in" in r.output
     assert not (tmp_path / "sw").exists()
+
+
+# ------------------------------------------------------------------------------------------------ llc, bad input
+@pytest.fixture(scope="module")
+def tiny_run_dir(tmp_path_factory):
+    from icl_lab.config import build_run_config
+    from icl_lab.train import train
+
+    path = tmp_path_factory.mktemp("cli") / "run"
+    return train(build_run_config(overrides=tiny_overrides(steps=10)), path, progress=False).path
+
+
+def _llc_command(name: str):
+    import typer
+
+    return typer.main.get_command(app).commands["llc"].commands[name]
+
+
+def test_llc_calibrate_defaults_are_the_config_defaults():
+    from icl_lab.config import LLCConfig
+    from icl_lab.llc import DEFAULT_STEP_SIZES
+    from icl_lab.llc_run import LLCSettings
+
+    defaults = {p.name: p.default for p in _llc_command("calibrate").params}
+    cfg, settings = LLCConfig(), LLCSettings()
+    assert (defaults["chains"], defaults["draws"], defaults["burnin"]) == (cfg.num_chains, cfg.num_draws,
+                                                                           cfg.num_burnin)
+    assert defaults["batch_size"] == str(cfg.batch_size) and defaults["sampler"] == cfg.sampler
+    assert defaults["tilted"] is cfg.tilted
+    assert (defaults["n"], defaults["data"]) == (settings.n, settings.data)
+    assert tuple(float(v) for v in defaults["step_sizes"].split(",")) == DEFAULT_STEP_SIZES
+    assert defaults["localizations"] is None and defaults["nbetas"] is None  # resolved from nβ by llc.calibrate
+
+
+def test_llc_calibrate_without_flags_passes_the_config_defaults(tiny_run_dir, monkeypatch):
+    """What reaches calibrate_run when no flag is given: exactly LLCSettings() and DEFAULT_STEP_SIZES."""
+    import icl_lab.cli as cli
+    from icl_lab.config import LLCConfig
+    from icl_lab.llc import DEFAULT_STEP_SIZES
+    from icl_lab.llc_run import LLCSettings
+
+    seen = {}
+
+    def fake(run, step, settings, device, **grid):
+        seen.update(step=step, settings=settings, device=device, **grid)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(cli, "calibrate_run", fake)
+    r = runner.invoke(app, ["llc", "calibrate", str(tiny_run_dir), "--quiet"], env={"COLUMNS": "300"})
+    assert r.exit_code == 2 and "error: stop here" in r.output
+    seed = Run.load(tiny_run_dir).config.seed
+    assert seen["settings"] == LLCSettings(seed=seed) and seen["settings"].sampler == LLCConfig()
+    assert seen["step"] is None and seen["device"] == "cpu"
+    assert tuple(seen["step_sizes"]) == DEFAULT_STEP_SIZES and seen["localizations"] is None
+    assert seen["nbetas"] is None
+
+
+@pytest.mark.parametrize("flag", [["--chains", "8"], ["--step-sizes", "1e-4"], ["--sampler", "mala"],
+                                  ["--tilted"], ["--batch-size", "64"], ["--step", "3"]])
+def test_llc_estimate_refuses_calibration_flags(tiny_run_dir, flag):
+    r = runner.invoke(app, ["llc", str(tiny_run_dir), *flag], env={"COLUMNS": "300"})
+    assert r.exit_code == 2 and f"{flag[0]}: only for `icl-lab llc calibrate`" in r.output
+
+
+@pytest.mark.parametrize("flag", [["--workers", "2"], ["--steps", "0,1"]])
+def test_llc_calibrate_refuses_estimate_flags(tiny_run_dir, flag):
+    r = runner.invoke(app, ["llc", "calibrate", str(tiny_run_dir), *flag], env={"COLUMNS": "300"})
+    assert r.exit_code == 2 and f"No such option: {flag[0]}" in r.output
+    assert not (tiny_run_dir / "llc_settings.json").exists()
+
+
+def test_llc_estimate_honours_n_and_data_against_the_saved_settings(tiny_run_dir, monkeypatch, tmp_path):
+    """--n / --data in estimate mode must match the calibrated settings (they fix nβ and the data): a different
+    value is an error naming both, the same value estimates with the saved settings."""
+    import shutil
+
+    import icl_lab.cli as cli
+    from icl_lab.llc_run import LLCSettings, save_settings
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run_dir)
+    saved = LLCSettings(n=256, data="ood", calibrated=True)
+    save_settings(Run.load(run_dir), saved)
+    for flags_, message in ((["--n", "512"], "--n 512: the settings in"),
+                            (["--data", "id"], "calibrated with --data ood")):
+        r = runner.invoke(app, ["llc", str(run_dir), *flags_, "--quiet"], env={"COLUMNS": "300"})
+        assert r.exit_code == 2 and message in r.output, r.output
+    seen = {}
+
+    def fake(run, steps, settings, **kw):
+        seen.update(steps=steps, settings=settings)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(cli, "estimate_run", fake)
+    r = runner.invoke(app, ["llc", "estimate", str(run_dir), "--n", "256", "--data", "ood", "--steps", "0,10"],
+                      env={"COLUMNS": "300"})
+    assert r.exit_code == 2 and "stop here" in r.output
+    assert seen == {"steps": [0, 10], "settings": saved}
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["study", "low-diversity", "--Ms", "inf"], "--Ms: 'inf' is not allowed; allowed: comma-separated integers >= 1"),
+    (["study", "low-diversity", "--Ms", "0,1"], "--Ms: '0,1' is not allowed"),
+    (["study", "low-diversity", "--seeds", "a"], "--seeds: 'a' is not allowed"),
+    (["study", "low-diversity", "--config", "missing.toml"], "config file missing.toml does not exist"),
+    (["study", "nope"], "unknown study 'nope'"),
+    (["llc", "calibrate", "RUN", "--step-sizes", "1e-4,x"], "--step-sizes: '1e-4,x' is not a comma-separated list"),
+    (["llc", "calibrate", "RUN", "--batch-size", "x"], "--batch-size: 'x' is not allowed"),
+    (["llc", "calibrate", "RUN", "--sampler", "hmc"], "sampler: Input should be 'sgld', 'rmsprop_sgld' or 'mala'"),
+    (["llc", "calibrate", "RUN", "--sampler", "mala"], "sampler 'mala' needs batch_size None"),
+    (["llc", "calibrate", "RUN", "--step", "7"], "no checkpoint at step 7"),
+    (["llc", "calibrate", "RUN", "--device", "tpu"], "--device: unknown device 'tpu'"),
+    (["llc", "calibrate"], "Missing argument 'RUN'"),
+    (["llc", "RUN", "--steps", "1,x"], "--steps: '1,x' is not allowed"),
+    (["llc", "RUN", "--workers", "0"], "Invalid value for '--workers'"),
+    (["llc", "RUN"], "has no LLC settings; run `icl-lab llc calibrate"),
+    (["llc", "missing-run"], "cannot read run missing-run"),
+    (["stages", "RUN"], "has no LLC estimates"),
+    (["train", "--lr", "abc"], "Invalid value for '--lr'"),
+    (["nope"], "No such command 'nope'"),
+])
+def test_bad_input_exits_with_one_error_line(tiny_run_dir, args, message):
+    args = [str(tiny_run_dir) if a == "RUN" else a for a in args]
+    r = runner.invoke(app, args, env={"COLUMNS": "300"})
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2, r.output
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.output
+    assert not (tiny_run_dir / "llc_settings.json").exists()

@@ -37,11 +37,11 @@ from icl_lab.llc import (
     min_burnin,
     pick,
     pick_settings,
-    plot_calibration,
     resolve,
     sampler_ok,
     sgld_step,
 )
+from icl_lab.plots import plot_calibration
 
 F64 = torch.float64
 

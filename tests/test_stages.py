@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from icl_lab import plots
 from icl_lab import stages as sg
 
 W = 0.4  # width of each tanh step, in natural-log steps
@@ -216,7 +217,7 @@ def test_plot_stages_writes_png_and_pdf(tmp_path):
     llc = _rise_plateau_fall(x)
     ms = sg.find_milestones(steps, llc)
     table = sg.stage_table(steps, llc, np.exp(-x), ms)
-    png, pdf = sg.plot_stages(
+    png, pdf = plots.plot_stages(
         steps, np.exp(-x), llc, 0.3 * np.ones_like(llc), table, tmp_path / "fig",
         smoothed_llc=sg.smooth_log(steps, llc), milestones=ms,
     )  # fmt: skip
@@ -421,9 +422,9 @@ def test_plot_stages_draws_untrusted_points_hollow_and_off_scale(tmp_path, monke
     ms = sg.llc_milestones(rows)
     table = sg.stage_table(steps, lam, np.exp(-np.log(steps + 1)), ms, trusted=trusted)
     figs = []
-    save = sg.save_figure
-    monkeypatch.setattr(sg, "save_figure", lambda fig, path: (figs.append(fig), save(fig, path))[1])
-    png, pdf = sg.plot_stages(steps, np.exp(-np.log(steps + 1)), lam, rows["llc_std"], table, tmp_path / "fig",
+    save = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: (figs.append(fig), save(fig, path))[1])
+    png, pdf = plots.plot_stages(steps, np.exp(-np.log(steps + 1)), lam, rows["llc_std"], table, tmp_path / "fig",
                               milestones=ms, trusted=trusted)  # fmt: skip
     assert png.exists() and pdf.exists()
     ax = figs[0].axes[1]

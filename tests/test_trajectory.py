@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from icl_lab import plots
 from icl_lab import trajectory as tr
 
 # ----------------------------------------------------------------------------------------- data matrix
@@ -310,9 +311,9 @@ def test_figures_are_written_as_png_and_pdf(tmp_path):
     t, z = _semicubical(n=61)
     path = np.concatenate([z, 0.01 * t[:, None] ** 2], axis=1)
     ed = tr.essential_dynamics(_embed(path, B=4, K=3), np.arange(61) * 3, n_components=3, sigma=1.0)
-    png, pdf = tr.plot_pc_pairs(ed, tmp_path / "ed.png", osculating=True)
+    png, pdf = plots.plot_pc_pairs(ed, tmp_path / "ed.png", osculating=True)
     runs, rng = _runs()
-    png2, pdf2 = tr.plot_joint_pca(
+    png2, pdf2 = plots.plot_joint_pca(
         tr.joint_trajectory_pca(runs, {"dMMSE_2": rng.normal(size=(5, 4)), "ridge": rng.normal(size=(5, 4))}),
         tmp_path / "sub" / "joint",
         ref_runs={"dMMSE_2": "M=2"},

@@ -9,6 +9,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+__all__ = [
+    "MAX_CHUNK_BYTES",
+    "dmmse_predict",
+    "ridge_bayes_risk",
+    "ridge_predict",
+    "task_prior_predict",
+    "zero_predict",
+]
+
 MAX_CHUNK_BYTES = 1 << 27  # bound on the (B_chunk, K, M) float64 buffers of dMMSE
 
 

@@ -1,7 +1,10 @@
-"""The `icl-lab` command (typer). Every `train` flag is generated from the config models, so none is missing."""
+"""The `icl-lab` command (typer). Every `train` flag is generated from the config models, so none is missing, and
+every LLC default is read from LLCConfig, LLCSettings and llc.DEFAULT_STEP_SIZES. A bad flag or value exits with
+status 2 and one line, `error: ...`, never a traceback."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import re
@@ -10,31 +13,81 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Optional  # noqa: UP035 (typer needs Optional at runtime)
 
+import numpy as np
+import torch
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from icl_lab.config import SECTIONS, build_run_config, read_config_file
+try:  # typer vendors click as typer._click from 0.2x on; older typers build on click itself
+    from typer._click import exceptions as click_errors
+    from typer._click.core import Context
+except ImportError:  # pragma: no cover - depends on the typer version
+    from click import Context
+    from click import exceptions as click_errors
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Train small transformers on in-context linear regression and watch how they learn.")
+from icl_lab.config import SECTIONS, LLCConfig, build_run_config, read_config_file
+from icl_lab.llc import DEFAULT_STEP_SIZES
+from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_run, load_settings
+from icl_lab.plots import plot_run, plot_stages
+from icl_lab.progress import Bar
+from icl_lab.stages import llc_milestones, save_stage_table, stage_table, trusted_mask
+from icl_lab.store import Run
+from icl_lab.sweep import (
+    STATUSES,
+    SweepError,
+    SweepFailed,
+    check_options,
+    expand_grid,
+    first_line,
+    load_spec,
+    parse_assignments,
+    parse_grid,
+    read_sweep_file,
+    run_sweep,
+)
+from icl_lab.train import TrainingDiverged, train
+
+__all__ = ["app", "main"]
+
 console = Console(stderr=True)
 
 UPPER_FLAGS = {"M", "D", "K"}  # the papers' symbols keep their case: --M 2 --D 8 --K 16
 
 
 def fail(message: str, code: int = 2) -> typing.NoReturn:
+    """Print `error: message` (rich markup) on stderr and exit with `code`."""
     console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     raise typer.Exit(code)
 
 
 def format_validation_error(err: ValidationError) -> str:
-    lines = []
+    """One line naming each bad field, its problem and the value given."""
+    problems = []
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"] if not isinstance(p, int)) or "config"
-        lines.append(f"{field}: {e['msg']} (got {e.get('input')!r})")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+        problems.append(f"{field}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid configuration: " + "; ".join(problems)
+
+
+class _Group(typer.core.TyperGroup):
+    """A command group whose usage errors (unknown option, bad value, missing argument) end in one `error:` line
+    instead of click's usage box."""
+
+    def invoke(self, ctx: Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click_errors.NoArgsIsHelpError:
+            raise
+        except click_errors.UsageError as e:
+            where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+            fail(escape(e.format_message()) + where)
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train small transformers on in-context linear regression and watch how they learn.")
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -82,9 +135,6 @@ def train_command(config: Path | None = None, out: Path = Path("runs"), run_dir:
                   resume: Path | None = None, overwrite: bool = False, quiet: bool = False,
                   **fields: Any) -> None:
     """Train one model; every config field is a flag, or comes from --config FILE (TOML or JSON)."""
-    from icl_lab.store import Run
-    from icl_lab.train import TrainingDiverged, train
-
     overrides = {k: v for k, v in fields.items() if v is not None}
     try:
         if resume is not None:
@@ -132,9 +182,7 @@ app.command("train", help=train_command.__doc__)(train_command)
 
 
 # ------------------------------------------------------------------------------------------------ plot, info
-def _load_run(path: Path):
-    from icl_lab.store import Run
-
+def _load_run(path: Path) -> Run:
     try:
         return Run.load(path)
     except (FileNotFoundError, ValidationError, json.JSONDecodeError) as e:
@@ -146,8 +194,6 @@ def plot(run_dir: Annotated[Path, typer.Argument(help="a run directory")],
          out: Annotated[Optional[Path], typer.Option(help="figure path (default RUN/figures/curves)")] = None,  # noqa: UP045
          ) -> None:
     """Loss (mean and per-token, both eval sets, with dMMSE / ridge / zero levels) and LLC against step."""
-    from icl_lab.plots import plot_run
-
     run = _load_run(run_dir)
     try:
         paths = plot_run(run, out)
@@ -186,82 +232,167 @@ def info(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> No
 
 
 # ------------------------------------------------------------------------------------------------ llc
-@app.command()
-def llc(
-    target: Annotated[list[str], typer.Argument(help="RUN, or `calibrate RUN`", show_default=False)],
-    step: Annotated[Optional[int], typer.Option(help="calibrate: checkpoint step (default: last)")] = None,  # noqa: UP045
-    steps: Annotated[Optional[str], typer.Option(help="estimate: comma-separated subset of steps")] = None,  # noqa: UP045
-    workers: Annotated[int, typer.Option(help="parallel processes (one checkpoint each)")] = 1,
-    n: Annotated[int, typer.Option(help="size of the fixed LLC dataset (sets nβ = n / log n)")] = 4096,
-    data: Annotated[str, typer.Option(help="dataset: id, ood or root")] = "id",
-    step_sizes: Annotated[Optional[str], typer.Option(  # noqa: UP045
-        help="calibrate: ε grid, comma-separated (default: llc.DEFAULT_STEP_SIZES)")] = None,
-    localizations: Annotated[Optional[str], typer.Option(  # noqa: UP045
-        help="calibrate: γ grid (default: llc.DEFAULT_LOCALIZATION_RATIOS × nβ; each pick checked at γ/2, 2γ)")] = None,
-    nbetas: Annotated[Optional[str], typer.Option(help="calibrate: nβ grid (default: n / log n)")] = None,  # noqa: UP045
-    chains: Annotated[Optional[int], typer.Option(help="calibrate: SGLD chains (default: LLCConfig's)")] = None,  # noqa: UP045
-    draws: Annotated[Optional[int], typer.Option(help="calibrate: draws kept after burn-in")] = None,  # noqa: UP045
-    burnin: Annotated[Optional[int], typer.Option(help="calibrate: least burn-in draws")] = None,  # noqa: UP045
-    batch_size: Annotated[Optional[int], typer.Option(help="calibrate: SGLD minibatch size")] = None,  # noqa: UP045
-    sampler: Annotated[Optional[str], typer.Option(help="calibrate: sgld, rmsprop_sgld or mala")] = None,  # noqa: UP045
-    tilted: Annotated[bool, typer.Option(help="calibrate: also sample the tilted loss at every estimate")] = False,
-    device: Annotated[str, typer.Option(help="where the chains run: cpu or cuda[:N]")] = "cpu",
-    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
-) -> None:
-    """LLC over training: `icl-lab llc calibrate RUN` picks SGLD settings at one checkpoint and saves them;
-    `icl-lab llc RUN` then estimates every checkpoint with them (resumable) into RUN/llc.parquet."""
-    from icl_lab.config import LLCConfig
-    from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_run, load_settings
+_LLC = LLCConfig.model_fields
+_SETTINGS = LLCSettings.model_fields
+CALIBRATE_ONLY = ("--step", "--step-sizes", "--localizations", "--nbetas", "--chains", "--draws", "--burnin",
+                  "--batch-size", "--sampler", "--tilted", "--no-tilted")  # options `llc estimate` refuses by name
 
-    action, paths = ("calibrate", target[1:]) if target and target[0] == "calibrate" else ("estimate", target)
-    if len(paths) != 1:
-        fail("usage: icl-lab llc RUN  |  icl-lab llc calibrate RUN")
+
+class _LLCGroup(_Group):
+    """`icl-lab llc RUN ...` is short for `icl-lab llc estimate RUN ...`."""
+
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["estimate", *args]
+        return super().parse_args(ctx, args)
+
+
+class _EstimateCommand(typer.core.TyperCommand):
+    """Names the subcommand a calibration flag belongs to, rather than only calling it unknown."""
+
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click_errors.NoSuchOption as e:
+            if e.option_name in CALIBRATE_ONLY:
+                raise click_errors.UsageError(
+                    f"{e.option_name}: only for `icl-lab llc calibrate`; an estimate uses the settings saved in "
+                    f"RUN/llc_settings.json (calibrate again to change them)", ctx) from None
+            raise
+
+
+llc_app = typer.Typer(cls=_LLCGroup, no_args_is_help=True,
+                      help="LLC over training: `icl-lab llc calibrate RUN` picks SGLD settings at one checkpoint and "
+                           "saves them; `icl-lab llc RUN` (short for `llc estimate RUN`) then estimates every "
+                           "checkpoint with them.")
+app.add_typer(llc_app, name="llc")
+
+
+def _floats(flag: str, text: str | None) -> list[float] | None:
+    """A comma-separated list of numbers, or None when not given."""
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        fail(f"{flag}: {text!r} is not a comma-separated list of numbers, e.g. 1e-5,1e-4")
+
+
+def _ints(flag: str, text: str | None, allowed: str = "comma-separated integers, e.g. 0,1,2") -> list[int] | None:
+    """A comma-separated list of integers, or None when not given."""
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        fail(f"{flag}: {text!r} is not allowed; allowed: {allowed}")
+
+
+def _check_device(device: str) -> None:
     if not (device == "cpu" or re.fullmatch(r"cuda(:\d+)?", device)):
         fail(f"--device: unknown device {device!r}; allowed: cpu, cuda, cuda:N")
-    if device.startswith("cuda"):
-        import torch
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {device}: no CUDA device on this machine (allowed here: cpu)")
 
-        if not torch.cuda.is_available():
-            fail(f"--device {device}: no CUDA device on this machine (allowed here: cpu)")
-    run = _load_run(Path(paths[0]))
-    floats = lambda text: [float(v) for v in text.split(",")] if text else None  # noqa: E731
+
+def _batch_size(text: str) -> int | None:
+    """--batch-size: a positive integer, or 'full' for the whole dataset (None in LLCConfig)."""
+    if text.strip().lower() in {"full", "none"}:
+        return None
     try:
-        if action == "calibrate":
-            given = {"num_chains": chains, "num_draws": draws, "num_burnin": burnin, "batch_size": batch_size,
-                     "sampler": sampler, "tilted": tilted or None}
-            base = LLCSettings(sampler=LLCConfig(**{k: v for k, v in given.items() if v is not None}), n=n,
-                               data=data, seed=run.config.seed)
-            cal, chosen = calibrate_run(run, step, settings=base, step_sizes=floats(step_sizes),
-                                        localizations=floats(localizations), nbetas=floats(nbetas), device=device)
-            Console().print(cal.table.to_string())
-            verdict = "on a γ-plateau" if cal.on_plateau else "NOT on a γ-plateau: λ̂ still depends on γ"
-            typer.echo(f"chosen ({verdict}): {chosen.sampler.model_dump()} ({cal.reason}); saved to "
-                       f"{run.path}/llc_settings.json")
-        else:
-            ignored = [flag for flag, value in (("--step-sizes", step_sizes), ("--localizations", localizations),
-                       ("--nbetas", nbetas), ("--chains", chains), ("--draws", draws), ("--burnin", burnin),
-                       ("--batch-size", batch_size), ("--sampler", sampler), ("--tilted", tilted or None),
-                       ("--step", step)) if value is not None]
-            if ignored:
-                fail(f"{', '.join(ignored)}: only for `icl-lab llc calibrate`; an estimate uses the settings saved in "
-                     f"{run.path}/llc_settings.json (calibrate again to change them)")
-            if load_settings(run) is None:
-                fail(f"{run.path} has no LLC settings; run `icl-lab llc calibrate {run.path}` first")
-            subset = [int(v) for v in steps.split(",")] if steps else None
-            df = estimate_run(run, subset, workers=workers, progress=not quiet, device=device)
-            cols = [c for c in ("step", "llc_mean", "llc_std", "llc_mcse", "rhat", "ess", "flags") if c in df.columns]
-            typer.echo(df[cols].to_string(index=False))
+        return int(text)
+    except ValueError:
+        fail(f"--batch-size: {text!r} is not allowed; allowed: an integer >= 1, or 'full' (the whole dataset)")
+
+
+Device = Annotated[str, typer.Option(help="where the chains run: cpu or cuda[:N]")]
+Quiet = Annotated[bool, typer.Option(help="no progress bar")]
+RunArg = Annotated[Path, typer.Argument(metavar="RUN", help="a run directory", show_default=False)]
+
+
+@llc_app.command("calibrate")
+def llc_calibrate(
+    run_dir: RunArg,
+    step: Annotated[Optional[int], typer.Option(help="checkpoint step (default: the last)")] = None,  # noqa: UP045
+    n: Annotated[int, typer.Option(help=_SETTINGS["n"].description)] = _SETTINGS["n"].default,
+    data: Annotated[str, typer.Option(help="dataset: id, ood or root")] = _SETTINGS["data"].default,
+    step_sizes: Annotated[str, typer.Option(help="ε grid, comma-separated (llc.DEFAULT_STEP_SIZES)")]
+    = ",".join(f"{v:g}" for v in DEFAULT_STEP_SIZES),
+    localizations: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="γ grid (default: llc.DEFAULT_LOCALIZATION_RATIOS × nβ; each pick checked at γ/2, 2γ)")] = None,
+    nbetas: Annotated[Optional[str], typer.Option(help="nβ grid (default: n / log n)")] = None,  # noqa: UP045
+    chains: Annotated[int, typer.Option(help="SGLD chains")] = _LLC["num_chains"].default,
+    draws: Annotated[int, typer.Option(help=_LLC["num_draws"].description)] = _LLC["num_draws"].default,
+    burnin: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help="least burn-in draws (default: min_burnin(ε, γ) at each grid point)")] = _LLC["num_burnin"].default,
+    batch_size: Annotated[str, typer.Option(help="SGLD minibatch size, or 'full' (the whole dataset; mala needs it)")]
+    = str(_LLC["batch_size"].default),
+    sampler: Annotated[str, typer.Option(help="sgld, rmsprop_sgld or mala")] = _LLC["sampler"].default,
+    tilted: Annotated[bool, typer.Option(help="also sample the tilted loss at every estimate")]
+    = _LLC["tilted"].default,
+    device: Device = "cpu",
+    quiet: Quiet = False,
+) -> None:
+    """Sweep ε and γ (and nβ when asked) at one checkpoint, pick the settings (on a γ-plateau when there is one)
+    and save them with the run, in RUN/llc_settings.json; also writes RUN/llc_calibration.parquet and a figure."""
+    _check_device(device)
+    run = _load_run(run_dir)
+    if step is not None and step not in run.checkpoint_steps:
+        fail(f"no checkpoint at step {step} in {run.path}; steps: {run.checkpoint_steps}")
+    grids = {"step_sizes": _floats("--step-sizes", step_sizes), "localizations": _floats("--localizations",
+             localizations), "nbetas": _floats("--nbetas", nbetas)}
+    try:
+        sampler_cfg = LLCConfig(num_chains=chains, num_draws=draws, num_burnin=burnin,
+                                batch_size=_batch_size(batch_size), sampler=sampler, tilted=tilted)
+        base = LLCSettings(sampler=sampler_cfg, n=n, data=data, seed=run.config.seed)
+        with Bar(not quiet, 1, "LLC calibration") as bar:  # the total is calibrate's upper bound, set as it goes
+            cal, chosen = calibrate_run(run, step, settings=base, device=device, **grids,
+                                        progress=lambda done, total, _: bar.update(done, total=total))
+    except ValidationError as e:
+        fail(format_validation_error(e))
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    Console().print(cal.table.to_string())
+    verdict = "on a γ-plateau" if cal.on_plateau else "NOT on a γ-plateau: λ̂ still depends on γ"
+    typer.echo(f"chosen ({verdict}): {chosen.sampler.model_dump()} ({cal.reason}); saved to "
+               f"{run.path}/llc_settings.json")
+
+
+@llc_app.command("estimate", cls=_EstimateCommand)
+def llc_estimate(
+    run_dir: RunArg,
+    steps: Annotated[Optional[str], typer.Option(help="comma-separated subset of steps (default: all)")] = None,  # noqa: UP045
+    workers: Annotated[int, typer.Option(min=1, help="parallel processes (one checkpoint each)")] = 1,
+    n: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help="dataset size; must equal the calibrated one (default: RUN/llc_settings.json's)")] = None,
+    data: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="dataset: id, ood or root; must equal the calibrated one (default: RUN/llc_settings.json's)")] = None,
+    device: Device = "cpu",
+    quiet: Quiet = False,
+) -> None:
+    """Estimate the LLC at every checkpoint (or --steps) with the settings `icl-lab llc calibrate` saved, into
+    RUN/llc.parquet; resumable: steps already estimated with these settings are kept."""
+    _check_device(device)
+    run = _load_run(run_dir)
+    subset = _ints("--steps", steps, "comma-separated checkpoint steps, e.g. 0,100,200")
+    settings = load_settings(run)
+    if settings is None:
+        fail(f"{run.path} has no LLC settings; run `icl-lab llc calibrate {run.path}` first")
+    for flag, given, saved in (("--n", n, settings.n), ("--data", data, settings.data)):
+        if given is not None and given != saved:
+            fail(f"{flag} {given}: the settings in {run.path}/llc_settings.json were calibrated with {flag} {saved}; "
+                 f"calibrate again with {flag} {given} to estimate on that dataset")
+    try:
+        df = estimate_run(run, subset, settings=settings, workers=workers, progress=not quiet, device=device)
     except (ValueError, ValidationError) as e:
         fail(str(e))
+    cols = [c for c in ("step", "llc_mean", "llc_std", "llc_mcse", "rhat", "ess", "flags") if c in df.columns]
+    typer.echo(df[cols].to_string(index=False))
 
 
 @app.command()
 def stages(run_dir: Annotated[Path, typer.Argument(help="a run with llc.parquet")]) -> None:
     """Stage boundaries from critical points of the LLC curve; writes RUN/stages.{parquet,csv} and a figure."""
-    import numpy as np
-
-    from icl_lab.stages import llc_milestones, plot_stages, save_stage_table, stage_table, trusted_mask
-
     run = _load_run(run_dir)
     llc_df = run.llc
     if llc_df is None or llc_df.empty:
@@ -272,8 +403,11 @@ def stages(run_dir: Annotated[Path, typer.Argument(help="a run with llc.parquet"
     loss = run.metrics.set_index("step").loc[steps_]["id_loss"].to_numpy()
     lam = llc_df["llc_mean"].to_numpy()
     trusted = trusted_mask(llc_df)  # boundaries only from unflagged λ̂ > 0; the rest is drawn, not used
-    milestones = llc_milestones(llc_df)
-    table = stage_table(steps_, lam, loss, milestones, loss_plateaus="auto", trusted=trusted)
+    try:
+        milestones = llc_milestones(llc_df)
+        table = stage_table(steps_, lam, loss, milestones, loss_plateaus="auto", trusted=trusted)
+    except ValueError as e:  # e.g. fewer than two finite estimates
+        fail(f"{run.path}: {e}")
     save_stage_table(table, run.path / "stages")
     plot_stages(steps_, loss, lam, llc_df["llc_std"].to_numpy(), table, run.path / "figures" / "stages",
                 milestones=milestones, trusted=trusted)
@@ -311,21 +445,6 @@ def sweep(
     interrupted ones and retries failed ones; without --grid, --config or --set it repeats the sweep recorded in
     OUT. One failing run never stops the others; the exit status is 1 when any run failed.
     """
-    from rich.markup import escape
-
-    from icl_lab.sweep import (
-        STATUSES,
-        SweepError,
-        check_options,
-        expand_grid,
-        first_line,
-        load_spec,
-        parse_assignments,
-        parse_grid,
-        read_sweep_file,
-        run_sweep,
-    )
-
     try:
         spec = read_sweep_file(config) if config else {"grid": {}, "base": {}, "sweep": {}}
         flag_grid = parse_grid(grid or [])
@@ -384,8 +503,6 @@ STUDY_NAMES = ("low-diversity", *SWEEP_STUDIES)
 
 def _study_module(name: str) -> tuple[Any, Any]:
     """(module, config class) of a sweep-based study."""
-    import importlib
-
     module_name, config_name = SWEEP_STUDIES[name]
     module = importlib.import_module(module_name)
     return module, getattr(module, config_name)
@@ -422,14 +539,20 @@ def study(
         fail(f"unknown study {name!r}; available: {', '.join(STUDY_NAMES)}")
     if scale is not None or executor is not None or address is not None or dry_run:
         fail(f"--scale, --executor, --address and --dry-run apply to the studies {', '.join(SWEEP_STUDIES)} only")
-    overrides: dict[str, Any] = read_config_file(config) if config else {}
+    try:
+        overrides: dict[str, Any] = read_config_file(config) if config else {}
+    except ValueError as e:  # missing file, bad suffix, bad TOML or JSON
+        fail(escape(str(e)))
     for key, value in (("workers", workers), ("steps", steps), ("device", device)):
         if value is not None:
             overrides[key] = value
     if seeds:
-        overrides["seeds"] = [int(v) for v in seeds.split(",")]
+        overrides["seeds"] = _ints("--seeds", seeds)
     if ms:
-        overrides["Ms"] = [int(v) for v in ms.split(",")]
+        finite = "comma-separated integers >= 1, e.g. 1,2 (low-diversity trains finite task pools: no 'inf')"
+        overrides["Ms"] = _ints("--Ms", ms, finite)
+        if min(overrides["Ms"]) < 1:
+            fail(f"--Ms: {ms!r} is not allowed; allowed: {finite}")
     try:
         cfg = LowDiversityConfig.quick(**overrides) if quick else LowDiversityConfig(**overrides)
     except ValidationError as e:
@@ -444,10 +567,6 @@ def _sweep_study(name: str, out: Path | None, quick: bool, config: Path | None, 
                  executor: str | None, address: str | None, dry_run: bool) -> None:
     """`icl-lab study NAME` for the papers' studies: every setting is validated (and every run config built) before
     anything is written; a bad value exits with status 2 naming the field and its allowed values."""
-    from rich.markup import escape
-
-    from icl_lab.sweep import SweepError, SweepFailed, check_options
-
     module, config_class = _study_module(name)
     try:
         overrides: dict[str, Any] = read_config_file(config) if config else {}

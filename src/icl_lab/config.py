@@ -15,6 +15,28 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+__all__ = [
+    "PRESETS",
+    "SECTIONS",
+    "Activation",
+    "Family",
+    "InitScheme",
+    "LLCConfig",
+    "ModelConfig",
+    "Readout",
+    "RunConfig",
+    "Sampler",
+    "Schedule",
+    "TaskConfig",
+    "TrainConfig",
+    "build_run_config",
+    "leaf_fields",
+    "nest",
+    "parse_m",
+    "preset_fields",
+    "read_config_file",
+]
+
 Family = Literal["gaussian", "unit_norm"]
 Activation = Literal["relu", "gelu", "gelu_tanh"]
 InitScheme = Literal["transformer_lens", "gpt2", "torch"]
@@ -37,6 +59,34 @@ def parse_m(v: Any) -> Any:
     if isinstance(v, float) and math.isinf(v):
         return None
     return v
+
+
+# Presets: field values for ModelConfig. The D and K of the data come from TaskConfig.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The user's TransformerLens model (seed lines 5834-6121): no positional embedding (start_at_layer=0 skips
+    # W_E and W_pos), 4 heads of 32 on d_model 64, ReLU MLP 128, biases everywhere, LN + unembed to D+1 outputs
+    # read at the last channel, TransformerLens' default init (N(0, 0.8/sqrt(d_model)) for all W_*).
+    "seed": dict(n_layers=2, d_model=64, n_heads=4, d_head=32, d_mlp=128, activation="relu", pos_emb=False,
+                 attn_bias=True, attn_out=True, embed_bias=True, readout="token", init="transformer_lens"),
+    # Hoogland et al. / timaeus-research/icl L2H4: MLP 1x, ReLU, learned positions, QKV and W_O without bias.
+    "hoogland": dict(n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=64, activation="relu", pos_emb=True,
+                     attn_bias=False, attn_out=True, embed_bias=False, readout="token", init="torch"),
+    # Raventós et al. base PT: GPT-2, 8 layers, d 128, 2 heads, tanh-GELU MLP 4x, learned positions.
+    "raventos-base": dict(n_layers=8, d_model=128, n_heads=2, d_head=64, d_mlp=512, activation="gelu_tanh",
+                          pos_emb=True, attn_bias=True, attn_out=True, embed_bias=False, readout="scalar",
+                          init="gpt2"),
+    # Raventós et al. small PT (4 layers, d 64, 2 heads): the CPU-sized GPT-2 preset.
+    "raventos-small": dict(n_layers=4, d_model=64, n_heads=2, d_head=32, d_mlp=256, activation="gelu_tanh",
+                           pos_emb=True, attn_bias=True, attn_out=True, embed_bias=False, readout="scalar",
+                           init="gpt2"),
+}
+
+
+def preset_fields(name: str) -> dict[str, Any]:
+    """The ModelConfig fields of a preset; unknown names raise naming the allowed ones."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; allowed presets: {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
 
 
 class _Strict(BaseModel):
@@ -68,7 +118,7 @@ class TaskConfig(_Strict):
 class ModelConfig(_Strict):
     """Architecture of the ICL transformer (model.py). Start from a preset, override any field."""
 
-    preset: str = Field("seed", description="preset the fields were filled from (see model.PRESETS)")
+    preset: str = Field("seed", description="preset the fields were filled from (see config.PRESETS)")
     n_layers: int = Field(2, ge=1)
     d_model: int = Field(64, ge=1)
     n_heads: int = Field(4, ge=1)
@@ -229,8 +279,6 @@ def build_run_config(file_values: dict[str, Any] | None = None, overrides: dict[
 
     The model preset is applied first so that individual model fields can override it.
     """
-    from icl_lab.model import preset_fields
-
     merged = nest(file_values or {})
     for section, values in nest(overrides or {}).items():
         if isinstance(values, dict):

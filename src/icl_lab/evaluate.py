@@ -15,6 +15,18 @@ from icl_lab.baselines import dmmse_predict, ridge_predict, zero_predict
 from icl_lab.config import TaskConfig
 from icl_lab.tasks import Batch, eval_sets
 
+__all__ = [
+    "EVAL_CHUNK",
+    "EVAL_CHUNK_DEFAULT",
+    "EvalSet",
+    "baseline_levels",
+    "eval_chunk",
+    "evaluate",
+    "per_token_loss",
+    "predict",
+    "prepare_eval_sets",
+]
+
 # Rows per forward pass in `predict` and in `icl_lab.llc` (ℓ_n(w*)). On CPU, small chunks stay in cache: for the
 # seed preset, 1,024 sequences take 70 ms in chunks of 128 against 190 ms in one pass (2 cores; bit-identical
 # outputs); ℓ_n(w*) on 4,096 sequences 1.2 s against 3.4 s (1 thread). A GPU wants big chunks.

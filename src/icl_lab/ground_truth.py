@@ -47,7 +47,8 @@ import torch
 from torch import Tensor, nn
 
 from icl_lab.config import LLCConfig
-from icl_lab.tasks import make_generator
+from icl_lab.llc import calibrate, estimate_llc
+from icl_lab.seeding import make_generator
 
 __all__ = [
     "SUITE",
@@ -316,8 +317,6 @@ def validate(case: Case, *, n: int = 4096, noise_std: float = 0.0, keep_minimum:
     the library's defaults, then `estimate_llc` with `result.chosen` on seed + 1 (an independent chain, not the
     calibration's own grid point, whose selection would bias it). config given: skip calibration, estimate with it.
     """
-    from icl_lab.llc import calibrate, estimate_llc
-
     model = make_model(case, seed=seed)
     data = make_data(case, n, noise_std=noise_std, keep_minimum=keep_minimum, seed=seed)
     lam = case.llc

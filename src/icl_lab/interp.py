@@ -10,7 +10,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from icl_lab.config import ModelConfig
+from icl_lab.evaluate import per_token_loss
 from icl_lab.model import ICLTransformer, interleave
+from icl_lab.store import load_strict
+
+__all__ = [
+    "HeadOverride",
+    "HookedICL",
+    "attention_patterns",
+    "from_seed_model",
+    "head_ablation_effects",
+    "probe_residual",
+    "run_with_cache",
+    "to_hooked_transformer",
+    "to_seed_state_dict",
+]
 
 _TL_ACT = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new"}
 
@@ -64,6 +79,7 @@ def to_hooked_transformer(model: ICLTransformer) -> HookedICL:
     Needs `pip install 'icl-lab[tl]'` (transformer-lens>=3.9,<4).
     """
     try:
+        # deferred: transformer-lens is an optional extra, needed only for the export
         from transformer_lens import HookedTransformer, HookedTransformerConfig
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("to_hooked_transformer needs transformer-lens 3.x: pip install 'icl-lab[tl]'") from e
@@ -92,9 +108,6 @@ def to_hooked_transformer(model: ICLTransformer) -> HookedICL:
 
 def from_seed_model(seed_model: nn.Module, D: int, K: int) -> ICLTransformer:
     """Load the user's own trained TransformerLens `ICLTransformer` into an icl-lab `seed` model (K pairs)."""
-    from icl_lab.config import ModelConfig
-    from icl_lab.store import load_strict
-
     sd = seed_model.state_dict()
     model = ICLTransformer(ModelConfig(), D, K)
     mine = {"embed.W_E": sd["input_proj.weight"].T.contiguous(), "embed.b_E": sd["input_proj.bias"]}
@@ -152,8 +165,6 @@ def attention_patterns(model: ICLTransformer, x: Tensor, y: Tensor) -> Tensor:
 
 def head_ablation_effects(model: ICLTransformer, x: Tensor, y: Tensor, mode: str = "zero") -> dict[str, Tensor]:
     """Per-token loss (K,) with each head ablated in turn, keyed 'L{l}H{h}', plus 'none' for the intact model."""
-    from icl_lab.evaluate import per_token_loss
-
     out = {"none": per_token_loss(run_with_cache(model, x, y)[0], y)}
     for layer in range(model.cfg.n_layers):
         for head in range(model.cfg.n_heads):

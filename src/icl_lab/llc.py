@@ -47,7 +47,6 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,7 +58,8 @@ from icl_lab.attention import BATCHING_WARNING, vmappable_sdpa
 from icl_lab.config import LLCConfig
 from icl_lab.convergence import ess, mcse_mean, split_rhat, summarize
 from icl_lab.evaluate import eval_chunk
-from icl_lab.tasks import make_generator
+from icl_lab.llc_flags import sampler_ok, stable_rows
+from icl_lab.seeding import make_generator
 from icl_lab.threads import split_evenly, thread_pool
 
 __all__ = [
@@ -80,7 +80,6 @@ __all__ = [
     "min_burnin",
     "pick",
     "pick_settings",
-    "plot_calibration",
     "resolve",
     "sampler_ok",
     "sgld_step",
@@ -99,8 +98,6 @@ _AUTO_VMAP_MAX_CPU = 20_000
 _CHECK_EVERY = 50  # steps between (synchronising) finiteness checks of the chain state
 DEFAULT_STEP_SIZES = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)  # calibration grid of ε
 _HEAD_LEAVES = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V")
-W_STAR_FLAGS = frozenset({"not_at_minimum"})  # flags about the checkpoint w*, not the sampler: `pick` ignores them
-PRECISION_FLAGS = frozenset({"few_effective_draws"})  # too few draws for the error bar: `pick` ignores it (budget)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,13 +260,6 @@ class _Kernel:
     def preconditioner(self) -> np.ndarray | None:
         """rmsprop_sgld's frozen G: (C, P); None for the other samplers."""
         return self.G.cpu().numpy() if self.kind == "rmsprop_sgld" else None
-
-
-def sampler_ok(flags: str | float | None, ignore: frozenset[str] = frozenset()) -> bool:
-    """True when a `flags` string ("a;b", as in llc.parquet; NaN or None = no flag) holds no flag but the
-    checkpoint's own (W_STAR_FLAGS) and those in `ignore`: the sampler did its job, whatever w* is."""
-    names = set(filter(None, flags.split(";"))) if isinstance(flags, str) else set()
-    return not names - W_STAR_FLAGS - ignore
 
 
 def llc_per_chain(loss_trace: np.ndarray, init_loss: float, nbeta: float) -> np.ndarray:
@@ -1080,14 +1070,6 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else 0.0
 
 
-def _stable(table: pd.DataFrame) -> pd.Series:
-    """Rows whose sampler did its job at this ε: no flag but the checkpoint's own and `few_effective_draws` (a matter
-    of the budget, not of ε). Read from `flags` when present, else `ok`."""
-    if "flags" not in table.columns:
-        return table["ok"].astype(bool)
-    return table["flags"].map(lambda f: sampler_ok(f, ignore=PRECISION_FLAGS))
-
-
 def _agree(a: pd.Series, b: pd.Series, rel_tol: float) -> bool:
     """λ̂ of two rows within rel_tol of the first's |λ̂| or within 2·√(se₁² + se₂²) (column llc_se, when present)."""
     tol = rel_tol * abs(a["llc_mean"])
@@ -1099,19 +1081,19 @@ def _agree(a: pd.Series, b: pd.Series, rel_tol: float) -> bool:
 def pick(table: pd.DataFrame, *, rel_tol: float = 0.1) -> tuple[int | None, str]:
     """Choose the largest ε inside the stable plateau of a calibration table (the ε rule, at fixed γ and nβ).
 
-    Within each (localization, nbeta) group, sort by ε. A point is stable when its sampler raised no flag (`_stable`:
-    "not_at_minimum", a property of w*, and "few_effective_draws", a matter of budget, do not count). Two
-    grid-neighbouring stable points agree when their λ̂ differ by at most rel_tol (relative to the smaller ε's λ̂)
-    or by at most twice the standard error of the difference, 2·√(se₁² + se₂²) (column `llc_se`, when present):
-    a difference the chains cannot resolve is not evidence that λ̂ still moves with ε. A plateau is a run of
-    grid-consecutive stable, agreeing points. The longest plateau (ties: larger ε) over all groups wins, and its
-    largest ε is picked. Without any plateau of two points, the smallest stable ε is picked (the least
+    Within each (localization, nbeta) group, sort by ε. A point is stable when its sampler raised no flag
+    (`stable_rows`: "not_at_minimum", a property of w*, and "few_effective_draws", a matter of budget, do not
+    count). Two grid-neighbouring stable points agree when their λ̂ differ by at most rel_tol (relative to the
+    smaller ε's λ̂) or by at most twice the standard error of the difference, 2·√(se₁² + se₂²) (column `llc_se`,
+    when present): a difference the chains cannot resolve is not evidence that λ̂ still moves with ε. A plateau is a
+    run of grid-consecutive stable, agreeing points. The longest plateau (ties: larger ε) over all groups wins, and
+    its largest ε is picked. Without any plateau of two points, the smallest stable ε is picked (the least
     discretisation bias; reason says so); with no stable point, None.
     Returns (row index | None, reason).
     """
     best: tuple[int, float, int] | None = None  # (length, ε, row index)
     stable_any: list[tuple[float, int]] = []
-    stable = _stable(table)
+    stable = stable_rows(table)
     for _, group in table.groupby(["localization", "nbeta"], sort=False, dropna=False):
         group = group.sort_values("step_size")
         run: list[int] = []
@@ -1163,7 +1145,7 @@ def pick_settings(table: pd.DataFrame, *, rel_tol: float = 0.1, max_ratio: float
     weakly localised chain leaves the most singular point, and λ̂ then overshoots the learning coefficient.)
     Returns (row index | None, reason, on_plateau).
     """
-    stable = _stable(table)
+    stable = stable_rows(table)
     roles = table["role"] if "role" in table.columns else pd.Series("grid", index=table.index)
     grid = table[roles == "grid"]
     stationary: list[tuple[float, float, int, str]] = []  # (γ, nβ, row, reason of its ε pick)
@@ -1289,55 +1271,14 @@ def calibrate(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *,
     chosen = None if index is None else _config_of_row(base, table.loc[index])
     return Calibration(table, results, base, chosen, index, reason, plateau)
 
+# Transitional: these figures moved to icl_lab.plots. Imports of the old names (llc_run) resolve here, lazily, until
+# they import from icl_lab.plots; delete this block then.
+_MOVED_TO_PLOTS = frozenset({"plot_calibration"})
 
-def plot_calibration(cal: Calibration, path: str | Path) -> list[Path]:
-    """Left: λ̂ ± std over chains against ε (log axis), one line per (γ, nβ), flagged points hollow, the pick
-    circled. Right: the chain-mean loss trace in λ units, nβ(ℓ_t − ℓ_n(w*)), against step (burn-in shaded), one
-    line per ε of the picked (γ, nβ). Writes path.png and path.pdf; returns both paths."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax_l, ax_t = fig.subplots(1, 2)
-    tab = cal.table
-    stable = _stable(tab)
-    for (gamma, nb), group in tab.groupby(["localization", "nbeta"], sort=False):
-        group = group.sort_values("step_size")
-        role = " (check)" if "role" in group.columns and (group["role"] == "check").all() else ""
-        line = ax_l.errorbar(group["step_size"], group["llc_mean"], yerr=group["llc_std"].fillna(0), marker="o",
-                             mfc="none", capsize=2, label=f"γ = {gamma:.3g} (γ/nβ = {gamma / nb:.3g}){role}")
-        good = group[stable[group.index]]
-        ax_l.plot(good["step_size"], good["llc_mean"], "o", color=line[0].get_color())
-    if cal.index is not None:
-        row = tab.loc[cal.index]
-        ax_l.plot([row["step_size"]], [row["llc_mean"]], "o", ms=14, mfc="none", mec="k", label="picked")
-    ax_l.set_xscale("log")
-    ax_l.set_xlabel("step size ε")
-    ax_l.set_ylabel("λ̂ (mean ± std over chains)")
-    plateau = "on a γ-plateau" if cal.on_plateau else "no γ-plateau"
-    ax_l.set_title(f"calibration, nβ = {tab['nbeta'].iloc[0]:.4g} (filled: no sampler flag; {plateau})", fontsize=10)
-    ax_l.legend(fontsize=8)
-    ref = tab.loc[cal.index] if cal.index is not None else tab.iloc[0]
-    sel = tab[(tab["localization"] == ref["localization"]) & (tab["nbeta"] == ref["nbeta"])]
-    burnin = 0
-    for i, row in sel.sort_values("step_size").iterrows():
-        res = cal.results[i]
-        if "diverged" in res.diagnostics:  # its trace runs off any useful scale; the left panel shows the flag
-            continue
-        full = np.concatenate([res.burnin_trace, res.loss_trace], axis=1)
-        burnin = res.burnin_trace.shape[1]
-        ax_t.plot(res.nbeta * (full.mean(axis=0) - res.init_loss), lw=1, label=f"ε = {row['step_size']:g}")
-    if burnin:
-        ax_t.axvspan(0, burnin, color="0.9", zorder=0)
-    ax_t.set_xlabel("SGLD step (shaded: burn-in)")
-    ax_t.set_ylabel("nβ (ℓ_t − ℓ_n(w*)), chain mean")
-    ax_t.set_yscale("symlog", linthresh=1.0)
-    if ax_t.get_legend_handles_labels()[0]:  # every grid point may have diverged
-        ax_t.legend(fontsize=8)
-    out = [path.with_suffix(".png"), path.with_suffix(".pdf")]
-    for p in out:
-        fig.savefig(p, dpi=150)
-    return out
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_PLOTS:
+        from icl_lab import plots  # deferred, transitional: plots loads matplotlib, which this module must not
+
+        return getattr(plots, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

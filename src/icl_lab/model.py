@@ -1,4 +1,4 @@
-"""The ICL transformer: a GPT-2-style pre-LN decoder over interleaved (x, y) tokens, and its presets.
+"""The ICL transformer: a GPT-2-style pre-LN decoder over interleaved (x, y) tokens (presets: icl_lab.config).
 
 Token layout (papers.md §A1, DESIGN.md): 2K tokens of width D+1, x-token (x_k, 0) then y-token (0_D, y_k).
 The prediction for y_k is read at the x_k position, so the causal mask hides y_k from it.
@@ -10,41 +10,17 @@ refined-LLC patterns and hook-based habits carry over, and `interp.to_hooked_tra
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from icl_lab.attention import causal_attention
+from icl_lab.config import PRESETS as PRESETS  # re-exported: the presets live with the config
 from icl_lab.config import ModelConfig, TaskConfig
 
-# Presets: field values for ModelConfig. The D and K of the data come from TaskConfig.
-PRESETS: dict[str, dict[str, Any]] = {
-    # The user's TransformerLens model (seed lines 5834-6121): no positional embedding (start_at_layer=0 skips
-    # W_E and W_pos), 4 heads of 32 on d_model 64, ReLU MLP 128, biases everywhere, LN + unembed to D+1 outputs
-    # read at the last channel, TransformerLens' default init (N(0, 0.8/sqrt(d_model)) for all W_*).
-    "seed": dict(n_layers=2, d_model=64, n_heads=4, d_head=32, d_mlp=128, activation="relu", pos_emb=False,
-                 attn_bias=True, attn_out=True, embed_bias=True, readout="token", init="transformer_lens"),
-    # Hoogland et al. / timaeus-research/icl L2H4: MLP 1x, ReLU, learned positions, QKV and W_O without bias.
-    "hoogland": dict(n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=64, activation="relu", pos_emb=True,
-                     attn_bias=False, attn_out=True, embed_bias=False, readout="token", init="torch"),
-    # Raventós et al. base PT: GPT-2, 8 layers, d 128, 2 heads, tanh-GELU MLP 4x, learned positions.
-    "raventos-base": dict(n_layers=8, d_model=128, n_heads=2, d_head=64, d_mlp=512, activation="gelu_tanh",
-                          pos_emb=True, attn_bias=True, attn_out=True, embed_bias=False, readout="scalar",
-                          init="gpt2"),
-    # Raventós et al. small PT (4 layers, d 64, 2 heads): the CPU-sized GPT-2 preset.
-    "raventos-small": dict(n_layers=4, d_model=64, n_heads=2, d_head=32, d_mlp=256, activation="gelu_tanh",
-                           pos_emb=True, attn_bias=True, attn_out=True, embed_bias=False, readout="scalar",
-                           init="gpt2"),
-}
-
-
-def preset_fields(name: str) -> dict[str, Any]:
-    """The ModelConfig fields of a preset; unknown names raise naming the allowed ones."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; allowed presets: {', '.join(PRESETS)}")
-    return dict(PRESETS[name])
+__all__ = ["MLP", "Attention", "Block", "Embed", "ICLTransformer", "LayerNorm", "Unembed", "build_model",
+           "count_parameters", "init_parameters", "interleave", "linear"]
 
 
 def interleave(x: Tensor, y: Tensor) -> Tensor:

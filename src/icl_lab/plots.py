@@ -1,11 +1,16 @@
-"""Matplotlib figures of a run, written as PNG and PDF. Steps are plotted where they were recorded, on a
-symmetric-log x axis (linear below 1) so that step 0, the initialisation, is shown without shifting any step.
+"""Every matplotlib figure of the toolkit, written as PNG and PDF through `save_figure` (atomic).
+
+Analysis modules (trajectory, stages, llc) return data; the functions here draw it. Steps are plotted where they
+were recorded, on a symmetric-log x axis (linear below 1) so that step 0, the initialisation, is shown without
+shifting any step (the stage figure, a log axis, leaves step 0 out).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -13,9 +18,38 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib import colormaps  # noqa: E402
+from matplotlib.collections import LineCollection  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Circle  # noqa: E402
 
-from icl_lab.llc import sampler_ok  # noqa: E402
+from icl_lab.llc_flags import sampler_ok, stable_rows  # noqa: E402
 from icl_lab.store import Run, atomic_write  # noqa: E402
+from icl_lab.trajectory import ArrayLike, EssentialDynamics, JointTrajectoryPCA, osculating_circles, to_numpy  # noqa: E402
+
+if TYPE_CHECKING:  # pragma: no cover
+    from icl_lab.llc import Calibration
+    from icl_lab.stages import Milestone
+
+__all__ = [
+    "BASELINE_STYLE",
+    "SET_TITLE",
+    "llc_limits",
+    "m_axis",
+    "m_label",
+    "m_positions",
+    "per_token_columns",
+    "plot_calibration",
+    "plot_joint_pca",
+    "plot_llc",
+    "plot_losses",
+    "plot_pc_pairs",
+    "plot_run",
+    "plot_stages",
+    "save_figure",
+    "step_axis",
+]
 
 BASELINE_STYLE = {"dmmse": ("tab:green", "dMMSE"), "ridge": ("tab:blue", "ridge / least squares"),
                   "zero": ("0.5", "predict 0")}
@@ -189,3 +223,300 @@ def m_axis(ax: plt.Axes, Ms: list | np.ndarray, gap: float = 1.5, max_ticks: int
     ax.set_xticks(pos[ticks], [m_label(vals[i]) for i in ticks], fontsize=7)
     ax.set_xlabel("task diversity M (log₂ axis)")
     ax.grid(alpha=0.3)
+
+
+# ------------------------------------------------------------------------------------------------ LLC calibration
+def plot_calibration(cal: Calibration, path: str | Path) -> list[Path]:
+    """Left: λ̂ ± std over chains against ε (log axis), one line per (γ, nβ), flagged points hollow, the pick
+    circled. Right: the chain-mean loss trace in λ units, nβ(ℓ_t − ℓ_n(w*)), against step (burn-in shaded), one
+    line per ε of the picked (γ, nβ) (a `llc.calibrate` result). Saves PNG + PDF; returns both paths."""
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    ax_l, ax_t = fig.subplots(1, 2)
+    tab = cal.table
+    stable = stable_rows(tab)
+    for (gamma, nb), group in tab.groupby(["localization", "nbeta"], sort=False):
+        group = group.sort_values("step_size")
+        role = " (check)" if "role" in group.columns and (group["role"] == "check").all() else ""
+        line = ax_l.errorbar(group["step_size"], group["llc_mean"], yerr=group["llc_std"].fillna(0), marker="o",
+                             mfc="none", capsize=2, label=f"γ = {gamma:.3g} (γ/nβ = {gamma / nb:.3g}){role}")
+        good = group[stable[group.index]]
+        ax_l.plot(good["step_size"], good["llc_mean"], "o", color=line[0].get_color())
+    if cal.index is not None:
+        row = tab.loc[cal.index]
+        ax_l.plot([row["step_size"]], [row["llc_mean"]], "o", ms=14, mfc="none", mec="k", label="picked")
+    ax_l.set_xscale("log")
+    ax_l.set_xlabel("step size ε")
+    ax_l.set_ylabel("λ̂ (mean ± std over chains)")
+    plateau = "on a γ-plateau" if cal.on_plateau else "no γ-plateau"
+    ax_l.set_title(f"calibration, nβ = {tab['nbeta'].iloc[0]:.4g} (filled: no sampler flag; {plateau})", fontsize=10)
+    ax_l.legend(fontsize=8)
+    ref = tab.loc[cal.index] if cal.index is not None else tab.iloc[0]
+    sel = tab[(tab["localization"] == ref["localization"]) & (tab["nbeta"] == ref["nbeta"])]
+    burnin = 0
+    for i, row in sel.sort_values("step_size").iterrows():
+        res = cal.results[i]
+        if "diverged" in res.diagnostics:  # its trace runs off any useful scale; the left panel shows the flag
+            continue
+        full = np.concatenate([res.burnin_trace, res.loss_trace], axis=1)
+        burnin = res.burnin_trace.shape[1]
+        ax_t.plot(res.nbeta * (full.mean(axis=0) - res.init_loss), lw=1, label=f"ε = {row['step_size']:g}")
+    if burnin:
+        ax_t.axvspan(0, burnin, color="0.9", zorder=0)
+    ax_t.set_xlabel("SGLD step (shaded: burn-in)")
+    ax_t.set_ylabel("nβ (ℓ_t − ℓ_n(w*)), chain mean")
+    ax_t.set_yscale("symlog", linthresh=1.0)
+    if ax_t.get_legend_handles_labels()[0]:  # every grid point may have diverged
+        ax_t.legend(fontsize=8)
+    return list(save_figure(fig, path, dpi=150))
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def plot_stages(
+    steps: ArrayLike,
+    loss: ArrayLike,
+    llc: ArrayLike,
+    llc_std: ArrayLike | None,
+    table: pd.DataFrame,
+    path: str | os.PathLike[str],
+    *,
+    smoothed_llc: ArrayLike | None = None,
+    milestones: Sequence[Milestone] | None = None,
+    loss_label: str = "test loss",
+    title: str | None = None,
+    trusted: ArrayLike | None = None,
+) -> tuple[Path, Path]:
+    """Hoogland et al. Fig. 1: loss (top) and LLC ± std over chains (bottom) against step on a log x-axis,
+    with stage bands (orange hues: LLC rising, type A; blue hues: falling, type B; grey: unknown) and stage
+    labels.
+
+    Raw values are plotted; `smoothed_llc` (e.g. :func:`icl_lab.stages.smooth_log`) is overlaid as a thin line if
+    given, and `milestones` as dashed vertical lines. `trusted` ((T,) bool, :func:`icl_lab.stages.trusted_mask`;
+    None → all) marks the estimates the stages come from: they are joined by the line and drawn as filled dots; the
+    others are drawn as hollow grey circles, the LLC axis is scaled to the trusted estimates ± std (as in
+    :func:`plot_llc`), and untrusted estimates beyond it sit at its edge as hollow grey triangles (the legend gives
+    the extreme). Step 0 cannot sit on a log axis: points with step ≤ 0 are left out of the plot and a band starting
+    at 0 is drawn from the first positive step. Saves PNG + PDF."""
+    s = to_numpy(steps).reshape(-1)
+    lo = to_numpy(loss).reshape(-1)
+    lam = to_numpy(llc).reshape(-1)
+    pos = s > 0
+    if not pos.any():
+        raise ValueError("plot_stages: need at least one positive step for a log axis")
+    xmin = float(s[pos].min())
+    fig = Figure(figsize=(7.5, 6.0), layout="constrained")
+    ax_loss, ax_llc = fig.subplots(2, 1, sharex=True)
+    ok = np.ones(s.size, dtype=bool) if trusted is None else np.asarray(trusted, dtype=bool).reshape(-1)
+    sd = np.zeros_like(lam) if llc_std is None else np.nan_to_num(to_numpy(llc_std).reshape(-1))
+    fin = np.isfinite(lam)
+    y_lo, y_hi = llc_limits(lam[pos & fin], sd[pos & fin], ok[pos & fin])
+    shown = np.clip(lam, y_lo, y_hi)
+    ax_loss.plot(s[pos], lo[pos], "-", color="black", lw=1.4)
+    good = pos & ok & fin
+    ax_llc.plot(s[good], lam[good], "o-", color="black", lw=1.4, ms=2.5, label="LLC (mean over chains)")
+    if llc_std is not None:
+        ax_llc.fill_between(
+            s[good], (lam - sd)[good], (lam + sd)[good], color="0.6", alpha=0.4, lw=0, label="± std"
+        )
+    bad = pos & ~ok & fin
+    inside = bad & (lam >= y_lo) & (lam <= y_hi)
+    if inside.any():
+        ax_llc.plot(s[inside], lam[inside], "o", mfc="white", color="0.5", ms=4,
+                    label="not used for stages (sampler flag or λ̂ ≤ 0)")  # fmt: skip
+    for off, marker, where in ((lam < y_lo, "v", "below"), (lam > y_hi, "^", "above")):
+        off = off & bad
+        if off.any():
+            extreme = f"lowest {lam[off].min():.3g}" if where == "below" else f"highest {lam[off].max():.3g}"
+            ax_llc.plot(s[off], shown[off], marker, mfc="white", color="0.5", ms=5,
+                        label=f"{off.sum()} not used, {where} the axis ({extreme})")  # fmt: skip
+    if smoothed_llc is not None:
+        sm = to_numpy(smoothed_llc).reshape(-1)
+        ax_llc.plot(s[pos], sm[pos], "--", color="tab:red", lw=1.0, label="smoothed (for milestones)")
+    oranges, blues = colormaps["Oranges"], colormaps["Blues"]
+    na = nb = 0
+    for _, row in table.iterrows():
+        if row["type"] == "A":
+            colour = oranges(0.25 + 0.2 * (na % 2))
+            na += 1
+        elif row["type"] == "?":
+            colour = "0.85"
+        else:
+            colour = blues(0.25 + 0.2 * (nb % 2))
+            nb += 1
+        lo_x = max(float(row["start"]), xmin)
+        hi_x = max(float(row["end"]), xmin)
+        for ax in (ax_loss, ax_llc):
+            ax.axvspan(lo_x, hi_x, color=colour, alpha=0.5, lw=0, zorder=0)
+        ax_loss.text(
+            np.sqrt(lo_x * hi_x),
+            1.01,
+            f"{int(row['stage'])}{row['type']}",
+            transform=ax_loss.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    for m in milestones or []:
+        if m.step > 0:
+            for ax in (ax_loss, ax_llc):
+                ax.axvline(m.step, color="0.3", ls=":", lw=0.8)
+    ax_llc.set_ylim(y_lo, y_hi)
+    ax_llc.set_xscale("log")
+    ax_llc.set_xlabel("step")
+    ax_loss.set_ylabel(loss_label)
+    ax_llc.set_ylabel("LLC λ̂")
+    ax_llc.legend(fontsize=7, loc="best")
+    fig.suptitle(title or "Loss and LLC over training, with stages (orange: LLC rising, blue: falling)")
+    return save_figure(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------ essential dynamics
+
+def _time_colours(steps: np.ndarray) -> np.ndarray:
+    t = np.log10(np.asarray(steps, dtype=np.float64) + 1.0)
+    span = t.max() - t.min()
+    return (t - t.min()) / span if span > 0 else np.zeros_like(t)
+
+
+def plot_pc_pairs(
+    ed: EssentialDynamics,
+    path: str | os.PathLike[str],
+    *,
+    osculating: bool = False,
+    show_raw: bool = True,
+    title: str | None = None,
+) -> tuple[Path, Path]:
+    """Grid of PC-pair plots γ_{i,j} of an ED result (Hoogland et al. Fig. 2), coloured by log step.
+
+    Smoothed curve coloured by time (viridis over log10(step + 1)), raw scores faint grey, cusps as red
+    crosses, vertices as black open circles; with `osculating`, the osculating circle at each vertex (dashed)
+    and the evolute near it. Saves PNG + PDF; returns their paths."""
+    if ed.smoothed.shape[1] < 2:
+        raise ValueError("plot_pc_pairs: need at least 2 components")
+    pairs = sorted(ed.features) or [(0, 1)]
+    ncols = min(3, len(pairs))
+    nrows = int(np.ceil(len(pairs) / ncols))
+    fig = Figure(figsize=(4.2 * ncols, 4.0 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    col = _time_colours(ed.steps)
+    norm = Normalize(0.0, 1.0)
+    evr = ed.explained_variance_ratio
+    lc = None
+    for n, (i, j) in enumerate(pairs):
+        ax = axes[n // ncols][n % ncols]
+        z = ed.smoothed[:, [i, j]]
+        if show_raw:
+            ax.plot(ed.scores[:, i], ed.scores[:, j], ".", color="0.75", ms=2, zorder=1)
+        seg = np.stack([z[:-1], z[1:]], axis=1)
+        lc = LineCollection(seg, cmap="viridis", norm=norm, linewidths=1.8, zorder=2)
+        lc.set_array(0.5 * (col[:-1] + col[1:]))
+        ax.add_collection(lc)
+        feats = ed.features.get((i, j))
+        if feats is not None:
+            if feats.cusps.size:
+                ax.plot(
+                    z[feats.cusps, 0],
+                    z[feats.cusps, 1],
+                    "x",
+                    color="red",
+                    ms=9,
+                    mew=2,
+                    zorder=4,
+                    label="cusp",
+                )
+            if feats.vertices.size:
+                ax.plot(
+                    z[feats.vertices, 0],
+                    z[feats.vertices, 1],
+                    "o",
+                    mfc="none",
+                    mec="black",
+                    ms=7,
+                    zorder=4,
+                    label="vertex",
+                )
+            if osculating and feats.vertices.size and len(z) >= 3:
+                centres, radii = osculating_circles(z)
+                for v in feats.vertices:
+                    if np.isfinite(radii[v]):
+                        ax.add_patch(
+                            Circle(
+                                tuple(centres[v]),
+                                radii[v],
+                                fill=False,
+                                ls="--",
+                                lw=0.8,
+                                color="tab:purple",
+                                alpha=0.7,
+                                zorder=3,
+                            )
+                        )
+        ax.autoscale_view()
+        if osculating and feats is not None and feats.vertices.size:
+            # circles can be huge; keep the view on the curve
+            pad = 0.1 * (np.ptp(z, axis=0) + 1e-12)
+            ax.set_xlim(z[:, 0].min() - pad[0], z[:, 0].max() + pad[0])
+            ax.set_ylim(z[:, 1].min() - pad[1], z[:, 1].max() + pad[1])
+        ax.set_xlabel(f"PC{i + 1} ({100 * evr[i]:.1f}%)")
+        ax.set_ylabel(f"PC{j + 1} ({100 * evr[j]:.1f}%)")
+        if feats is not None and (feats.cusps.size or feats.vertices.size):
+            ax.legend(fontsize=7, loc="best")
+    for n in range(len(pairs), nrows * ncols):
+        axes[n // ncols][n % ncols].set_visible(False)
+    if lc is not None:
+        cb = fig.colorbar(lc, ax=axes, shrink=0.8)
+        lo, hi = np.log10(ed.steps.min() + 1), np.log10(ed.steps.max() + 1)
+        ticks = np.linspace(0, 1, 5)
+        cb.set_ticks(ticks)
+        cb.set_ticklabels([f"{10 ** (lo + t * (hi - lo)) - 1:.3g}" for t in ticks])
+        cb.set_label("step")
+    fig.suptitle(title or "Essential dynamics: PC pairs of the behavioural trajectory")
+    return save_figure(fig, path)
+
+
+def _ref_marker(name: str) -> str:
+    n = name.lower()
+    if "dmmse" in n:
+        return "D"
+    if "ridge" in n:
+        return "s"
+    if "lsq" in n or "least" in n:
+        return "^"
+    return "P"
+
+
+def plot_joint_pca(
+    jp: JointTrajectoryPCA,
+    path: str | os.PathLike[str],
+    *,
+    pcs: tuple[int, int] = (0, 1),
+    smoothed: bool = True,
+    ref_runs: Mapping[str, str] | None = None,
+    title: str | None = None,
+) -> tuple[Path, Path]:
+    """Joint trajectory PCA figure (Carroll et al. Fig. 1, right): one curve per run in the (PC_i, PC_j)
+    plane, open circle at the first checkpoint and star at the last; references as points (names containing
+    'dmmse' as diamonds, 'ridge' as a square, 'lsq'/'least' as a triangle). `ref_runs` maps a reference name
+    to a run name whose colour it takes (e.g. {"dMMSE_2": "M=2"}); others are white.
+    Saves PNG + PDF; returns their paths."""
+    i, j = pcs
+    fig = Figure(figsize=(6.0, 5.0), layout="constrained")
+    ax = fig.subplots()
+    curves = jp.smoothed if smoothed else jp.curves
+    cm = colormaps["tab10"]
+    run_colour = {name: cm(n % 10) for n, name in enumerate(curves)}
+    for name, z in curves.items():
+        colour = run_colour[name]
+        ax.plot(z[:, i], z[:, j], "-", color=colour, lw=1.5, label=str(name))
+        ax.plot(z[0, i], z[0, j], "o", mfc="none", mec=colour, ms=7)
+        ax.plot(z[-1, i], z[-1, j], "*", color=colour, ms=12)
+    for name, r in jp.references.items():
+        face = run_colour.get((ref_runs or {}).get(name, ""), "white")
+        ax.plot(
+            r[i], r[j], _ref_marker(name), ms=10, mec="black", mfc=face, mew=1.5, ls="none", label=str(name)
+        )
+    evr = jp.explained_variance_ratio
+    ax.set_xlabel(f"PC{i + 1} ({100 * evr[i]:.1f}%)")
+    ax.set_ylabel(f"PC{j + 1} ({100 * evr[j]:.1f}%)")
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(title or "Joint trajectory PCA (○ start, ★ end)")
+    return save_figure(fig, path)

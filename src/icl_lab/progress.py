@@ -4,6 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+__all__ = ["Bar"]
+
 
 class Bar:
     """`with Bar(True, total, "train", columns=["loss {task.fields[loss]:.4g}"], loss=nan) as bar:
@@ -18,15 +29,6 @@ class Bar:
 
     def __enter__(self) -> Bar:
         if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
             columns = [TextColumn(self.label), BarColumn(), MofNCompleteColumn(),
                        *(TextColumn(c) for c in self.columns), TimeElapsedColumn(), TimeRemainingColumn()]
             self.progress = Progress(*columns)
@@ -35,9 +37,13 @@ class Bar:
                                                **self.fields)
         return self
 
-    def update(self, completed: int | None = None, advance: int = 0, **fields: Any) -> None:
+    def update(self, completed: int | None = None, advance: int = 0, total: int | None = None, **fields: Any
+               ) -> None:
+        """Set `completed` (or add `advance`); `total` replaces an estimated total."""
         if self.progress is not None:
             kw = {"completed": completed} if completed is not None else {"advance": advance}
+            if total is not None:
+                kw["total"] = total
             self.progress.update(self.task, **kw, **fields)
 
     def advance(self) -> None:

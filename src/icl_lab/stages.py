@@ -35,9 +35,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from icl_lab.llc import sampler_ok
-from icl_lab.plots import llc_limits, save_figure
-from icl_lab.trajectory import ArrayLike, _kernel_rows, _local_linear, _row_chunks, _to_numpy
+from icl_lab.llc_flags import sampler_ok
+from icl_lab.trajectory import ArrayLike, _kernel_rows, _local_linear, _row_chunks, to_numpy
 
 if TYPE_CHECKING:  # pragma: no cover
     from icl_lab.trajectory import EssentialDynamics
@@ -52,7 +51,6 @@ __all__ = [
     "log_derivative",
     "log_steps",
     "milestones_frame",
-    "plot_stages",
     "save_stage_table",
     "smooth_log",
     "stage_table",
@@ -64,15 +62,15 @@ MilestoneKind = Literal["max", "min", "plateau"]
 
 def log_steps(steps: ArrayLike, offset: float = 1.0) -> np.ndarray:
     """x = log(step + offset) (natural log). (T,) → (T,). Requires step + offset > 0."""
-    s = _to_numpy(steps).reshape(-1)
+    s = to_numpy(steps).reshape(-1)
     if np.any(s + offset <= 0):
         raise ValueError("log_steps: step + offset must be > 0 (use offset >= 1 when step 0 is present)")
     return np.log(s + offset)
 
 
 def _prepare(steps: ArrayLike, values: ArrayLike, offset: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    s = _to_numpy(steps).reshape(-1)
-    v = _to_numpy(values).reshape(-1)
+    s = to_numpy(steps).reshape(-1)
+    v = to_numpy(values).reshape(-1)
     if s.shape != v.shape:
         raise ValueError(f"steps {s.shape} and values {v.shape} must have the same length")
     if s.size < 2:
@@ -344,7 +342,7 @@ def find_milestones(
     if span <= 1e-12 * max(1.0, float(np.abs(a).max())):  # constant up to rounding
         return []
     if se is not None:
-        sev = _to_numpy(se).reshape(-1)
+        sev = to_numpy(se).reshape(-1)
         if sev.size == 1:
             sev = np.full(T, sev[0])
         elif sev.shape != (T,):
@@ -415,7 +413,7 @@ def trusted_mask(llc: pd.DataFrame) -> np.ndarray:
     LLC: it comes from chains that found lower loss than w*, as early, off-minimum checkpoints do, and such
     estimates can be thousands of times larger in magnitude than the rest of the curve. Without a `flags`
     column the `ok` column decides (no flag of any kind), and without either every positive estimate counts.
-    Untrusted rows are still drawn (:func:`plot_stages`), just not used."""
+    Untrusted rows are still drawn (:func:`icl_lab.plots.plot_stages`), just not used."""
     mean = pd.to_numeric(llc["llc_mean"], errors="coerce").to_numpy(dtype=np.float64)
     keep = np.isfinite(mean) & (mean > 0)
     if "flags" in llc.columns:
@@ -606,7 +604,7 @@ def stage_table(
     if loss is None:
         lo = np.full(s.size, np.nan)
     else:
-        lo = _to_numpy(loss).reshape(-1)
+        lo = to_numpy(loss).reshape(-1)
         if lo.shape != s.shape:
             raise ValueError(f"loss {lo.shape} and steps {s.shape} must have the same length")
     ok = np.ones(s.size, dtype=bool) if trusted is None else np.asarray(trusted, dtype=bool).reshape(-1)
@@ -692,103 +690,14 @@ def save_stage_table(df: pd.DataFrame, path: str | os.PathLike[str]) -> tuple[Pa
         out.append(target)
     return out[0], out[1]
 
+# Transitional: these figures moved to icl_lab.plots. Imports of the old names (studies) resolve here, lazily, until
+# they import from icl_lab.plots; delete this block then.
+_MOVED_TO_PLOTS = frozenset({"plot_stages"})
 
-def plot_stages(
-    steps: ArrayLike,
-    loss: ArrayLike,
-    llc: ArrayLike,
-    llc_std: ArrayLike | None,
-    table: pd.DataFrame,
-    path: str | os.PathLike[str],
-    *,
-    smoothed_llc: ArrayLike | None = None,
-    milestones: Sequence[Milestone] | None = None,
-    loss_label: str = "test loss",
-    title: str | None = None,
-    trusted: ArrayLike | None = None,
-) -> tuple[Path, Path]:
-    """Hoogland et al. Fig. 1: loss (top) and LLC ± std over chains (bottom) against step on a log x-axis,
-    with stage bands (orange hues: LLC rising, type A; blue hues: falling, type B; grey: unknown) and stage
-    labels.
 
-    Raw values are plotted; `smoothed_llc` (e.g. :func:`smooth_log`) is overlaid as a thin line if given, and
-    `milestones` as dashed vertical lines. `trusted` ((T,) bool, :func:`trusted_mask`; None → all) marks the
-    estimates the stages come from: they are joined by the line and drawn as filled dots; the others are drawn
-    as hollow grey circles, the LLC axis is scaled to the trusted estimates ± std (as in
-    :func:`icl_lab.plots.plot_llc`), and untrusted estimates beyond it sit at its edge as hollow grey triangles
-    (the legend gives the extreme). Step 0 cannot sit on a log axis: points with step ≤ 0 are left out of the
-    plot and a band starting at 0 is drawn from the first positive step. Saves PNG + PDF."""
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_PLOTS:
+        from icl_lab import plots  # deferred, transitional: plots loads matplotlib, which this module must not
 
-    s = _to_numpy(steps).reshape(-1)
-    lo = _to_numpy(loss).reshape(-1)
-    lam = _to_numpy(llc).reshape(-1)
-    pos = s > 0
-    if not pos.any():
-        raise ValueError("plot_stages: need at least one positive step for a log axis")
-    xmin = float(s[pos].min())
-    fig = Figure(figsize=(7.5, 6.0), layout="constrained")
-    ax_loss, ax_llc = fig.subplots(2, 1, sharex=True)
-    ok = np.ones(s.size, dtype=bool) if trusted is None else np.asarray(trusted, dtype=bool).reshape(-1)
-    sd = np.zeros_like(lam) if llc_std is None else np.nan_to_num(_to_numpy(llc_std).reshape(-1))
-    fin = np.isfinite(lam)
-    y_lo, y_hi = llc_limits(lam[pos & fin], sd[pos & fin], ok[pos & fin])
-    shown = np.clip(lam, y_lo, y_hi)
-    ax_loss.plot(s[pos], lo[pos], "-", color="black", lw=1.4)
-    good = pos & ok & fin
-    ax_llc.plot(s[good], lam[good], "o-", color="black", lw=1.4, ms=2.5, label="LLC (mean over chains)")
-    if llc_std is not None:
-        ax_llc.fill_between(
-            s[good], (lam - sd)[good], (lam + sd)[good], color="0.6", alpha=0.4, lw=0, label="± std"
-        )
-    bad = pos & ~ok & fin
-    inside = bad & (lam >= y_lo) & (lam <= y_hi)
-    if inside.any():
-        ax_llc.plot(s[inside], lam[inside], "o", mfc="white", color="0.5", ms=4,
-                    label="not used for stages (sampler flag or λ̂ ≤ 0)")  # fmt: skip
-    for off, marker, where in ((lam < y_lo, "v", "below"), (lam > y_hi, "^", "above")):
-        off = off & bad
-        if off.any():
-            extreme = f"lowest {lam[off].min():.3g}" if where == "below" else f"highest {lam[off].max():.3g}"
-            ax_llc.plot(s[off], shown[off], marker, mfc="white", color="0.5", ms=5,
-                        label=f"{off.sum()} not used, {where} the axis ({extreme})")  # fmt: skip
-    if smoothed_llc is not None:
-        sm = _to_numpy(smoothed_llc).reshape(-1)
-        ax_llc.plot(s[pos], sm[pos], "--", color="tab:red", lw=1.0, label="smoothed (for milestones)")
-    oranges, blues = colormaps["Oranges"], colormaps["Blues"]
-    na = nb = 0
-    for _, row in table.iterrows():
-        if row["type"] == "A":
-            colour = oranges(0.25 + 0.2 * (na % 2))
-            na += 1
-        elif row["type"] == "?":
-            colour = "0.85"
-        else:
-            colour = blues(0.25 + 0.2 * (nb % 2))
-            nb += 1
-        lo_x = max(float(row["start"]), xmin)
-        hi_x = max(float(row["end"]), xmin)
-        for ax in (ax_loss, ax_llc):
-            ax.axvspan(lo_x, hi_x, color=colour, alpha=0.5, lw=0, zorder=0)
-        ax_loss.text(
-            np.sqrt(lo_x * hi_x),
-            1.01,
-            f"{int(row['stage'])}{row['type']}",
-            transform=ax_loss.get_xaxis_transform(),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
-    for m in milestones or []:
-        if m.step > 0:
-            for ax in (ax_loss, ax_llc):
-                ax.axvline(m.step, color="0.3", ls=":", lw=0.8)
-    ax_llc.set_ylim(y_lo, y_hi)
-    ax_llc.set_xscale("log")
-    ax_llc.set_xlabel("step")
-    ax_loss.set_ylabel(loss_label)
-    ax_llc.set_ylabel("LLC λ̂")
-    ax_llc.legend(fontsize=7, loc="best")
-    fig.suptitle(title or "Loss and LLC over training, with stages (orange: LLC rising, blue: falling)")
-    return save_figure(fig, path)
+        return getattr(plots, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,6 +28,19 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from icl_lab import __version__
 from icl_lab.config import RunConfig
+from icl_lab.model import ICLTransformer
+
+__all__ = [
+    "STEP_FILE",
+    "Run",
+    "atomic_write",
+    "load_strict",
+    "load_tensors",
+    "save_tensors",
+    "settings_digest",
+    "write_json",
+    "write_parquet",
+]
 
 STEP_FILE = re.compile(r"^step_(\d{8})\.safetensors$")
 
@@ -161,8 +174,6 @@ class Run:
 
     def load_checkpoint(self, step: int, device: str | torch.device = "cpu") -> torch.nn.Module:
         """The model at `step`, rebuilt from the config and strictly loaded from safetensors."""
-        from icl_lab.model import ICLTransformer
-
         path = self.checkpoint_path(step)
         if not path.exists():
             raise FileNotFoundError(f"no checkpoint at step {step} in {self.path}; steps: {self.checkpoint_steps}")

@@ -43,6 +43,7 @@ take the others down.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import itertools
 import json
@@ -50,6 +51,7 @@ import math
 import multiprocessing as mp
 import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -63,10 +65,44 @@ from typing import Any, Literal
 
 import pandas as pd
 from pydantic import ValidationError
+from safetensors import safe_open
 
-from icl_lab.config import SECTIONS, RunConfig, build_run_config, leaf_fields, read_config_file
+from icl_lab import train as training  # module, not function: training.train is looked up at call time
+from icl_lab.config import PRESETS, SECTIONS, RunConfig, build_run_config, leaf_fields, read_config_file
+from icl_lab.ensemble import group_stackable, train_ensemble
 from icl_lab.progress import Bar
 from icl_lab.store import Run, write_json, write_parquet
+from icl_lab.threads import torch_threads
+
+__all__ = [
+    "EXECUTORS",
+    "INDEX_FILE",
+    "SPEC_FILE",
+    "STATUSES",
+    "SWEEP_OPTIONS",
+    "Executor",
+    "SweepError",
+    "SweepFailed",
+    "SweepRun",
+    "allowed_values",
+    "check_options",
+    "config_hash",
+    "execute_runs",
+    "expand_grid",
+    "first_line",
+    "flat_value",
+    "load_index",
+    "load_spec",
+    "make_run_id",
+    "parse_assignments",
+    "parse_grid",
+    "read_sweep_file",
+    "run_is_complete",
+    "run_job",
+    "run_sweep",
+    "sweep_runs",
+    "train_named_runs",
+]
 
 STATUSES = ("pending", "running", "done", "failed")
 EXECUTORS = ("local", "ray", "slurm")
@@ -179,8 +215,6 @@ def allowed_values(key: str) -> str:
     if key == "M":
         return "an integer >= 1, or 'inf' (a fresh task per sequence)"
     if key == "preset":
-        from icl_lab.model import PRESETS
-
         return "one of: " + ", ".join(PRESETS)
     section = leaf_fields()[key]
     field = (SECTIONS[section] if section else RunConfig).model_fields[key]
@@ -295,8 +329,6 @@ def run_is_complete(run: Run) -> bool:
 
 def _state_step(run: Run) -> int | None:
     """The step a run's resumable state was saved at (safetensors metadata), None if unreadable."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(run.state_path), framework="pt") as f:
             return int((f.metadata() or {})["step"])
@@ -307,7 +339,7 @@ def _state_step(run: Run) -> int | None:
 @contextlib.contextmanager
 def _try_lock(path: Path) -> Iterator[bool]:
     """Non-blocking exclusive flock on `path` (which records host and pid); yields whether it was acquired."""
-    import fcntl
+    import fcntl  # deferred: POSIX-only, so that importing sweep works on every platform
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -350,8 +382,6 @@ def _finish_run(status_file: Path, record: dict[str, Any], run: Run) -> dict[str
 
 def _run_one(config: RunConfig, path: Path, status_file: Path) -> dict[str, Any]:
     """Train (or finish) one run, recording its status; a training error is recorded, never raised."""
-    from icl_lab.train import train
-
     with _try_lock(status_file.with_suffix(".lock")) as locked:
         if not locked:  # another live process trains this run: leave it alone
             return {**(_read_json(status_file) or {}), "status": "running", "note": "another process trains it"}
@@ -364,7 +394,7 @@ def _run_one(config: RunConfig, path: Path, status_file: Path) -> dict[str, Any]
                 resume = run is not None and run.state_path.exists()
                 record["resumed_from"] = _state_step(run) if resume else None
                 # a directory without resumable state starts over (deterministic, so nothing is lost)
-                run = train(config, path, resume=resume, overwrite=not resume, progress=False)
+                run = training.train(config, path, resume=resume, overwrite=not resume, progress=False)
         except Exception as e:  # noqa: BLE001 -- recorded, and the other runs go on
             tb = "".join(traceback.format_exception(type(e), e, e.__traceback__)[-6:])
             return _finish(status_file, record, "failed", f"{type(e).__name__}: {e}\n{tb}")
@@ -376,8 +406,6 @@ def _run_one(config: RunConfig, path: Path, status_file: Path) -> dict[str, Any]
 
 def _run_ensemble(configs: list[RunConfig], paths: list[Path], status_files: list[Path]) -> list | None:
     """Train fresh, stackable runs together (icl_lab.ensemble); None if that failed (statuses left as they were)."""
-    from icl_lab.ensemble import train_ensemble
-
     with contextlib.ExitStack() as stack:
         if not all(stack.enter_context(_try_lock(f.with_suffix(".lock"))) for f in status_files):
             return None
@@ -398,8 +426,6 @@ def run_job(config_jsons: Sequence[str], run_dirs: Sequence[str], status_files: 
     as one ensemble (each member run on its own if the ensemble fails). Returns one status record per run (also
     written to its status file: status, error, started_at / finished_at (Unix s), seconds, attempts, host, pid,
     resumed_from). Picklable by reference; raises only if interrupted."""
-    from icl_lab.threads import torch_threads  # torch is imported where runs are trained, not by the CLI
-
     configs = [RunConfig.model_validate_json(c) for c in config_jsons]
     paths, files = [Path(d) for d in run_dirs], [Path(f) for f in status_files]
     with torch_threads(threads):
@@ -415,7 +441,7 @@ class _SlurmTask:
         return run_job(*args)
 
     def checkpoint(self, *args: Any) -> Any:
-        import submitit
+        import submitit  # deferred: optional extra (icl-lab[sweep])
 
         return submitit.helpers.DelayedSubmission(self, *args)
 
@@ -434,14 +460,8 @@ def _outcome(fn: Callable[..., Any], *args: Any) -> Any:
 def _worker_init() -> None:
     """Pool worker: on Linux, get SIGINT when the coordinating process dies, so an orphaned worker saves its state
     and stops instead of training on beside a resumed sweep."""
-    import signal
-
-    import icl_lab.train  # noqa: F401  (imported once per worker, not inside the first run's timing)
-
     if sys.platform.startswith("linux"):
         with contextlib.suppress(Exception):
-            import ctypes
-
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
 
 
@@ -460,7 +480,7 @@ def _run_local(jobs: dict[str, Job], workers: int) -> Iterator[tuple[str, Any]]:
 
 
 def _run_ray(jobs: dict[str, Job], workers: int, address: str | None) -> Iterator[tuple[str, Any]]:
-    import ray
+    import ray  # deferred: optional extra (icl-lab[sweep])
 
     started = not ray.is_initialized()
     if started:
@@ -485,7 +505,7 @@ def _run_ray(jobs: dict[str, Job], workers: int, address: str | None) -> Iterato
 
 def _run_slurm(jobs: dict[str, Job], folder: Path, options: Mapping[str, Any] | None,
                poll_seconds: float) -> Iterator[tuple[str, Any]]:
-    import submitit
+    import submitit  # deferred: optional extra (icl-lab[sweep])
 
     params = {"timeout_min": 240, "cpus_per_task": 1, "name": "icl-lab-sweep", **(options or {})}
     executor = submitit.AutoExecutor(folder=str(folder), cluster=params.pop("cluster", None))
@@ -574,8 +594,6 @@ def _plan_jobs(todo: Sequence[SweepRun], runs_dir: Path, ensemble: int) -> dict[
     fresh_ids = {r.run_id for r in fresh}
     jobs = {r.run_id: [r] for r in todo if r.run_id not in fresh_ids}
     if fresh:
-        from icl_lab.ensemble import group_stackable
-
         for group in group_stackable([r.config for r in fresh]):
             for i in range(0, len(group), ensemble):
                 members = [fresh[j] for j in group[i:i + ensemble]]

@@ -1,33 +1,23 @@
 """Task pools and batches for in-context linear regression (papers.md §A1-A2).
 
-Every source of randomness has its own `torch.Generator`, seeded from the run seed and a fixed label
-(`make_generator(seed, "pool")`), so changing one never changes another. Batches are generated whole, as
+Every source of randomness has its own generator (:mod:`icl_lab.seeding`). Batches are generated whole, as
 tensor ops on the target device.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from icl_lab.config import TaskConfig
+from icl_lab.seeding import derive_seed as derive_seed  # transitional re-export: callers import from seeding
+from icl_lab.seeding import make_generator
+
+__all__ = ["POOL_BLOCK", "Batch", "draw_tasks", "eval_sets", "root_task_batch", "sample_batch", "task_pool"]
 
 POOL_BLOCK = 256  # tasks per independently seeded block of the master sequence
-
-
-def derive_seed(seed: int, label: str) -> int:
-    """A 63-bit seed from (run seed, label), stable across Python versions and platforms."""
-    digest = hashlib.sha256(f"icl-lab:{seed}:{label}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def make_generator(seed: int, label: str, device: str | torch.device = "cpu") -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(derive_seed(seed, label))
-    return g
 
 
 def draw_tasks(family: str, n: int, D: int, generator: torch.Generator, device: str | torch.device = "cpu"

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 
 import torch
 
+__all__ = ["split_evenly", "thread_pool", "torch_threads"]
+
 
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:

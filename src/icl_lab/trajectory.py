@@ -23,21 +23,17 @@ Geometry follows the Timaeus notebooks (peers.md §2.7): derivatives by central 
 index, r′_t = (c_{t+1} − c_{t−1})/2, r″_t = c_{t+1} − 2c_t + c_{t−1}, curvature κ = |r′ × r″| / |r′|³,
 osculating-circle centre c_t + n̂/κ; Gaussian smoothing along the trajectory with a per-index σ.
 
-Everything here is a pure function of numpy arrays (torch tensors are accepted and converted); figures are
-optional helpers that use matplotlib's object API (no pyplot state) and save PNG + PDF.
+Everything here is a pure function of numpy arrays (torch tensors are accepted and converted); the figures of
+these results are drawn in :mod:`icl_lab.plots` (plot_pc_pairs, plot_joint_pca).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import numpy as np
-
-from icl_lab.plots import save_figure
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -57,13 +53,11 @@ __all__ = [
     "fit_pca",
     "joint_trajectory_pca",
     "osculating_circles",
-    "plot_joint_pca",
-    "plot_pc_pairs",
     "prediction_matrix",
-    "save_figure",
     "sigma_schedule",
     "smooth_trajectory",
     "speed",
+    "to_numpy",
     "turning_angle",
 ]
 
@@ -72,12 +66,12 @@ __all__ = [
 # conversion helpers
 
 
-def _to_numpy(a: Any) -> np.ndarray:
+def to_numpy(a: Any) -> np.ndarray:
     """A numpy float64 copy/view of an array, a torch tensor (any device) or a nested sequence of them."""
     if hasattr(a, "detach"):  # torch.Tensor, without importing torch
         a = a.detach().to("cpu").double().numpy()
     elif isinstance(a, list | tuple) and len(a) > 0 and hasattr(a[0], "detach"):
-        a = np.stack([_to_numpy(x) for x in a])
+        a = np.stack([to_numpy(x) for x in a])
     return np.asarray(a, dtype=np.float64)
 
 
@@ -98,7 +92,7 @@ def prediction_matrix(preds: ArrayLike) -> np.ndarray:
         token-minor (column b*K + k holds sequence b, position k), i.e. a C-order reshape.
     """
     if isinstance(preds, list | tuple):
-        rows = [_to_numpy(p) for p in preds]
+        rows = [to_numpy(p) for p in preds]
         if not rows:
             raise ValueError("prediction_matrix: empty list of predictions")
         shapes = {r.shape for r in rows}
@@ -106,7 +100,7 @@ def prediction_matrix(preds: ArrayLike) -> np.ndarray:
             raise ValueError(f"prediction_matrix: checkpoints have different shapes {sorted(shapes)}")
         arr = np.stack(rows)
     else:
-        arr = _to_numpy(preds)
+        arr = to_numpy(preds)
     if arr.ndim < 2:
         raise ValueError(f"prediction_matrix: expected (T, B, K), got shape {arr.shape}")
     return arr.reshape(arr.shape[0], -1)
@@ -139,14 +133,14 @@ class PCA:
 
     def transform(self, Y: ArrayLike) -> np.ndarray:
         """Project rows into the essential subspace: π_v(y) = (y − mean) V_v. (..., F) → (..., v)."""
-        y = _to_numpy(Y)
+        y = to_numpy(Y)
         if y.shape[-1] != self.mean.shape[0]:
             raise ValueError(f"PCA.transform: expected last axis {self.mean.shape[0]}, got shape {y.shape}")
         return (y - self.mean) @ self.components.T
 
     def inverse_transform(self, Z: ArrayLike) -> np.ndarray:
         """Map scores back to feature space: mean + z V_vᵀ. (..., v) → (..., F)."""
-        return _to_numpy(Z) @ self.components + self.mean
+        return to_numpy(Z) @ self.components + self.mean
 
 
 def fit_pca(A: ArrayLike, n_components: int = 3) -> PCA:
@@ -160,7 +154,7 @@ def fit_pca(A: ArrayLike, n_components: int = 3) -> PCA:
         A :class:`PCA`. Deterministic: the sign of each component is fixed so that its largest-|loading|
         entry is positive. Cost: one thin SVD, O(N·F·min(N, F)).
     """
-    X = _to_numpy(A)
+    X = to_numpy(A)
     if X.ndim != 2:
         raise ValueError(f"fit_pca: expected a (N, F) matrix, got shape {X.shape}")
     N, F = X.shape
@@ -217,7 +211,7 @@ def sigma_schedule(
 
 
 def _as_sigma(sigma: float | ArrayLike, T: int) -> np.ndarray:
-    s = _to_numpy(sigma)
+    s = to_numpy(sigma)
     s = np.full(T, float(s)) if s.ndim == 0 else s.reshape(-1)
     if s.shape != (T,):
         raise ValueError(f"sigma must be a scalar or have shape ({T},), got {s.shape}")
@@ -302,7 +296,7 @@ def smooth_trajectory(
     Returns:
         Array of the shape of `Z`.
     """
-    Y = _to_numpy(Z)
+    Y = to_numpy(Z)
     squeeze = Y.ndim == 1
     if squeeze:
         Y = Y[:, None]
@@ -316,7 +310,7 @@ def smooth_trajectory(
     if x is None:
         xx = np.arange(T, dtype=np.float64)
     else:
-        xx = _to_numpy(x).reshape(-1)
+        xx = to_numpy(x).reshape(-1)
         if xx.shape != (T,) or np.any(np.diff(xx) <= 0):
             raise ValueError("smooth_trajectory: x must be a strictly increasing (T,) array")
     if method == "renormalize":
@@ -355,7 +349,7 @@ def smooth_trajectory(
 
 
 def _curve(Z: ArrayLike, min_len: int = 3) -> np.ndarray:
-    c = _to_numpy(Z)
+    c = to_numpy(Z)
     if c.ndim != 2 or c.shape[0] < min_len:
         raise ValueError(f"expected a (T, d) curve with T >= {min_len}, got shape {c.shape}")
     return c
@@ -691,7 +685,7 @@ def essential_dynamics(
         (vertices within the cusp window of a cusp are excluded, since κ blows up there).
     """
     A = prediction_matrix(preds)
-    st = _to_numpy(steps).reshape(-1)
+    st = to_numpy(steps).reshape(-1)
     if st.shape[0] != A.shape[0]:
         raise ValueError(f"essential_dynamics: {A.shape[0]} checkpoints but {st.shape[0]} steps")
     if np.any(np.diff(st) <= 0):
@@ -779,7 +773,7 @@ def joint_trajectory_pca(
     steps: dict[str, np.ndarray] = {}
     for name, m in mats.items():
         if steps_by_run is not None and name in steps_by_run:
-            st = _to_numpy(steps_by_run[name]).reshape(-1)
+            st = to_numpy(steps_by_run[name]).reshape(-1)
             if st.shape[0] != m.shape[0]:
                 raise ValueError(
                     f"joint_trajectory_pca: run {name!r} has {m.shape[0]} rows but {st.shape[0]} steps"
@@ -789,7 +783,7 @@ def joint_trajectory_pca(
             steps[name] = np.arange(m.shape[0], dtype=np.float64)
     refs: dict[str, np.ndarray] = {}
     for name, r in (references or {}).items():
-        v = _to_numpy(r).reshape(-1)
+        v = to_numpy(r).reshape(-1)
         if v.shape[0] != F:
             raise ValueError(
                 f"joint_trajectory_pca: reference {name!r} has {v.shape[0]} entries, runs have {F}"
@@ -797,165 +791,14 @@ def joint_trajectory_pca(
         refs[name] = pca.transform(v)
     return JointTrajectoryPCA(pca, curves, smoothed, steps, refs)
 
-
-# ----------------------------------------------------------------------------------------------------
-# figures
-
-
-def _time_colours(steps: np.ndarray) -> np.ndarray:
-    t = np.log10(np.asarray(steps, dtype=np.float64) + 1.0)
-    span = t.max() - t.min()
-    return (t - t.min()) / span if span > 0 else np.zeros_like(t)
+# Transitional: these figures moved to icl_lab.plots. Imports of the old names (studies) resolve here, lazily, until
+# they import from icl_lab.plots; delete this block then.
+_MOVED_TO_PLOTS = frozenset({"plot_joint_pca", "plot_pc_pairs"})
 
 
-def plot_pc_pairs(
-    ed: EssentialDynamics,
-    path: str | os.PathLike[str],
-    *,
-    osculating: bool = False,
-    show_raw: bool = True,
-    title: str | None = None,
-) -> tuple[Path, Path]:
-    """Grid of PC-pair plots γ_{i,j} of an ED result (Hoogland et al. Fig. 2), coloured by log step.
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_PLOTS:
+        from icl_lab import plots  # deferred, transitional: plots loads matplotlib, which this module must not
 
-    Smoothed curve coloured by time (viridis over log10(step + 1)), raw scores faint grey, cusps as red
-    crosses, vertices as black open circles; with `osculating`, the osculating circle at each vertex (dashed)
-    and the evolute near it. Saves PNG + PDF; returns their paths."""
-    from matplotlib.collections import LineCollection
-    from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Circle
-
-    if ed.smoothed.shape[1] < 2:
-        raise ValueError("plot_pc_pairs: need at least 2 components")
-    pairs = sorted(ed.features) or [(0, 1)]
-    ncols = min(3, len(pairs))
-    nrows = int(np.ceil(len(pairs) / ncols))
-    fig = Figure(figsize=(4.2 * ncols, 4.0 * nrows), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    col = _time_colours(ed.steps)
-    norm = Normalize(0.0, 1.0)
-    evr = ed.explained_variance_ratio
-    lc = None
-    for n, (i, j) in enumerate(pairs):
-        ax = axes[n // ncols][n % ncols]
-        z = ed.smoothed[:, [i, j]]
-        if show_raw:
-            ax.plot(ed.scores[:, i], ed.scores[:, j], ".", color="0.75", ms=2, zorder=1)
-        seg = np.stack([z[:-1], z[1:]], axis=1)
-        lc = LineCollection(seg, cmap="viridis", norm=norm, linewidths=1.8, zorder=2)
-        lc.set_array(0.5 * (col[:-1] + col[1:]))
-        ax.add_collection(lc)
-        feats = ed.features.get((i, j))
-        if feats is not None:
-            if feats.cusps.size:
-                ax.plot(
-                    z[feats.cusps, 0],
-                    z[feats.cusps, 1],
-                    "x",
-                    color="red",
-                    ms=9,
-                    mew=2,
-                    zorder=4,
-                    label="cusp",
-                )
-            if feats.vertices.size:
-                ax.plot(
-                    z[feats.vertices, 0],
-                    z[feats.vertices, 1],
-                    "o",
-                    mfc="none",
-                    mec="black",
-                    ms=7,
-                    zorder=4,
-                    label="vertex",
-                )
-            if osculating and feats.vertices.size and len(z) >= 3:
-                centres, radii = osculating_circles(z)
-                for v in feats.vertices:
-                    if np.isfinite(radii[v]):
-                        ax.add_patch(
-                            Circle(
-                                tuple(centres[v]),
-                                radii[v],
-                                fill=False,
-                                ls="--",
-                                lw=0.8,
-                                color="tab:purple",
-                                alpha=0.7,
-                                zorder=3,
-                            )
-                        )
-        ax.autoscale_view()
-        if osculating and feats is not None and feats.vertices.size:
-            # circles can be huge; keep the view on the curve
-            pad = 0.1 * (np.ptp(z, axis=0) + 1e-12)
-            ax.set_xlim(z[:, 0].min() - pad[0], z[:, 0].max() + pad[0])
-            ax.set_ylim(z[:, 1].min() - pad[1], z[:, 1].max() + pad[1])
-        ax.set_xlabel(f"PC{i + 1} ({100 * evr[i]:.1f}%)")
-        ax.set_ylabel(f"PC{j + 1} ({100 * evr[j]:.1f}%)")
-        if feats is not None and (feats.cusps.size or feats.vertices.size):
-            ax.legend(fontsize=7, loc="best")
-    for n in range(len(pairs), nrows * ncols):
-        axes[n // ncols][n % ncols].set_visible(False)
-    if lc is not None:
-        cb = fig.colorbar(lc, ax=axes, shrink=0.8)
-        lo, hi = np.log10(ed.steps.min() + 1), np.log10(ed.steps.max() + 1)
-        ticks = np.linspace(0, 1, 5)
-        cb.set_ticks(ticks)
-        cb.set_ticklabels([f"{10 ** (lo + t * (hi - lo)) - 1:.3g}" for t in ticks])
-        cb.set_label("step")
-    fig.suptitle(title or "Essential dynamics: PC pairs of the behavioural trajectory")
-    return save_figure(fig, path)
-
-
-def _ref_marker(name: str) -> str:
-    n = name.lower()
-    if "dmmse" in n:
-        return "D"
-    if "ridge" in n:
-        return "s"
-    if "lsq" in n or "least" in n:
-        return "^"
-    return "P"
-
-
-def plot_joint_pca(
-    jp: JointTrajectoryPCA,
-    path: str | os.PathLike[str],
-    *,
-    pcs: tuple[int, int] = (0, 1),
-    smoothed: bool = True,
-    ref_runs: Mapping[str, str] | None = None,
-    title: str | None = None,
-) -> tuple[Path, Path]:
-    """Joint trajectory PCA figure (Carroll et al. Fig. 1, right): one curve per run in the (PC_i, PC_j)
-    plane, open circle at the first checkpoint and star at the last; references as points (names containing
-    'dmmse' as diamonds, 'ridge' as a square, 'lsq'/'least' as a triangle). `ref_runs` maps a reference name
-    to a run name whose colour it takes (e.g. {"dMMSE_2": "M=2"}); others are white.
-    Saves PNG + PDF; returns their paths."""
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
-
-    i, j = pcs
-    fig = Figure(figsize=(6.0, 5.0), layout="constrained")
-    ax = fig.subplots()
-    curves = jp.smoothed if smoothed else jp.curves
-    cm = colormaps["tab10"]
-    run_colour = {name: cm(n % 10) for n, name in enumerate(curves)}
-    for name, z in curves.items():
-        colour = run_colour[name]
-        ax.plot(z[:, i], z[:, j], "-", color=colour, lw=1.5, label=str(name))
-        ax.plot(z[0, i], z[0, j], "o", mfc="none", mec=colour, ms=7)
-        ax.plot(z[-1, i], z[-1, j], "*", color=colour, ms=12)
-    for name, r in jp.references.items():
-        face = run_colour.get((ref_runs or {}).get(name, ""), "white")
-        ax.plot(
-            r[i], r[j], _ref_marker(name), ms=10, mec="black", mfc=face, mew=1.5, ls="none", label=str(name)
-        )
-    evr = jp.explained_variance_ratio
-    ax.set_xlabel(f"PC{i + 1} ({100 * evr[i]:.1f}%)")
-    ax.set_ylabel(f"PC{j + 1} ({100 * evr[j]:.1f}%)")
-    ax.legend(fontsize=8, loc="best")
-    ax.set_title(title or "Joint trajectory PCA (○ start, ★ end)")
-    return save_figure(fig, path)
+        return getattr(plots, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
