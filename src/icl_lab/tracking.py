@@ -48,6 +48,8 @@ class Tracker:
 class WandbTracker(Tracker):
     """A wandb run under `run_dir` (its files go to run_dir/wandb)."""
 
+    _live = 0  # open wandb runs in this process
+
     def __init__(self, project: str, run_dir: str | Path, *, name: str, job_type: str, config: Mapping[str, Any]):
         import wandb  # deferred: the optional `wandb` extra, imported only when a project is given
 
@@ -55,6 +57,7 @@ class WandbTracker(Tracker):
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=project, dir=str(run_dir), name=f"{name}:{job_type}", group=name,
                               job_type=job_type, config=dict(config), reinit="create_new")
+        WandbTracker._live += 1
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
         self._open = True
@@ -70,6 +73,9 @@ class WandbTracker(Tracker):
         if self._open:
             self._open = False
             self.run.finish()
+            WandbTracker._live -= 1
+            if WandbTracker._live == 0:  # finish() returns before wandb's writer has flushed the run's file;
+                self._wandb.teardown()  # teardown waits for it (and is only safe once no run is open)
 
 
 def open_tracker(project: str | None, run_dir: str | Path, *, name: str, job_type: str,
