@@ -65,14 +65,18 @@ def test_train_plot_info(tmp_path):
         (["--lr", "0"], "lr: Input should be greater than 0"),
         (["--batch-size", "0"], "batch_size: Input should be greater than or equal to 1"),
         (["--steps", "5", "--n-checkpoints-log", "9"], "n_checkpoints_log=9 is more than steps=5"),
+        (["--name", "../../escaped"], "name '../../escaped' starts with '.'"),
+        (["--name", "a/b"], "name 'a/b' holds a path separator"),
+        (["--name", "a\\b"], "holds a path separator"),
     ],
 )
 def test_bad_input_fails_before_any_work(tmp_path, args, message):
-    result = runner.invoke(app, ["train", "--out", str(tmp_path / "runs"), "--quiet", *args],
+    (tmp_path / "cwd").mkdir()
+    result = runner.invoke(app, ["train", "--out", str(tmp_path / "cwd" / "runs"), "--quiet", *args],
                            env={"COLUMNS": "300"})
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
-    assert not (tmp_path / "runs").exists()
+    assert [p.name for p in tmp_path.rglob("*")] == ["cwd"]  # nothing written, inside --out or outside it
 
 
 def test_unknown_key_in_config_file(tmp_path):
@@ -167,6 +171,7 @@ def test_sweep_file_with_flags(tmp_path):
     (["--grid", "seed=0", "--executor", "dask"], "unknown executor 'dask'; allowed: local, ray, slurm"),
     (["--grid", "seed=0", "--workers", "0"], "workers must be an integer >= 1, got 0"),
     (["--grid", "seed=0", "--ensemble", "0"], "ensemble must be an integer >= 1, got 0"),
+    (["--grid", "name=../x,b"], "name '../x' starts with '.'"),
     ([], "has no sweep.json; give a grid"),
     (["--config", "missing.toml"], "config file missing.toml does not exist"),
 ])

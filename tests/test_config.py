@@ -3,7 +3,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from icl_lab.config import RunConfig, build_run_config, nest, read_config_file
+from icl_lab.config import RunConfig, build_run_config, check_path_name, nest, read_config_file
 
 
 @pytest.mark.parametrize(
@@ -77,3 +77,14 @@ def test_nest_and_bad_file(tmp_path):
     bad.write_text("M: 2")
     with pytest.raises(ValueError, match=r"\.toml or \.json"):
         read_config_file(bad)
+
+
+@pytest.mark.parametrize("bad", ["", " ", ".", "..", "../x", ".hidden", "a/b", "a\\b", "a:b", "a\x00b", "x" * 256])
+def test_check_path_name_refuses_what_is_not_one_plain_name(bad):
+    with pytest.raises(ValueError, match="^run name "):
+        check_path_name(bad, "run name")
+
+
+@pytest.mark.parametrize("good", ["seed-M2", "M=2_seed=0-1a2b3c4d", "lr 0.1", "x" * 255])
+def test_check_path_name_accepts_plain_names(good):
+    assert check_path_name(good, "run name") == good

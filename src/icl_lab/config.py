@@ -28,6 +28,7 @@ __all__ = [
     "Sampler",
     "Schedule",
     "TaskConfig",
+    "check_path_name",
     "TrainConfig",
     "build_run_config",
     "leaf_fields",
@@ -216,6 +217,31 @@ class LLCConfig(_Strict):
         return self
 
 
+# Characters that some filesystem in common use rejects in a file name (Windows' set; POSIX rejects "/" and NUL).
+_FORBIDDEN_NAME_CHARS = frozenset('/\\:*?"<>|')
+
+
+def check_path_name(value: str, field: str) -> str:
+    """`value`, when it is safe as ONE file or directory name; else ValueError naming `field`.
+
+    Names in configs become paths (a run's directory, a sweep's runs). A separator or ".." would put files
+    outside the directory the user gave, so only a plain name is allowed.
+    """
+    why = None
+    if not isinstance(value, str) or not value.strip():
+        why = "is empty"
+    elif value in (".", "..") or value.startswith("."):
+        why = "starts with '.' (a hidden or parent directory)"
+    elif any(c in _FORBIDDEN_NAME_CHARS or ord(c) < 32 for c in value):
+        why = "holds a path separator or a character a filesystem rejects"
+    elif len(value.encode()) > 255:
+        why = "is longer than 255 bytes"
+    if why:
+        raise ValueError(f"{field} {value!r} {why}; allowed: one file name, not starting with '.', without "
+                         f"control characters or any of {''.join(sorted(_FORBIDDEN_NAME_CHARS))}")
+    return value
+
+
 class RunConfig(_Strict):
     """Everything that determines a training run. The same config gives bit-identical results on CPU."""
 
@@ -224,6 +250,11 @@ class RunConfig(_Strict):
     task: TaskConfig = Field(default_factory=TaskConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_path_component(cls, v: str | None) -> str | None:
+        return None if v is None else check_path_name(v, "name")
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)

@@ -68,7 +68,15 @@ from pydantic import ValidationError
 from safetensors import safe_open
 
 from icl_lab import train as training  # module, not function: training.train is looked up at call time
-from icl_lab.config import PRESETS, SECTIONS, RunConfig, build_run_config, leaf_fields, read_config_file
+from icl_lab.config import (
+    PRESETS,
+    SECTIONS,
+    RunConfig,
+    build_run_config,
+    check_path_name,
+    leaf_fields,
+    read_config_file,
+)
 from icl_lab.ensemble import group_stackable, train_ensemble
 from icl_lab.progress import Bar
 from icl_lab.store import Run, write_json, write_parquet
@@ -753,8 +761,10 @@ def train_named_runs(configs: Mapping[str, RunConfig], root: str | Path, *, work
     were attempted)."""
     root = Path(root)
     for name in configs:
-        if not name or "/" in name or name.startswith("."):
-            raise SweepError(f"run name {name!r} must be a plain directory name")
+        try:
+            check_path_name(name, "run name")
+        except ValueError as e:
+            raise SweepError(str(e)) from e
     runs = [SweepRun(name, {}, cfg) for name, cfg in configs.items()]
     index = execute_runs(root, runs, runs_dir=root, executor=executor, workers=workers, address=address,
                          slurm=slurm, progress=progress, ensemble=ensemble)
