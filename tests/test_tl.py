@@ -119,6 +119,19 @@ def test_the_3x_export_on_4x_points_to_the_bridge():
         to_hooked_transformer(build_model(cfg.task, cfg.model, seed=0))
 
 
+@requires_tl4
+def test_the_4x_export_leaves_the_global_rng_alone():
+    from icl_lab.tl_bridge import to_transformer_bridge
+
+    cfg = build_run_config(overrides=TINY)
+    model = build_model(cfg.task, cfg.model, seed=0)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    to_transformer_bridge(model)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_importing_icl_lab_does_not_import_transformer_lens():
     code = ("import sys, icl_lab.interp, icl_lab.tl_bridge, icl_lab.llc; "
             "sys.exit('transformer_lens' in sys.modules)")

@@ -80,7 +80,8 @@ class HookedICL(nn.Module):
 def hooked_icl(model: ICLTransformer, transformer: nn.Module, frozen: list[str]) -> HookedICL:
     """`HookedICL` around a loaded `transformer`, with the input projection and positions of `model`; the
     parameters named in `frozen` (names in the returned module) get requires_grad=False."""
-    proj = nn.Linear(model.D + 1, model.cfg.d_model, device=model.embed.W_E.device)
+    with torch.random.fork_rng(devices=[]):  # its init is overwritten: leave the caller's RNG as it was
+        proj = nn.Linear(model.D + 1, model.cfg.d_model, device=model.embed.W_E.device)
     with torch.no_grad():
         proj.weight.copy_(model.embed.W_E.T)
         proj.bias.copy_(model.embed.b_E if model.cfg.embed_bias else torch.zeros_like(proj.bias))
