@@ -5,8 +5,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-done
 OUT    ?= runs
 EXTRAS ?= dev,tl,sweep
+# The current TransformerLens line (4.x) in a virtualenv of its own: the default one keeps 3.9 (the user's code).
+TL4_VENV  ?= .venv-tl4
+TL4_STAMP := $(TL4_VENV)/.setup-done
 
-.PHONY: setup test test-slow lint demo demo-quick bench clean-venv
+.PHONY: setup test test-slow test-tl4 lint demo demo-quick bench clean-venv
 
 setup: $(STAMP)
 
@@ -22,6 +25,17 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow
+
+# TransformerLens interop on the 4.x line (tests/test_tl.py; its 3.x tests skip there, saying so).
+test-tl4: $(TL4_STAMP)
+	$(TL4_VENV)/bin/python -m pytest tests/test_tl.py
+
+$(TL4_STAMP): pyproject.toml constraints.txt
+	test -x $(TL4_VENV)/bin/python || $(PYTHON) -m venv $(TL4_VENV)
+	$(TL4_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TL4_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(TL4_VENV)/bin/python -m pip install -q -c constraints.txt -e '.[dev,tl4]'
+	touch $(TL4_STAMP)
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks examples
@@ -39,4 +53,4 @@ bench: setup
 	$(BIN)/python benchmarks/llc_speed.py
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(TL4_VENV)

@@ -891,7 +891,7 @@ def seed_model_loss(forward, batch):
 
 
 def test_users_transformer_lens_model_small():
-    pytest.importorskip("transformer_lens")
+    pytest.importorskip("transformer_lens.HookedTransformer", reason="the user's model needs transformer-lens 3.x")
     from seed_model import ICLTransformer
 
     torch.manual_seed(0)  # TransformerLens initialises from the global RNG; the estimator itself never does
@@ -914,7 +914,7 @@ def test_users_transformer_lens_model_small():
 
 @pytest.mark.slow
 def test_users_transformer_lens_model_full_size():
-    pytest.importorskip("transformer_lens")
+    pytest.importorskip("transformer_lens.HookedTransformer", reason="the user's model needs transformer-lens 3.x")
     from seed_model import ICLTransformer
 
     torch.manual_seed(0)

@@ -2,7 +2,9 @@
 
 The icl-lab model uses TransformerLens parameter names and layouts, so moving weights between the two is a
 rename: `embed.W_E` (D+1, d) is the transpose of the seed's `input_proj.weight`, and the blocks, `ln_final`
-and `unembed` keep their names under `transformer.`.
+and `unembed` keep their names under `transformer.`. This module holds the TransformerLens 3.x line
+(`HookedTransformer`, the user's code); `icl_lab.tl_bridge` holds the 4.x line (`TransformerBridge`) and
+`to_transformer_lens`, which picks the line that is installed.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from icl_lab.store import load_strict
 __all__ = [
     "HeadOverride",
     "HookedICL",
+    "absent_parameters",
     "attention_patterns",
     "from_seed_model",
     "head_ablation_effects",
+    "hooked_icl",
     "probe_residual",
     "run_with_cache",
     "to_hooked_transformer",
@@ -33,8 +37,9 @@ _TL_ACT = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new"}
 def to_seed_state_dict(model: ICLTransformer) -> dict[str, Tensor]:
     """The state_dict of the user's TransformerLens `ICLTransformer` (seed lines 5834-6121) for `model`.
 
-    Missing pieces of the icl-lab config (no attention biases, scalar read-out) become zeros; the TL model's
-    unused W_E and W_pos are left out (load with strict=False, or use `to_hooked_transformer`).
+    Missing pieces of the icl-lab config (no attention biases, scalar read-out) become zeros (their names:
+    `absent_parameters`); the TL model's unused W_E and W_pos are left out (load with strict=False, or use
+    `to_hooked_transformer`).
     """
     cfg, d = model.cfg, model.cfg.d_model
     sd = {k: v for k, v in model.state_dict().items()}
@@ -51,12 +56,28 @@ def to_seed_state_dict(model: ICLTransformer) -> dict[str, Tensor]:
     return out
 
 
+def absent_parameters(model: ICLTransformer) -> list[str]:
+    """The keys of `to_seed_state_dict(model)` that `model` does not have: the zero placeholders.
+
+    The exports freeze them (requires_grad=False), so training or SGLD on an export moves exactly the
+    parameters of the icl-lab model: the same function class, the same d and λ̂.
+    """
+    cfg = model.cfg
+    names = [] if cfg.embed_bias else ["input_proj.bias"]
+    if not cfg.attn_bias:
+        names += [f"transformer.blocks.{i}.attn.{b}" for i in range(cfg.n_layers) for b in ("b_Q", "b_K", "b_V", "b_O")]
+    if not hasattr(model.unembed, "b_U"):
+        names.append("transformer.unembed.b_U")
+    return names
+
+
 class HookedICL(nn.Module):
     """The user's TransformerLens wrapper, with an optional learned position table added before block 0.
 
-    forward(x: (B, K, D), y: (B, K)) -> (B, K); `.transformer` is a `HookedTransformer`, so
-    `run_with_cache`-style hooks work as in the user's code: `model.transformer.run_with_cache(hidden,
-    start_at_layer=0)` with `hidden = model.embed(x, y)`.
+    forward(x: (B, K, D), y: (B, K)) -> (B, K); `.transformer` is a `HookedTransformer` (TransformerLens 3.x,
+    `to_hooked_transformer`) or a `TransformerBridge` (4.x, `icl_lab.tl_bridge.to_transformer_bridge`), so
+    `run_with_cache`-style hooks work as in the user's code on either line:
+    `model.transformer.run_with_cache(hidden, start_at_layer=0)` with `hidden = model.embed(x, y)`.
     """
 
     def __init__(self, transformer: nn.Module, input_proj: nn.Linear, pos: Tensor | None):
@@ -73,16 +94,31 @@ class HookedICL(nn.Module):
         return out[:, ::2, -1]
 
 
+def hooked_icl(model: ICLTransformer, transformer: nn.Module, frozen: list[str]) -> HookedICL:
+    """`HookedICL` around a loaded `transformer`, with the input projection and positions of `model`; the
+    parameters named in `frozen` (names in the returned module) get requires_grad=False."""
+    with torch.random.fork_rng(devices=[]):  # its init is overwritten: leave the caller's RNG as it was
+        proj = nn.Linear(model.D + 1, model.cfg.d_model, device=model.embed.W_E.device)
+    with torch.no_grad():
+        proj.weight.copy_(model.embed.W_E.T)
+        proj.bias.copy_(model.embed.b_E if model.cfg.embed_bias else torch.zeros_like(proj.bias))
+    pos = model.pos_embed.detach().clone() if model.cfg.pos_emb else None
+    hooked = HookedICL(transformer, proj, pos).to(model.embed.W_E.device).eval()
+    for name in frozen:
+        hooked.get_parameter(name).requires_grad_(False)
+    return hooked
+
+
 def to_hooked_transformer(model: ICLTransformer) -> HookedICL:
     """Export to a TransformerLens 3.x `HookedTransformer` (inside `HookedICL`) with equal outputs.
 
-    Needs `pip install 'icl-lab[tl]'` (transformer-lens>=3.9,<4).
+    Needs `pip install 'icl-lab[tl]'` (transformer-lens>=3.9,<4); on 4.x use `icl_lab.tl_bridge`.
     """
-    try:
-        # deferred: transformer-lens is an optional extra, needed only for the export
+    try:  # deferred: transformer-lens is an optional, heavy dependency
         from transformer_lens import HookedTransformer, HookedTransformerConfig
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("to_hooked_transformer needs transformer-lens 3.x: pip install 'icl-lab[tl]'") from e
+        raise ImportError("to_hooked_transformer needs transformer-lens 3.x: pip install 'icl-lab[tl]' (on "
+                          "transformer-lens 4.x use icl_lab.tl_bridge.to_transformer_bridge)") from e
     cfg = model.cfg
     if not cfg.attn_out:
         raise ValueError("TransformerLens always has W_O; models with attn_out=False cannot be exported")
@@ -92,18 +128,13 @@ def to_hooked_transformer(model: ICLTransformer) -> HookedICL:
         d_mlp=cfg.d_mlp, act_fn=_TL_ACT[cfg.activation], d_vocab=model.D + 1, d_vocab_out=d_out,
         eps=cfg.ln_eps, use_split_qkv_input=True, use_attn_result=True, device=str(model.unembed.W_U.device))
     transformer = HookedTransformer(tl_cfg)
-    proj = nn.Linear(model.D + 1, cfg.d_model)
     sd = to_seed_state_dict(model)
-    with torch.no_grad():
-        proj.weight.copy_(sd.pop("input_proj.weight"))
-        proj.bias.copy_(sd.pop("input_proj.bias"))
-    missing, unexpected = transformer.load_state_dict({k[len("transformer."):]: v for k, v in sd.items()},
-                                                      strict=False)
+    missing, unexpected = transformer.load_state_dict({k[len("transformer."):]: v for k, v in sd.items()
+                                                       if k.startswith("transformer.")}, strict=False)
     assert not unexpected, unexpected
     missing = [k for k in missing if not k.endswith((".mask", ".IGNORE"))]  # TL's attention buffers
     assert set(missing) <= {"embed.W_E", "pos_embed.W_pos"}, missing
-    pos = model.pos_embed.detach().clone() if cfg.pos_emb else None
-    return HookedICL(transformer, proj, pos).to(model.unembed.W_U.device).eval()
+    return hooked_icl(model, transformer, absent_parameters(model))
 
 
 def from_seed_model(seed_model: nn.Module, D: int, K: int) -> ICLTransformer:
