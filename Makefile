@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-done
 OUT    ?= runs
-EXTRAS ?= dev,tl,sweep
+EXTRAS ?= dev,tl,sweep,wandb
 # The current TransformerLens line (4.x) in a virtualenv of its own: the default one keeps 3.9 (the user's code).
 TL4_VENV  ?= .venv-tl4
 TL4_STAMP := $(TL4_VENV)/.setup-done
