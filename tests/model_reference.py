@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from icl_lab.attention import vmappable_sdpa
 from icl_lab.config import build_run_config
 from icl_lab.model import PRESETS, build_model
 from icl_lab.tasks import make_generator, sample_batch
@@ -43,7 +44,8 @@ def model_values(preset: str, D: int, K: int, B: int) -> dict[str, torch.Tensor]
     def loss(ps, x, y):
         return (torch.func.functional_call(model, ps, (x, y)) - y).square().mean()
 
-    vg = torch.func.vmap(torch.func.grad(loss), in_dims=(0, None, None))(stacked, b.x, b.y)
+    with vmappable_sdpa():
+        vg = torch.func.vmap(torch.func.grad(loss), in_dims=(0, None, None))(stacked, b.x, b.y)
     vals |= {f"{preset}/vmap_grad/{n}": v for n, v in vg.items()}
     return vals
 

@@ -90,8 +90,8 @@ def test_interleave_layout():
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_under_vmap_and_grad_equals_the_written_out_product(bias):
-    """linear's vmap rule (one baddbmm for stacked weights, one addmm over folded rows for shared ones) against
-    einsum, in every combination of mapped arguments, through grad-of-vmap (ensembles) and vmap-of-grad (LLC chains)."""
+    """linear against einsum under vmap, in every combination of mapped arguments, through grad-of-vmap (ensembles)
+    and vmap-of-grad (LLC chains)."""
     g = torch.Generator().manual_seed(0)
     N, B, T, di, do = 3, 4, 5, 6, 7
     h = torch.randn(N, B, T, di, generator=g, dtype=torch.float64)
