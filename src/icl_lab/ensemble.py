@@ -37,6 +37,10 @@ from icl_lab.store import Run
 from icl_lab.threads import split_evenly, thread_pool
 from icl_lab.train import Member, lr_factor, open_member, run_loop, train
 
+__all__ = ["EnsembleError", "MemberGroups", "SHARED_TASK_FIELDS", "SHARED_TRAIN_FIELDS", "StackedAdamW",
+           "StackedModels", "check_stackable", "clip_grad_norms_", "default_groups", "ensemble_step",
+           "group_stackable", "sample_stacked", "stack_key", "train_ensemble"]
+
 # Fields every member must share (the stacked computation and the common step/checkpoint loop need them equal).
 # Members may differ in: seed, name, task.family, task.M, task.noise_var, train.lr, train.weight_decay,
 # train.grad_clip.

@@ -1,5 +1,10 @@
 """The training loop: AdamW, LR schedules, the checkpoint schedule, periodic evaluation, resume.
 
+One loop serves single runs and ensembles: `open_member` sets up (or resumes) a run as a `Member`, and `run_loop`
+drives one or more members through the evaluation and checkpoint schedule, flushes, Ctrl-C and the NaN check,
+taking their updates through a callable (`Member.update` one after another for `train`; stacked or concurrent
+groups for `icl_lab.ensemble.train_ensemble`).
+
 Training only trains. Analyses (LLC, essential dynamics) read the saved checkpoints afterwards, with their own
 generators, so they can never change the training trajectory (papers.md §F2 item 4).
 """
