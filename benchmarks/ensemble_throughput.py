@@ -64,7 +64,7 @@ from icl_lab.config import ModelConfig, RunConfig, build_run_config  # noqa: E40
 from icl_lab.ensemble import MemberGroups, default_groups, train_ensemble  # noqa: E402
 from icl_lab.model import build_model, count_parameters  # noqa: E402
 from icl_lab.tasks import make_generator, sample_batch, task_pool  # noqa: E402
-from icl_lab.train import lr_factor, make_optimizer, train, train_step  # noqa: E402
+from icl_lab.train import lr_factor, make_optimizer, open_member, train, train_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 D, K, M, LR = 8, 16, 2, 3e-3
@@ -94,24 +94,22 @@ def _sync(device: str) -> None:
 
 class Together:
     """The step of train_ensemble, without its checkpoints and evaluations: `MemberGroups.step` with `groups` groups
-    and `stack` (None: train_ensemble's defaults for the device)."""
+    and `stack` (None: train_ensemble's defaults for the device). The members are `open_member`s in a temporary
+    folder, as train_ensemble opens them."""
 
     def __init__(self, cfgs: list[RunConfig], groups: int | None = None, stack: bool | None = None):
         self.cfgs = cfgs
         self.device = cfgs[0].train.device
         self.groups = default_groups(len(cfgs), self.device) if groups is None else groups
         self.stack = torch.device(self.device).type != "cpu" if stack is None else stack
-        self.pools = [task_pool(c.task.family, c.task.M, c.task.D, c.seed, self.device) for c in cfgs]
-        self.gens = [make_generator(c.seed, "train", self.device) for c in cfgs]
-        models = [build_model(c.task, c.model, c.seed, self.device) for c in cfgs]
-        self.ens = MemberGroups(models, [make_optimizer(m, c.train) for m, c in zip(models, cfgs, strict=True)],
-                                cfgs, self.groups, self.stack)
+        self._tmp = tempfile.TemporaryDirectory(prefix="icl-ens-bench-")
+        members = [open_member(c, Path(self._tmp.name) / f"m{i}") for i, c in enumerate(cfgs)]
+        self.ens = MemberGroups(members, self.groups, self.stack)
         self.step = 0
 
     def __call__(self, n: int) -> None:
-        tc = self.cfgs[0].train
         for _ in range(n):
-            loss = self.ens.step(self.pools, self.gens, lr_factor(self.step, tc))
+            loss = self.ens.step(self.step)
             if not bool(torch.isfinite(loss).all()):
                 raise RuntimeError("diverged")
             self.step += 1

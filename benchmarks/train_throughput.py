@@ -1,4 +1,4 @@
-"""Training throughput and final loss: icl-lab against the user's own pipeline (issue 3 item 9).
+"""Training throughput and final loss: icl-lab against the user's own pipeline and a plain PyTorch model.
 
 The reference is the user's code from the seed chat (seeds/000_e8ce135a7007c80a.txt, lines 5834-6121), copied
 below verbatim except for wandb (removed) and the device (pinned to "cpu"): `LinearRegressionDataset`
@@ -18,6 +18,9 @@ count, interleaved, and runs train(), the final-loss runs and the profile at the
      zero_grad, forward, MSELoss, backward, AdamW step), without its every-1000-steps validation;
    - icl-lab / step loop: `sample_batch` + forward + squared-error loss + backward + AdamW (`make_optimizer`),
      exactly the step of `icl_lab.train.train`, without its checkpoints and evaluations;
+   - plain PyTorch / step loop: `PlainModel` below, a hand-written nanoGPT-style model of the same shape
+     (nn.Linear, nn.LayerNorm, F.scaled_dot_product_attention; icl-lab's weights load into it and it computes
+     the same function), with fused torch.optim.AdamW, on the same `sample_batch` data;
    - icl-lab / train(): the whole `train(cfg, out, progress=False)` end to end (run directory, baselines on the
      fixed evaluation sets, the default 20 linear + 30 log checkpoints with an evaluation at each, parquet logs,
      resumable state), steps / wall time, 5,000 steps at batch 32 (the run a user types) and 1,000 at batch 256
@@ -68,6 +71,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -479,6 +483,89 @@ class IclSteps:
         return {k: 1e3 * v / n for k, v in acc.items()}
 
 
+class PlainBlock(nn.Module):
+    """Pre-LN block written the usual way: one qkv nn.Linear, F.scaled_dot_product_attention, ReLU MLP."""
+
+    def __init__(self, d: int, H: int, e: int, m: int):
+        super().__init__()
+        self.H, self.e = H, e
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * H * e), nn.Linear(H * e, d)
+        self.fc, self.out = nn.Linear(d, m), nn.Linear(m, d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        B, T, _ = h.shape
+        q, k, v = self.qkv(self.ln1(h)).view(B, T, 3, self.H, self.e).permute(2, 0, 3, 1, 4)  # (B, H, T, e) each
+        z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = h + self.proj(z.transpose(1, 2).reshape(B, T, -1))
+        return h + self.out(F.relu(self.fc(self.ln2(h))))
+
+
+class PlainModel(nn.Module):
+    """The seed architecture as one would write it in plain PyTorch: forward(x: (B, K, D), y: (B, K)) -> (B, K)."""
+
+    def __init__(self, D: int, d: int = 64, H: int = 4, e: int = 32, m: int = 128, L: int = 2):
+        super().__init__()
+        self.embed = nn.Linear(D + 1, d)
+        self.blocks = nn.ModuleList(PlainBlock(d, H, e, m) for _ in range(L))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, D + 1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        B, K, D = x.shape
+        tokens = x.new_zeros(B, 2 * K, D + 1)
+        tokens[:, 0::2, :D] = x
+        tokens[:, 1::2, D] = y
+        h = self.embed(tokens)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.ln_f(h[:, 0::2]))[..., -1]
+
+    @torch.no_grad()
+    def load_icl(self, icl: nn.Module) -> PlainModel:
+        """Copy an icl-lab seed-preset model's weights (TransformerLens layout) into this one; returns self."""
+        self.embed.weight.copy_(icl.embed.W_E.T)
+        self.embed.bias.copy_(icl.embed.b_E)
+        for mine, block in zip(self.blocks, icl.blocks, strict=True):
+            a = block.attn
+            mine.ln1.weight.copy_(block.ln1.w)
+            mine.ln1.bias.copy_(block.ln1.b)
+            mine.ln2.weight.copy_(block.ln2.w)
+            mine.ln2.bias.copy_(block.ln2.b)
+            mine.qkv.weight.copy_(torch.stack([a.W_Q, a.W_K, a.W_V]).transpose(-1, -2).reshape(-1, a.W_Q.shape[1]))
+            mine.qkv.bias.copy_(torch.stack([a.b_Q, a.b_K, a.b_V]).reshape(-1))
+            mine.proj.weight.copy_(a.W_O.reshape(-1, a.W_O.shape[-1]).T)
+            mine.proj.bias.copy_(a.b_O)
+            mine.fc.weight.copy_(block.mlp.W_in.T)
+            mine.fc.bias.copy_(block.mlp.b_in)
+            mine.out.weight.copy_(block.mlp.W_out.T)
+            mine.out.bias.copy_(block.mlp.b_out)
+        self.ln_f.weight.copy_(icl.ln_final.w)
+        self.ln_f.bias.copy_(icl.ln_final.b)
+        self.head.weight.copy_(icl.unembed.W_U.T)
+        self.head.bias.copy_(icl.unembed.b_U)
+        return self
+
+
+class PlainSteps(IclSteps):
+    """The plain model's training step on icl-lab's data stream: sample_batch, forward, loss, backward, fused AdamW.
+    It starts from icl-lab's initial weights."""
+
+    def __init__(self, batch: int, seed: int = 0):
+        super().__init__(batch, seed)
+        self.model = PlainModel(D).load_icl(self.model)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, weight_decay=0.0, fused=True)
+
+
+def plain_model_check() -> float:
+    """Largest |plain − icl-lab| prediction on one batch with the same weights (the two compute one function)."""
+    cfg = run_config(32, 5000)
+    icl = build_model(cfg.task, cfg.model, cfg.seed)
+    batch = sample_batch(cfg.task, None, 32, make_generator(1, "plain-check"))
+    with torch.no_grad():
+        return (PlainModel(D).load_icl(icl)(batch.x, batch.y) - icl(batch.x, batch.y)).abs().max().item()
+
+
 def e2e_steps(args: argparse.Namespace, batch: int) -> int:
     """Steps of each train() run: --e2e-steps if given, else 5000 at batch 32 and 1000 at batch 256."""
     return args.e2e_steps if args.e2e_steps is not None else (5000 if batch <= 32 else 1000)
@@ -499,6 +586,7 @@ def measure_throughput(args: argparse.Namespace) -> dict[str, Any]:
     batches, threads, primary = (32, 256), args.threads, args.threads[0]
     seed_loops = {b: SeedSteps(b) for b in batches}
     icl_loops = {b: IclSteps(b) for b in batches}
+    plain_loops = {b: PlainSteps(b) for b in batches}
     chunk: dict[str, int] = {}
     for t in threads:  # warm-up, then size each chunk to last about --chunk-seconds at the warm rate
         set_threads(t)
@@ -506,8 +594,10 @@ def measure_throughput(args: argparse.Namespace) -> dict[str, Any]:
         for b in batches:
             seed_loops[b](3)
             icl_loops[b](20)
+            plain_loops[b](20)
             chunk[f"seed/b{b}/t{t}"] = max(3, round(rate(seed_loops[b], 3 if b > 32 else 10) * args.chunk_seconds))
             chunk[f"icl/b{b}/t{t}"] = max(10, round(rate(icl_loops[b], 50) * args.chunk_seconds))
+            chunk[f"plain/b{b}/t{t}"] = chunk[f"icl/b{b}/t{t}"]  # the same number of steps as icl-lab's chunk
         matmul_gflops(args.matmul_n, 1)
     set_threads(primary)
     train_e2e(32, 20)  # warms train()'s own code paths (evaluation, baselines, store)
@@ -537,6 +627,7 @@ def measure_throughput(args: argparse.Namespace) -> dict[str, Any]:
         for t in threads:
             tasks[f"seed/b{b}/t{t}"] = at(t, lambda b=b, t=t: rate(seed_loops[b], chunk[f"seed/b{b}/t{t}"]))
             tasks[f"icl/b{b}/t{t}"] = at(t, lambda b=b, t=t: rate(icl_loops[b], chunk[f"icl/b{b}/t{t}"]))
+            tasks[f"plain/b{b}/t{t}"] = at(t, lambda b=b, t=t: rate(plain_loops[b], chunk[f"plain/b{b}/t{t}"]))
         tasks[f"icl-train/b{b}/t{primary}"] = e2e(b)
     for t in threads:
         tasks[f"matmul/t{t}"] = at(t, lambda: max(matmul_gflops(args.matmul_n, 3)))
@@ -551,7 +642,7 @@ def measure_throughput(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     values = interleaved_rounds(tasks, args.rounds, on_round)
     return {"chunk_steps": chunk, "rounds": values, "loadavg_per_round": loads,
-            "wall_s": time.perf_counter() - t0}
+            "wall_s": time.perf_counter() - t0, "plain_model_max_abs_diff": plain_model_check()}
 
 
 @torch.no_grad()
@@ -650,6 +741,7 @@ def profile_steps(args: argparse.Namespace) -> dict[str, Any]:
 LABELS = {
     "seed": ("seed pipeline", "step loop: DataLoader batch + fwd + bwd + AdamW"),
     "icl": ("icl-lab", "step loop: sample_batch + fwd + bwd + AdamW"),
+    "plain": ("plain PyTorch", "step loop: sample_batch + fwd + bwd + fused AdamW"),
     "icl-train": ("icl-lab", "`train()` end to end (checkpoints + evals)"),
     "seed-train": ("seed pipeline", "`train_model` end to end (val every 1000)"),
 }
@@ -687,6 +779,7 @@ def build_results(args: argparse.Namespace, machine: dict[str, Any], thr: dict[s
         res["matmul_peak"] = {f"t{t}": {"n": args.matmul_n, "dtype": "float32", "gflops_best": peaks[t],
                                         "per_round_best": thr["rounds"][f"matmul/t{t}"]} for t in args.threads}
         res["throughput_meta"] = {k: thr[k] for k in ("chunk_steps", "loadavg_per_round", "wall_s")}
+        res["plain_model_max_abs_diff"] = thr["plain_model_max_abs_diff"]
         for key, vals in thr["rounds"].items():
             if key.startswith("matmul") or not vals:
                 continue
@@ -695,7 +788,7 @@ def build_results(args: argparse.Namespace, machine: dict[str, Any], thr: dict[s
         for b in (32, 256):
             for t in args.threads:
                 sv = thr["rounds"][f"seed/b{b}/t{t}"]
-                for kind in ("icl", "icl-train"):
+                for kind in ("plain", "icl", "icl-train"):
                     iv = thr["rounds"].get(f"{kind}/b{b}/t{t}")
                     if not iv:
                         continue
@@ -705,7 +798,20 @@ def build_results(args: argparse.Namespace, machine: dict[str, Any], thr: dict[s
                         "paired_max": max(paired), "paired_values": paired,
                         "ratio_of_medians": summarize(iv)["median"] / summarize(sv)["median"],
                         "ratio_of_best": max(iv) / max(sv)}
+                iv, pv = thr["rounds"][f"icl/b{b}/t{t}"], thr["rounds"][f"plain/b{b}/t{t}"]
+                paired = [i / p for i, p in zip(iv, pv, strict=True)]
+                ratios[f"icl/b{b}/t{t} vs plain/b{b}/t{t}"] = {
+                    "paired_median": summarize(paired)["median"], "paired_min": min(paired), "paired_max": max(paired),
+                    "paired_values": paired, "ratio_of_medians": summarize(iv)["median"] / summarize(pv)["median"],
+                    "ratio_of_best": max(iv) / max(pv)}
         res["ratios"] = ratios
+        res["target_plain"] = []
+        for b in (32, 256):
+            for t in args.threads:
+                r = ratios[f"icl/b{b}/t{t} vs plain/b{b}/t{t}"]
+                res["target_plain"].append({"what": "icl-lab step loop >= plain PyTorch step loop", "batch": b,
+                                            "threads": t, "ratio_paired_median": r["paired_median"],
+                                            "ratio_of_best": r["ratio_of_best"], "met": r["paired_median"] >= 1})
         res["target"] = []
         for t in args.threads:
             r = ratios[f"icl/b32/t{t} vs seed/b32/t{t}"]
@@ -724,7 +830,7 @@ def build_results(args: argparse.Namespace, machine: dict[str, Any], thr: dict[s
         if t in peaks:
             g = row["steps_per_s"]["median"] * flops_per_step(cfg.model, D, K, b)["step_flops"] / 1e9
             row.update(gflops=g, pct_of_peak=100 * g / peaks[t])
-    order = {"seed": 0, "icl": 1, "icl-train": 2, "seed-train": 3}
+    order = {"seed": 0, "plain": 1, "icl": 2, "icl-train": 3, "seed-train": 4}
     res["throughput"] = dict(sorted(rows.items(), key=lambda kv: (kv[1]["threads"] != primary, kv[1]["threads"],
                                                                  kv[1]["batch"], order[kv[0].split("/")[0]])))
     if prof is not None:
@@ -735,7 +841,8 @@ def build_results(args: argparse.Namespace, machine: dict[str, Any], thr: dict[s
 def markdown(res: dict[str, Any]) -> str:
     m, s = res["machine"], res["settings"]
     loads = res.get("throughput_meta", {}).get("loadavg_per_round", [])
-    out = [f"# Training throughput: icl-lab vs the seed pipeline{' (QUICK smoke run)' if res['quick'] else ''}",
+    out = [f"# Training throughput: icl-lab vs the seed pipeline and plain PyTorch"
+           f"{' (QUICK smoke run)' if res['quick'] else ''}",
            "", f"{m['cpu_model']}, {m['cores_available']} cores, torch {m['torch']}, "
            f"transformer-lens {m['packages'].get('transformer-lens')}, {m['date_utc']}. Threads measured: "
            f"{s['threads']} (train() runs and the final-loss runs use {s['primary_threads']}). "
@@ -755,16 +862,29 @@ def markdown(res: dict[str, Any]) -> str:
                 f"model FLOPs (`{res['flops_formula']}`; {res['flops_per_step']['b32']['step_flops'] / 1e6:.0f} "
                 "MFLOP per step at batch 32); % of peak is against the peak at the same thread count.", "",
                 "| pipeline | what is timed | batch | threads | steps/s median [min–max] | × seed, paired median "
-                "[min–max] | GFLOP/s | % of peak |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+                "[min–max] | × plain PyTorch, paired median [min–max] | GFLOP/s | % of peak |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for key, r in res["throughput"].items():
             st = r["steps_per_s"]
             ratio = res["ratios"].get(f"{key} vs seed/b{r['batch']}/t{r['threads']}")
             rtxt = f"**{ratio['paired_median']:.1f}×** [{ratio['paired_min']:.1f}–{ratio['paired_max']:.1f}]" \
                 if ratio else ("1×" if key.startswith("seed/") else "—")
+            vp = res["ratios"].get(f"{key} vs plain/b{r['batch']}/t{r['threads']}")
+            ptxt = f"**{vp['paired_median']:.3f}×** [{vp['paired_min']:.3f}–{vp['paired_max']:.3f}]" if vp else \
+                ("1×" if key.startswith("plain/") else "—")
             out.append(f"| {r['pipeline']} | {r['what']} | {r['batch']} | {r['threads']} | {st['median']:.2f} "
-                       f"[{st['min']:.2f}–{st['max']:.2f}] | {rtxt} | {r.get('gflops', float('nan')):.2f} "
+                       f"[{st['min']:.2f}–{st['max']:.2f}] | {rtxt} | {ptxt} | {r.get('gflops', float('nan')):.2f} "
                        f"| {r.get('pct_of_peak', float('nan')):.1f} |")
         out.append("")
+        out.append(f"The plain PyTorch model holds icl-lab's weights and computes the same function (largest "
+                   f"prediction difference {res.get('plain_model_max_abs_diff', float('nan')):.1e} on a batch of 32); "
+                   "icl-lab's last block computes only the x positions that the readout reads, the plain model "
+                   "every position, as it is usually written.")
+        out.append("")
+        for t in res.get("target_plain", []):
+            out.append(f"- Target (icl-lab step loop ≥ plain PyTorch's), batch {t['batch']}, {t['threads']} "
+                       f"thread(s): **{'met' if t['met'] else 'NOT met'}**: {t['ratio_paired_median']:.3f}× paired "
+                       f"median, {t['ratio_of_best']:.3f}× best round against best round.")
         for t in res["target"]:
             out.append(f"- Target (icl-lab step loop ≥ 10× the seed's at batch 32), {t['threads']} thread(s): "
                        f"**{'met' if t['met'] else 'NOT met'}**: {t['ratio_paired_median']:.1f}× paired median, "

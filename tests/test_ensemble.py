@@ -20,7 +20,7 @@ from icl_lab.ensemble import (
     train_ensemble,
 )
 from icl_lab.model import build_model
-from icl_lab.store import Run
+from icl_lab.store import Run, load_tensors
 from icl_lab.tasks import make_generator, sample_batch
 from icl_lab.train import TrainingDiverged, train
 
@@ -145,6 +145,29 @@ def test_ensemble_members_equal_separate_runs(tmp_path):
         pd.testing.assert_frame_equal(ens.metrics, sep.metrics, rtol=1e-4, atol=1e-6)
         pd.testing.assert_frame_equal(ens.train_loss, sep.train_loss, rtol=1e-4, atol=1e-7)
         assert ens.metrics["id_loss"].iloc[-1] < ens.metrics["id_loss"].iloc[0]
+
+
+def test_ensemble_member_is_bit_identical_to_train_at_one_thread(tmp_path, one_torch_thread):
+    """With the CPU defaults (at one thread: one group, members unstacked) every member's run directory is the one
+    `train` writes for its config, bit for bit: every checkpoint, metrics, train_loss and the resumable state;
+    also after a stop and a resume of the whole ensemble."""
+    configs = [cfg(seed=0, M=1, schedule="triangle"),
+               cfg(seed=1, M=None, lr=3e-3, weight_decay=0.1, grad_clip=0.5, noise_var=0.1, schedule="triangle")]
+    straight = train_ensemble(configs, [tmp_path / f"e{i}" for i in range(2)], progress=False)
+    outs = [tmp_path / f"r{i}" for i in range(2)]
+    train_ensemble(configs, outs, progress=False, stop_after=17)
+    resumed = train_ensemble(configs, outs, resume=True, progress=False)
+    for i, c in enumerate(configs):
+        sep = train(c, tmp_path / f"sep{i}", progress=False)
+        for ens in (straight[i], resumed[i]):
+            assert ens.checkpoint_steps == sep.checkpoint_steps
+            for step in sep.checkpoint_steps:
+                a, b = ens.load_checkpoint(step).state_dict(), sep.load_checkpoint(step).state_dict()
+                assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b), (i, step)
+            pd.testing.assert_frame_equal(ens.metrics, sep.metrics, check_exact=True)
+            pd.testing.assert_frame_equal(ens.train_loss, sep.train_loss, check_exact=True)
+            (ta, ma), (tb, mb) = load_tensors(ens.state_path), load_tensors(sep.state_path)
+            assert ma == mb and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in tb)
 
 
 @pytest.mark.parametrize("stack", [True, False])

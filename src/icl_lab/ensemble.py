@@ -1,30 +1,21 @@
 """Ensembles in one process: several runs of one architecture (different seeds, task diversities M, learning rates,
-weight decays ...) trained together by stacking their parameters along a leading model axis.
+weight decays ...) trained together.
 
-The forward pass is `torch.func.vmap` over the model axis of `torch.func.functional_call` on one shared
-(meta-device) copy of the architecture, with the members' parameters stacked by `torch.func.stack_module_state`.
-Each member keeps everything a separate run has (`icl_lab.train.train`): its own init (`build_model` with its
-seed), its own task pool and training stream (`make_generator(seed, "train")`, `sample_batch` on its pool), its
-own eval sets, LR schedule, per-member gradient clipping and AdamW (`StackedAdamW`: the same elementwise arithmetic
-as `torch.optim.AdamW`, with each member's lr and weight decay, decay on weight matrices only as
-`make_optimizer`). Members are independent (the loss is a sum of per-member losses), so an ensemble-trained member
-equals the separately trained run up to float rounding (batched matmuls round differently from single ones).
+Each member is a `icl_lab.train.Member`, set up, evaluated, checkpointed, resumed and checked for NaN by `train`'s
+own code (`open_member`, `run_loop`): its own init, task pool, training stream, eval sets, LR schedule, gradient
+clipping and AdamW. Only the updates are taken together (`MemberGroups`), and every member's run directory is an
+ordinary one that `train(resume=True)` can also continue; nothing downstream can tell it from a separate run.
 
-`train_ensemble` writes each member as an ordinary run directory, through the same functions `train` uses
-(`Run.create`, `Run.save_checkpoint`, `evaluate`, `baseline_levels`, `save_state`): config.json, scheduled
-checkpoints, metrics.parquet, train_loss.parquet, baselines.json and a resumable state that `train(resume=True)`
-can also continue. Nothing downstream can tell an ensemble member from a separate run.
-
-Where the members run (`MemberGroups`, `train_ensemble(groups=, stack=)`): on a GPU, as one stack (one vmapped
-step for all: tiny models leave a GPU idle one at a time). On a CPU, split into one group per torch thread, the
-groups stepping concurrently, each on its own thread with one intra-op thread; within a group the members take
-`train`'s own step one after another. A model of the seed's size at batch 32 keeps one core busy and a second one
-poorly, so the cores go further on separate members than on every op together, and stacking adds nothing there:
-its batched matmuls have the same per-member shapes as the single ones. Measured on 2 shared cores, 8 seed-preset
-members at batch 32, against the 8 trained one after another on 2 threads (benchmarks/ensemble_throughput.py,
-7 paired rounds): members on 2 threads 1.36x, 2 stacks of 4 on 2 threads 1.24x, one stack of 8 on 2 threads
-1.19x; at one thread a stack of 4 ran ~0.9x of its members one after another. `stack=True` keeps stacking on a
-CPU.
+Where the members run (`train_ensemble(groups=, stack=)`): on a GPU, as one stack: the parameters stacked along a
+leading model axis (`torch.func.stack_module_state`), the forward pass `torch.func.vmap` over that axis of
+`functional_call` on one meta-device copy of the architecture, and `StackedAdamW` (torch.optim.AdamW's arithmetic
+with each member's lr and weight decay), since tiny models one at a time leave a GPU idle. Members are independent
+(the loss is a sum of per-member losses), so a stacked member equals the separately trained run up to float
+rounding. On a CPU, the members split into one group per torch thread, the groups stepping concurrently on their
+own threads with one intra-op thread each, and within a group each member takes `train`'s own step: a model of
+the seed's size at batch 32 keeps one core busy and a second one poorly, so the cores go further on separate
+members than on every op together (benchmarks/results/ensemble_throughput.md). A member is then bit-identical to
+`train` at one thread. `stack=True` keeps stacking on a CPU.
 """
 
 from __future__ import annotations
@@ -32,35 +23,23 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
+from safetensors import safe_open
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from icl_lab.attention import vmappable_sdpa
-from icl_lab.config import RunConfig, TrainConfig
-from icl_lab.evaluate import baseline_levels, evaluate, prepare_eval_sets
-from icl_lab.model import build_model
-from icl_lab.progress import Bar
-from icl_lab.store import Run, write_json, write_parquet
-from icl_lab.tasks import make_generator, sample_batch, task_pool
+from icl_lab.config import RunConfig
+from icl_lab.store import Run
 from icl_lab.threads import split_evenly, thread_pool
-from icl_lab.train import (
-    TrainingDiverged,
-    _stop_on_sigint,
-    checkpoint_steps,
-    load_state,
-    lr_factor,
-    make_optimizer,
-    save_state,
-    train,
-    train_step,
-)
+from icl_lab.train import Member, lr_factor, open_member, run_loop, train
+
+__all__ = ["EnsembleError", "MemberGroups", "SHARED_TASK_FIELDS", "SHARED_TRAIN_FIELDS", "StackedAdamW",
+           "StackedModels", "check_stackable", "clip_grad_norms_", "default_groups", "ensemble_step",
+           "group_stackable", "sample_stacked", "stack_key", "train_ensemble"]
 
 # Fields every member must share (the stacked computation and the common step/checkpoint loop need them equal).
 # Members may differ in: seed, name, task.family, task.M, task.noise_var, train.lr, train.weight_decay,
@@ -175,6 +154,7 @@ class StackedAdamW:
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps = eps
         self.t = 0
+        self.factor = 1.0  # the schedule multiplier of the last update
         self.exp_avg = {k: torch.zeros_like(p, memory_format=torch.preserve_format) for k, p in params.items()}
         self.exp_avg_sq = {k: torch.zeros_like(p, memory_format=torch.preserve_format) for k, p in params.items()}
         self.decay = {k: p.dim() >= 3 for k, p in params.items()}  # member tensor >= 2-D
@@ -186,6 +166,7 @@ class StackedAdamW:
     def step(self, factor: float = 1.0) -> None:
         """One AdamW update with member i's lr = lrs[i] * factor (the shared schedule multiplier)."""
         self.t += 1
+        self.factor = factor
         beta1, beta2 = self.betas
         lrs = [lr * factor for lr in self.lrs]
         bias_correction1 = 1 - beta1**self.t
@@ -210,7 +191,10 @@ class StackedAdamW:
 
     # -- per-member torch.optim.AdamW state (for the run's resumable state file)
     def member_state(self, i: int, model: nn.Module, opt: torch.optim.Optimizer) -> None:
-        """Fill `opt` (make_optimizer(model, ...) of member i) with member i's moments and step count."""
+        """Fill `opt` (make_optimizer(model, ...) of member i) with member i's moments, step count and the lr of its
+        last update, as torch.optim.AdamW would hold them after `train`'s steps."""
+        for group in opt.param_groups:
+            group["lr"] = self.lrs[i] * self.factor
         opt.state.clear()
         if self.t == 0:
             return
@@ -253,10 +237,9 @@ def clip_grad_norms_(params: Sequence[Tensor], max_norms: Sequence[float | None]
 
 
 # ------------------------------------------------------------------------------------------------ training
-def sample_stacked(configs: Sequence[RunConfig], pools: Sequence[Tensor | None], gens: Sequence[torch.Generator],
-                   batch_size: int) -> tuple[Tensor, Tensor]:
+def sample_stacked(members: Sequence[Member]) -> tuple[Tensor, Tensor]:
     """One batch per member from its own pool and generator (exactly `train`'s draws): x (N, B, K, D), y (N, B, K)."""
-    batches = [sample_batch(c.task, pool, batch_size, g) for c, pool, g in zip(configs, pools, gens, strict=True)]
+    batches = [m.batch() for m in members]
     return torch.stack([b.x for b in batches]), torch.stack([b.y for b in batches])
 
 
@@ -289,36 +272,34 @@ def _check_groups(groups: int, n_members: int) -> None:
 
 
 class MemberGroups:
-    """An ensemble's members in `groups` groups of contiguous members (sizes differing by at most one) that step
-    concurrently, each on its own thread with torch.get_num_threads() // groups (at least 1) intra-op threads
-    (icl_lab.threads). Within a group the members are either
+    """An ensemble's members (`icl_lab.train.Member`) in `groups` groups of contiguous members (sizes differing by
+    at most one) that step concurrently, each on its own thread with torch.get_num_threads() // groups (at least
+    1) intra-op threads (icl_lab.threads). Within a group the members are either
       - one stack (stack=True): StackedModels + StackedAdamW, one vmapped step for the group, or
-      - stepped one after another (stack=False) with `train`'s own step, models and AdamW (`train_step`).
+      - updated one after another (stack=False) with `train`'s own step (`Member.update`).
     Every member's generator, model and optimizer belong to one thread, so results do not depend on scheduling.
-    `models` / `opts` are the members' ordinary models and make_optimizer AdamWs (with any resumed state); stacks
-    start from them, and `sync(i)` writes member i's current state back into them. Use as a context manager (it
-    owns the thread pool).
+    Stacks start from the members' models and AdamW states (resumed ones included); `sync` writes the stacks'
+    state back into them. Use as a context manager (it owns the thread pool).
     """
 
-    def __init__(self, models: Sequence[nn.Module], opts: Sequence[torch.optim.Optimizer],
-                 configs: Sequence[RunConfig], groups: int = 1, stack: bool = True):
-        _check_groups(groups, len(models))
-        self.models, self.opts, self.configs = list(models), list(opts), list(configs)
-        self.members = split_evenly(len(models), groups)
+    def __init__(self, members: Sequence[Member], groups: int = 1, stack: bool = True):
+        _check_groups(groups, len(members))
+        self.members = list(members)
+        self.groups = split_evenly(len(members), groups)
         self.stacks: list[StackedModels] = []
         self.stack_opts: list[StackedAdamW] = []
         if stack:
-            for idx in self.members:
-                st = StackedModels([self.models[i] for i in idx])
-                opt = StackedAdamW(st.params, [configs[i].train.lr for i in idx],
-                                   [configs[i].train.weight_decay for i in idx], configs[0].train.betas)
-                counts = {opt.load_member_state(j, self.models[i], self.opts[i]) for j, i in enumerate(idx)}
+            for idx in self.groups:
+                group = [self.members[i] for i in idx]
+                st = StackedModels([m.model for m in group])
+                opt = StackedAdamW(st.params, [m.config.train.lr for m in group],
+                                   [m.config.train.weight_decay for m in group], group[0].config.train.betas)
+                counts = {opt.load_member_state(j, m.model, m.opt) for j, m in enumerate(group)}
                 if len(counts) != 1:
                     raise ValueError(f"cannot stack: members' optimizer step counts differ ({sorted(counts)})")
                 opt.t = counts.pop()
                 self.stacks.append(st)
                 self.stack_opts.append(opt)
-        self._where = {i: (g, j) for g, idx in enumerate(self.members) for j, i in enumerate(idx)}
         self._exit = contextlib.ExitStack()
         self._pool = None if groups == 1 else self._exit.enter_context(thread_pool(groups, "icl-ensemble"))
 
@@ -328,48 +309,33 @@ class MemberGroups:
     def __exit__(self, *exc: object) -> None:
         self._exit.close()
 
-    def step(self, pools: Sequence[Tensor | None], gens: Sequence[torch.Generator], factor: float) -> Tensor:
-        """One training step of every member at lr = member lr × `factor`; per-member losses (N,) before the
-        update (a member whose loss is not finite is not updated)."""
-        batch_size = self.configs[0].train.batch_size
+    def step(self, step: int) -> Tensor:
+        """Update `step` of every member; per-member losses (N,) before it (a member whose loss is not finite is
+        not updated)."""
 
         def one(g: int) -> Tensor:
-            idx = self.members[g]
+            group = [self.members[i] for i in self.groups[g]]
             if not self.stacks:
-                return torch.stack([train_step(self.models[i], self.opts[i],
-                                               sample_batch(self.configs[i].task, pools[i], batch_size, gens[i]),
-                                               self.configs[i].train.lr * factor, self.configs[i].train.grad_clip)
-                                    for i in idx])
-            x, y = sample_stacked([self.configs[i] for i in idx], [pools[i] for i in idx], [gens[i] for i in idx],
-                                  batch_size)
-            clips = [self.configs[i].train.grad_clip for i in idx]
+                return torch.stack([m.update(step) for m in group])
+            x, y = sample_stacked(group)
+            clips = [m.config.train.grad_clip for m in group]
+            factor = lr_factor(step, group[0].config.train)
             return ensemble_step(self.stacks[g], self.stack_opts[g], x, y, clips, factor).detach()
 
         if self._pool is None:
             return one(0)
-        with vmappable_sdpa():  # entered here once: its switches are process-wide, not safe to toggle per thread
-            return torch.cat(list(self._pool.map(one, range(len(self.members)))))
+        # stacks: entered once here, since its switches are process-wide, not safe to toggle per thread
+        with vmappable_sdpa() if self.stacks else contextlib.nullcontext():
+            return torch.cat(list(self._pool.map(one, range(len(self.groups)))))
 
-    def sync(self, i: int, optimizer: bool = False) -> nn.Module:
-        """Member i's current weights (and with optimizer=True its AdamW state) in models[i] (opts[i]); returns
-        models[i]."""
-        if self.stacks:
-            g, j = self._where[i]
-            self.stacks[g].copy_to(j, self.models[i])
-            if optimizer:
-                self.stack_opts[g].member_state(j, self.models[i], self.opts[i])
-        return self.models[i]
-
-
-def _flush_member(run: Run, rows: list[dict[str, float]], losses: list[float], step: int, model: nn.Module,
-                  opt: torch.optim.Optimizer, gen: torch.Generator, tc: TrainConfig) -> None:
-    """What `train`'s flush writes for one run: metrics, train_loss, resumable state."""
-    write_parquet(run.path / "metrics.parquet", pd.DataFrame(rows))
-    write_parquet(run.path / "train_loss.parquet",
-                  pd.DataFrame({"step": np.arange(len(losses)), "loss": np.array(losses)}))
-    for group in opt.param_groups:  # what train's optimizer holds then: the lr of the last update taken
-        group["lr"] = tc.lr * lr_factor(step - 1, tc) if step > 0 else tc.lr
-    save_state(run, step, model, opt, gen)
+    def sync(self, optimizer: bool = False) -> None:
+        """Every member's current weights (and with optimizer=True its AdamW state) in its model (and opt)."""
+        for st, opt, idx in zip(self.stacks, self.stack_opts, self.groups, strict=True):
+            for j, i in enumerate(idx):
+                m = self.members[i]
+                st.copy_to(j, m.model)
+                if optimizer:
+                    opt.member_state(j, m.model, m.opt)
 
 
 def train_ensemble(configs: Sequence[RunConfig], out_dirs: Sequence[str | Path], *, resume: bool = False,
@@ -377,8 +343,8 @@ def train_ensemble(configs: Sequence[RunConfig], out_dirs: Sequence[str | Path],
                    groups: int | None = None, stack: bool | None = None) -> list[Run]:
     """Train the members `configs` together, writing member i as a normal run directory `out_dirs[i]`.
 
-    Same semantics as `icl_lab.train.train` for every member (init, data stream, eval sets, schedule, checkpoint
-    steps, per-member grad clipping, AdamW with decay on matrices only, NaN check, Ctrl-C saves resumable state).
+    Every member is set up, evaluated, checkpointed, resumed and checked for NaN by `train`'s own code
+    (`icl_lab.train.open_member` and `run_loop`); only its updates are taken together (MemberGroups).
     resume: continue every member from its saved state (members stopped at different steps are first brought
     level with `train(resume=True, stop_after=...)`). stop_after: stop once this many steps are done.
     groups: how many groups of members step concurrently (MemberGroups; default `default_groups`: one per torch
@@ -395,115 +361,31 @@ def train_ensemble(configs: Sequence[RunConfig], out_dirs: Sequence[str | Path],
         raise EnsembleError("every member needs its own output directory")
     check_stackable(configs)
     n = len(configs)
-    tc0 = configs[0].train
-    device = tc0.device
+    device = configs[0].train.device
     groups = default_groups(n, device) if groups is None else groups
     stack = torch.device(device).type != "cpu" if stack is None else stack
     _check_groups(groups, n)  # before any run directory is written
 
-    if resume:
-        runs = []
-        for cfg, out in zip(configs, out_dirs, strict=True):
-            run = Run.load(out)
-            if run.config != cfg:
-                raise ValueError(f"cannot resume {out}: its config differs from the one given")
-            if not run.state_path.exists():
-                raise ValueError(f"cannot resume {out}: no resumable state at {run.state_path}")
-            runs.append(run)
-    else:
-        runs = [Run.create(out, cfg, overwrite=overwrite) for cfg, out in zip(configs, out_dirs, strict=True)]
-
-    pools = [task_pool(c.task.family, c.task.M, c.task.D, c.seed, device) if c.task.M is not None else None
-             for c in configs]
-    sets = [prepare_eval_sets(c.task, pool, c.train.eval_size, c.seed, device)
-            for c, pool in zip(configs, pools, strict=True)]
-    models = [build_model(c.task, c.model, c.seed, device) for c in configs]
-    opts = [make_optimizer(m, c.train) for m, c in zip(models, configs, strict=True)]
-    gens = [make_generator(c.seed, "train", device) for c in configs]
-
-    ckpts = set(checkpoint_steps(tc0.steps, *tc0.checkpoint_counts))
-    evals = ckpts | (set(range(0, tc0.steps + 1, tc0.eval_every)) if tc0.eval_every else set())
-    rows: list[list[dict[str, float]]] = [[] for _ in range(n)]
-    losses: list[list[float]] = [[] for _ in range(n)]
-    start = 0
-    if resume:
-        saved = [_saved_step(run) for run in runs]
-        start = max(saved)
-        for i, s in enumerate(saved):  # a kill between members' writes can leave some a checkpoint behind
-            if s < start:
-                train(configs[i], out_dirs[i], resume=True, progress=False, stop_after=start)
-        for i, run in enumerate(runs):
-            if load_state(run, models[i], opts[i], gens[i]) != start:
-                raise ValueError(f"cannot resume {run.path}: its state is not at step {start}")
-            rows[i] = [r for r in run.metrics.to_dict("records") if r["step"] < start]
-            losses[i] = run.train_loss["loss"].tolist()[:start]
-    else:
-        for run, s in zip(runs, sets, strict=True):
-            write_json(run.path / "baselines.json", baseline_levels(s))
-
-    ens = MemberGroups(models, opts, configs, groups, stack)
-
-    pending: list[Tensor] = []  # (N,) losses not yet synced to Python floats
-    last_good = [max([s for s in run.checkpoint_steps if s <= start], default=None) for run in runs]
-
-    def sync_losses() -> None:
-        if pending:
-            values = torch.stack(pending).T.tolist()
-            for i in range(n):
-                losses[i].extend(values[i])
-            pending.clear()
-
-    def flush(step: int) -> None:
-        sync_losses()
-        for i in range(n):
-            ens.sync(i, optimizer=True)
-            _flush_member(runs[i], rows[i], losses[i], step, models[i], opts[i], gens[i], configs[i].train)
-
-    bar = Bar(progress, tc0.steps, f"train ×{n}", completed=start, loss=float("nan"), rate=0.0,
-              columns=("mean loss {task.fields[loss]:.4g}", "{task.fields[rate]:.0f} steps/s"))
-    t0 = time.perf_counter()
-    with _stop_on_sigint() as sig, bar, ens:
-        for step in range(start, tc0.steps + 1):
-            if step in evals or step in ckpts:
-                for i in range(n):
-                    ens.sync(i)
-                    if step in evals:
-                        rows[i].append({"step": step, "lr": configs[i].train.lr * lr_factor(step, configs[i].train),
-                                        **evaluate(models[i], sets[i])})
-                    if step in ckpts:
-                        runs[i].save_checkpoint(step, models[i])
-                        last_good[i] = step
-                if step in ckpts:
-                    flush(step)
-            if step == tc0.steps:
-                break
-            if sig["stop"] or (stop_after is not None and step >= stop_after):
-                flush(step)
-                bar.stop()
-                print(f"stopped at step {step}; continue with train_ensemble(..., resume=True)")
-                return runs
-
-            member_loss = ens.step(pools, gens, lr_factor(step, tc0))
-            finite = torch.isfinite(member_loss)
-            if not bool(finite.all()):
-                bad = [i for i in range(n) if not bool(finite[i])]
-                for i in range(n):
-                    write_parquet(runs[i].path / "metrics.parquet", pd.DataFrame(rows[i]))
-                detail = "; ".join(f"{runs[i].path} (loss {member_loss[i].item()}, last good checkpoint "
-                                   f"{last_good[i]})" for i in bad)
-                raise TrainingDiverged(f"training loss is not finite at step {step} for ensemble member(s) {bad}: "
-                                       f"{detail} (lower --lr or set --grad-clip)")
-            pending.append(member_loss)
-            if len(pending) >= 200 or step + 1 == tc0.steps:
-                sync_losses()
-                bar.update(step + 1, loss=float(np.mean([lo[-1] for lo in losses])),
-                           rate=(step + 1 - start) / (time.perf_counter() - t0))
-    return runs
+    if resume:  # a kill between members' writes can leave some a checkpoint behind: bring them level first
+        saved = [_saved_step(cfg, out) for cfg, out in zip(configs, out_dirs, strict=True)]
+        for cfg, out, s in zip(configs, out_dirs, saved, strict=True):
+            if s < max(saved):
+                train(cfg, out, resume=True, progress=False, stop_after=max(saved))
+    members = [open_member(cfg, out, resume=resume, overwrite=overwrite)
+               for cfg, out in zip(configs, out_dirs, strict=True)]
+    with MemberGroups(members, groups, stack) as ens:
+        run_loop(members, ens.step, sync=ens.sync if stack else None, progress=progress, stop_after=stop_after,
+                 resume_hint="train_ensemble(..., resume=True)")
+    return [m.run for m in members]
 
 
-def _saved_step(run: Run) -> int:
-    """The step a run's resumable state was saved at (read from the safetensors metadata only)."""
-    from safetensors import safe_open
-
+def _saved_step(config: RunConfig, out: Path) -> int:
+    """The step of a run's resumable state (read from the safetensors metadata only); checks that the run can be
+    resumed with `config`."""
+    run = Run.load(out)
+    if run.config != config:
+        raise ValueError(f"cannot resume {out}: its config differs from the one given")
+    if not run.state_path.exists():
+        raise ValueError(f"cannot resume {out}: no resumable state at {run.state_path}")
     with safe_open(str(run.state_path), framework="pt") as f:
         return int((f.metadata() or {})["step"])

@@ -26,63 +26,18 @@ __all__ = ["MLP", "Attention", "Block", "Embed", "ICLTransformer", "LayerNorm", 
 def interleave(x: Tensor, y: Tensor) -> Tensor:
     """Tokens (B, 2K, D+1) from x: (B, K, D), y: (B, K): x-token (x_k, 0), y-token (0, y_k)."""
     B, K, D = x.shape
-    zeros_x = x.new_zeros(B, K, 1)
-    zeros_y = x.new_zeros(B, K, D)
-    x_tok = torch.cat([x, zeros_x], dim=-1)
-    y_tok = torch.cat([zeros_y, y.unsqueeze(-1)], dim=-1)
-    return torch.stack([x_tok, y_tok], dim=2).reshape(B, 2 * K, D + 1)
+    tokens = x.new_zeros(B, K, 2, D + 1)
+    tokens[:, :, 0, :D] = x
+    tokens[:, :, 1, D] = y
+    return tokens.view(B, 2 * K, D + 1)
 
 
 def linear(h: Tensor, W: Tensor, b: Tensor | None = None) -> Tensor:
-    """h @ W (+ b) for h: (..., d_in), W: (d_in, d_out), b: (d_out,), as ONE matrix product over all leading axes
-    -> (..., d_out), with the bias added inside it (addmm; its backward is one column sum).
-
-    Under torch.func transforms it goes through `_Linear`, whose vmap rule keeps the bias inside the product: with
-    stacked weights (ensembles, vectorised LLC chains) one baddbmm per layer, with shared weights one addmm over
-    the folded rows. functorch's own rule for addmm is a bmm plus a separate broadcast add (and `h @ W` on
-    (B, T, d_in) would be a broadcast matmul that copies W once per sequence).
-    """
+    """h @ W + b for h: (..., d_in), W: (d_in, d_out) (TransformerLens layout), b: (d_out,) -> (..., d_out), as one
+    matrix product over the folded leading axes with the bias added inside it (addmm)."""
     flat = h.reshape(-1, h.shape[-1])
-    if torch._C._functorch.peek_interpreter_stack() is not None:  # inside vmap / grad: the vmappable form
-        out = _Linear.apply(flat, W, b)
-    else:
-        out = flat @ W if b is None else torch.addmm(b, flat, W)
+    out = flat @ W if b is None else torch.addmm(b, flat, W)
     return out.view(*h.shape[:-1], W.shape[-1])
-
-
-class _Linear(torch.autograd.Function):
-    """flat @ W (+ b) for flat: (R, d_in), W: (d_in, d_out), b: (d_out,) or None, with a vmap rule (see `linear`)."""
-
-    @staticmethod
-    def forward(flat: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
-        return flat @ W if b is None else torch.addmm(b, flat, W)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
-        flat, W, b = inputs
-        ctx.save_for_backward(flat, W)
-        ctx.has_bias = b is not None
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
-        flat, W = ctx.saved_tensors
-        need_flat, need_W, need_b = ctx.needs_input_grad
-        return (grad @ W.T if need_flat else None, flat.T @ grad if need_W else None,
-                grad.sum(0) if ctx.has_bias and need_b else None)
-
-    @staticmethod
-    def vmap(info, in_dims, flat, W, b):  # noqa: ANN001, ANN205
-        n = info.batch_size
-        flat_dim, W_dim, b_dim = in_dims
-        if W_dim is None and b_dim is None:  # shared weights, batched rows: fold the mapped axis into the rows
-            x = flat.movedim(flat_dim, 0)
-            return _Linear.apply(x.reshape(-1, x.shape[-1]), W, b).view(n, x.shape[1], -1), 0
-
-        def lead(t: Tensor, d: int | None) -> Tensor:
-            return t.expand(n, *t.shape) if d is None else t.movedim(d, 0)
-
-        x, W = lead(flat, flat_dim), lead(W, W_dim)
-        return (torch.bmm(x, W) if b is None else torch.baddbmm(lead(b, b_dim).unsqueeze(1), x, W)), 0
 
 
 _ACTIVATIONS = {
@@ -128,14 +83,16 @@ class Attention(nn.Module):
         """h: (B, T, d_model) -> (B, T, d_model)."""
         return self.combine(self.heads(h))
 
-    def heads(self, h: Tensor) -> Tensor:
-        """Per-head outputs z: (B, H, T, d_head) for the normalised residual h: (B, T, d_model)."""
+    def heads(self, h: Tensor, rows: slice = slice(None)) -> Tensor:
+        """Per-head outputs z: (B, H, T', d_head) at the T' positions `rows` for the normalised residual
+        h: (B, T, d_model)."""
         B, T, d = h.shape
         H, e = self.cfg.n_heads, self.cfg.d_head
-        W = torch.cat([self.W_Q, self.W_K, self.W_V], dim=-1)  # (H, d, 3e)
-        b = torch.cat([self.b_Q, self.b_K, self.b_V], dim=-1).reshape(H * 3 * e) if self.cfg.attn_bias else None
-        qkv = linear(h, W.permute(1, 0, 2).reshape(d, H * 3 * e), b)  # (B, T, H*3e)
-        return causal_attention(qkv.view(B, T, H, 3 * e))
+        # one packed projection, each head's [q | k | v] side by side: W (d, H, 3, e), b (H, 3, e)
+        W = torch.stack([self.W_Q.transpose(0, 1), self.W_K.transpose(0, 1), self.W_V.transpose(0, 1)], dim=2)
+        b = torch.stack([self.b_Q, self.b_K, self.b_V], dim=1).view(H * 3 * e) if self.cfg.attn_bias else None
+        qkv = linear(h, W.view(d, H * 3 * e), b)  # (B, T, H*3e)
+        return causal_attention(qkv.view(B, T, H, 3 * e), rows)
 
     def combine(self, z: Tensor) -> Tensor:
         """Attention output (B, T, d_model) from per-head outputs z: (B, H, T, d_head)."""
@@ -181,8 +138,14 @@ class Block(nn.Module):
         self.ln2 = LayerNorm(cfg.d_model, cfg.ln_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h: Tensor) -> Tensor:
-        h = h + self.attn(self.ln1(h))
+    def forward(self, h: Tensor, rows: slice = slice(None)) -> Tensor:
+        """h: (B, T, d_model) -> the residual stream after the block at positions `rows`: (B, T', d_model).
+
+        Every position is attended to; only `rows` go on past the attention (the last block computes just the x
+        positions that the readout reads).
+        """
+        z = self.attn.heads(self.ln1(h), rows)  # (B, H, T', d_head)
+        h = h[:, rows] + self.attn.combine(z)
         return h + self.mlp(self.ln2(h))
 
 
@@ -227,16 +190,21 @@ class ICLTransformer(nn.Module):
 
     def readout(self, h: Tensor) -> Tensor:
         """Predictions (B, K) from the final residual stream h: (B, 2K, d_model), read at x positions."""
-        h = self.ln_final(h[..., 0::2, :])
+        return self.predict(h[..., 0::2, :])
+
+    def predict(self, h: Tensor) -> Tensor:
+        """Predictions (B, K) from the final residual stream at the x positions only, h: (B, K, d_model)."""
+        h = self.ln_final(h)
         if self.cfg.readout == "token":
             return linear(h, self.unembed.W_U[:, -1:], self.unembed.b_U[-1:]).squeeze(-1)
         return linear(h, self.unembed.W_U).squeeze(-1)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         h = self.residual_in(x, y)
-        for block in self.blocks:
+        *early, last = self.blocks
+        for block in early:
             h = block(h)
-        return self.readout(h)
+        return self.predict(last(h, rows=slice(0, None, 2)))  # (B, K): only the x positions are read
 
 
 def init_parameters(model: ICLTransformer, generator: torch.Generator) -> None:

@@ -1,5 +1,10 @@
 """The training loop: AdamW, LR schedules, the checkpoint schedule, periodic evaluation, resume.
 
+One loop serves single runs and ensembles: `open_member` sets up (or resumes) a run as a `Member`, and `run_loop`
+drives one or more members through the evaluation and checkpoint schedule, flushes, Ctrl-C and the NaN check,
+taking their updates through a callable (`Member.update` one after another for `train`; stacked or concurrent
+groups for `icl_lab.ensemble.train_ensemble`).
+
 Training only trains. Analyses (LLC, essential dynamics) read the saved checkpoints afterwards, with their own
 generators, so they can never change the training trajectory (papers.md §F2 item 4).
 """
@@ -10,8 +15,9 @@ import json
 import math
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +26,14 @@ import torch
 from torch import Tensor, nn
 
 from icl_lab.config import RunConfig, TrainConfig
-from icl_lab.evaluate import baseline_levels, evaluate, prepare_eval_sets
+from icl_lab.evaluate import EvalSet, baseline_levels, evaluate, prepare_eval_sets
 from icl_lab.model import ICLTransformer, build_model
 from icl_lab.progress import Bar
 from icl_lab.store import Run, load_strict, load_tensors, save_tensors, write_json, write_parquet
 from icl_lab.tasks import Batch, make_generator, sample_batch, task_pool
+
+__all__ = ["Member", "TrainingDiverged", "checkpoint_steps", "load_state", "lr_factor", "make_optimizer",
+           "open_member", "run_loop", "save_state", "train", "train_step"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -137,13 +146,56 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch, lr: f
     return loss.detach()
 
 
-def train(config: RunConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, stop_after: int | None = None) -> Run:
-    """Train a model as `config` says, writing the run to `out`; returns the Run.
+@dataclass
+class Member:
+    """One run in training: its directory, task pool, eval sets, model, AdamW, data generator and logs.
 
-    resume: continue from the run's saved state (bit-identical to an uninterrupted run on CPU).
-    stop_after: stop (as an interruption would) once this many steps are done, saving resumable state.
+    `open_member` builds it; `run_loop` trains it (alone in `train`, with others in `ensemble.train_ensemble`).
+    start: the step its state is at (0, or the step it was resumed from); last_good: its last checkpoint.
     """
+
+    config: RunConfig
+    run: Run
+    pool: Tensor | None
+    sets: dict[str, EvalSet]
+    model: ICLTransformer
+    opt: torch.optim.AdamW
+    gen: torch.Generator
+    start: int = 0
+    rows: list[dict[str, float]] = field(default_factory=list)  # metrics, one row per evaluation
+    losses: list[float] = field(default_factory=list)  # training loss of every update taken
+    last_good: int | None = None
+
+    def lr(self, step: int) -> float:
+        """The learning rate of update `step`."""
+        return self.config.train.lr * lr_factor(step, self.config.train)
+
+    def batch(self) -> Batch:
+        """The next training batch from the member's own pool and generator."""
+        return sample_batch(self.config.task, self.pool, self.config.train.batch_size, self.gen)
+
+    def update(self, step: int) -> Tensor:
+        """Update `step` (train_step on the next batch); the loss before it, 0-d."""
+        return train_step(self.model, self.opt, self.batch(), self.lr(step), self.config.train.grad_clip)
+
+    def evaluate(self, step: int) -> None:
+        self.rows.append({"step": step, "lr": self.lr(step), **evaluate(self.model, self.sets)})
+
+    def checkpoint(self, step: int) -> None:
+        self.run.save_checkpoint(step, self.model)
+        self.last_good = step
+
+    def flush(self, step: int) -> None:
+        """Write the logs and the resumable state at `step` (every loss must be in `losses`)."""
+        write_parquet(self.run.path / "metrics.parquet", pd.DataFrame(self.rows))
+        write_parquet(self.run.path / "train_loss.parquet",
+                      pd.DataFrame({"step": np.arange(len(self.losses)), "loss": np.array(self.losses)}))
+        save_state(self.run, step, self.model, self.opt, self.gen)
+
+
+def open_member(config: RunConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False) -> Member:
+    """Create the run directory `out` for `config` (with baselines.json) and set up its training, or with
+    resume=True reload the run's saved state, metrics and losses to continue bit-identically."""
     tc, task, device = config.train, config.task, config.train.device
     if resume:
         run = Run.load(out)
@@ -151,64 +203,110 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, overwrite
             raise ValueError(f"cannot resume {out}: its config differs from the one given")
     else:
         run = Run.create(out, config, overwrite=overwrite)
-
     pool = task_pool(task.family, task.M, task.D, config.seed, device) if task.M is not None else None
     sets = prepare_eval_sets(task, pool, tc.eval_size, config.seed, device)
-    model: ICLTransformer = build_model(task, config.model, config.seed, device)
-    opt = make_optimizer(model, tc)
-    gen = make_generator(config.seed, "train", device)
+    model = build_model(task, config.model, config.seed, device)
+    member = Member(config, run, pool, sets, model, make_optimizer(model, tc), make_generator(config.seed, "train",
+                                                                                             device))
+    if resume:
+        member.start = load_state(run, model, member.opt, member.gen)
+        member.rows = [r for r in run.metrics.to_dict("records") if r["step"] < member.start]
+        member.losses = run.train_loss["loss"].tolist()[:member.start]
+    else:
+        write_json(run.path / "baselines.json", baseline_levels(sets))
+    member.last_good = max([s for s in run.checkpoint_steps if s <= member.start], default=None)
+    return member
 
+
+def _diverged(members: Sequence[Member], step: int, losses: list[float]) -> TrainingDiverged:
+    bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
+    detail = "; ".join(f"training loss is {losses[i]} at step {step} of {members[i].run.path}; the last good "
+                       f"checkpoint is step {members[i].last_good}" for i in bad)
+    prefix = f"ensemble member(s) {bad}: " if len(members) > 1 else ""
+    return TrainingDiverged(f"{prefix}{detail} (lower --lr or set --grad-clip)")
+
+
+def run_loop(members: Sequence[Member], update: Callable[[int], Tensor] | None = None, *,
+             sync: Callable[[bool], None] | None = None, progress: bool = True, stop_after: int | None = None,
+             resume_hint: str = "") -> bool:
+    """The training loop of `train` and `train_ensemble`: from the members' common start step to the end, at each
+    step the scheduled evaluation and checkpoint of every member, then one update of every member.
+
+    update(step) -> (N,): takes update `step` of every member and returns their losses before it (default: each
+    member's `update`, one after another); a member whose loss is not finite must be left unchanged.
+    sync(optimizer): brings every member's model (and with optimizer=True its AdamW) up to date before they are
+    read, for updates that keep the weights elsewhere (stacked ensembles).
+    Stops with resumable state saved on Ctrl-C or once `stop_after` steps are done (returns False; True when
+    finished). Raises TrainingDiverged, with every member's metrics written, if a loss is not finite.
+    """
+    tc = members[0].config.train
+    start = members[0].start
+    if any(m.start != start for m in members):
+        raise ValueError(f"members start at different steps: {[m.start for m in members]}")
+    if update is None:
+        def update(step: int) -> Tensor:
+            return torch.stack([m.update(step) for m in members])
     ckpts = set(checkpoint_steps(tc.steps, *tc.checkpoint_counts))
     evals = ckpts | (set(range(0, tc.steps + 1, tc.eval_every)) if tc.eval_every else set())
-    rows: list[dict[str, float]] = []
-    losses: list[float] = []
-    start = 0
-    if resume:
-        start = load_state(run, model, opt, gen)
-        rows = [r for r in run.metrics.to_dict("records") if r["step"] < start]
-        losses = run.train_loss["loss"].tolist()[:start]
-    if not resume:
-        write_json(run.path / "baselines.json", baseline_levels(sets))
+    pending: list[Tensor] = []  # (N,) losses not yet synced to Python floats
 
-    pending: list[torch.Tensor] = []  # losses not yet synced to Python floats
-    last_good = max([s for s in run.checkpoint_steps if s <= start], default=None)
+    def sync_losses() -> None:
+        if pending:
+            for m, values in zip(members, torch.stack(pending).T.tolist(), strict=True):
+                m.losses.extend(values)
+            pending.clear()
 
     def flush(step: int) -> None:
-        losses.extend(torch.stack(pending).tolist() if pending else [])
-        pending.clear()
-        write_parquet(run.path / "metrics.parquet", pd.DataFrame(rows))
-        write_parquet(run.path / "train_loss.parquet",
-                      pd.DataFrame({"step": np.arange(len(losses)), "loss": np.array(losses)}))
-        save_state(run, step, model, opt, gen)
+        sync_losses()
+        if sync is not None:
+            sync(True)
+        for m in members:
+            m.flush(step)
 
-    bar = Bar(progress, tc.steps, "train", completed=start, loss=float("nan"), rate=0.0,
-              columns=("loss {task.fields[loss]:.4g}", "{task.fields[rate]:.0f} steps/s"))
-    t0, step = time.perf_counter(), start
+    n = len(members)
+    bar = Bar(progress, tc.steps, "train" if n == 1 else f"train ×{n}", completed=start, loss=float("nan"),
+              rate=0.0, columns=("loss {task.fields[loss]:.4g}" if n == 1 else "mean loss {task.fields[loss]:.4g}",
+                                 "{task.fields[rate]:.0f} steps/s"))
+    t0 = time.perf_counter()
     with _stop_on_sigint() as sig, bar:
         for step in range(start, tc.steps + 1):
             if step in evals:
-                rows.append({"step": step, "lr": tc.lr * lr_factor(step, tc), **evaluate(model, sets)})
-            if step in ckpts:
-                run.save_checkpoint(step, model)
-                last_good = step
-                flush(step)
+                if sync is not None:
+                    sync(False)
+                for m in members:
+                    m.evaluate(step)
+                    if step in ckpts:
+                        m.checkpoint(step)
+                if step in ckpts:
+                    flush(step)
             if step == tc.steps:
-                break
+                return True
             if sig["stop"] or (stop_after is not None and step >= stop_after):
                 flush(step)
                 bar.stop()
-                print(f"stopped at step {step}; continue with: icl-lab train --resume {run.path}")
-                return run
-
-            batch = sample_batch(task, pool, tc.batch_size, gen)
-            loss = train_step(model, opt, batch, tc.lr * lr_factor(step, tc), tc.grad_clip)
-            if not torch.isfinite(loss):
-                write_parquet(run.path / "metrics.parquet", pd.DataFrame(rows))
-                raise TrainingDiverged(f"training loss is {loss.item()} at step {step} of {run.path}; the last "
-                                       f"good checkpoint is step {last_good} (lower --lr or set --grad-clip)")
+                print(f"stopped at step {step}; continue with: {resume_hint}")
+                return False
+            loss = update(step)
+            if not bool(torch.isfinite(loss).all()):
+                for m in members:
+                    write_parquet(m.run.path / "metrics.parquet", pd.DataFrame(m.rows))
+                raise _diverged(members, step, loss.tolist())
             pending.append(loss)
             if len(pending) >= 200 or step + 1 == tc.steps:
-                losses.extend(torch.stack(pending).tolist())
-                pending.clear()
-                bar.update(step + 1, loss=losses[-1], rate=(step + 1 - start) / (time.perf_counter() - t0))
-    return run
+                sync_losses()
+                bar.update(step + 1, loss=float(np.mean([m.losses[-1] for m in members])),
+                           rate=(step + 1 - start) / (time.perf_counter() - t0))
+    return True
+
+
+def train(config: RunConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = True, stop_after: int | None = None) -> Run:
+    """Train a model as `config` says, writing the run to `out`; returns the Run.
+
+    resume: continue from the run's saved state (bit-identical to an uninterrupted run on CPU).
+    stop_after: stop (as an interruption would) once this many steps are done, saving resumable state.
+    """
+    member = open_member(config, out, resume=resume, overwrite=overwrite)
+    run_loop([member], progress=progress, stop_after=stop_after,
+             resume_hint=f"icl-lab train --resume {member.run.path}")
+    return member.run
