@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from icl_lab.attention import causal_attention
 from icl_lab.config import PRESETS as PRESETS  # re-exported: the presets live with the config
 from icl_lab.config import ModelConfig, TaskConfig
+from icl_lab.seeding import make_generator
 
 __all__ = ["MLP", "Attention", "Block", "Embed", "ICLTransformer", "LayerNorm", "Unembed", "build_model",
            "count_parameters", "init_parameters", "interleave", "linear"]
@@ -256,8 +257,6 @@ def _fan_in(model: ICLTransformer, name: str, p: Tensor) -> int:
 def build_model(task: TaskConfig, cfg: ModelConfig, seed: int, device: str | torch.device = "cpu"
                 ) -> ICLTransformer:
     """A freshly initialised model; the init generator is seeded from the run seed and the label 'init'."""
-    from icl_lab.tasks import make_generator
-
     model = ICLTransformer(cfg, task.D, task.K)
     init_parameters(model, make_generator(seed, "init"))
     return model.to(device)
