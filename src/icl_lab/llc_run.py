@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Literal
 
 import pandas as pd
@@ -30,6 +31,26 @@ from icl_lab.progress import Bar
 from icl_lab.store import Run, settings_digest, write_json, write_parquet
 from icl_lab.tasks import derive_seed, make_generator, root_task_batch, sample_batch, task_pool
 from icl_lab.threads import torch_threads
+
+__all__ = [
+    "DataSource",
+    "LLCPlan",
+    "LLCSettings",
+    "SharedSettings",
+    "calibrate_run",
+    "calibrate_shared",
+    "estimate_run",
+    "estimate_runs",
+    "estimate_step",
+    "finite_llc",
+    "llc_data",
+    "load_settings",
+    "load_shared",
+    "missing_steps",
+    "mse_loss",
+    "save_settings",
+    "settings_path",
+]
 
 DataSource = Literal["id", "ood", "root"]
 
@@ -194,3 +215,79 @@ def estimate_runs(runs: list[Run], settings: LLCSettings, steps: dict[Path, Iter
                     rows[run.path].append(fut.result())
                     save(run)
                     bar.advance()
+
+
+# ================================================================================================ a study's LLC plan
+@dataclass(frozen=True)
+class LLCPlan:
+    """The LLCs a study needs: one calibration over `step_sizes` (at γ = base.sampler.localization) at
+    `calibrate_step` (None: the last checkpoint) of the run `calibrate`, whose chosen settings then estimate every
+    checkpoint of every run, or each run's last one (`final_only`)."""
+
+    base: LLCSettings
+    step_sizes: list[float]
+    calibrate: str
+    calibrate_step: int | None = None
+    final_only: bool = False
+
+    def steps(self, runs: dict[str, Run]) -> dict[Path, list[int]] | None:
+        return {r.path: [r.checkpoint_steps[-1]] for r in runs.values()} if self.final_only else None
+
+
+@dataclass(frozen=True)
+class SharedSettings:
+    """The outcome of a study's calibration: the settings (None: no stable step size, `reason` says why), and
+    where they were calibrated."""
+
+    settings: LLCSettings | None
+    reason: str
+    run: str
+    step: int
+
+
+CALIBRATION_FILE = "llc_settings.json"  # in the study directory: {"inputs", "settings", "reason"}
+
+
+def _calibration_inputs(plan: LLCPlan, runs: dict[str, Run]) -> dict:
+    run = runs[plan.calibrate]
+    step = run.checkpoint_steps[-1] if plan.calibrate_step is None else plan.calibrate_step
+    return {"run": plan.calibrate, "step": step, "base": json.loads(plan.base.model_dump_json()),
+            "step_sizes": list(plan.step_sizes), "burnin": "max(num_burnin, min_burnin(step_size, localization))"}
+
+
+def load_shared(out: Path, plan: LLCPlan, runs: dict[str, Run]) -> SharedSettings | None:
+    """The study's saved calibration, if it was made from the same inputs (run, step, base settings, ε grid and
+    burn-in rule); else None."""
+    f, inputs = Path(out) / CALIBRATION_FILE, _calibration_inputs(plan, runs)
+    saved = json.loads(f.read_text()) if f.exists() else {}
+    if saved.get("inputs") != inputs:
+        return None
+    settings = None if saved["settings"] is None else LLCSettings.model_validate(saved["settings"])
+    return SharedSettings(settings, saved["reason"], inputs["run"], inputs["step"])
+
+
+def calibrate_shared(out: Path, plan: LLCPlan, runs: dict[str, Run], device: str = "cpu") -> SharedSettings:
+    """Calibrate once for the whole study (`calibrate_run`), or reuse OUT/llc_settings.json when its inputs are the
+    same. A calibration that finds no stable step size is recorded, not raised: settings is then None."""
+    shared = load_shared(out, plan, runs)
+    if shared is not None:
+        return shared
+    inputs = _calibration_inputs(plan, runs)
+    try:
+        cal, chosen = calibrate_run(runs[plan.calibrate], step=inputs["step"], settings=plan.base,
+                                    step_sizes=plan.step_sizes, localizations=[plan.base.sampler.localization],
+                                    device=device)
+        reason = cal.reason
+    except ValueError as e:
+        chosen, reason = None, str(e)
+    write_json(Path(out) / CALIBRATION_FILE, {"inputs": inputs, "settings": None if chosen is None else
+                                              json.loads(chosen.model_dump_json()), "reason": reason})
+    return SharedSettings(chosen, reason, inputs["run"], inputs["step"])
+
+
+def missing_steps(run: Run, settings: LLCSettings, steps: Iterable[int] | None = None) -> list[int]:
+    """The checkpoints (all, or `steps`) of `run` with no LLC estimate at `settings`."""
+    llc = run.llc_all
+    done = set() if llc is None or "settings_hash" not in llc else set(
+        llc.loc[llc["settings_hash"] == settings.digest(), "step"])
+    return [s for s in (run.checkpoint_steps if steps is None else steps) if s not in done]
