@@ -371,24 +371,8 @@ def sweep(
 
 
 # ------------------------------------------------------------------------------------------------ studies
-# The papers' studies, each a module under icl_lab.studies with the same interface: a config class with
-# `for_scale(scale, quick=..., **overrides)` and `run_configs()`, and module functions `check_out(out, runs)` and
-# `run_study(cfg, out) -> report path`. Their runs train through the sweep machinery (local, ray or slurm).
-SWEEP_STUDIES = {
-    "task-diversity": ("icl_lab.studies.task_diversity", "TaskDiversityConfig"),
-    "transient-ridge": ("icl_lab.studies.transient_ridge", "TransientRidgeConfig"),
-    "stages": ("icl_lab.studies.stages", "StagesConfig"),
-}
-STUDY_NAMES = ("low-diversity", *SWEEP_STUDIES)
-
-
-def _study_module(name: str) -> tuple[Any, Any]:
-    """(module, config class) of a sweep-based study."""
-    import importlib
-
-    module_name, config_name = SWEEP_STUDIES[name]
-    module = importlib.import_module(module_name)
-    return module, getattr(module, config_name)
+# The studies: icl_lab.studies.runner.STUDIES, one Study each; their runs train through the sweep machinery.
+STUDY_NAMES = ("low-diversity", "task-diversity", "transient-ridge", "stages")
 
 
 @app.command()
@@ -413,30 +397,9 @@ def study(
     (M = 1, 2). task-diversity: Raventós et al., M = 2^0 ... 2^k and ∞ at batch sizes B and 2B, the threshold M*.
     transient-ridge: Carroll et al., nested pools, OOD loss and t_crit per M, joint trajectory PCA, LLC against M.
     stages: Hoogland et al., M = ∞, LLC curve, essential dynamics, stage table, ICL score and LayerNorm weights."""
-    from icl_lab.studies.low_diversity import LowDiversityConfig, run_study
-
-    if name in SWEEP_STUDIES:
-        _sweep_study(name, out, quick, config, workers, seeds, ms, steps, device, scale, executor, address, dry_run)
-        return
-    if name != "low-diversity":
+    if name not in STUDY_NAMES:
         fail(f"unknown study {name!r}; available: {', '.join(STUDY_NAMES)}")
-    if scale is not None or executor is not None or address is not None or dry_run:
-        fail(f"--scale, --executor, --address and --dry-run apply to the studies {', '.join(SWEEP_STUDIES)} only")
-    overrides: dict[str, Any] = read_config_file(config) if config else {}
-    for key, value in (("workers", workers), ("steps", steps), ("device", device)):
-        if value is not None:
-            overrides[key] = value
-    if seeds:
-        overrides["seeds"] = [int(v) for v in seeds.split(",")]
-    if ms:
-        overrides["Ms"] = [int(v) for v in ms.split(",")]
-    try:
-        cfg = LowDiversityConfig.quick(**overrides) if quick else LowDiversityConfig(**overrides)
-    except ValidationError as e:
-        fail(format_validation_error(e))
-    target = out or Path("runs") / (name + ("-quick" if quick else ""))
-    report_path = run_study(cfg, target)
-    typer.echo(f"report: {report_path}")
+    _sweep_study(name, out, quick, config, workers, seeds, ms, steps, device, scale, executor, address, dry_run)
 
 
 def _sweep_study(name: str, out: Path | None, quick: bool, config: Path | None, workers: int | None,
@@ -446,9 +409,10 @@ def _sweep_study(name: str, out: Path | None, quick: bool, config: Path | None, 
     anything is written; a bad value exits with status 2 naming the field and its allowed values."""
     from rich.markup import escape
 
+    from icl_lab.studies.common import check_out
+    from icl_lab.studies.runner import config_class, run_study
     from icl_lab.sweep import SweepError, SweepFailed, check_options
 
-    module, config_class = _study_module(name)
     try:
         overrides: dict[str, Any] = read_config_file(config) if config else {}
     except ValueError as e:  # missing file, bad suffix, bad TOML or JSON
@@ -467,12 +431,12 @@ def _sweep_study(name: str, out: Path | None, quick: bool, config: Path | None, 
     if ms:
         overrides["Ms"] = [v.strip() for v in ms.split(",")]
     try:
-        cfg = config_class.for_scale(scale, quick=quick, **overrides)
+        cfg = config_class(name).for_scale(scale, quick=quick, **overrides)
         runs = cfg.run_configs()
         check_options(cfg.executor, cfg.workers, cfg.ensemble)
         target = out or Path("runs") / (name + ("-paper" if cfg.scale == "paper" else "")
                                         + ("-quick" if cfg.quick else ""))
-        module.check_out(target, runs)
+        check_out(target, name, runs)
     except ValidationError as e:
         fail(escape(format_validation_error(e)))
     except (ValueError, SweepError) as e:
@@ -486,7 +450,7 @@ def _sweep_study(name: str, out: Path | None, quick: bool, config: Path | None, 
     console.print(f"study {name} ({cfg.scale}{', quick' if cfg.quick else ''}): {target}, {len(runs)} runs, "
                   f"executor {cfg.executor}")
     try:
-        report_path = module.run_study(cfg, target)
+        report_path = run_study(cfg, target)
     except SweepFailed as e:
         fail(escape(str(e)), code=1)
     typer.echo(f"report: {report_path}")
@@ -494,20 +458,16 @@ def _sweep_study(name: str, out: Path | None, quick: bool, config: Path | None, 
 
 @app.command()
 def report(study_dir: Annotated[Path, typer.Argument(help="a study directory")]) -> None:
-    """Rebuild a study's HTML report from what is on disk (nothing is retrained or re-estimated)."""
-    from icl_lab.studies.low_diversity import LowDiversityConfig, run_study
+    """Rebuild a study's HTML report from what is on disk (nothing is trained, calibrated or estimated)."""
+    from rich.markup import escape
 
-    cfg_file = study_dir / "study_config.json"
-    if not cfg_file.exists():
-        fail(f"{study_dir} is not a study directory ({cfg_file} missing)")
-    name = json.loads(cfg_file.read_text()).get("study")
-    if name in SWEEP_STUDIES:
-        module, config_class = _study_module(name)
-        cfg = config_class.model_validate_json(cfg_file.read_text())
-        typer.echo(f"report: {module.run_study(cfg, study_dir)}")
-        return
-    cfg = LowDiversityConfig.model_validate_json(cfg_file.read_text())
-    typer.echo(f"report: {run_study(cfg, study_dir)}")
+    from icl_lab.studies.runner import MissingOutputs, rebuild_report
+
+    try:
+        path = rebuild_report(study_dir)
+    except MissingOutputs as e:
+        fail(escape(str(e)))
+    typer.echo(f"report: {path}")
 
 
 def main() -> None:

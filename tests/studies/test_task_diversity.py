@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from icl_lab.cli import app
+from icl_lab.studies.common import check_table
 from icl_lab.studies.task_diversity import (
     TaskDiversityConfig,
     analyse,
@@ -188,7 +189,7 @@ def test_known_threshold_flows_through_the_analysis_and_the_figure(study_dir, tm
     analysis = analyse(summary, [8, 16])
     c = analysis[8, 16]
     assert c.M_star == pytest.approx(2**1.5) and c.bracket == (2.0, 4.0) and c.clean
-    exp = expectations(tiny_study(), summary, analysis)
+    exp = check_table(expectations(tiny_study(), summary, analysis))
     row = exp[exp["expectation"].str.startswith("a task-diversity threshold M*")].iloc[0]
     assert row["verdict"] == "pass" and "2^1.50" in row["measured"]
     row = exp[exp["expectation"].str.startswith("at M = ∞, doubling B lowers")].iloc[0]

@@ -21,9 +21,9 @@ from icl_lab import cli
 from icl_lab.config import LLCConfig
 from icl_lab.llc import burnin_note, min_burnin
 from icl_lab.store import Run
+from icl_lab.studies.common import check_out, check_table
 from icl_lab.studies.transient_ridge import (
     TransientRidgeConfig,
-    check_out,
     critical_step,
     expectations,
     final_llc,
@@ -153,7 +153,7 @@ def test_expectations_pass_on_a_summary_with_the_papers_pattern():
     u = {1.0: False, 2.0: False, 4.0: True, 8.0: True, 16.0: False, np.inf: False}
     t = {1.0: 0, 2.0: 900, 4.0: 300, 8.0: 700, 16.0: 1000, np.inf: 1000}
     llc = {1.0: 10.0, 2.0: 20.0, 4.0: 40.0, 8.0: 50.0, 16.0: 48.0, np.inf: 46.0}
-    exp = expectations(TransientRidgeConfig(Ms=[1, 2, 4, 8, 16, "inf"]), synthetic_summary(u, t, llc))
+    exp = check_table(expectations(TransientRidgeConfig(Ms=[1, 2, 4, 8, 16, "inf"]), synthetic_summary(u, t, llc)))
     assert set(exp.columns) == {"expectation", "source", "expected", "measured", "verdict"}
     assert (exp["verdict"] == "pass").all(), exp[["expectation", "measured", "verdict"]].to_string()
     row = exp[exp["expectation"].str.startswith("t^crit_M grows")].iloc[0]
@@ -164,7 +164,7 @@ def test_expectations_fail_without_transience_and_say_why():
     u = dict.fromkeys((1.0, 2.0, 4.0, 8.0, 16.0, np.inf), False)
     t = {1.0: 0, 2.0: 1000, 4.0: 1000, 8.0: 1000, 16.0: 1000, np.inf: 1000}
     llc = {1.0: 50.0, 2.0: 40.0, 4.0: 30.0, 8.0: 20.0, 16.0: 10.0, np.inf: 5.0}  # falls with M: no rise
-    exp = expectations(TransientRidgeConfig(Ms=[1, 2, 4, 8, 16, "inf"]), synthetic_summary(u, t, llc, bend=2.0))
+    exp = check_table(expectations(TransientRidgeConfig(Ms=[1, 2, 4, 8, 16, "inf"]), synthetic_summary(u, t, llc, bend=2.0)))
     v = dict(zip(exp["expectation"], exp["verdict"], strict=True))
     assert v[next(k for k in v if k.startswith("OOD loss against step is U-shaped"))] == "fail"
     assert v[next(k for k in v if k.startswith("t^crit_M grows"))] == "unclear"
@@ -179,7 +179,7 @@ def test_u_shaped_ends_make_the_u_shape_unclear_and_a_far_llc_crossing_fails():
     u = {1.0: True, 2.0: True, 4.0: True, 8.0: False, 16.0: False, np.inf: False}
     t = {1.0: 100, 2.0: 200, 4.0: 400, 8.0: 1000, 16.0: 1000, np.inf: 1000}
     llc = {1.0: 10.0, 2.0: 20.0, 4.0: 30.0, 8.0: 40.0, 16.0: 50.0, np.inf: 48.0}
-    exp = expectations(TransientRidgeConfig(Ms=[1, 2, 4, 8, 16, "inf"]), synthetic_summary(u, t, llc))
+    exp = check_table(expectations(TransientRidgeConfig(Ms=[1, 2, 4, 8, 16, "inf"]), synthetic_summary(u, t, llc)))
     v = dict(zip(exp["expectation"], exp["verdict"], strict=True))
     assert v[next(k for k in v if k.startswith("OOD loss against step is U-shaped"))] == "unclear"
     assert v[next(k for k in v if k.startswith("t^crit_M grows"))] == "pass"  # over the intermediate Ms 2, 4
@@ -405,15 +405,16 @@ def test_another_studys_directory_is_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match="holds the study 'task-diversity', not 'transient-ridge'"):
         run_study(tiny_study(), tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study_config.json"]
-    check_out(tmp_path / "new", tiny_study().run_configs())  # an empty target is fine
+    check_out(tmp_path / "new", "transient-ridge", tiny_study().run_configs())  # an empty target is fine
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
 @pytest.fixture
-def registered(monkeypatch):
-    """The registry entry the CLI gets for this study (added to cli.SWEEP_STUDIES by its owner)."""
-    monkeypatch.setitem(cli.SWEEP_STUDIES, "transient-ridge",
-                        ("icl_lab.studies.transient_ridge", "TransientRidgeConfig"))
+def registered():
+    """The CLI reaches the study through the one registry (icl_lab.studies.runner.STUDIES)."""
+    from icl_lab.studies.runner import STUDIES
+
+    assert "transient-ridge" in STUDIES
 
 
 def test_cli_dry_run_lists_the_paper_runs_and_refuses_bad_input(tmp_path, registered):

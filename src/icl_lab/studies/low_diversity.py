@@ -24,8 +24,15 @@ from icl_lab.plots import BASELINE_STYLE, per_token_columns, plot_llc, save_figu
 from icl_lab.report import Section
 from icl_lab.stages import plot_stages, save_stage_table
 from icl_lab.store import Run
-from icl_lab.studies.common import (Check, LLCStudyConfig, MsStudyConfig, checkpoint_predictions, joint_pca,
-                                    llc_stages, sampler_worked)
+from icl_lab.studies.common import (
+    Check,
+    LLCStudyConfig,
+    MsStudyConfig,
+    checkpoint_predictions,
+    joint_pca,
+    llc_stages,
+    sampler_worked,
+)
 from icl_lab.studies.runner import Study, run_study
 from icl_lab.tasks import make_generator, sample_batch, task_pool
 from icl_lab.trajectory import essential_dynamics, plot_joint_pca, plot_pc_pairs

@@ -49,8 +49,15 @@ from icl_lab.llc_run import LLCPlan, LLCSettings, SharedSettings, finite_llc
 from icl_lab.plots import plot_llc, save_figure, step_axis
 from icl_lab.report import Section
 from icl_lab.store import Run, write_parquet
-from icl_lab.studies.common import (Check, LLCStudyConfig, fmt_steps, llc_stages, n_parameters, sampler_worked,
-                                    scale_frame)
+from icl_lab.studies.common import (
+    Check,
+    LLCStudyConfig,
+    fmt_steps,
+    llc_stages,
+    n_parameters,
+    sampler_worked,
+    scale_frame,
+)
 from icl_lab.studies.runner import Study, run_study
 
 __all__ = [

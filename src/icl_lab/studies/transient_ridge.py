@@ -38,8 +38,16 @@ from icl_lab.llc_run import LLCPlan, LLCSettings, SharedSettings
 from icl_lab.plots import m_axis, m_label, m_positions, save_figure, step_axis
 from icl_lab.report import Section
 from icl_lab.store import Run, write_json, write_parquet
-from icl_lab.studies.common import (Check, LLCStudyConfig, MsStudyConfig, fmt_ms, joint_pca, n_parameters, scale_frame,
-                                    spearman)
+from icl_lab.studies.common import (
+    Check,
+    LLCStudyConfig,
+    MsStudyConfig,
+    fmt_ms,
+    joint_pca,
+    n_parameters,
+    scale_frame,
+    spearman,
+)
 from icl_lab.studies.runner import Study, run_study
 
 __all__ = ["CriticalStep", "TransientRidge", "TransientRidgeConfig", "critical_step", "expectations", "ridge_approach",
