@@ -57,7 +57,7 @@ def test_numbers_are_finite_and_outputs_are_on_disk(study_dir):
         assert (study_dir / "figures" / f"{fig}.png").stat().st_size > 5_000
         assert (study_dir / "figures" / f"{fig}.pdf").exists()
     timings = pd.read_json(study_dir / "timings.json", typ="series")
-    assert {"train", "llc over training", "essential dynamics"} <= set(timings.index)
+    assert {"train", "llc calibration", "llc estimates", "analysis", "figures", "report"} <= set(timings.index)
 
 
 def test_rerun_reuses_runs_and_estimates(study_dir):
