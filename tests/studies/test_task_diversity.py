@@ -205,7 +205,7 @@ def test_report_command_rebuilds_and_reuses_every_run(study_dir):
     assert result.exit_code == 0, result.output
     assert "report:" in result.output
     timings = json.loads((study_dir / "timings.json").read_text())
-    assert timings["train"] < 5
+    assert "train" not in timings and "llc estimates" not in timings  # nothing was trained or estimated
     assert not [p for p, m in before.items() if p.stat().st_mtime_ns != m]
     assert time.perf_counter() - t0 < 60
 
