@@ -18,7 +18,7 @@ import pandas as pd
 
 from icl_lab.llc_run import LLCPlan, SharedSettings, calibrate_shared, estimate_runs, load_shared, missing_steps
 from icl_lab.report import Section, write_report
-from icl_lab.store import Run, write_json
+from icl_lab.store import Run, write_json, write_parquet
 from icl_lab.studies.common import Check, PhaseTimer, StudyConfig, check_out, check_table
 
 __all__ = ["STUDIES", "MissingOutputs", "Study", "config_class", "rebuild_report", "run_study", "study_class"]
@@ -172,6 +172,7 @@ def _report(study: Study, out: Path, runs: dict[str, Run], shared: SharedSetting
     with timer("analysis"):
         r = study.analyse(runs, shared, out)
         checks = check_table(study.checks(r))
+        write_parquet(out / "expectations.parquet", checks)
     with timer("figures"):
         figs = study.figures(r, out / "figures")
     with timer("report"):
