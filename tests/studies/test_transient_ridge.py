@@ -164,7 +164,8 @@ def test_expectations_fail_without_transience_and_say_why():
     u = dict.fromkeys((1.0, 2.0, 4.0, 8.0, 16.0, np.inf), False)
     t = {1.0: 0, 2.0: 1000, 4.0: 1000, 8.0: 1000, 16.0: 1000, np.inf: 1000}
     llc = {1.0: 50.0, 2.0: 40.0, 4.0: 30.0, 8.0: 20.0, 16.0: 10.0, np.inf: 5.0}  # falls with M: no rise
-    exp = check_table(expectations(TransientRidgeConfig(Ms=[1, 2, 4, 8, 16, "inf"]), synthetic_summary(u, t, llc, bend=2.0)))
+    summary = synthetic_summary(u, t, llc, bend=2.0)
+    exp = check_table(expectations(TransientRidgeConfig(Ms=[1, 2, 4, 8, 16, "inf"]), summary))
     v = dict(zip(exp["expectation"], exp["verdict"], strict=True))
     assert v[next(k for k in v if k.startswith("OOD loss against step is U-shaped"))] == "fail"
     assert v[next(k for k in v if k.startswith("t^crit_M grows"))] == "unclear"

@@ -366,7 +366,8 @@ class LowDiversity(Study):
     reused = "finished runs and LLC estimates are reused and cost nothing"
 
     def checks_note(self) -> str:
-        return "Each row is measured on the run named; where a check fails, the figures below show what happened instead."
+        return ("Each row is measured on the run named; where a check fails, the figures below show what happened "
+                "instead.")
 
     def llc_plan(self, runs: dict[str, Run]) -> LLCPlan:
         """Calibrate once, at the final checkpoint of the highest-M run of the first seed."""
@@ -415,7 +416,8 @@ class LowDiversity(Study):
         sections = []
         finals = pd.DataFrame([{"run": n, "final id loss": run.metrics.iloc[-1]["id_loss"],
                                 "final ood loss": run.metrics.iloc[-1]["ood_loss"],
-                                "dMMSE id": run.baselines["id_dmmse_loss"], "least sq. ood": run.baselines["ood_ridge_loss"],
+                                "dMMSE id": run.baselines["id_dmmse_loss"],
+                                "least sq. ood": run.baselines["ood_ridge_loss"],
                                 "zero ood": run.baselines["ood_zero_loss"]} for n, run in runs.items()])
         sections.append(Section("Loss against step, and the final per-token loss", (
             "Left and middle: mean loss (solid) and the loss at the first position ℓ_1 (dotted) on a fixed "
@@ -432,7 +434,8 @@ class LowDiversity(Study):
             llc_rows.append({"run": n, "λ̂ step 0": llc["llc_mean"].iloc[0], "λ̂ max": llc["llc_mean"].max(),
                              "λ̂ final": llc["llc_mean"].iloc[-1], "std final": llc["llc_std"].iloc[-1],
                              "diagnostics ok": f"{llc['ok'].mean():.0%}",
-                             "flags seen": ", ".join(sorted({f for fl in llc["flags"] for f in str(fl).split(";") if f}))})
+                             "flags seen": ", ".join(sorted({f for fl in llc["flags"] for f in str(fl).split(";")
+                                                             if f}))})
         sections.append(Section("LLC over training", (
             "λ̂ = nβ(E[L] − L(w*)) at every checkpoint with one set of SGLD settings, calibrated once, on one fixed "
             "dataset; mean ± std over chains, raw (no smoothing), at the true checkpoint steps. Where the curve "
@@ -455,20 +458,23 @@ class LowDiversity(Study):
             ev = ", ".join(f"{v:.1%}" for v in ed.explained_variance_ratio)
             sections.append(Section(f"Essential dynamics, M = {M} (seed {s0})", (
                 f"PCA of the concatenated predictions on {cfg.ed_batch} fixed sequences at every checkpoint; explained "
-                f"variance of the PCs: {ev}. Cusps (red crosses) and vertices (circles) are candidate forms; their steps: "
+                f"variance of the PCs: {ev}. Cusps (red crosses) and vertices (circles) are candidate forms; "
+                "their steps: "
                 f"{ed.event_steps().astype(int).tolist()}."), figures=[png]))
         for s, jp in joint.items():
             png = pngs[f"joint_pca_seed{s}"]
             ev = ", ".join(f"{v:.1%}" for v in jp.explained_variance_ratio)
             sections.append(Section(f"Joint trajectory PCA (seed {s})", (
-                f"One PCA fitted on the checkpoints of the M = {cfg.Ms} runs, evaluated on {cfg.ed_batch} sequences of the "
-                f"shared root task; dMMSE_M (diamonds) and least squares (triangle) are projected, not fitted. Explained "
+                f"One PCA fitted on the checkpoints of the M = {cfg.Ms} runs, evaluated on {cfg.ed_batch} sequences "
+                "of the shared root task; dMMSE_M (diamonds) and least squares (triangle) are projected, not fitted. "
+                "Explained "
                 f"variance: {ev}."), figures=[png]))
         for M in cfg.Ms:
             paths, steps = pngs[f"attention_M{M}"]
             sections.append(Section(f"Attention patterns, M = {M} (seed {s0})", (
                 f"Mean attention per layer and head over 64 in-distribution sequences at steps {steps} (the first "
-                "checkpoint after initialisation, the stage boundaries, and the final step). Tokens alternate x_1, y_1, "
+                "checkpoint after initialisation, the stage boundaries, and the final step). Tokens alternate "
+                "x_1, y_1, "
                 "x_2, y_2, …; predictions are read at the x tokens."), figures=[paths[0]]))
         if len(probes):
             sections.append(Section("Probes for the task identity", (

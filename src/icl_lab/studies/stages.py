@@ -675,14 +675,16 @@ class Stages(Study):
             flags = r["run"].llc["flags"].fillna("")
             n_flagged = int((flags != "").sum())
             text = (
-                f"Test loss (top, fresh tasks) and LLC (bottom, mean ± std over {s.num_chains} chains) against step, with "
-                f"the stages found at critical points of λ̂ against log step (orange: λ̂ rises, type A; blue: falls, type "
+                f"Test loss (top, fresh tasks) and LLC (bottom, mean ± std over {s.num_chains} chains) against step, "
+                "with the stages found at critical points of λ̂ against log step (orange: λ̂ rises, type A; blue: "
+                "falls, type "
                 f"B; dotted: milestones). Measured: {len(t)} stage(s) of types {' '.join(t['type'])}, boundaries at "
                 f"steps {fmt_steps(bounds)}; λ̂ from {u['llc_mean'].iloc[0]:.3g} at step {int(u['step'].iloc[0])} to a "
                 f"maximum of {u['llc_mean'].max():.3g} at step {int(u.loc[u['llc_mean'].idxmax(), 'step']):,} and "
                 f"{u['llc_mean'].iloc[-1]:.3g} at the end; the loss from {u['loss'].iloc[0]:.3g} to "
                 f"{u['loss'].iloc[-1]:.3g}. {n_flagged} of {len(flags)} LLC estimates carry a diagnostic flag "
-                f"({', '.join(sorted({f for fl in flags for f in fl.split(';') if f})) or 'none'}). The table gives per "
+                f"({', '.join(sorted({f for fl in flags for f in fl.split(';') if f})) or 'none'}). The table gives "
+                "per "
                 "stage the change in loss and LLC, the nearest loss milestone and ED form to each boundary (agreement: "
                 "within 0.3 in log step), and the change of each indicator. The paper's Table 2 (seed 1) follows.")
             sections.append(Section(f"Stages, {name} (Hoogland et al. Fig. 1, Table 2)", text,
@@ -694,11 +696,14 @@ class Stages(Study):
                 for g in cfg.input_scales)
             lns = [c.split(":", 1)[1] for c in cur.columns if c.startswith("ln_rms:")]
             ln_txt = "; ".join(f"{n}: RMS {cur[f'ln_rms:{n}'].iloc[0]:.3g} → min {cur[f'ln_rms:{n}'].min():.3g} → "
-                               f"{cur[f'ln_rms:{n}'].iloc[-1]:.3g}, {cur[f'ln_small:{n}'].iloc[-1]:.0%} of weights below "
+                               f"{cur[f'ln_rms:{n}'].iloc[-1]:.3g}, {cur[f'ln_small:{n}'].iloc[-1]:.0%} of weights "
+                               "below "
                                f"{cfg.ln_threshold:g} at the end" for n in lns)
-            text = (f"Indicators on {cfg.eval_size:,} fixed fresh-task sequences at every checkpoint, on the stage bands. "
+            text = (f"Indicators on {cfg.eval_size:,} fixed fresh-task sequences at every checkpoint, on the stage "
+                    "bands. "
                     f"E[ŷ²]: {cur['yhat_sq'].iloc[0]:.3g} at step 0, minimum {cur['yhat_sq'].iloc[i_min]:.3g} at step "
-                    f"{int(cur['step'].iloc[i_min]):,} (σ² = {cfg.noise_var:g}), {cur['yhat_sq'].iloc[-1]:.3g} at the end. "
+                    f"{int(cur['step'].iloc[i_min]):,} (σ² = {cfg.noise_var:g}), {cur['yhat_sq'].iloc[-1]:.3g} at the "
+                    "end. "
                     f"ICL score ℓ_{cfg.late} − ℓ_{cfg.icl_early} (start → min → end): {icl_txt}. LayerNorm weights: "
                     f"{ln_txt}.")
             sections.append(Section(f"Indicators per stage, {name} (Hoogland et al. Fig. 5, §D.3.4)", text,
@@ -724,7 +729,8 @@ class Stages(Study):
         sections.append(Section("LLC settings", (
             f"Calibrated once at step {cal_step:,} of {first} (the first checkpoint at or after "
             f"{cfg.calibration_frac:.0%} of training) over ε in {', '.join(f'{e:g}' for e in cfg.step_sizes)} at γ = "
-            f"{cfg.sampler.localization:g}, each grid point burning in for max({cfg.sampler.num_burnin}, min_burnin(ε, γ) "
+            f"{cfg.sampler.localization:g}, each grid point burning in for max({cfg.sampler.num_burnin}, "
+            "min_burnin(ε, γ) "
             f"≈ 3/(εγ)) steps; chosen: ε = {s.step_size:g}, γ = {s.localization:g}, nβ = "
             f"{'n/log n' if s.nbeta is None else f'{s.nbeta:g}'}, {s.num_chains} chains × {s.num_draws} draws after "
             f"{s.num_burnin} burn-in, minibatch {s.batch_size}, on n = {settings.n:,} fixed fresh-task sequences. The "
@@ -752,8 +758,8 @@ class Stages(Study):
         rc = cfg.run_config(cfg.seeds[0])
         m, s = rc.model, cfg.sampler
         rows = [
-            ("model", f"preset '{cfg.preset}': {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads × {m.d_head}, "
-                      f"MLP {m.d_mlp} ({m.activation}), {n_parameters(rc):,} parameters",
+            ("model", f"preset '{cfg.preset}': {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads × "
+                      f"{m.d_head}, MLP {m.d_mlp} ({m.activation}), {n_parameters(rc):,} parameters",
              "about 50k parameters [EXT: 2 layers, 4 heads, d 64, MLP 64]"),
             ("tasks", f"M = ∞ (w ~ N(0, I_D) per sequence), D = {cfg.D}, K = {cfg.K}, σ² = {cfg.noise_var:g}",
              "M = ∞, σ² = 0.125 [EXT: D = 4, K = 8]"),

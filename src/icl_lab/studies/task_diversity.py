@@ -583,16 +583,17 @@ class TaskDiversity(Study):
         row = lambda m, col: big.loc[m, col] / D
         text = (
             f"Raventós et al. Fig. 2: the final models against M (log₂ axis, ∞ at the right), one curve per batch size "
-            f"(pale blue → red); top row on T_Pretrain, bottom on T_True; left the normalised loss L/D with dMMSE (green) "
-            f"and ridge (blue); middle Δ(PT, dMMSE)/D; right Δ(PT, Ridge)/D; dotted grey: Δ(Ridge, dMMSE)/D, the distance "
-            f"between the two baselines, for scale. Measured at B = {Bmax}: at M = {m_label(lo_m)}, "
+            "(pale blue → red); top row on T_Pretrain, bottom on T_True; left the normalised loss L/D with dMMSE "
+            "(green) and ridge (blue); middle Δ(PT, dMMSE)/D; right Δ(PT, Ridge)/D; dotted grey: Δ(Ridge, dMMSE)/D, "
+            f"the distance between the two baselines, for scale. Measured at B = {Bmax}: at M = {m_label(lo_m)}, "
             f"Δ_Pretrain(PT, dMMSE)/D = {row(lo_m, 'id_delta_dmmse'):.3g} against Δ_Pretrain(PT, Ridge)/D = "
             f"{row(lo_m, 'id_delta_ridge'):.3g}, and on T_True L/D = {row(lo_m, 'ood_loss'):.3g} (dMMSE "
             f"{row(lo_m, 'ood_dmmse_loss'):.3g}, ridge {row(lo_m, 'ood_ridge_loss'):.3g}); at M = {m_label(hi_m)}, "
             f"Δ_True(PT, Ridge)/D = {row(hi_m, 'ood_delta_ridge'):.3g} against Δ_True(PT, dMMSE)/D = "
             f"{row(hi_m, 'ood_delta_dmmse'):.3g}.")
         if np.inf in big.index:
-            text += (f" At M = ∞: T_True L/D = {row(np.inf, 'ood_loss'):.3g} (ridge {row(np.inf, 'ood_ridge_loss'):.3g}, "
+            text += (f" At M = ∞: T_True L/D = {row(np.inf, 'ood_loss'):.3g} "
+                     f"(ridge {row(np.inf, 'ood_ridge_loss'):.3g}, "
                      f"predict-0 {row(np.inf, 'ood_zero_loss'):.3g}), Δ_True(PT, Ridge)/D = "
                      f"{row(np.inf, 'ood_delta_ridge'):.3g}.")
         sections.append(Section("Distance to dMMSE and ridge against task diversity", text, figures=[pngs["fig2"]]))
@@ -618,17 +619,18 @@ class TaskDiversity(Study):
         last = runs[run_name(cfg.Ms[-1], Bmax, cfg.seeds[0])].metrics
         d_last = last["ood_delta_ridge"]
         text = ("Δ_True(PT, Ridge)/D over training for every M (Raventós et al. Fig. 4, left; dashed: M > M*). Curves "
-                "that fall and then rise show a transient approach to ridge before specialising to the pool (Carroll et "
-                f"al.). Measured for M = {m_label(cfg.Ms[-1])} at B = {Bmax}: {d_last.iloc[0] / D:.3g} at step 0, minimum "
-                f"{d_last.min() / D:.3g} at step {int(last.loc[d_last.idxmin(), 'step'])}, {d_last.iloc[-1] / D:.3g} at "
-                "the end.")
+                "that fall and then rise show a transient approach to ridge before specialising to the pool "
+                f"(Carroll et al.). Measured for M = {m_label(cfg.Ms[-1])} at B = {Bmax}: {d_last.iloc[0] / D:.3g} at "
+                f"step 0, minimum {d_last.min() / D:.3g} at step {int(last.loc[d_last.idxmin(), 'step'])}, "
+                f"{d_last.iloc[-1] / D:.3g} at the end.")
         dips = []
         for M in cfg.finite_Ms:
             m = runs[run_name(M, Bmax, cfg.seeds[0])].metrics
             d, steps = m["ood_delta_ridge"].to_numpy(), m["step"].to_numpy()
             i = int(np.argmin(d[1:])) + 1  # after initialisation
             if d[i] < d[0] and d[-1] > 1.1 * d[i]:
-                dips.append(f"{m_label(M)} (from {d[0] / D:.3g} at step 0 down to {d[i] / D:.3g} at step {int(steps[i])}, "
+                dips.append(f"{m_label(M)} (from {d[0] / D:.3g} at step 0 down to {d[i] / D:.3g} at step "
+                            f"{int(steps[i])}, "
                             f"then up to {d[-1] / D:.3g})")
         text += (" Runs that came closer to ridge than at initialisation and ended more than 10% above that minimum (a "
                  f"transient approach to ridge): {', '.join(dips) if dips else 'none'}.")
@@ -645,7 +647,8 @@ class TaskDiversity(Study):
         cfg, D, mean = self.cfg, self.cfg.D, mean_over_seeds(r["summary"])
         table = mean.copy()
         table.insert(0, "M", [m_label(m) for m in table.pop("M")])
-        cols = ["M", "B", "id_loss", "id_delta_dmmse", "id_delta_ridge", "ood_loss", "ood_delta_dmmse", "ood_delta_ridge",
+        cols = ["M", "B", "id_loss", "id_delta_dmmse", "id_delta_ridge", "ood_loss", "ood_delta_dmmse",
+                "ood_delta_ridge",
                 "id_dmmse_loss", "id_ridge_loss", "ood_dmmse_loss", "ood_ridge_loss", "ood_delta_ridge_dmmse"]
         table = table[cols]
         table[cols[2:]] = table[cols[2:]] / D
@@ -667,8 +670,8 @@ class TaskDiversity(Study):
         rc = cfg.run_config(cfg.finite_Ms[0], cfg.batch_size, cfg.seeds[0])
         m, finite = rc.model, cfg.finite_Ms
         rows = [
-            ("model", f"preset '{cfg.preset}': {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads × {m.d_head}, "
-                      f"MLP {m.d_mlp} ({m.activation}), {n_parameters(rc):,} parameters",
+            ("model", f"preset '{cfg.preset}': {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads × "
+                      f"{m.d_head}, MLP {m.d_mlp} ({m.activation}), {n_parameters(rc):,} parameters",
              "base PT: GPT-2, 8 layers, d 128, 2 heads (small PT: 4 layers, d 64)"),
             ("D, K, σ² (tasks w ~ N(0, I_D))", f"{cfg.D}, {cfg.K}, {cfg.noise_var:g} (SNR D/σ² = "
              f"{cfg.D / cfg.noise_var if cfg.noise_var else math.inf:g})", "8, 16, 0.25 (SNR 32)"),

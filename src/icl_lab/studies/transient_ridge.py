@@ -111,7 +111,8 @@ QUICK = dict(
 # LLC: the sizes of the authors' stored regression sweep config (8 chains, 500 draws after 500 burn-in, minibatch
 # 1024, n = 32,768; papers.md §D2 [EXT]); ε is calibrated on the grid below at γ = 1000 (as at small scale), where
 # every grid ε needs a burn-in of at most min_burnin(1e-5, 1000) = 300 < 500 steps (`icl_lab.llc.min_burnin`).
-PAPER = dict(Ms=_sqrt2_grid(15) + [None], D=8, K=16, model_overrides=dict(d_model=256, n_heads=4, d_head=64, d_mlp=2048),
+PAPER = dict(Ms=_sqrt2_grid(15) + [None], D=8, K=16,
+             model_overrides=dict(d_model=256, n_heads=4, d_head=64, d_mlp=2048),
              batch_size=256, steps=500_000, n_checkpoints_linear=100, n_checkpoints_log=100, n_evals=500,
              eval_size=8192, pca_batch=512, llc_n=32_768,
              sampler=LLCConfig(num_chains=8, num_draws=500, num_burnin=500, batch_size=1024, localization=1000.0),
@@ -690,7 +691,8 @@ class TransientRidge(Study):
             f"{cfg.pca_batch} sequences of the root task (row 0 of the master task sequence, in every pool); the rows "
             f"are stacked over runs and one mean-centred PCA is fitted (v = {cfg.pca_components}: "
             + ", ".join(f"PC{i + 1} {100 * v:.1f}%" for i, v in enumerate(evr))
-            + " of the variance); dMMSE_M (diamonds, in the run's colour) and ridge (square) are projected, not fitted. "
+            + " of the variance); dMMSE_M (diamonds, in the run's colour) and ridge (square) are projected, "
+            "not fitted. "
             f"Curves are lightly smoothed (σ = {cfg.pca_sigma:g} checkpoints). The second figure and the table "
             "measure the bend: distances in the PC plane to ridge and to dMMSE_M (first seed)."),
             figures=[pngs["pca"], pngs["pca_dist"]], tables=[pd.DataFrame(rows)]))
