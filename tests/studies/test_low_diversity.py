@@ -63,7 +63,9 @@ def test_numbers_are_finite_and_outputs_are_on_disk(study_dir):
 def test_rerun_reuses_runs_and_estimates(study_dir):
     # Reuse is checked on disk, not by timing (timed asserts fail on a loaded machine): no run is retrained (no
     # checkpoint, metrics or training-loss file rewritten) and no LLC estimate is recomputed.
-    files = [p for p in (study_dir / "runs").rglob("*") if p.suffix in {".parquet", ".safetensors"}]
+    # runs/index.parquet is the sweep's index of statuses, rewritten by every call; each run's own files are not
+    files = [p for p in (study_dir / "runs").rglob("*") if p.suffix in {".parquet", ".safetensors"}
+             and p.name != "index.parquet"]
     before = {p: p.stat().st_mtime_ns for p in files}
     assert any(p.name == "llc.parquet" for p in before) and any(p.suffix == ".safetensors" for p in before)
     first = json.loads((study_dir / "timings.json").read_text())
