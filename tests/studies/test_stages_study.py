@@ -273,7 +273,8 @@ def test_report_has_every_figure_numbers_and_a_filled_expectations_table(study_d
     assert set(exp["verdict"]) <= {"pass", "fail", "unclear"} and exp["measured"].notna().all()
     assert (exp["verdict"] != "unclear").sum() >= 8  # most rules are decided even on a tiny run
     timing = next(t for t in _tables(html) if "phase" in t.columns)
-    assert set(timing["phase"]) == {"train", "llc calibration", "llc estimates", "analysis", "figures", "report"}
+    # writing the page is timed in timings.json, not in the page's own table
+    assert set(timing["phase"]) == {"train", "llc calibration", "llc estimates", "analysis", "figures"}
     assert np.isfinite(timing["this invocation"]).all()
     paper = next(t for t in _tables(html) if "Δλ̂" in t.columns)
     assert paper["stage"].tolist() == ["LR1", "LR2", "LR3", "LR4", "LR5"]

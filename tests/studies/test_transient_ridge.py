@@ -298,7 +298,8 @@ def test_report_has_every_figure_numbers_and_a_filled_expectations_table(study_d
     for key in ("U-shaped", "t^crit_M grows", "bend towards ridge", "LLC at the end of training"):
         assert exp["expectation"].str.contains(key, regex=False).any(), key
     timing = next(t for t in _tables(html) if "phase" in t.columns)
-    assert set(timing["phase"]) == {"train", "llc calibration", "llc estimates", "analysis", "figures", "report"}
+    # writing the page is timed in timings.json, not in the page's own table
+    assert set(timing["phase"]) == {"train", "llc calibration", "llc estimates", "analysis", "figures"}
     for fig in ("ood_loss_vs_step", "t_crit_vs_M", "joint_pca", "pca_distance_to_ridge", "llc_vs_M"):
         assert (study_dir / "figures" / f"{fig}.png").stat().st_size > 10_000
         assert (study_dir / "figures" / f"{fig}.pdf").exists()
