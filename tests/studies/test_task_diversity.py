@@ -258,7 +258,8 @@ def test_cli_bad_config_file_and_unknown_study(tmp_path):
     assert "available: low-diversity, task-diversity, transient-ridge, stages" in result.output
     result = runner.invoke(app, ["study", "low-diversity", "--scale", "paper", "--out", str(tmp_path / "s")],
                            env={"COLUMNS": "300"})
-    assert result.exit_code == 2 and "apply to the studies task-diversity" in result.output
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert "the study low-diversity has no paper scale (allowed: scale 'small')" in result.output
     assert not (tmp_path / "s").exists()
 
 

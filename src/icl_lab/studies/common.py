@@ -116,6 +116,8 @@ class StudyConfig(BaseModel):
         if self.quick and self.scale == "paper":
             raise ValueError("quick is a minutes-long version of the small scale; it cannot be combined with "
                              "scale='paper' (allowed: quick with scale='small')")
+        if self.scale == "paper" and not self.PAPER:
+            raise ValueError(f"the study {self.study} has no paper scale (allowed: scale 'small')")
         return self
 
     @classmethod
@@ -124,6 +126,9 @@ class StudyConfig(BaseModel):
         if quick and scale == "paper":
             raise ValueError("quick: the quick version shrinks the small scale and cannot be combined with scale "
                              "'paper' (allowed: --quick with --scale small)")
+        if scale == "paper" and not cls.PAPER:
+            raise ValueError(f"the study {cls.model_fields['study'].default} has no paper scale (allowed: scale "
+                             "'small')")
         base = {"paper": cls.PAPER}.get(scale, {}) | (cls.QUICK if quick else {})
         return cls(**{**base, **overrides, "scale": scale, "quick": quick})
 
