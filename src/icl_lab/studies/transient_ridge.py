@@ -121,7 +121,8 @@ PAPER = dict(Ms=_sqrt2_grid(15) + [None], D=8, K=16,
 QUICK = dict(Ms=[1, 4, 8, 16, 64, None], steps=3000, n_checkpoints_linear=6, n_checkpoints_log=10, n_evals=30,
              eval_size=1024, pca_batch=128, llc_n=1024,
              sampler=LLCConfig(step_size=1e-4, num_chains=2, num_draws=60, num_burnin=30, batch_size=64,
-                               localization=1000.0))
+                               localization=1000.0),
+             step_sizes=[3e-5, 1e-4, 3e-4])
 
 
 class TransientRidgeConfig(MsStudyConfig, LLCStudyConfig):
