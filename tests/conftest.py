@@ -50,7 +50,7 @@ def tiny_study():
     """The low-diversity study at a size that runs in seconds (every phase, the whole report)."""
     from icl_lab.studies.low_diversity import LowDiversityConfig
 
-    return LowDiversityConfig.quick(steps=120, D=3, K=5, workers=1, llc_n=128, eval_size=64, ed_batch=16,
-                                    sampler=LLCConfig(num_chains=2, num_draws=10, num_burnin=4, batch_size=16,
-                                                      localization=100.0),
-                                    step_sizes=[1e-4, 1e-3], n_checkpoints_linear=3, n_checkpoints_log=6)
+    return LowDiversityConfig.for_scale(quick=True, steps=120, D=3, K=5, workers=1, llc_n=128, eval_size=64,
+                                        ed_batch=16, sampler=LLCConfig(num_chains=2, num_draws=10, num_burnin=4,
+                                                                       batch_size=16, localization=100.0),
+                                        step_sizes=[1e-4, 1e-3], n_checkpoints_linear=3, n_checkpoints_log=6)

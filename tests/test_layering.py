@@ -19,12 +19,11 @@ FACE = {"icl_lab.plots", "icl_lab.cli", "icl_lab.report"}  # the top layer: figu
 # Below the studies (which declare their figures and report sections): the numeric and analysis modules.
 LOWER = sorted(m for m in MODULES if m not in FACE and not m.startswith("icl_lab.studies"))
 # Modules rewritten on other branches of issue 22 (the Study framework; one training loop) declare `__all__` there.
-PENDING_ALL = {"icl_lab.llc_run", "icl_lab.report", "icl_lab.studies", "icl_lab.studies.common",
-               "icl_lab.studies.low_diversity", "icl_lab.studies.task_diversity"}
+PENDING_ALL: set[str] = set()
 # Function-level imports are allowed only to defer an optional dependency (or a platform-only one).
 OPTIONAL = {"ray", "submitit", "transformer_lens", "selenium", "wandb", "fcntl"}
 # ... and, until the other branches of issue 22 merge, in the code they own (names: module, enclosing function).
-PENDING_LOCAL = {("icl_lab.llc_run", "*"), ("icl_lab.cli", "study"), ("icl_lab.cli", "report")}
+PENDING_LOCAL: set[tuple[str, str]] = set()
 
 
 def _path(module: str) -> Path:
@@ -69,10 +68,7 @@ def test_light_modules_load_neither_torch_nor_matplotlib(module):
 
 @pytest.mark.parametrize("module", LOWER)
 def test_no_numeric_or_analysis_module_imports_plots_cli_or_report(module):
-    shims = "_MOVED_TO_PLOTS" in _path(module).read_text()  # transitional aliases, resolved in __getattr__
     for name, func, _ in _imports(module):
-        if shims and func == "__getattr__":
-            continue
         assert name not in FACE, f"{module} imports {name} (in {func or 'the module'})"
 
 
@@ -85,7 +81,7 @@ def test_function_level_imports_only_defer_optional_dependencies(module):
     for name, func, typing_only in _imports(module):
         if not func or typing_only or name.split(".")[0] in OPTIONAL or func == "__getattr__":
             continue
-        if (module, func) in PENDING_LOCAL or (module, "*") in PENDING_LOCAL or module.startswith("icl_lab.studies"):
+        if (module, func) in PENDING_LOCAL or (module, "*") in PENDING_LOCAL:
             continue
         pytest.fail(f"{module}.{func} imports {name} inside a function; import it at the top of the module")
 
@@ -110,13 +106,3 @@ def test_public_api_resolves_lazily():
         assert getattr(icl_lab, name) is not None, name
         assert name in dir(icl_lab)
     assert not set(icl_lab.__all__) & {m.split(".")[1] for m in MODULES}  # no name shadows a submodule
-
-
-def test_moved_figures_still_resolve_from_their_old_modules():
-    """Transitional: studies and llc_run import these from their old homes until they import from plots."""
-    from icl_lab import llc, plots, stages, trajectory
-
-    assert trajectory.plot_pc_pairs is plots.plot_pc_pairs and trajectory.plot_joint_pca is plots.plot_joint_pca
-    assert stages.plot_stages is plots.plot_stages and llc.plot_calibration is plots.plot_calibration
-    with pytest.raises(AttributeError):
-        trajectory.no_such_name  # noqa: B018

@@ -3,13 +3,19 @@ and the caller's torch thread count left alone."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 import torch
 
 from icl_lab.config import LLCConfig, build_run_config
 from icl_lab.llc import min_burnin
-from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_run, load_settings
+from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_run, load_settings, save_settings
+from icl_lab.store import Run
 from icl_lab.train import train
 
 from conftest import tiny_overrides
@@ -98,3 +104,42 @@ def test_cli_bad_device_fails_before_any_work(tmp_path, device, message):
     result = CliRunner().invoke(app, ["llc", "calibrate", str(path), "--device", device], env={"COLUMNS": "300"})
     assert result.exit_code == 2 and message in result.output
     assert not (path / "llc_settings.json").exists()
+
+
+CONCURRENT = """
+import sys, time
+from pathlib import Path
+from icl_lab.llc_run import estimate_run
+from icl_lab.store import Run
+run, steps, start = Path(sys.argv[1]), [int(s) for s in sys.argv[2].split(",")], float(sys.argv[3])
+while time.time() < start:  # both processes start estimating at the same moment
+    time.sleep(0.005)
+estimate_run(Run.load(run), steps=steps, progress=False)
+"""
+
+
+@pytest.mark.parametrize("split", ["disjoint", "same"])
+def test_concurrent_processes_neither_lose_nor_duplicate_rows(tmp_path, split):
+    """Two real processes estimate one run at once, as a SLURM array over checkpoints would: on disjoint steps
+    each keeps its rows; on the same steps they share the work. Either way llc.parquet ends with each step once."""
+    run = train(build_run_config(overrides=tiny_overrides(steps=60, n_checkpoints_linear=6, n_checkpoints_log=6)),
+                tmp_path / "run", progress=False)
+    settings = LLCSettings(sampler=LLCConfig(num_chains=2, num_draws=30, num_burnin=10, batch_size=16,
+                                             localization=100.0, step_size=1e-4), n=64)
+    save_settings(run, settings)
+    steps = run.checkpoint_steps
+    assert len(steps) >= 8
+    parts = [steps[::2], steps[1::2]] if split == "disjoint" else [steps, steps]
+    start = time.time() + 3.0
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, str(run.path), ",".join(map(str, p)), str(start)],
+                              stderr=subprocess.PIPE, text=True) for p in parts]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    llc = Run.load(run.path).llc_all
+    assert sorted(llc["step"]) == sorted(steps)  # every step once: none lost, none twice
+    assert (llc["settings_hash"] == settings.digest()).all() and np.isfinite(llc["llc_mean"]).all()
+    alone = tmp_path / "alone"  # the same estimates by one process: concurrency changes no number
+    shutil.copytree(run.path, alone, ignore=shutil.ignore_patterns("llc.parquet", ".llc*"))
+    ref = estimate_run(Run.load(alone), steps=steps, progress=False)
+    assert ref.set_index("step")["llc_mean"].to_dict() == llc.set_index("step")["llc_mean"].to_dict()

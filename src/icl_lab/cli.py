@@ -4,7 +4,6 @@ status 2 and one line, `error: ...`, never a traceback."""
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 import re
@@ -31,10 +30,12 @@ except ImportError:  # pragma: no cover - depends on the typer version
 from icl_lab.config import SECTIONS, LLCConfig, build_run_config, read_config_file
 from icl_lab.llc import DEFAULT_STEP_SIZES
 from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_run, load_settings
-from icl_lab.plots import plot_run, plot_stages
+from icl_lab.plots import plot_calibration, plot_run, plot_stages
 from icl_lab.progress import Bar
 from icl_lab.stages import llc_milestones, save_stage_table, stage_table, trusted_mask
 from icl_lab.store import Run
+from icl_lab.studies.common import check_out
+from icl_lab.studies.runner import MissingOutputs, config_class, rebuild_report, run_study
 from icl_lab.sweep import (
     STATUSES,
     SweepError,
@@ -346,7 +347,7 @@ def llc_calibrate(
                                 batch_size=_batch_size(batch_size), sampler=sampler, tilted=tilted)
         base = LLCSettings(sampler=sampler_cfg, n=n, data=data, seed=run.config.seed)
         with Bar(not quiet, 1, "LLC calibration") as bar:  # the total is calibrate's upper bound, set as it goes
-            cal, chosen = calibrate_run(run, step, settings=base, device=device, **grids,
+            cal, chosen = calibrate_run(run, step, settings=base, device=device, figure=plot_calibration, **grids,
                                         progress=lambda done, total, _: bar.update(done, total=total))
     except ValidationError as e:
         fail(format_validation_error(e))
@@ -490,22 +491,8 @@ def sweep(
 
 
 # ------------------------------------------------------------------------------------------------ studies
-# The papers' studies, each a module under icl_lab.studies with the same interface: a config class with
-# `for_scale(scale, quick=..., **overrides)` and `run_configs()`, and module functions `check_out(out, runs)` and
-# `run_study(cfg, out) -> report path`. Their runs train through the sweep machinery (local, ray or slurm).
-SWEEP_STUDIES = {
-    "task-diversity": ("icl_lab.studies.task_diversity", "TaskDiversityConfig"),
-    "transient-ridge": ("icl_lab.studies.transient_ridge", "TransientRidgeConfig"),
-    "stages": ("icl_lab.studies.stages", "StagesConfig"),
-}
-STUDY_NAMES = ("low-diversity", *SWEEP_STUDIES)
-
-
-def _study_module(name: str) -> tuple[Any, Any]:
-    """(module, config class) of a sweep-based study."""
-    module_name, config_name = SWEEP_STUDIES[name]
-    module = importlib.import_module(module_name)
-    return module, getattr(module, config_name)
+# The studies: icl_lab.studies.runner.STUDIES, one Study each; their runs train through the sweep machinery.
+STUDY_NAMES = ("low-diversity", "task-diversity", "transient-ridge", "stages")
 
 
 @app.command()
@@ -530,36 +517,9 @@ def study(
     (M = 1, 2). task-diversity: Raventós et al., M = 2^0 ... 2^k and ∞ at batch sizes B and 2B, the threshold M*.
     transient-ridge: Carroll et al., nested pools, OOD loss and t_crit per M, joint trajectory PCA, LLC against M.
     stages: Hoogland et al., M = ∞, LLC curve, essential dynamics, stage table, ICL score and LayerNorm weights."""
-    from icl_lab.studies.low_diversity import LowDiversityConfig, run_study
-
-    if name in SWEEP_STUDIES:
-        _sweep_study(name, out, quick, config, workers, seeds, ms, steps, device, scale, executor, address, dry_run)
-        return
-    if name != "low-diversity":
+    if name not in STUDY_NAMES:
         fail(f"unknown study {name!r}; available: {', '.join(STUDY_NAMES)}")
-    if scale is not None or executor is not None or address is not None or dry_run:
-        fail(f"--scale, --executor, --address and --dry-run apply to the studies {', '.join(SWEEP_STUDIES)} only")
-    try:
-        overrides: dict[str, Any] = read_config_file(config) if config else {}
-    except ValueError as e:  # missing file, bad suffix, bad TOML or JSON
-        fail(escape(str(e)))
-    for key, value in (("workers", workers), ("steps", steps), ("device", device)):
-        if value is not None:
-            overrides[key] = value
-    if seeds:
-        overrides["seeds"] = _ints("--seeds", seeds)
-    if ms:
-        finite = "comma-separated integers >= 1, e.g. 1,2 (low-diversity trains finite task pools: no 'inf')"
-        overrides["Ms"] = _ints("--Ms", ms, finite)
-        if min(overrides["Ms"]) < 1:
-            fail(f"--Ms: {ms!r} is not allowed; allowed: {finite}")
-    try:
-        cfg = LowDiversityConfig.quick(**overrides) if quick else LowDiversityConfig(**overrides)
-    except ValidationError as e:
-        fail(format_validation_error(e))
-    target = out or Path("runs") / (name + ("-quick" if quick else ""))
-    report_path = run_study(cfg, target)
-    typer.echo(f"report: {report_path}")
+    _sweep_study(name, out, quick, config, workers, seeds, ms, steps, device, scale, executor, address, dry_run)
 
 
 def _sweep_study(name: str, out: Path | None, quick: bool, config: Path | None, workers: int | None,
@@ -567,7 +527,6 @@ def _sweep_study(name: str, out: Path | None, quick: bool, config: Path | None, 
                  executor: str | None, address: str | None, dry_run: bool) -> None:
     """`icl-lab study NAME` for the papers' studies: every setting is validated (and every run config built) before
     anything is written; a bad value exits with status 2 naming the field and its allowed values."""
-    module, config_class = _study_module(name)
     try:
         overrides: dict[str, Any] = read_config_file(config) if config else {}
     except ValueError as e:  # missing file, bad suffix, bad TOML or JSON
@@ -586,12 +545,12 @@ def _sweep_study(name: str, out: Path | None, quick: bool, config: Path | None, 
     if ms:
         overrides["Ms"] = [v.strip() for v in ms.split(",")]
     try:
-        cfg = config_class.for_scale(scale, quick=quick, **overrides)
+        cfg = config_class(name).for_scale(scale, quick=quick, **overrides)
         runs = cfg.run_configs()
         check_options(cfg.executor, cfg.workers, cfg.ensemble)
         target = out or Path("runs") / (name + ("-paper" if cfg.scale == "paper" else "")
                                         + ("-quick" if cfg.quick else ""))
-        module.check_out(target, runs)
+        check_out(target, name, runs)
     except ValidationError as e:
         fail(escape(format_validation_error(e)))
     except (ValueError, SweepError) as e:
@@ -605,7 +564,7 @@ def _sweep_study(name: str, out: Path | None, quick: bool, config: Path | None, 
     console.print(f"study {name} ({cfg.scale}{', quick' if cfg.quick else ''}): {target}, {len(runs)} runs, "
                   f"executor {cfg.executor}")
     try:
-        report_path = module.run_study(cfg, target)
+        report_path = run_study(cfg, target)
     except SweepFailed as e:
         fail(escape(str(e)), code=1)
     typer.echo(f"report: {report_path}")
@@ -613,20 +572,12 @@ def _sweep_study(name: str, out: Path | None, quick: bool, config: Path | None, 
 
 @app.command()
 def report(study_dir: Annotated[Path, typer.Argument(help="a study directory")]) -> None:
-    """Rebuild a study's HTML report from what is on disk (nothing is retrained or re-estimated)."""
-    from icl_lab.studies.low_diversity import LowDiversityConfig, run_study
-
-    cfg_file = study_dir / "study_config.json"
-    if not cfg_file.exists():
-        fail(f"{study_dir} is not a study directory ({cfg_file} missing)")
-    name = json.loads(cfg_file.read_text()).get("study")
-    if name in SWEEP_STUDIES:
-        module, config_class = _study_module(name)
-        cfg = config_class.model_validate_json(cfg_file.read_text())
-        typer.echo(f"report: {module.run_study(cfg, study_dir)}")
-        return
-    cfg = LowDiversityConfig.model_validate_json(cfg_file.read_text())
-    typer.echo(f"report: {run_study(cfg, study_dir)}")
+    """Rebuild a study's HTML report from what is on disk (nothing is trained, calibrated or estimated)."""
+    try:
+        path = rebuild_report(study_dir)
+    except MissingOutputs as e:
+        fail(escape(str(e)))
+    typer.echo(f"report: {path}")
 
 
 def main() -> None:

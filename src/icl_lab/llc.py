@@ -1270,15 +1270,3 @@ def calibrate(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *,
     index, reason, plateau = pick_settings(table, rel_tol=rel_tol, max_ratio=max_ratio)
     chosen = None if index is None else _config_of_row(base, table.loc[index])
     return Calibration(table, results, base, chosen, index, reason, plateau)
-
-# Transitional: these figures moved to icl_lab.plots. Imports of the old names (llc_run) resolve here, lazily, until
-# they import from icl_lab.plots; delete this block then.
-_MOVED_TO_PLOTS = frozenset({"plot_calibration"})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_PLOTS:
-        from icl_lab import plots  # deferred, transitional: plots loads matplotlib, which this module must not
-
-        return getattr(plots, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

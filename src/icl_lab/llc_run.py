@@ -10,12 +10,14 @@ over it, and `Run.llc` reads the curve at the settings used last. Finished steps
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing as mp
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -25,13 +27,36 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from icl_lab.config import LLCConfig
-from icl_lab.llc import calibrate, estimate_llc, vectorizes
+from icl_lab.llc import Calibration, calibrate, estimate_llc, vectorizes
 from icl_lab.progress import Bar
-from icl_lab.store import Run, settings_digest, write_json, write_parquet
-from icl_lab.tasks import derive_seed, make_generator, root_task_batch, sample_batch, task_pool
+from icl_lab.seeding import derive_seed, make_generator
+from icl_lab.store import Run, file_lock, settings_digest, write_json, write_parquet
+from icl_lab.tasks import root_task_batch, sample_batch, task_pool
 from icl_lab.threads import torch_threads
 
+__all__ = [
+    "add_llc_rows",
+    "DataSource",
+    "LLCPlan",
+    "LLCSettings",
+    "SharedSettings",
+    "calibrate_run",
+    "calibrate_shared",
+    "estimate_run",
+    "estimate_runs",
+    "estimate_step",
+    "finite_llc",
+    "llc_data",
+    "load_settings",
+    "load_shared",
+    "missing_steps",
+    "mse_loss",
+    "save_settings",
+    "settings_path",
+]
+
 DataSource = Literal["id", "ood", "root"]
+FigureFn = Callable[[Calibration, Path], object]  # draws a calibration's figure at a path (icl_lab.plots)
 
 
 class LLCSettings(BaseModel):
@@ -102,14 +127,13 @@ def finite_llc(run: Run) -> pd.DataFrame:
 
 
 def calibrate_run(run: Run, step: int | None = None, settings: LLCSettings | None = None, device: str = "cpu",
-                  **grid) -> tuple:
+                  figure: FigureFn | None = None, **grid) -> tuple:
     """Sweep ε (and γ, nβ) at one checkpoint (default: the last) on `device`, pick the settings, save them with
     the run.
 
-    Returns (calibration, chosen LLCSettings); also writes RUN/llc_calibration.parquet and its figure.
+    Returns (calibration, chosen LLCSettings); also writes RUN/llc_calibration.parquet, and calls
+    figure(calibration, RUN/figures/llc_calibration) when given (the face passes `plots.plot_calibration`).
     """
-    from icl_lab.llc import plot_calibration
-
     settings = settings or load_settings(run) or LLCSettings(seed=run.config.seed)
     step = run.checkpoint_steps[-1] if step is None else step
     model = run.load_checkpoint(step, device)
@@ -117,7 +141,8 @@ def calibrate_run(run: Run, step: int | None = None, settings: LLCSettings | Non
     with _sampling_threads(model, settings.sampler, device, shared_cores=False):
         cal = calibrate(model, data, mse_loss, base=settings.sampler, seed=_sgld_seed(settings), **grid)
     write_parquet(run.path / "llc_calibration.parquet", cal.table.assign(step=step))
-    plot_calibration(cal, run.path / "figures" / "llc_calibration")
+    if figure is not None:
+        figure(cal, run.path / "figures" / "llc_calibration")
     if cal.chosen is None:
         raise ValueError(f"LLC calibration of {run.path} at step {step} found no stable step size ({cal.reason}); "
                          f"see {run.path / 'figures' / 'llc_calibration.png'} and widen the grid")
@@ -157,40 +182,153 @@ def estimate_run(run: Run, steps: Iterable[int] | None = None, settings: LLCSett
     return run.llc
 
 
+def _key(row: dict) -> tuple[str, int]:
+    return str(row.get("settings_hash")), int(row["step"])
+
+
+def _done(run: Run, digest: str) -> set[int]:
+    """Steps of `run` with an estimate at the settings `digest`, as llc.parquet holds them now."""
+    old = run.llc_all
+    return set() if old is None else {s for h, s in map(_key, old.to_dict("records")) if h == digest}
+
+
+def add_llc_rows(run: Run, new: list[dict]) -> None:
+    """Merge rows into RUN/llc.parquet under the run's lock, re-reading the file first: rows that other processes
+    wrote since are kept, and a (settings, step) already there is not written twice."""
+    with file_lock(run.path / ".llc.lock", blocking=True):
+        old = run.llc_all
+        rows = [] if old is None else old.to_dict("records")  # every setting's rows are kept
+        have = {_key(r) for r in rows}
+        rows += [r for r in new if _key(r) not in have]
+        write_parquet(run.path / "llc.parquet", pd.DataFrame(sorted(rows, key=_key)))
+
+
+def _claim_path(run: Run, digest: str, step: int) -> Path:
+    return run.path / ".llc-claims" / f"{digest}-{step:08d}.lock"
+
+
 def estimate_runs(runs: list[Run], settings: LLCSettings, steps: dict[Path, Iterable[int]] | None = None,
                   workers: int = 1, progress: bool = True, device: str = "cpu") -> None:
-    """`estimate_run` for several runs with one settings object; all (run, step) jobs share one process pool."""
+    """`estimate_run` for several runs with one settings object; all (run, step) jobs share one process pool.
+
+    Safe to run as several processes at once on the same runs (a SLURM array over checkpoints, say): each
+    (run, step) is claimed with a lock before it is estimated, so a step is estimated once; a process that finds
+    a step claimed by another waits for it at the end, and estimates it itself if the other died without
+    writing it. Rows are merged into llc.parquet under a lock (`add_llc_rows`), so none is lost or duplicated.
+    """
     payload, digest = settings.model_dump_json(), settings.digest()
-    rows: dict[Path, list[dict]] = {}
-    jobs: list[tuple[Run, int]] = []
+    wanted: list[tuple[Run, int]] = []
     for run in runs:
         save_settings(run, settings)
-        wanted = sorted(set(run.checkpoint_steps if steps is None or run.path not in steps else steps[run.path]))
-        missing = set(wanted) - set(run.checkpoint_steps)
+        chosen = sorted(set(run.checkpoint_steps if steps is None or run.path not in steps else steps[run.path]))
+        missing = set(chosen) - set(run.checkpoint_steps)
         if missing:
             raise ValueError(f"no checkpoints at steps {sorted(missing)} in {run.path}")
-        old = run.llc_all
-        rows[run.path] = [] if old is None else old.to_dict("records")  # every setting's rows are kept
-        done = {r["step"] for r in rows[run.path] if r.get("settings_hash") == digest}
-        jobs += [(run, s) for s in wanted if s not in done]
+        done = _done(run, digest)
+        wanted += [(run, s) for s in chosen if s not in done]
 
-    def save(run: Run) -> None:
-        ordered = sorted(rows[run.path], key=lambda r: (str(r.get("settings_hash")), r["step"]))
-        write_parquet(run.path / "llc.parquet", pd.DataFrame(ordered))
-
-    with Bar(progress, len(jobs), "LLC checkpoints") as bar:
-        if workers <= 1 or len(jobs) <= 1:
-            for run, step in jobs:
-                rows[run.path].append(estimate_step(run.path, step, payload, device))
-                save(run)
-                bar.advance()
-        else:
-            ctx = mp.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                futures = {pool.submit(estimate_step, run.path, step, payload, device, True): run
-                           for run, step in jobs}
-                for fut in as_completed(futures):
-                    run = futures[fut]
-                    rows[run.path].append(fut.result())
-                    save(run)
+    with contextlib.ExitStack() as claims, Bar(progress, len(wanted), "LLC checkpoints") as bar:
+        mine: list[tuple[Run, int]] = []
+        theirs: list[tuple[Run, int]] = []
+        for run, step in wanted:
+            held = claims.enter_context(file_lock(_claim_path(run, digest, step)))
+            (mine if held else theirs).append((run, step))
+        _estimate_jobs(mine, payload, workers, device, bar)
+        for run, step in theirs:  # another process holds the claim: wait for it, then check its row is there
+            with file_lock(_claim_path(run, digest, step), blocking=True):
+                if step not in _done(run, digest):
+                    _estimate_jobs([(run, step)], payload, 1, device, bar)
+                else:
                     bar.advance()
+
+
+def _estimate_jobs(jobs: list[tuple[Run, int]], payload: str, workers: int, device: str, bar: Bar) -> None:
+    """Estimate each (run, step) and merge its row into the run's llc.parquet as soon as it is done."""
+    if workers <= 1 or len(jobs) <= 1:
+        for run, step in jobs:
+            add_llc_rows(run, [estimate_step(run.path, step, payload, device)])
+            bar.advance()
+        return
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = {pool.submit(estimate_step, run.path, step, payload, device, True): run for run, step in jobs}
+        for fut in as_completed(futures):
+            add_llc_rows(futures[fut], [fut.result()])
+            bar.advance()
+
+
+# ================================================================================================ a study's LLC plan
+@dataclass(frozen=True)
+class LLCPlan:
+    """The LLCs a study needs: one calibration over `step_sizes` (at γ = base.sampler.localization) at
+    `calibrate_step` (None: the last checkpoint) of the run `calibrate`, whose chosen settings then estimate every
+    checkpoint of every run, or each run's last one (`final_only`)."""
+
+    base: LLCSettings
+    step_sizes: list[float]
+    calibrate: str
+    calibrate_step: int | None = None
+    final_only: bool = False
+
+    def steps(self, runs: dict[str, Run]) -> dict[Path, list[int]] | None:
+        return {r.path: [r.checkpoint_steps[-1]] for r in runs.values()} if self.final_only else None
+
+
+@dataclass(frozen=True)
+class SharedSettings:
+    """The outcome of a study's calibration: the settings (None: no stable step size, `reason` says why), and
+    where they were calibrated."""
+
+    settings: LLCSettings | None
+    reason: str
+    run: str
+    step: int
+
+
+CALIBRATION_FILE = "llc_settings.json"  # in the study directory: {"inputs", "settings", "reason"}
+
+
+def _calibration_inputs(plan: LLCPlan, runs: dict[str, Run]) -> dict:
+    run = runs[plan.calibrate]
+    step = run.checkpoint_steps[-1] if plan.calibrate_step is None else plan.calibrate_step
+    return {"run": plan.calibrate, "step": step, "base": json.loads(plan.base.model_dump_json()),
+            "step_sizes": list(plan.step_sizes), "burnin": "max(num_burnin, min_burnin(step_size, localization))"}
+
+
+def load_shared(out: Path, plan: LLCPlan, runs: dict[str, Run]) -> SharedSettings | None:
+    """The study's saved calibration, if it was made from the same inputs (run, step, base settings, ε grid and
+    burn-in rule); else None."""
+    f, inputs = Path(out) / CALIBRATION_FILE, _calibration_inputs(plan, runs)
+    saved = json.loads(f.read_text()) if f.exists() else {}
+    if saved.get("inputs") != inputs:
+        return None
+    settings = None if saved["settings"] is None else LLCSettings.model_validate(saved["settings"])
+    return SharedSettings(settings, saved["reason"], inputs["run"], inputs["step"])
+
+
+def calibrate_shared(out: Path, plan: LLCPlan, runs: dict[str, Run], device: str = "cpu",
+                     figure: FigureFn | None = None) -> SharedSettings:
+    """Calibrate once for the whole study (`calibrate_run`), or reuse OUT/llc_settings.json when its inputs are the
+    same. A calibration that finds no stable step size is recorded, not raised: settings is then None."""
+    shared = load_shared(out, plan, runs)
+    if shared is not None:
+        return shared
+    inputs = _calibration_inputs(plan, runs)
+    try:
+        cal, chosen = calibrate_run(runs[plan.calibrate], step=inputs["step"], settings=plan.base,
+                                    step_sizes=plan.step_sizes, localizations=[plan.base.sampler.localization],
+                                    device=device, figure=figure)
+        reason = cal.reason
+    except ValueError as e:
+        chosen, reason = None, str(e)
+    write_json(Path(out) / CALIBRATION_FILE, {"inputs": inputs, "settings": None if chosen is None else
+                                              json.loads(chosen.model_dump_json()), "reason": reason})
+    return SharedSettings(chosen, reason, inputs["run"], inputs["step"])
+
+
+def missing_steps(run: Run, settings: LLCSettings, steps: Iterable[int] | None = None) -> list[int]:
+    """The checkpoints (all, or `steps`) of `run` with no LLC estimate at `settings`."""
+    llc = run.llc_all
+    done = set() if llc is None or "settings_hash" not in llc else set(
+        llc.loc[llc["settings_hash"] == settings.digest(), "step"])
+    return [s for s in (run.checkpoint_steps if steps is None else steps) if s not in done]

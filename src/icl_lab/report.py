@@ -12,6 +12,8 @@ import pandas as pd
 
 from icl_lab.store import atomic_write
 
+__all__ = ["Section", "render", "table_html", "write_report"]
+
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
 h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 2em; border-bottom: 1px solid #ddd; }

@@ -689,15 +689,3 @@ def save_stage_table(df: pd.DataFrame, path: str | os.PathLike[str]) -> tuple[Pa
             raise
         out.append(target)
     return out[0], out[1]
-
-# Transitional: these figures moved to icl_lab.plots. Imports of the old names (studies) resolve here, lazily, until
-# they import from icl_lab.plots; delete this block then.
-_MOVED_TO_PLOTS = frozenset({"plot_stages"})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_PLOTS:
-        from icl_lab import plots  # deferred, transitional: plots loads matplotlib, which this module must not
-
-        return getattr(plots, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,13 +11,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from icl_lab.config import RunConfig
 from icl_lab.model import ICLTransformer
 
 __all__ = [
+    "file_lock",
     "STEP_FILE",
     "Run",
     "atomic_write",
@@ -72,6 +75,32 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, *, blocking: bool = False) -> Iterator[bool]:
+    """An exclusive flock on `path` (created; it records host and pid) for the body; yields whether it was
+    acquired (always True when `blocking`: it waits). Closing the descriptor releases it, also when a process dies.
+
+    flock is advisory and per host: processes on one machine exclude each other, and so do NFS clients where the
+    server supports flock over NFSv4 locks; on other shared filesystems it may not hold across nodes.
+    """
+    import fcntl  # deferred: POSIX-only, so that importing store works on every platform
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except OSError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        yield True
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str | Path, obj: Any) -> None:

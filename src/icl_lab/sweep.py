@@ -79,7 +79,7 @@ from icl_lab.config import (
 )
 from icl_lab.ensemble import group_stackable, train_ensemble
 from icl_lab.progress import Bar
-from icl_lab.store import Run, write_json, write_parquet
+from icl_lab.store import Run, file_lock, write_json, write_parquet
 from icl_lab.threads import torch_threads
 
 __all__ = [
@@ -344,26 +344,6 @@ def _state_step(run: Run) -> int | None:
         return None
 
 
-@contextlib.contextmanager
-def _try_lock(path: Path) -> Iterator[bool]:
-    """Non-blocking exclusive flock on `path` (which records host and pid); yields whether it was acquired."""
-    import fcntl  # deferred: POSIX-only, so that importing sweep works on every platform
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            yield False
-            return
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
-        yield True  # closing the descriptor releases the lock
-    finally:
-        os.close(fd)
-
-
 def _start(status_file: Path, **extra: Any) -> dict[str, Any]:
     """Write and return a 'running' status record (attempts counted on from the previous record)."""
     previous = _read_json(status_file) or {}
@@ -390,7 +370,7 @@ def _finish_run(status_file: Path, record: dict[str, Any], run: Run) -> dict[str
 
 def _run_one(config: RunConfig, path: Path, status_file: Path) -> dict[str, Any]:
     """Train (or finish) one run, recording its status; a training error is recorded, never raised."""
-    with _try_lock(status_file.with_suffix(".lock")) as locked:
+    with file_lock(status_file.with_suffix(".lock")) as locked:
         if not locked:  # another live process trains this run: leave it alone
             return {**(_read_json(status_file) or {}), "status": "running", "note": "another process trains it"}
         record = _start(status_file)
@@ -415,7 +395,7 @@ def _run_one(config: RunConfig, path: Path, status_file: Path) -> dict[str, Any]
 def _run_ensemble(configs: list[RunConfig], paths: list[Path], status_files: list[Path]) -> list | None:
     """Train fresh, stackable runs together (icl_lab.ensemble); None if that failed (statuses left as they were)."""
     with contextlib.ExitStack() as stack:
-        if not all(stack.enter_context(_try_lock(f.with_suffix(".lock"))) for f in status_files):
+        if not all(stack.enter_context(file_lock(f.with_suffix(".lock"))) for f in status_files):
             return None
         previous = [_read_json(f) for f in status_files]
         records = [_start(f, ensemble=len(configs)) for f in status_files]
@@ -673,7 +653,7 @@ def execute_runs(root: str | Path, runs: Sequence[SweepRun], *, runs_dir: str | 
     complete = _complete_runs(runs, runs_dir)
 
     root.mkdir(parents=True, exist_ok=True)
-    with _try_lock(root / ".lock") as locked:
+    with file_lock(root / ".lock") as locked:
         if not locked:
             holder = (root / ".lock").read_text().strip()
             raise SweepError(f"sweep {root} is being run by another process ({holder}); wait for it or stop it")

@@ -790,15 +790,3 @@ def joint_trajectory_pca(
             )
         refs[name] = pca.transform(v)
     return JointTrajectoryPCA(pca, curves, smoothed, steps, refs)
-
-# Transitional: these figures moved to icl_lab.plots. Imports of the old names (studies) resolve here, lazily, until
-# they import from icl_lab.plots; delete this block then.
-_MOVED_TO_PLOTS = frozenset({"plot_joint_pca", "plot_pc_pairs"})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_PLOTS:
-        from icl_lab import plots  # deferred, transitional: plots loads matplotlib, which this module must not
-
-        return getattr(plots, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,10 +20,12 @@ from typer.testing import CliRunner
 from icl_lab import cli
 from icl_lab.config import LLCConfig
 from icl_lab.llc import burnin_note, min_burnin
+from icl_lab.llc_run import calibrate_shared, estimate_runs, load_shared
 from icl_lab.store import Run
+from icl_lab.studies.common import check_out, check_table
 from icl_lab.studies.transient_ridge import (
+    TransientRidge,
     TransientRidgeConfig,
-    check_out,
     critical_step,
     expectations,
     final_llc,
@@ -153,8 +155,8 @@ def test_expectations_pass_on_a_summary_with_the_papers_pattern():
     u = {1.0: False, 2.0: False, 4.0: True, 8.0: True, 16.0: False, np.inf: False}
     t = {1.0: 0, 2.0: 900, 4.0: 300, 8.0: 700, 16.0: 1000, np.inf: 1000}
     llc = {1.0: 10.0, 2.0: 20.0, 4.0: 40.0, 8.0: 50.0, 16.0: 48.0, np.inf: 46.0}
-    exp = expectations(TransientRidgeConfig(Ms=[1, 2, 4, 8, 16, "inf"]), synthetic_summary(u, t, llc))
-    assert set(exp.columns) == {"expectation", "source", "expected", "measured", "verdict"}
+    exp = check_table(expectations(TransientRidgeConfig(Ms=[1, 2, 4, 8, 16, "inf"]), synthetic_summary(u, t, llc)))
+    assert list(exp.columns) == ["expectation", "run", "source", "expected", "measured", "verdict"]
     assert (exp["verdict"] == "pass").all(), exp[["expectation", "measured", "verdict"]].to_string()
     row = exp[exp["expectation"].str.startswith("t^crit_M grows")].iloc[0]
     assert "2^2: 300, 2^3: 700" in row["measured"] and "ρ = 1.00" in row["measured"]
@@ -164,7 +166,8 @@ def test_expectations_fail_without_transience_and_say_why():
     u = dict.fromkeys((1.0, 2.0, 4.0, 8.0, 16.0, np.inf), False)
     t = {1.0: 0, 2.0: 1000, 4.0: 1000, 8.0: 1000, 16.0: 1000, np.inf: 1000}
     llc = {1.0: 50.0, 2.0: 40.0, 4.0: 30.0, 8.0: 20.0, 16.0: 10.0, np.inf: 5.0}  # falls with M: no rise
-    exp = expectations(TransientRidgeConfig(Ms=[1, 2, 4, 8, 16, "inf"]), synthetic_summary(u, t, llc, bend=2.0))
+    summary = synthetic_summary(u, t, llc, bend=2.0)
+    exp = check_table(expectations(TransientRidgeConfig(Ms=[1, 2, 4, 8, 16, "inf"]), summary))
     v = dict(zip(exp["expectation"], exp["verdict"], strict=True))
     assert v[next(k for k in v if k.startswith("OOD loss against step is U-shaped"))] == "fail"
     assert v[next(k for k in v if k.startswith("t^crit_M grows"))] == "unclear"
@@ -179,7 +182,7 @@ def test_u_shaped_ends_make_the_u_shape_unclear_and_a_far_llc_crossing_fails():
     u = {1.0: True, 2.0: True, 4.0: True, 8.0: False, 16.0: False, np.inf: False}
     t = {1.0: 100, 2.0: 200, 4.0: 400, 8.0: 1000, 16.0: 1000, np.inf: 1000}
     llc = {1.0: 10.0, 2.0: 20.0, 4.0: 30.0, 8.0: 40.0, 16.0: 50.0, np.inf: 48.0}
-    exp = expectations(TransientRidgeConfig(Ms=[1, 2, 4, 8, 16, "inf"]), synthetic_summary(u, t, llc))
+    exp = check_table(expectations(TransientRidgeConfig(Ms=[1, 2, 4, 8, 16, "inf"]), synthetic_summary(u, t, llc)))
     v = dict(zip(exp["expectation"], exp["verdict"], strict=True))
     assert v[next(k for k in v if k.startswith("OOD loss against step is U-shaped"))] == "unclear"
     assert v[next(k for k in v if k.startswith("t^crit_M grows"))] == "pass"  # over the intermediate Ms 2, 4
@@ -295,7 +298,8 @@ def test_report_has_every_figure_numbers_and_a_filled_expectations_table(study_d
     for key in ("U-shaped", "t^crit_M grows", "bend towards ridge", "LLC at the end of training"):
         assert exp["expectation"].str.contains(key, regex=False).any(), key
     timing = next(t for t in _tables(html) if "phase" in t.columns)
-    assert set(timing["phase"]) == {"train", "ood curves", "joint pca", "llc", "figures"}
+    # writing the page is timed in timings.json, not in the page's own table
+    assert set(timing["phase"]) == {"train", "llc calibration", "llc estimates", "analysis", "figures"}
     for fig in ("ood_loss_vs_step", "t_crit_vs_M", "joint_pca", "pca_distance_to_ridge", "llc_vs_M"):
         assert (study_dir / "figures" / f"{fig}.png").stat().st_size > 10_000
         assert (study_dir / "figures" / f"{fig}.pdf").exists()
@@ -323,10 +327,10 @@ def test_summary_numbers_are_finite_and_complete(study_dir):
 def test_one_calibrated_llc_setting_is_shared_by_every_final_checkpoint(study_dir):
     """Calibrated once at the final checkpoint of M = ∞; every run's final checkpoint is estimated with exactly that
     setting, whose burn-in is what `llc.calibrate` sets for its ε."""
-    saved = json.loads((study_dir / "llc_calibration.json").read_text())
-    assert saved["chosen"] is not None and saved["chosen"]["calibrated"], saved["note"]
-    assert "Minf-seed0" in saved["note"]
-    sampler = saved["chosen"]["sampler"]
+    saved = json.loads((study_dir / "llc_settings.json").read_text())
+    assert saved["settings"] is not None and saved["settings"]["calibrated"], saved["reason"]
+    assert (saved["inputs"]["run"], saved["inputs"]["step"]) == ("Minf-seed0", 200)
+    sampler = saved["settings"]["sampler"]
     assert sampler["step_size"] in (1e-3, 3e-3)
     assert sampler["num_burnin"] == max(10, min_burnin(sampler["step_size"], 100.0))
     assert (study_dir / "runs" / "Minf-seed0" / "llc_calibration.parquet").exists()
@@ -347,36 +351,44 @@ def test_one_calibrated_llc_setting_is_shared_by_every_final_checkpoint(study_di
 
 def test_a_failed_or_stale_calibration_is_saved_reported_and_redone_only_when_stale(study_dir, tmp_path):
     """On a copy of the tiny study's runs: a grid with no stable ε gives NaN LLCs with the reason, saved so that a
-    second call does not recalibrate; a saved setting whose burn-in is not what the current rule gives is redone."""
+    second call does not recalibrate; a saved calibration made under another burn-in rule is redone."""
     out = tmp_path / "study"
     shutil.copytree(study_dir / "runs", out / "runs")
     runs = {name: Run.load(out / "runs" / name) for name in tiny_study().run_configs()}
     bad = tiny_study(step_sizes=[30.0])  # far too large: every chain diverges
-    rows, note = final_llc(bad, out, runs, 1, False)
+    plan = TransientRidge(bad).llc_plan(runs)
+    shared = calibrate_shared(out, plan, runs)
+    assert shared.settings is None and "no stable step size" in shared.reason
+    rows, note = final_llc(bad, runs, shared)
     assert rows["llc_mean"].isna().all() and (rows["flags"] == "no setting").all() and len(rows) == 4
     assert note.startswith("LLC not estimated") and "no stable step size" in note
-    f = out / "llc_calibration.json"
-    assert json.loads(f.read_text())["chosen"] is None
+    f = out / "llc_settings.json"
+    assert json.loads(f.read_text())["settings"] is None
     before = f.stat().st_mtime_ns
-    assert final_llc(bad, out, runs, 1, False)[1] == note and f.stat().st_mtime_ns == before
+    assert calibrate_shared(out, plan, runs) == shared and f.stat().st_mtime_ns == before
 
-    good = tiny_study()
-    shutil.copy(study_dir / "llc_calibration.json", f)
+    plan = TransientRidge(tiny_study()).llc_plan(runs)
+    assert load_shared(out, plan, runs) is None  # saved from another ε grid
+    shutil.copy(study_dir / "llc_settings.json", f)
     saved = json.loads(f.read_text())
-    right = saved["chosen"]["sampler"]["num_burnin"]
-    saved["chosen"]["sampler"]["num_burnin"] = right - 1  # as an older calibration rule would have left it
+    right = saved["settings"]["sampler"]["num_burnin"]
+    assert load_shared(out, plan, runs).settings.sampler.num_burnin == right
+    saved["inputs"]["burnin"], saved["settings"]["sampler"]["num_burnin"] = "num_burnin", right - 1  # an older rule
     f.write_text(json.dumps(saved))
-    rows, _ = final_llc(good, out, runs, 1, False)
-    assert json.loads(f.read_text())["chosen"]["sampler"]["num_burnin"] == right
+    assert load_shared(out, plan, runs) is None
+    shared = calibrate_shared(out, plan, runs)
+    assert json.loads(f.read_text())["settings"]["sampler"]["num_burnin"] == right == shared.settings.sampler.num_burnin
+    estimate_runs(list(runs.values()), shared.settings, steps=plan.steps(runs), progress=False)  # reused
+    rows, _ = final_llc(tiny_study(), runs, shared)
     assert np.isfinite(rows["llc_mean"]).all()
 
 
 def test_the_report_command_rebuilds_from_disk_reusing_every_run_and_llc_estimate(study_dir, registered):
-    """`icl-lab report DIR` dispatches on study_config.json's "study" key and calls run_study again, which must
-    reuse every checkpoint, metric, LLC estimate and the calibration."""
+    """`icl-lab report DIR` dispatches on study_config.json's "study" key and rebuilds the report from disk: no
+    checkpoint, metric, LLC estimate or calibration is rewritten, and no phase trains or estimates."""
     kept = [p for p in (study_dir / "runs").rglob("*") if p.is_file() and (
         p.suffix == ".safetensors" or p.name in ("metrics.parquet", "llc.parquet", "config.json"))]
-    kept.append(study_dir / "llc_calibration.json")
+    kept.append(study_dir / "llc_settings.json")
     before = {p: p.stat().st_mtime_ns for p in kept}
     assert sum(p.name == "llc.parquet" for p in before) == 4
     report = study_dir / "report.html"
@@ -387,14 +399,15 @@ def test_the_report_command_rebuilds_from_disk_reusing_every_run_and_llc_estimat
     assert [p for p, m in before.items() if p.stat().st_mtime_ns != m] == []
     assert sorted(p for p in (study_dir / "runs").rglob("*.safetensors")) == sorted(
         p for p in before if p.suffix == ".safetensors")
-    assert json.loads((study_dir / "timings.json").read_text())["train"] < 5
+    timings = json.loads((study_dir / "timings.json").read_text())
+    assert "train" not in timings and "llc estimates" not in timings  # nothing was trained or estimated
 
 
 def test_other_settings_in_an_existing_study_are_refused_before_writing(study_dir):
     before = (study_dir / "study_config.json").read_text()
     other = tiny_study(steps=201)
     with pytest.raises(ValueError, match="holds a run with a different config"):
-        check_out(study_dir, other.run_configs())
+        check_out(study_dir, "transient-ridge", other.run_configs())
     with pytest.raises(ValueError, match="holds a run with a different config"):
         run_study(other, study_dir, progress=False)
     assert (study_dir / "study_config.json").read_text() == before
@@ -405,15 +418,16 @@ def test_another_studys_directory_is_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match="holds the study 'task-diversity', not 'transient-ridge'"):
         run_study(tiny_study(), tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study_config.json"]
-    check_out(tmp_path / "new", tiny_study().run_configs())  # an empty target is fine
+    check_out(tmp_path / "new", "transient-ridge", tiny_study().run_configs())  # an empty target is fine
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
 @pytest.fixture
-def registered(monkeypatch):
-    """The registry entry the CLI gets for this study (added to cli.SWEEP_STUDIES by its owner)."""
-    monkeypatch.setitem(cli.SWEEP_STUDIES, "transient-ridge",
-                        ("icl_lab.studies.transient_ridge", "TransientRidgeConfig"))
+def registered():
+    """The CLI reaches the study through the one registry (icl_lab.studies.runner.STUDIES)."""
+    from icl_lab.studies.runner import STUDIES
+
+    assert "transient-ridge" in STUDIES
 
 
 def test_cli_dry_run_lists_the_paper_runs_and_refuses_bad_input(tmp_path, registered):

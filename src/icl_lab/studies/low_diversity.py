@@ -10,145 +10,77 @@ Runs and LLC estimates already on disk are reused.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any, ClassVar, Literal
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from icl_lab.baselines import dmmse_predict, ridge_predict
-from icl_lab.config import LLCConfig, RunConfig, build_run_config
+from icl_lab.config import LLCConfig, RunConfig
 from icl_lab.interp import attention_patterns, probe_residual
-from icl_lab.llc import min_burnin
-from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_runs, finite_llc
-from icl_lab.plots import BASELINE_STYLE, per_token_columns, plot_llc, save_figure, step_axis
-from icl_lab.report import Section, write_report
-from icl_lab.stages import llc_milestones, plot_stages, save_stage_table, stage_table, trusted_mask
-from icl_lab.store import Run, write_json
-from icl_lab.studies.common import PhaseTimer, checkpoint_predictions, train_runs
-from icl_lab.tasks import make_generator, root_task_batch, sample_batch, task_pool
-from icl_lab.trajectory import essential_dynamics, joint_trajectory_pca, plot_joint_pca, plot_pc_pairs
+from icl_lab.llc_run import LLCPlan, LLCSettings, SharedSettings, finite_llc
+from icl_lab.plots import (
+    BASELINE_STYLE,
+    per_token_columns,
+    plot_joint_pca,
+    plot_llc,
+    plot_pc_pairs,
+    plot_stages,
+    save_figure,
+    step_axis,
+)
+from icl_lab.report import Section
+from icl_lab.seeding import make_generator
+from icl_lab.stages import save_stage_table
+from icl_lab.store import Run
+from icl_lab.studies.common import (
+    Check,
+    LLCStudyConfig,
+    MsStudyConfig,
+    checkpoint_predictions,
+    joint_pca,
+    llc_stages,
+    sampler_worked,
+)
+from icl_lab.studies.runner import Study, run_study
+from icl_lab.tasks import sample_batch, task_pool
+from icl_lab.trajectory import essential_dynamics
+
+__all__ = ["LowDiversity", "LowDiversityConfig", "expectations", "run_name", "run_study"]
 
 
-class LowDiversityConfig(BaseModel):
-    """Settings of the study; `quick()` gives the minutes-long version."""
+class LowDiversityConfig(MsStudyConfig, LLCStudyConfig):
+    """Settings of the study: the `seed` preset on unit-norm, noiseless tasks at a constant learning rate;
+    `for_scale(quick=True)` gives the minutes-long version.
 
-    model_config = ConfigDict(extra="forbid")
-    Ms: list[int] = Field(default_factory=lambda: [1, 2])
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
-    D: int = 8
-    K: int = 16
-    steps: int = 5000
-    batch_size: int = 32
-    lr: float = 3e-3
-    # 5 linear + 16 log-spaced = 20 distinct checkpoints (incl. 0 and the end), about 0.2 decades apart on the log
-    # axis: the LLC curve over them, 4 x (100 + 200) SGLD steps each, is what fits the 30-minute budget on 2 cores.
-    n_checkpoints_linear: int = 5
-    n_checkpoints_log: int = 16
-    eval_size: int = 1024
-    llc_n: int = 4096
-    # γ = 1000 keeps chains of a few hundred draws stationary on this ~100k-parameter model (γ = 100 left them
-    # drifting along flat directions); it down-weights directions with nβh ≲ γ, the same at every checkpoint.
-    # The burn-in is at least 50 and calibration raises it to min_burnin(ε, γ) ≈ 3/(εγ) per step size (100 at
-    # ε = 3e-5): measured on M2-seed0 at step 5000, ε = 1e-5 needs ~300 steps to relax (λ̂ of successive 100-step
-    # blocks 2.3, 3.9, 3.7, 4.3, 4.6, 4.1) and ε = 3e-5 ~100 (3.9, 5.1, 4.6, 4.9, 4.8, 4.7); with the old fixed 50
-    # the small ε looked biased low and broke the plateau. 4 chains x 200 draws: with 100 draws (2026-12-01 run)
-    # 10 of 73 post-drop estimates were flagged not_stationary / chains_disagree; re-estimated with 200 draws,
-    # the 5 of them tried were all accepted (λ̂ 6.65 → 6.49, 4.46 → 4.58, 5.31 → 5.13, 4.25 → 3.96, 8.60 → 8.85).
-    sampler: LLCConfig = Field(default_factory=lambda: LLCConfig(num_chains=4, num_draws=200, num_burnin=50,
-                                                                 batch_size=32, localization=1000.0))
-    step_sizes: list[float] = Field(default_factory=lambda: [1e-5, 3e-5, 1e-4, 3e-4])
-    ed_batch: int = 256
-    workers: int = 2
-    device: str = "cpu"
+    5 linear + 16 log-spaced checkpoints (20 distinct, about 0.2 decades apart on the log axis) with the LLC at each,
+    4 chains × 200 draws (fewer draws left post-drop estimates flagged not_stationary / chains_disagree), burn-in at
+    least 50 and raised by the calibration to min_burnin(ε, γ) ≈ 3/(εγ) per step size.
+    """
 
-    @classmethod
-    def quick(cls, **kw) -> LowDiversityConfig:
-        base = dict(seeds=[0], steps=1500, n_checkpoints_linear=6, n_checkpoints_log=12, eval_size=512,
-                    llc_n=1024, sampler=LLCConfig(num_chains=2, num_draws=80, num_burnin=30, batch_size=32,
-                                                  localization=1000.0),
-                    step_sizes=[3e-5, 1e-4, 3e-4], ed_batch=64)
-        return cls(**{**base, **kw})
+    SMALL: ClassVar[dict[str, Any]] = dict(
+        Ms=[1, 2], seeds=[0, 1, 2], family="unit_norm", D=8, K=16, noise_var=0.0, preset="seed", steps=5000,
+        schedule="constant", n_checkpoints_linear=5, n_checkpoints_log=16, eval_size=1024, llc_n=4096,
+        sampler=LLCConfig(num_chains=4, num_draws=200, num_burnin=50, batch_size=32, localization=1000.0))
+    QUICK: ClassVar[dict[str, Any]] = dict(
+        seeds=[0], steps=1500, n_checkpoints_linear=6, n_checkpoints_log=12, eval_size=512, llc_n=1024,
+        sampler=LLCConfig(num_chains=2, num_draws=80, num_burnin=30, batch_size=32, localization=1000.0),
+        step_sizes=[3e-5, 1e-4, 3e-4], ed_batch=64)
+    INFINITE: ClassVar[bool] = False
+    study: Literal["low-diversity"] = "low-diversity"
+    ed_batch: int = Field(256, ge=1, description="fixed sequences whose predictions form the ED trajectory")
 
     def run_config(self, M: int, seed: int) -> RunConfig:
-        return build_run_config(overrides=dict(
-            preset="seed", family="unit_norm", noise_var=0.0, M=M, D=self.D, K=self.K, seed=seed, steps=self.steps,
-            batch_size=self.batch_size, lr=self.lr, schedule="constant", n_checkpoints_linear=self.n_checkpoints_linear,
-            n_checkpoints_log=self.n_checkpoints_log, eval_size=self.eval_size, device=self.device,
-            name=f"M{M}-seed{seed}"))
+        return self.build_run(run_name(M, seed), M, seed)
+
+    def run_configs(self) -> dict[str, RunConfig]:
+        return {run_name(M, s): self.run_config(M, s) for M in self.Ms for s in self.seeds}
 
 
 def run_name(M: int, seed: int) -> str:
     return f"M{M}-seed{seed}"
-
-
-# ------------------------------------------------------------------------------------------------ the study
-def run_study(cfg: LowDiversityConfig, out: str | Path, progress: bool = True) -> Path:
-    """Run every phase (reusing what is on disk) and write OUT/report.html; returns its path."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "study_config.json", json.loads(cfg.model_dump_json()))
-    figs = out / "figures"
-    timer = PhaseTimer()
-
-    with timer("train"):
-        configs = {run_name(M, s): cfg.run_config(M, s) for M in cfg.Ms for s in cfg.seeds}
-        runs = train_runs(configs, out / "runs", workers=cfg.workers, progress=progress)
-
-    with timer("llc calibration"):
-        settings = _shared_llc_settings(cfg, out, runs)
-    with timer("llc over training"):
-        estimate_runs(list(runs.values()), settings, workers=cfg.workers, progress=progress, device=cfg.device)
-
-    with timer("essential dynamics"):
-        eds = {name: _essential_dynamics(run, cfg.ed_batch) for name, run in runs.items()}
-        joint = {s: _joint_pca(cfg, runs, s) for s in cfg.seeds if all(run_name(M, s) in runs for M in cfg.Ms)}
-
-    with timer("stages"):
-        tables = {}
-        for name, run in runs.items():
-            tables[name] = _stages(run, eds[name], figs / f"stages_{name}")
-
-    with timer("interpretability"):
-        attn_figs = {M: _attention_figure(runs[run_name(M, cfg.seeds[0])], tables[run_name(M, cfg.seeds[0])],
-                                          figs / f"attention_M{M}") for M in cfg.Ms}
-        probes = _probes(cfg, runs)
-
-    with timer("figures and report"):
-        sections = _sections(cfg, runs, eds, joint, tables, attn_figs, probes, figs, timer)
-        intro = (f"Seed preset (the user's 2-layer model, D={cfg.D}, K={cfg.K}) trained on unit-norm, noiseless tasks "
-                 f"with M in {cfg.Ms}, seeds {cfg.seeds}, {cfg.steps} steps at batch {cfg.batch_size}, "
-                 f"constant lr {cfg.lr}. LLC settings (calibrated once, shared by every checkpoint and run): "
-                 f"{settings.sampler.model_dump()} on n = {settings.n} fixed in-distribution sequences.")
-        path = write_report(out / "report.html", "Low task diversity: how the seed model solves M = 1 and M = 2",
-                            intro, sections)
-    timer.save(out)
-    return path
-
-
-def _shared_llc_settings(cfg: LowDiversityConfig, out: Path, runs: dict[str, Run]) -> LLCSettings:
-    """Calibrate once, at the final checkpoint of the highest-M run of the first seed; reuse if on disk."""
-    f = out / "llc_settings.json"
-    if f.exists():
-        settings = LLCSettings.model_validate_json(f.read_text())
-        if settings.calibrated and _calibrated_from(settings, cfg):
-            return settings
-    probe_run = runs[run_name(max(cfg.Ms), cfg.seeds[0])]
-    base = LLCSettings(sampler=cfg.sampler, n=cfg.llc_n, data="id", seed=0)
-    _, chosen = calibrate_run(probe_run, settings=base, step_sizes=cfg.step_sizes,
-                              localizations=[base.sampler.localization], device=cfg.device)
-    write_json(f, json.loads(chosen.model_dump_json()))
-    return chosen
-
-
-def _calibrated_from(settings: LLCSettings, cfg: LowDiversityConfig) -> bool:
-    """Whether saved calibrated settings come from this study's sampler, data size and ε grid (so reusing them is
-    the same as recalibrating): every field but ε and burn-in equal, ε on the grid, burn-in as `calibrate` sets it."""
-    s, base = settings.sampler, cfg.sampler
-    fixed = {k: v for k, v in base.model_dump().items() if k not in ("step_size", "num_burnin")}
-    return (settings.n == cfg.llc_n and {k: getattr(s, k) for k in fixed} == fixed and s.step_size in cfg.step_sizes
-            and s.num_burnin == max(base.num_burnin, min_burnin(s.step_size, s.localization)))
 
 
 def _fixed_batch(run: Run, n: int):
@@ -163,32 +95,22 @@ def _essential_dynamics(run: Run, n: int):
     return essential_dynamics(preds, np.array(run.checkpoint_steps), n_components=3, sigma=1.0)
 
 
-def _joint_pca(cfg: LowDiversityConfig, runs: dict[str, Run], seed: int):
-    """Carroll et al. §4.2 on the root task of `seed`, with dMMSE_M and least squares as reference points."""
-    first = runs[run_name(cfg.Ms[0], seed)]
-    task = first.config.task
-    pool = task_pool(task.family, max(cfg.Ms), task.D, seed)
-    batch = root_task_batch(task, pool, cfg.ed_batch, seed)
-    preds = {f"M={M}": checkpoint_predictions(runs[run_name(M, seed)], batch.x, batch.y) for M in cfg.Ms}
-    refs = {f"dMMSE_{M}": dmmse_predict(batch.x, batch.y, pool[:M], 0.0).numpy() for M in cfg.Ms}
-    refs["least squares"] = ridge_predict(batch.x, batch.y, 0.0).numpy()
-    steps = {f"M={M}": np.array(runs[run_name(M, seed)].checkpoint_steps) for M in cfg.Ms}
-    return joint_trajectory_pca(preds, refs, n_components=2, steps_by_run=steps, sigma=1.0)
-
-
-def _stages(run: Run, ed, path: Path) -> pd.DataFrame:
+def _stages(run: Run, ed) -> Any:
+    """The stage table of a run's LLC curve (saved as RUN/stages.{parquet,csv}), with its milestones."""
     llc = finite_llc(run)
-    metrics = run.metrics.set_index("step").loc[llc["step"]]
-    steps, lam, loss = llc["step"].to_numpy(), llc["llc_mean"].to_numpy(), metrics["id_loss"].to_numpy()
-    trusted = trusted_mask(llc)  # boundaries only from unflagged λ̂ > 0; the rest is drawn, not used
-    milestones = llc_milestones(llc)
-    table = stage_table(steps, lam, loss, milestones, loss_plateaus="auto", ed_events=ed, trusted=trusted)
-    save_stage_table(table, run.path / "stages")
+    loss = run.metrics.set_index("step").loc[llc["step"]]["id_loss"].to_numpy()
+    stages = llc_stages(llc, loss, ed_events=ed)
+    save_stage_table(stages.table, run.path / "stages")
+    return stages
+
+
+def _stages_figure(run: Run, stages, path: Path) -> None:
+    llc = finite_llc(run)
+    loss = run.metrics.set_index("step").loc[llc["step"]]["id_loss"].to_numpy()
     t = run.config.task
-    plot_stages(steps, loss, lam, llc["llc_std"].to_numpy(), table, path, milestones=milestones,
-                loss_label="in-distribution loss", title=f"{run.path.name}: M={t.M}, seed {run.config.seed}",
-                trusted=trusted)
-    return table
+    plot_stages(llc["step"].to_numpy(), loss, llc["llc_mean"].to_numpy(), llc["llc_std"].to_numpy(), stages.table,
+                path, milestones=stages.milestones, loss_label="in-distribution loss",
+                title=f"{run.path.name}: M={t.M}, seed {run.config.seed}", trusted=stages.trusted)
 
 
 def _boundary_steps(run: Run, table: pd.DataFrame, limit: int = 4) -> list[int]:
@@ -202,7 +124,6 @@ def _boundary_steps(run: Run, table: pd.DataFrame, limit: int = 4) -> list[int]:
 
 def _attention_figure(run: Run, table: pd.DataFrame, path: Path) -> tuple[list[Path], list[int]]:
     """Mean attention pattern per layer and head (over 64 in-distribution sequences) at the stage boundaries."""
-    import matplotlib.pyplot as plt
 
     steps = _boundary_steps(run, table)
     batch = _fixed_batch(run, 64)
@@ -247,7 +168,6 @@ def _pool_gap(run: Run) -> float:
 
 
 def _loss_figure(cfg: LowDiversityConfig, runs: dict[str, Run], path: Path) -> list[Path]:
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(cfg.Ms), 3, figsize=(15, 3.8 * len(cfg.Ms)), squeeze=False, constrained_layout=True)
     colours = plt.cm.tab10(np.arange(len(cfg.seeds)))
@@ -285,7 +205,6 @@ def _loss_figure(cfg: LowDiversityConfig, runs: dict[str, Run], path: Path) -> l
 
 
 def _delta_figure(cfg: LowDiversityConfig, runs: dict[str, Run], path: Path) -> list[Path]:
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(cfg.Ms), figsize=(6 * len(cfg.Ms), 4), squeeze=False, constrained_layout=True)
     for c, M in enumerate(cfg.Ms):
@@ -305,7 +224,6 @@ def _delta_figure(cfg: LowDiversityConfig, runs: dict[str, Run], path: Path) -> 
 
 
 def _llc_figure(cfg: LowDiversityConfig, runs: dict[str, Run], path: Path) -> list[Path]:
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(cfg.Ms), figsize=(6 * len(cfg.Ms), 4), squeeze=False, constrained_layout=True)
     for c, M in enumerate(cfg.Ms):
@@ -317,7 +235,6 @@ def _llc_figure(cfg: LowDiversityConfig, runs: dict[str, Run], path: Path) -> li
 
 
 def _probe_figure(probes: pd.DataFrame, path: Path) -> list[Path]:
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), constrained_layout=True)
     kcols = [c for c in probes.columns if c.startswith("k")]
@@ -333,13 +250,6 @@ def _probe_figure(probes: pd.DataFrame, path: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------------ expectations
-_UNMIXED = {"not_stationary", "chains_disagree", "diverged"}  # LLC flags that say the sampler failed
-
-
-def _verdict(ok: bool | None) -> str:
-    return "unclear" if ok is None else ("pass" if ok else "fail")
-
-
 def _llc_wiggles(llc: pd.DataFrame, metrics: pd.DataFrame) -> tuple[str, bool | None]:
     """How many steps of the LLC curve exceed the chains' standard error, and whether they follow the loss of the
     checkpoint: with a constant learning rate each checkpoint sits at a different height above the minimum, and λ̂,
@@ -371,13 +281,12 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1]) if np.std(a) > 0 and np.std(b) > 0 else float("nan")
 
 
-def expectations(cfg: LowDiversityConfig, runs: dict[str, Run], probes: pd.DataFrame) -> pd.DataFrame:
+def expectations(cfg: LowDiversityConfig, runs: dict[str, Run], probes: pd.DataFrame) -> list[Check]:
     """papers.md §G3-G4 checked against the measurements, one row per (expectation, run)."""
-    rows = []
+    rows: list[Check] = []
 
     def add(what: str, run: str, expected: str, measured: str, ok: bool | None) -> None:
-        rows.append({"expectation": what, "run": run, "expected": expected, "measured": measured,
-                     "verdict": _verdict(ok)})
+        rows.append(Check(what, expected, measured, ok, run=run))
 
     for name, run in runs.items():
         M = run.config.task.M
@@ -391,7 +300,7 @@ def expectations(cfg: LowDiversityConfig, runs: dict[str, Run], probes: pd.DataF
         drop = m["step"][m["id_loss"] < 0.1 * first["id_loss"]]
         t_drop = int(drop.iloc[0]) if len(drop) else int(m["step"].iloc[-1])
         after = run.llc[run.llc["step"] >= t_drop]
-        mixed = after["flags"].map(lambda f: not (_UNMIXED & set(f.split(";"))))
+        mixed = after["flags"].map(sampler_worked)
         frac = float(mixed.mean()) if len(after) else float("nan")
         add("LLC chains stationary and mixed once the loss has dropped", name,
             f"no not_stationary / chains_disagree / diverged flag at steps ≥ {t_drop} (loss < 10% of initial)",
@@ -453,89 +362,145 @@ def expectations(cfg: LowDiversityConfig, runs: dict[str, Run], probes: pd.DataF
             add("the model knows which task from k = 2 on (probe)", run_name(int(row.M), int(row.seed)),
                 "probe accuracy ≈ chance at k = 1, > 95% for k ≥ 2", f"k=1: {acc1:.2f}; min k≥2: {acc2:.2f}",
                 bool(acc2 > 0.95))
-    return pd.DataFrame(rows)
+    return rows
 
 
-def _sections(cfg, runs, eds, joint, tables, attn_figs, probes, figs: Path, timer: PhaseTimer) -> list[Section]:
-    s0 = cfg.seeds[0]
-    sections = []
-    exp = expectations(cfg, runs, probes)
-    n_pass = int((exp["verdict"] == "pass").sum())
-    sections.append(Section("Expectations and measured verdicts",
-                            f"{n_pass} of {len(exp)} checks pass. Each row is measured on the run named; where a "
-                            "check fails, the figures below show what happened instead.", tables=[exp]))
-    loss_png = _loss_figure(cfg, runs, figs / "loss_curves")[0]
-    finals = pd.DataFrame([{"run": n, "final id loss": r.metrics.iloc[-1]["id_loss"],
-                            "final ood loss": r.metrics.iloc[-1]["ood_loss"],
-                            "dMMSE id": r.baselines["id_dmmse_loss"], "least sq. ood": r.baselines["ood_ridge_loss"],
-                            "zero ood": r.baselines["ood_zero_loss"]} for n, r in runs.items()])
-    sections.append(Section("Loss against step, and the final per-token loss", (
-        "Left and middle: mean loss (solid) and the loss at the first position ℓ_1 (dotted) on a fixed "
-        "in-distribution set (the pool's tasks, fresh inputs) and on fresh unit-norm tasks, with the dMMSE "
-        "(green) and least-squares (blue) levels of each seed's data. Right: the final per-token loss against the "
-        "position k, against the dMMSE per-token loss (dashed) and, for M = 2, ‖w₁−w₂‖²/4 (dotted)."),
-        figures=[loss_png], tables=[finals]))
-    sections.append(Section("Distance to the Bayes-optimal predictors", (
-        "Δ(model, dMMSE) and Δ(model, least squares): mean squared difference of predictions on the same inputs, "
-        "in distribution (solid) and on fresh tasks (dashed)."), figures=[_delta_figure(cfg, runs, figs / "delta")[0]]))
-    llc_rows = []
-    for n, r in runs.items():
-        llc = r.llc.sort_values("step")
-        llc_rows.append({"run": n, "λ̂ step 0": llc["llc_mean"].iloc[0], "λ̂ max": llc["llc_mean"].max(),
-                         "λ̂ final": llc["llc_mean"].iloc[-1], "std final": llc["llc_std"].iloc[-1],
-                         "diagnostics ok": f"{llc['ok'].mean():.0%}",
-                         "flags seen": ", ".join(sorted({f for fl in llc["flags"] for f in str(fl).split(";") if f}))})
-    sections.append(Section("LLC over training", (
-        "λ̂ = nβ(E[L] − L(w*)) at every checkpoint with one set of SGLD settings, calibrated once, on one fixed "
-        "dataset; mean ± std over chains, raw (no smoothing), at the true checkpoint steps. Where the curve "
-        "zig-zags after the loss has dropped, compare each change with the chains' standard error and with the "
-        "change in the checkpoint's own loss (the row 'LLC curve smooth at the chains' resolution' in the "
-        "expectations table): with a constant learning rate the checkpoints sit at different heights above the "
-        "minimum, and λ̂, defined at a minimum, moves with them; that is the trajectory, not sampling noise."),
-        figures=[_llc_figure(cfg, runs, figs / "llc_curves")[0]], tables=[pd.DataFrame(llc_rows)]))
-    for M in cfg.Ms:
-        name = run_name(M, s0)
-        sections.append(Section(f"Stages, M = {M} (seed {s0})", (
-            "Loss (top) and LLC (bottom) with the stage boundaries found at critical points of λ̂ against log step "
-            "(orange: LLC rises, type A; blue: falls, type B). The table cross-checks each boundary with loss "
-            "plateaus and essential-dynamics cusps/vertices (agreement within 0.3 in log step; the chance columns "
-            "give how often a random step would agree)."),
-            figures=[figs / f"stages_{name}.png"], tables=[tables[name]]))
-    for M in cfg.Ms:
-        ed = eds[run_name(M, s0)]
-        png = plot_pc_pairs(ed, figs / f"ed_M{M}", title=f"M={M}, seed {s0}")[0]
-        ev = ", ".join(f"{v:.1%}" for v in ed.explained_variance_ratio)
-        sections.append(Section(f"Essential dynamics, M = {M} (seed {s0})", (
-            f"PCA of the concatenated predictions on {cfg.ed_batch} fixed sequences at every checkpoint; explained "
-            f"variance of the PCs: {ev}. Cusps (red crosses) and vertices (circles) are candidate forms; their steps: "
-            f"{ed.event_steps().astype(int).tolist()}."), figures=[png]))
-    for s, jp in joint.items():
-        png = plot_joint_pca(jp, figs / f"joint_pca_seed{s}", ref_runs={f"dMMSE_{M}": f"M={M}" for M in cfg.Ms},
-                             title=f"joint trajectory PCA on root-task sequences, seed {s}")[0]
-        ev = ", ".join(f"{v:.1%}" for v in jp.explained_variance_ratio)
-        sections.append(Section(f"Joint trajectory PCA (seed {s})", (
-            f"One PCA fitted on the checkpoints of the M = {cfg.Ms} runs, evaluated on {cfg.ed_batch} sequences of the "
-            f"shared root task; dMMSE_M (diamonds) and least squares (triangle) are projected, not fitted. Explained "
-            f"variance: {ev}."), figures=[png]))
-    for M, (paths, steps) in attn_figs.items():
-        sections.append(Section(f"Attention patterns, M = {M} (seed {s0})", (
-            f"Mean attention per layer and head over 64 in-distribution sequences at steps {steps} (the first "
-            "checkpoint after initialisation, the stage boundaries, and the final step). Tokens alternate x_1, y_1, "
-            "x_2, y_2, …; predictions are read at the x tokens."), figures=[paths[0]]))
-    if len(probes):
-        sections.append(Section("Probes for the task identity", (
-            "Held-out accuracy of a linear classifier reading the final residual stream at x_k, trained on half of "
-            "2,048 sequences, at the middle and final checkpoints. Chance is 50%."),
-            figures=[_probe_figure(probes, figs / "probes")[0]], tables=[probes.round(3)]))
-    cal = Path(runs[run_name(max(cfg.Ms), s0)].path / "figures" / "llc_calibration.png")
-    if cal.exists():
-        sections.append(Section("LLC calibration", (
-            "λ̂ against the SGLD step size ε at the final checkpoint of the calibration run, with the loss traces; "
-            "the chosen ε is the largest in the stable plateau (no diagnostic flag; neighbours agree within 10% or "
-            "two standard errors); each ε burns in for at least min_burnin(ε, γ) ≈ 3/(εγ) steps."), figures=[cal]))
-    timing = timer.table(figs.parent)
-    sections.append(Section("Wall time per phase", (
-        "Seconds per phase in this invocation, then in up to three earlier ones (all of them: timings_history.json); "
-        "reused results cost nothing."),
-                            tables=[timing]))
-    return sections
+class LowDiversity(Study):
+    name = "low-diversity"
+    title = "Low task diversity: how the seed model solves M = 1 and M = 2"
+    config = LowDiversityConfig
+    reused = "finished runs and LLC estimates are reused and cost nothing"
+
+    def checks_note(self) -> str:
+        return ("Each row is measured on the run named; where a check fails, the figures below show what happened "
+                "instead.")
+
+    def llc_plan(self, runs: dict[str, Run]) -> LLCPlan:
+        """Calibrate once, at the final checkpoint of the highest-M run of the first seed."""
+        cfg = self.cfg
+        return LLCPlan(LLCSettings(sampler=cfg.sampler, n=cfg.llc_n, data="id", seed=0), cfg.step_sizes,
+                       run_name(max(cfg.Ms), cfg.seeds[0]))
+
+    def analyse(self, runs: dict[str, Run], shared: SharedSettings, out: Path) -> dict[str, Any]:
+        cfg = self.cfg
+        if shared.settings is None:
+            raise ValueError(f"LLC calibration of {shared.run} at step {shared.step} failed: {shared.reason}")
+        eds = {name: _essential_dynamics(run, cfg.ed_batch) for name, run in runs.items()}
+        joint = {s: joint_pca({M: runs[run_name(M, s)] for M in cfg.Ms}, cfg.ed_batch, "least squares", label=str)
+                 for s in cfg.seeds}
+        stages = {name: _stages(run, eds[name]) for name, run in runs.items()}
+        return {"runs": runs, "eds": eds, "joint": joint, "stages": stages, "probes": _probes(cfg, runs),
+                "settings": shared.settings}
+
+    def checks(self, r: dict[str, Any]) -> list[Check]:
+        return expectations(self.cfg, r["runs"], r["probes"])
+
+    def figures(self, r: dict[str, Any], figs: Path) -> dict[str, Any]:
+        cfg, runs, s0 = self.cfg, r["runs"], self.cfg.seeds[0]
+        pngs: dict[str, Any] = {}
+        for name, run in runs.items():
+            _stages_figure(run, r["stages"][name], figs / f"stages_{name}")
+            pngs[f"stages_{name}"] = figs / f"stages_{name}.png"
+        for M in cfg.Ms:
+            name = run_name(M, s0)
+            pngs[f"attention_M{M}"] = _attention_figure(runs[name], r["stages"][name].table, figs / f"attention_M{M}")
+        pngs["loss"] = _loss_figure(cfg, runs, figs / "loss_curves")[0]
+        pngs["delta"] = _delta_figure(cfg, runs, figs / "delta")[0]
+        pngs["llc"] = _llc_figure(cfg, runs, figs / "llc_curves")[0]
+        for M in cfg.Ms:
+            pngs[f"ed_M{M}"] = plot_pc_pairs(r["eds"][run_name(M, s0)], figs / f"ed_M{M}", title=f"M={M}, seed {s0}")[0]
+        for s, jp in r["joint"].items():
+            pngs[f"joint_pca_seed{s}"] = plot_joint_pca(
+                jp, figs / f"joint_pca_seed{s}", ref_runs={f"dMMSE_{M}": f"M={M}" for M in cfg.Ms},
+                title=f"joint trajectory PCA on root-task sequences, seed {s}")[0]
+        if len(r["probes"]):
+            pngs["probes"] = _probe_figure(r["probes"], figs / "probes")[0]
+        return pngs
+
+    def sections(self, r: dict[str, Any], pngs: dict[str, Any]) -> list[Section]:
+        cfg, runs, eds, joint, probes, s0 = self.cfg, r["runs"], r["eds"], r["joint"], r["probes"], self.cfg.seeds[0]
+        sections = []
+        finals = pd.DataFrame([{"run": n, "final id loss": run.metrics.iloc[-1]["id_loss"],
+                                "final ood loss": run.metrics.iloc[-1]["ood_loss"],
+                                "dMMSE id": run.baselines["id_dmmse_loss"],
+                                "least sq. ood": run.baselines["ood_ridge_loss"],
+                                "zero ood": run.baselines["ood_zero_loss"]} for n, run in runs.items()])
+        sections.append(Section("Loss against step, and the final per-token loss", (
+            "Left and middle: mean loss (solid) and the loss at the first position ℓ_1 (dotted) on a fixed "
+            "in-distribution set (the pool's tasks, fresh inputs) and on fresh unit-norm tasks, with the dMMSE "
+            "(green) and least-squares (blue) levels of each seed's data. Right: the final per-token loss against the "
+            "position k, against the dMMSE per-token loss (dashed) and, for M = 2, ‖w₁−w₂‖²/4 (dotted)."),
+            figures=[pngs["loss"]], tables=[finals]))
+        sections.append(Section("Distance to the Bayes-optimal predictors", (
+            "Δ(model, dMMSE) and Δ(model, least squares): mean squared difference of predictions on the same inputs, "
+            "in distribution (solid) and on fresh tasks (dashed)."), figures=[pngs["delta"]]))
+        llc_rows = []
+        for n, run in runs.items():
+            llc = run.llc.sort_values("step")
+            llc_rows.append({"run": n, "λ̂ step 0": llc["llc_mean"].iloc[0], "λ̂ max": llc["llc_mean"].max(),
+                             "λ̂ final": llc["llc_mean"].iloc[-1], "std final": llc["llc_std"].iloc[-1],
+                             "diagnostics ok": f"{llc['ok'].mean():.0%}",
+                             "flags seen": ", ".join(sorted({f for fl in llc["flags"] for f in str(fl).split(";")
+                                                             if f}))})
+        sections.append(Section("LLC over training", (
+            "λ̂ = nβ(E[L] − L(w*)) at every checkpoint with one set of SGLD settings, calibrated once, on one fixed "
+            "dataset; mean ± std over chains, raw (no smoothing), at the true checkpoint steps. Where the curve "
+            "zig-zags after the loss has dropped, compare each change with the chains' standard error and with the "
+            "change in the checkpoint's own loss (the row 'LLC curve smooth at the chains' resolution' in the "
+            "expectations table): with a constant learning rate the checkpoints sit at different heights above the "
+            "minimum, and λ̂, defined at a minimum, moves with them; that is the trajectory, not sampling noise."),
+            figures=[pngs["llc"]], tables=[pd.DataFrame(llc_rows)]))
+        for M in cfg.Ms:
+            name = run_name(M, s0)
+            sections.append(Section(f"Stages, M = {M} (seed {s0})", (
+                "Loss (top) and LLC (bottom) with the stage boundaries found at critical points of λ̂ against log step "
+                "(orange: LLC rises, type A; blue: falls, type B). The table cross-checks each boundary with loss "
+                "plateaus and essential-dynamics cusps/vertices (agreement within 0.3 in log step; the chance columns "
+                "give how often a random step would agree)."),
+                figures=[pngs[f"stages_{name}"]], tables=[r["stages"][name].table]))
+        for M in cfg.Ms:
+            ed = eds[run_name(M, s0)]
+            png = pngs[f"ed_M{M}"]
+            ev = ", ".join(f"{v:.1%}" for v in ed.explained_variance_ratio)
+            sections.append(Section(f"Essential dynamics, M = {M} (seed {s0})", (
+                f"PCA of the concatenated predictions on {cfg.ed_batch} fixed sequences at every checkpoint; explained "
+                f"variance of the PCs: {ev}. Cusps (red crosses) and vertices (circles) are candidate forms; "
+                "their steps: "
+                f"{ed.event_steps().astype(int).tolist()}."), figures=[png]))
+        for s, jp in joint.items():
+            png = pngs[f"joint_pca_seed{s}"]
+            ev = ", ".join(f"{v:.1%}" for v in jp.explained_variance_ratio)
+            sections.append(Section(f"Joint trajectory PCA (seed {s})", (
+                f"One PCA fitted on the checkpoints of the M = {cfg.Ms} runs, evaluated on {cfg.ed_batch} sequences "
+                "of the shared root task; dMMSE_M (diamonds) and least squares (triangle) are projected, not fitted. "
+                "Explained "
+                f"variance: {ev}."), figures=[png]))
+        for M in cfg.Ms:
+            paths, steps = pngs[f"attention_M{M}"]
+            sections.append(Section(f"Attention patterns, M = {M} (seed {s0})", (
+                f"Mean attention per layer and head over 64 in-distribution sequences at steps {steps} (the first "
+                "checkpoint after initialisation, the stage boundaries, and the final step). Tokens alternate "
+                "x_1, y_1, "
+                "x_2, y_2, …; predictions are read at the x tokens."), figures=[paths[0]]))
+        if len(probes):
+            sections.append(Section("Probes for the task identity", (
+                "Held-out accuracy of a linear classifier reading the final residual stream at x_k, trained on half of "
+                "2,048 sequences, at the middle and final checkpoints. Chance is 50%."),
+                figures=[pngs["probes"]], tables=[probes.round(3)]))
+        cal = runs[run_name(max(cfg.Ms), s0)].path / "figures" / "llc_calibration.png"
+        if cal.exists():
+            sections.append(Section("LLC calibration", (
+                "λ̂ against the SGLD step size ε at the final checkpoint of the calibration run, with the loss traces; "
+                "the chosen ε is the largest in the stable plateau (no diagnostic flag; neighbours agree within 10% or "
+                "two standard errors); each ε burns in for at least min_burnin(ε, γ) ≈ 3/(εγ) steps."), figures=[cal]))
+        return sections
+
+    def intro(self, r: dict[str, Any]) -> str:
+        cfg, settings = self.cfg, r["settings"]
+        return (f"Seed preset (the user's 2-layer model, D={cfg.D}, K={cfg.K}) trained on unit-norm, noiseless tasks "
+                f"with M in {cfg.Ms}, seeds {cfg.seeds}, {cfg.steps} steps at batch {cfg.batch_size}, "
+                f"constant lr {cfg.lr}. LLC settings (calibrated once, shared by every checkpoint and run): "
+                f"{settings.sampler.model_dump()} on n = {settings.n} fixed in-distribution sequences.")
+
+
+STUDY = LowDiversity

@@ -23,9 +23,8 @@ report says so with numbers.
 
 Scales (`StagesConfig.for_scale`): 'small' (default) is designed to finish within 60 minutes on 2 CPU cores;
 'paper' gives the paper's sizes (the 'hoogland' preset at D = 8, K = 16, σ² = 0.125, batch 256, 500k steps, 5 seeds)
-for a GPU or a cluster; `quick=True` is a minutes-long small version. Runs train through
-`icl_lab.sweep.train_named_runs` (local processes, Ray or SLURM); finished runs, the calibration and finished LLC
-estimates are reused. LLC estimation runs in local processes on the CPU (`llc_run.estimate_runs`).
+for a GPU or a cluster; `quick=True` is a minutes-long small version. Finished runs, the calibration and finished
+LLC estimates are reused.
 
 Helpers that would fit shared modules, kept here for now: `icl_score`, `ln_weight_vectors`, `ln_weight_stats`
 (interp.py) and `stage_changes` (stages.py).
@@ -33,32 +32,46 @@ Helpers that would fit shared modules, kept here for now: `icl_score`, `ln_weigh
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib import colormaps
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
-from icl_lab.config import LLCConfig, RunConfig, Schedule, build_run_config
-from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_runs, finite_llc
-from icl_lab.plots import plot_llc, save_figure, step_axis
-from icl_lab.report import Section, write_report
-from icl_lab.store import Run, write_json, write_parquet
-from icl_lab.studies.common import PhaseTimer, SweepStudyConfig
-from icl_lab.studies.task_diversity import check_out
+from icl_lab.baselines import ridge_predict
+from icl_lab.config import LLCConfig, RunConfig
+from icl_lab.evaluate import per_token_loss, predict
+from icl_lab.llc_run import LLCPlan, LLCSettings, SharedSettings, finite_llc
+from icl_lab.plots import plot_llc, plot_pc_pairs, plot_stages, save_figure, step_axis
+from icl_lab.report import Section
+from icl_lab.seeding import make_generator
+from icl_lab.stages import SE_COLUMNS, save_stage_table
+from icl_lab.store import Run, write_parquet
+from icl_lab.studies.common import (
+    Check,
+    LLCStudyConfig,
+    fmt_steps,
+    llc_stages,
+    n_parameters,
+    sampler_worked,
+    scale_frame,
+)
+from icl_lab.studies.runner import Study, run_study
+from icl_lab.tasks import sample_batch
+from icl_lab.trajectory import essential_dynamics
 
 __all__ = [
     "PAPER_STAGES",
+    "Stages",
     "StagesConfig",
-    "check_out",
     "developmental_curves",
     "expectations",
     "icl_score",
@@ -91,53 +104,26 @@ QUICK = dict(seeds=[0], steps=3000, n_checkpoints_linear=6, n_checkpoints_log=16
              step_sizes=[3e-5, 1e-4, 3e-4], ed_batch=128)
 
 
-class StagesConfig(SweepStudyConfig):
+class StagesConfig(LLCStudyConfig):
     """Settings of the study. The defaults are the 'small' scale, designed to finish within 60 minutes on 2 CPU
     cores; `for_scale` gives 'paper' and `quick`.
 
     Small scale, and why: D = 4, K = 8, σ² = 0.125 and the 'hoogland' preset (51.7k parameters) are the authors' own
     regression setting [EXT: timaeus-research/icl L2H4Minf]; lr 3e-3 with the triangle (linear one-cycle) schedule
     as theirs. Scaled down: batch 64 instead of 256 and 80,000 steps instead of 500,000 (5.1M sequences against
-    128M, 1/25), two seeds instead of five (trained side by side, one per core), the LLC at 48 checkpoints (16
+    128M, 1/25), two seeds instead of five (trained side by side, one per core), the LLC at 50 checkpoints (16
     linear + 34 log-spaced) instead of 300, with 4 chains x 100 draws on n = 2,048 sequences instead of 8 x 500 on
-    32,768. A 30,000-step pilot of this setting (seed 0) showed E[ŷ²] falling from 0.22 to 0.014 < σ² by step 421,
-    the ICL score ℓ_8 − ℓ_1 near 0 there (−0.06) and falling to −3.3 between steps 600 and 3,600 (ridge: −4.05),
-    then the RMS of the first LN's weights falling from 1.07 to 0.43 after step 6,000 (the unembedding LN's from
-    1.03 to 0.71, 22% of its entries below 0.1). The paper's late stages (LR3-LR5, 126k-500k steps at batch 256)
-    need not be reached; the report says what was.
-
-    Run-time estimate (from per-step costs measured on the 2-core development machine with one torch thread, not a
-    measurement of the whole study): training 12-15 ms per step at B = 64 (80k steps: 16-20 min, the two seeds in
-    parallel); SGLD about 9 ms per chain-step at minibatch 64, so one LLC estimate costs 4 x (burn-in + 100)
-    chain-steps: 5 s at ε = 1e-4 (burn-in 50) to 14 s at ε = 1e-5 (burn-in 300, the floor min_burnin ≈ 3/(εγ));
-    2 x 48 checkpoints on 2 workers: 4-11 min; calibration (4 step sizes) about 40 s; predictions, ED and
-    figures 1-2 min. In all about 22-34 minutes. Measured end to end on 2 idle cores (2026-12-02): 17.8 min
-    (training 796 s, calibration 28 s, LLC 225 s, the rest 14 s).
+    32,768. The paper's late stages (LR3-LR5, 126k-500k steps at batch 256) need not be reached; the report says
+    what was.
     """
 
+    SMALL: ClassVar[dict[str, Any]] = dict(seeds=[0, 1], batch_size=64, steps=80_000, n_checkpoints_linear=16,
+                                           n_checkpoints_log=34)
     PAPER: ClassVar[dict[str, Any]] = PAPER
     QUICK: ClassVar[dict[str, Any]] = QUICK
     study: Literal["stages"] = "stages"
-    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
-    D: int = Field(4, ge=1)
     K: int = Field(8, ge=2, description="pairs per sequence (≥ 2: the ICL score compares two positions)")
     noise_var: float = Field(0.125, gt=0, description="σ²: Hoogland et al. use 0.125")
-    preset: str = "hoogland"
-    model_overrides: dict[str, Any] = Field(default_factory=dict, description="ModelConfig fields over the preset")
-    batch_size: int = Field(64, ge=1)
-    steps: int = Field(80_000, ge=2)
-    lr: float = Field(3e-3, gt=0)
-    schedule: Schedule = "triangle"
-    weight_decay: float = Field(0.0, ge=0)
-    n_checkpoints_linear: int = Field(16, ge=0)
-    n_checkpoints_log: int = Field(34, ge=0)
-    eval_size: int = Field(2048, ge=1, description="fixed evaluation sequences (loss curves, ICL scores)")
-    llc_n: int = Field(2048, ge=2, description="n, the fixed LLC dataset (fresh-task sequences)")
-    # γ = 1000: as in the other studies on models of this size (γ = 100 left chains drifting along flat
-    # directions); burn-in is raised by the calibration to min_burnin(ε, γ) ≈ 3/(εγ) at each grid point.
-    sampler: LLCConfig = Field(default_factory=lambda: LLCConfig(num_chains=4, num_draws=100, num_burnin=50,
-                                                                 batch_size=64, localization=1000.0))
-    step_sizes: list[float] = Field(default_factory=lambda: [1e-5, 3e-5, 1e-4, 3e-4], min_length=1)
     calibration_frac: float = Field(0.5, gt=0, le=1, description="calibrate at the first checkpoint at or after "
                                     "this fraction of the steps (a mid/late checkpoint)")
     ed_batch: int = Field(256, ge=1, description="fixed sequences whose predictions form the ED trajectory")
@@ -181,17 +167,10 @@ class StagesConfig(SweepStudyConfig):
         return self.K if self.icl_late is None else self.icl_late
 
     def run_config(self, seed: int) -> RunConfig:
-        return build_run_config(overrides=dict(
-            preset=self.preset, **self.model_overrides, family="gaussian", D=self.D, K=self.K, M=None,
-            noise_var=self.noise_var, seed=seed, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-            schedule=self.schedule, weight_decay=self.weight_decay,
-            n_checkpoints_linear=min(self.n_checkpoints_linear, self.steps + 1),
-            n_checkpoints_log=min(self.n_checkpoints_log, self.steps), eval_size=self.eval_size, device=self.device,
-            name=run_name(seed)))
+        return self.build_run(run_name(seed), None, seed)
 
     def run_configs(self) -> dict[str, RunConfig]:
-        """One run per seed. Raises ValueError or pydantic's ValidationError (naming the field) for settings a run
-        config rejects."""
+        """One run per seed."""
         return {run_name(s): self.run_config(s) for s in self.seeds}
 
 
@@ -282,7 +261,6 @@ def _g_label(g: float) -> str:
 def _scaled_batches(cfg: StagesConfig, seed: int) -> dict[float, tuple[Tensor, Tensor]]:
     """{g: (x (B, K, D), y (B, K))}: one fixed fresh-task batch with its inputs scaled to x ~ N(0, g I_D), same
     tasks, directions and label noise for every g (common random numbers)."""
-    from icl_lab.tasks import make_generator, sample_batch
 
     task = cfg.run_config(seed).task
     b = sample_batch(task, None, cfg.eval_size, make_generator(seed, "stages/icl"))
@@ -303,9 +281,6 @@ def developmental_curves(cfg: StagesConfig, run: Run) -> tuple[pd.DataFrame, np.
         ed_preds: (T, ed_batch, K) predictions on the fixed ED batch (generator 'ed').
         ridge: the ridge predictor's (Bayes-optimal at M = ∞) loss_g{g} and icl_g{g} on the same batches.
     """
-    from icl_lab.baselines import ridge_predict
-    from icl_lab.evaluate import per_token_loss, predict
-    from icl_lab.tasks import make_generator, sample_batch
 
     batches = _scaled_batches(cfg, run.config.seed)
     ed = sample_batch(run.config.task, None, cfg.ed_batch, make_generator(run.config.seed, "ed"))
@@ -335,34 +310,8 @@ def developmental_curves(cfg: StagesConfig, run: Run) -> tuple[pd.DataFrame, np.
     return pd.DataFrame(rows), np.stack(preds), ridge
 
 
-def _calibration_step(cfg: StagesConfig, run: Run) -> int:
-    """The first checkpoint at or after calibration_frac of the steps."""
-    target = cfg.calibration_frac * cfg.steps
-    return next(s for s in run.checkpoint_steps if s >= target)
-
-
-def _shared_llc_settings(cfg: StagesConfig, out: Path, run: Run) -> tuple[LLCSettings, int]:
-    """Calibrate once at a mid/late checkpoint of the first seed (`calibration_frac`); reuse the result when the
-    calibration inputs on disk match. Returns (settings, calibration step)."""
-    step = _calibration_step(cfg, run)
-    inputs = {"run": run.path.name, "step": step, "n": cfg.llc_n, "sampler": cfg.sampler.model_dump(mode="json"),
-              "step_sizes": list(cfg.step_sizes)}
-    f = out / "llc_settings.json"
-    if f.exists():
-        saved = json.loads(f.read_text())
-        if saved.get("inputs") == inputs:
-            return LLCSettings.model_validate(saved["settings"]), step
-    base = LLCSettings(sampler=cfg.sampler, n=cfg.llc_n, data="id", seed=0)
-    _, chosen = calibrate_run(run, step=step, settings=base, step_sizes=cfg.step_sizes,
-                              localizations=[base.sampler.localization], device=cfg.device)
-    write_json(f, {"inputs": inputs, "settings": json.loads(chosen.model_dump_json())})
-    return chosen, step
-
-
 def analyse_run(cfg: StagesConfig, run: Run, out: Path) -> dict[str, Any]:
     """Curves, essential dynamics, milestones and the stage table of one run; writes curves and tables to OUT."""
-    from icl_lab.stages import SE_COLUMNS, llc_milestones, save_stage_table, stage_table, trusted_mask
-    from icl_lab.trajectory import essential_dynamics
 
     curves, ed_preds, ridge = developmental_curves(cfg, run)
     ed = essential_dynamics(ed_preds, np.array(run.checkpoint_steps), n_components=cfg.ed_components,
@@ -374,94 +323,42 @@ def analyse_run(cfg: StagesConfig, run: Run, out: Path) -> dict[str, Any]:
     llc_cols = ["step", "llc_mean", "llc_std", "ok", "flags", "num_chains", *SE_COLUMNS]
     curves = curves.merge(llc[[c for c in llc_cols if c in llc.columns]], on="step", how="left")
     used = curves[np.isfinite(curves["llc_mean"])].reset_index(drop=True)
-    used["trusted"] = trusted_mask(used)  # boundaries only from unflagged λ̂ > 0; the rest is drawn, not used
-    steps, lam, loss = used["step"].to_numpy(float), used["llc_mean"].to_numpy(), used["loss"].to_numpy()
-    milestones = llc_milestones(used)
-    table = stage_table(steps, lam, loss, milestones, loss_plateaus="auto", ed_events=ed,
-                        trusted=used["trusted"].to_numpy())
+    stages = llc_stages(used, used["loss"].to_numpy(), ed_events=ed)
+    used["trusted"], table = stages.trusted, stages.table
     name = run.path.name
     save_stage_table(table, out / f"stage_table_{name}")
     write_parquet(out / f"curves_{name}.parquet", curves)
     columns = ["loss", "llc_mean", "yhat_sq"] + [c for c in curves.columns if c.startswith(("icl_g", "ln_rms:",
                                                                                            "ln_small:"))]
     changes = stage_changes(used, table, columns)
-    return {"run": run, "curves": curves, "used": used, "ed": ed, "ridge": ridge, "milestones": milestones,
+    return {"run": run, "curves": curves, "used": used, "ed": ed, "ridge": ridge, "milestones": stages.milestones,
             "table": table, "changes": changes}
 
 
-# ================================================================================================ the study
-def run_study(cfg: StagesConfig, out: str | Path, progress: bool = True) -> Path:
-    """Train (reusing finished runs), estimate the LLC over training (reusing finished estimates), analyse, and
-    write OUT/report.html; returns its path."""
-    from icl_lab.sweep import check_options, train_named_runs
-
-    out = Path(out)
-    configs = cfg.run_configs()  # validated before anything is written
-    check_options(cfg.executor, cfg.workers, cfg.ensemble)
-    check_out(out, configs)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "study_config.json", json.loads(cfg.model_dump_json()))
-    timer = PhaseTimer()
-    workers = cfg.workers or os.cpu_count() or 1
-
-    with timer("train"):
-        runs = train_named_runs(configs, out / "runs", workers=workers, executor=cfg.executor, progress=progress,
-                                address=cfg.address, slurm=cfg.slurm, ensemble=cfg.ensemble)
-    with timer("llc calibration"):
-        settings, cal_step = _shared_llc_settings(cfg, out, runs[run_name(cfg.seeds[0])])
-    with timer("llc over training"):
-        estimate_runs(list(runs.values()), settings, workers=workers, progress=progress, device=cfg.device)
-    with timer("curves, essential dynamics, stages"):
-        results = {name: analyse_run(cfg, run, out) for name, run in runs.items()}
-        exp = expectations(cfg, results)
-        write_parquet(out / "expectations.parquet", exp)
-    with timer("figures"):
-        figs = out / "figures"
-        pngs = {name: _figures(cfg, r, figs) for name, r in results.items()}
-        if len(results) > 1:
-            pngs["seeds"] = seeds_figure(results, figs / "llc_all_seeds")[0]
-    with timer("report"):
-        path = _write(cfg, out, results, exp, pngs, settings, cal_step, timer)
-    timer.save(out)
-    return path
-
-
 # ================================================================================================ expectations
-_UNMIXED = {"not_stationary", "chains_disagree", "diverged", "short_burnin"}  # flags that say the sampler failed
-
-
-def _verdict(ok: bool | None) -> str:
-    return "unclear" if ok is None else ("pass" if ok else "fail")
-
-
-def _fmt_steps(steps: Sequence[float]) -> str:
-    return ", ".join(f"{int(s):,}" for s in steps) if len(steps) else "none"
-
-
 def _type_sequence(table: pd.DataFrame) -> str:
     """Stage types with consecutive repeats merged, e.g. 'A B A'."""
     types = list(table["type"])
     return " ".join(t for i, t in enumerate(types) if i == 0 or types[i - 1] != t)
 
 
-def expectations(cfg: StagesConfig, results: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+def expectations(cfg: StagesConfig, results: Mapping[str, Mapping[str, Any]]) -> list[Check]:
     """papers.md §D3-D4 and §G9 against the measurements, one row per (expectation, run) plus cross-seed rows.
     The rules are fixed here, before looking at any result; an expectation that cannot be judged (e.g. no type-B
     stage to look for LN collapse in) is 'unclear' and says why."""
-    rows: list[dict[str, str]] = []
+    rows: list[Check] = []
     g1 = "icl_g1"
     g_hi = f"icl_g{_g_label(max(cfg.input_scales))}"
 
     def add(what: str, run: str, source: str, expected: str, measured: str, ok: bool | None) -> None:
-        rows.append({"expectation": what, "run": run, "source": source, "expected": expected, "measured": measured,
-                     "verdict": _verdict(ok)})
+        rows.append(Check(what, expected, measured, ok, run=run, source=source))
 
     for name, r in results.items():
         table, changes, curves, used = r["table"], r["changes"], r["curves"], r["used"]
         n_stages = len(table)
         add("several developmental stages", name, "§D4 Table 2 (5 stages), §G9",
             "at least 3 stages (2 or more LLC milestones)",
-            f"{n_stages} stage(s), types {' '.join(table['type'])}, ending at steps {_fmt_steps(table['end'])}",
+            f"{n_stages} stage(s), types {' '.join(table['type'])}, ending at steps {fmt_steps(table['end'])}",
             n_stages >= 3)
         add("the first stage is type A (the LLC rises while the prior and ICL are learned)", name,
             "§D4 (LR1, LR2 type A)", "stage 1 type A", f"stage 1: Δλ̂ = {table['delta_llc'].iloc[0]:+.3g}",
@@ -544,8 +441,8 @@ def expectations(cfg: StagesConfig, results: Mapping[str, Mapping[str, Any]]) ->
             add("stage boundaries coincide with essential-dynamics forms (cusps / vertices)", name, "§D3-D4",
                 "at least half of the boundaries within 0.3 in log step of an ED cusp or vertex, and a larger "
                 "fraction than chance (the share of the log-step range that lies that close to some event)",
-                f"{n_ed} of {len(inner)} boundaries (at steps {_fmt_steps(inner['end'])}; nearest events at "
-                f"{_fmt_steps(inner['ed_step'].dropna())}); chance {chance:.0%}",
+                f"{n_ed} of {len(inner)} boundaries (at steps {fmt_steps(inner['end'])}; nearest events at "
+                f"{fmt_steps(inner['ed_step'].dropna())}); chance {chance:.0%}",
                 bool(n_ed >= len(inner) / 2 and n_ed / len(inner) > chance))
             n_loss = int(inner["loss_agrees"].sum())
             add("some stages do not show in the loss", name, "§D4 ('many stages do not show in the loss')",
@@ -563,11 +460,11 @@ def expectations(cfg: StagesConfig, results: Mapping[str, Mapping[str, Any]]) ->
         # one and chains find lower loss, so the sampler is judged from the E[ŷ²] minimum (the end of LR1) on
         llc_rows = r["run"].llc
         after = llc_rows[llc_rows["step"] >= t_min]
-        mixed = after["flags"].map(lambda f: not (_UNMIXED & set(str(f).split(";"))))
+        mixed = after["flags"].map(sampler_worked)
         add("LLC chains stationary and mixed once the prior is learned", name, "§D2 (App. A diagnostics)",
-            f"no not_stationary / chains_disagree / diverged / short_burnin flag at ≥ 90% of the checkpoints from "
+            f"no not_stationary / chains_disagree / diverged flag at ≥ 90% of the checkpoints from "
             f"step {int(t_min):,} (the E[ŷ²] minimum, end of LR1)", f"{int(mixed.sum())} of {len(after)} checkpoints"
-            + (f"; flagged at steps {_fmt_steps(after.loc[~mixed, 'step'])}" if (~mixed).any() else ""),
+            + (f"; flagged at steps {fmt_steps(after.loc[~mixed, 'step'])}" if (~mixed).any() else ""),
             bool(mixed.mean() >= 0.9) if len(after) else None)
     if len(results) > 1:
         seqs = {name: _type_sequence(r["table"]) for name, r in results.items()}
@@ -583,15 +480,14 @@ def expectations(cfg: StagesConfig, results: Mapping[str, Mapping[str, Any]]) ->
         paper_ends = [e for _, e, *_ in PAPER_STAGES[:-1]]
         near = [any(abs(math.log(e / p)) <= math.log(2) for e in ends if e > 0) for p in paper_ends]
         add("boundaries near the paper's (1k, 40k, 126k, 320k)", run_name(cfg.seeds[0]), "§D4 Table 2",
-            "a boundary within a factor 2 of each of the paper's", f"boundaries at {_fmt_steps(ends)}",
+            "a boundary within a factor 2 of each of the paper's", f"boundaries at {fmt_steps(ends)}",
             all(near))
-    return pd.DataFrame(rows)
+    return rows
 
 
 # ================================================================================================ figures
 def _bands(ax, table: pd.DataFrame, xmin: float) -> None:
     """Stage bands as in Hoogland et al. Fig. 1 (orange: LLC rising, type A; blue: falling, type B)."""
-    from matplotlib import colormaps
 
     na = nb = 0
     for row in table.itertuples():
@@ -606,7 +502,6 @@ def indicator_figure(cfg: StagesConfig, r: Mapping[str, Any], path: Path) -> tup
     """Per-stage indicators against step with the stage bands (Hoogland et al. Fig. 5 and §D.3.4): E[ŷ²] with σ²;
     the ICL score per input scale g with ridge's (dashed); RMS of each LN weight vector; the fraction of LN weights
     with |w| < threshold."""
-    import matplotlib.pyplot as plt
 
     curves, table = r["curves"], r["table"]
     s = curves["step"].to_numpy(float)
@@ -646,7 +541,6 @@ def indicator_figure(cfg: StagesConfig, r: Mapping[str, Any], path: Path) -> tup
 def pc_scores_figure(r: Mapping[str, Any], path: Path) -> tuple[Path, Path]:
     """PC scores of the essential dynamics against step (Hoogland et al. Fig. 6): raw (dots) and smoothed (lines),
     with the LLC stage boundaries (dashed) and the ED cusps / vertices (ticks at the top)."""
-    import matplotlib.pyplot as plt
 
     ed, table = r["ed"], r["table"]
     s = ed.steps.astype(float)
@@ -670,7 +564,6 @@ def pc_scores_figure(r: Mapping[str, Any], path: Path) -> tuple[Path, Path]:
 
 def seeds_figure(results: Mapping[str, Mapping[str, Any]], path: Path) -> tuple[Path, Path]:
     """LLC (top) and test loss (bottom) of every seed against step, with each seed's boundaries as ticks."""
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, constrained_layout=True)
     colours = plt.cm.tab10(np.arange(len(results)) % 10)
@@ -691,8 +584,6 @@ def seeds_figure(results: Mapping[str, Mapping[str, Any]], path: Path) -> tuple[
 
 
 def _figures(cfg: StagesConfig, r: Mapping[str, Any], figs: Path) -> dict[str, Path]:
-    from icl_lab.stages import plot_stages
-    from icl_lab.trajectory import plot_pc_pairs
 
     name = r["run"].path.name
     u = r["used"]
@@ -711,36 +602,6 @@ def _figures(cfg: StagesConfig, r: Mapping[str, Any], figs: Path) -> dict[str, P
 
 
 # ================================================================================================ the report
-def scale_table(cfg: StagesConfig) -> pd.DataFrame:
-    """This study's sizes next to the paper's (papers.md §D1-D2)."""
-    from icl_lab.model import build_model, count_parameters
-
-    rc = cfg.run_config(cfg.seeds[0])
-    m = rc.model
-    n_params = count_parameters(build_model(rc.task, m, 0))
-    s = cfg.sampler
-    rows = [
-        ("model", f"preset '{cfg.preset}': {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads × {m.d_head}, "
-                  f"MLP {m.d_mlp} ({m.activation}), {n_params:,} parameters",
-         "about 50k parameters [EXT: 2 layers, 4 heads, d 64, MLP 64]"),
-        ("tasks", f"M = ∞ (w ~ N(0, I_D) per sequence), D = {cfg.D}, K = {cfg.K}, σ² = {cfg.noise_var:g}",
-         "M = ∞, σ² = 0.125 [EXT: D = 4, K = 8]"),
-        ("optimiser", f"AdamW (weight decay {cfg.weight_decay:g}), lr {cfg.lr:g}, {cfg.schedule} schedule",
-         "[EXT] Adam, lr 0.003, linear one-cycle (50% warm-up)"),
-        ("batch × steps", f"{cfg.batch_size} × {cfg.steps:,} = {cfg.batch_size * cfg.steps:,} sequences",
-         "[EXT] 256 × 500,000 = 128,000,000"),
-        ("seeds", ", ".join(map(str, cfg.seeds)), "5 (stage table for seed 1)"),
-        ("checkpoints (LLC at each)", f"{cfg.n_checkpoints_linear} linear + {cfg.n_checkpoints_log} log-spaced",
-         "[EXT] 200 linear + 100 log-spaced"),
-        ("LLC sampler (before calibration)", f"{s.num_chains} chains × {s.num_draws} draws, burn-in ≥ "
-         f"{s.num_burnin}, minibatch {s.batch_size}, γ = {s.localization:g}, n = {cfg.llc_n:,}; ε from "
-         f"{', '.join(f'{e:g}' for e in cfg.step_sizes)}", "[EXT] 8 chains × 500 draws, 500 burn-in, minibatch "
-         "1024, n = 32,768"),
-    ]
-    return pd.DataFrame(rows, columns=["setting", f"this study (scale '{cfg.scale}'{', quick' if cfg.quick else ''})",
-                                       "Hoogland et al."])
-
-
 def _paper_table() -> pd.DataFrame:
     return pd.DataFrame([{"stage": s, "end": e, "type": t, "Δℓ̂": dl, "Δλ̂": dlam} for s, e, t, dl, dlam in PAPER_STAGES])
 
@@ -765,96 +626,152 @@ def _stage_view(r: Mapping[str, Any]) -> pd.DataFrame:
     return view
 
 
-def _write(cfg: StagesConfig, out: Path, results, exp: pd.DataFrame, pngs, settings: LLCSettings, cal_step: int,
-           timer: PhaseTimer) -> Path:
-    n_pass = int((exp["verdict"] == "pass").sum())
-    sections = [Section("Scale", (
-        "The sizes of this study next to the paper's. At small scale training is far shorter (fewer sequences, a "
-        "faster schedule), so stage boundaries sit at other steps and late stages may not be reached (papers.md "
-        "§G9: the order of the stages is what should hold)."), tables=[scale_table(cfg)])]
-    sections.append(Section("Expectations and measured verdicts", (
-        f"{n_pass} of {len(exp)} checks pass. The rules were fixed before any run (see `expectations` in "
-        "icl_lab.studies.stages); 'unclear' means the check could not be made and says why."), tables=[exp]))
-    s = settings.sampler
-    for name, r in results.items():
-        t, u, cur = r["table"], r["used"], r["curves"]
-        bounds = t["end"].iloc[:-1]
-        flags = r["run"].llc["flags"].fillna("")
-        n_flagged = int((flags != "").sum())
-        text = (
-            f"Test loss (top, fresh tasks) and LLC (bottom, mean ± std over {s.num_chains} chains) against step, with "
-            f"the stages found at critical points of λ̂ against log step (orange: λ̂ rises, type A; blue: falls, type "
-            f"B; dotted: milestones). Measured: {len(t)} stage(s) of types {' '.join(t['type'])}, boundaries at "
-            f"steps {_fmt_steps(bounds)}; λ̂ from {u['llc_mean'].iloc[0]:.3g} at step {int(u['step'].iloc[0])} to a "
-            f"maximum of {u['llc_mean'].max():.3g} at step {int(u.loc[u['llc_mean'].idxmax(), 'step']):,} and "
-            f"{u['llc_mean'].iloc[-1]:.3g} at the end; the loss from {u['loss'].iloc[0]:.3g} to "
-            f"{u['loss'].iloc[-1]:.3g}. {n_flagged} of {len(flags)} LLC estimates carry a diagnostic flag "
-            f"({', '.join(sorted({f for fl in flags for f in fl.split(';') if f})) or 'none'}). The table gives per "
-            "stage the change in loss and LLC, the nearest loss milestone and ED form to each boundary (agreement: "
-            "within 0.3 in log step), and the change of each indicator. The paper's Table 2 (seed 1) follows.")
-        sections.append(Section(f"Stages, {name} (Hoogland et al. Fig. 1, Table 2)", text,
-                                figures=[pngs[name]["stages"]], tables=[_stage_view(r), _paper_table()]))
-        i_min = int(np.argmin(cur["yhat_sq"].to_numpy()))
-        icl_txt = "; ".join(
-            f"g = {g:g}: {cur[f'icl_g{_g_label(g)}'].iloc[0]:.3g} → min {cur[f'icl_g{_g_label(g)}'].min():.3g} → "
-            f"{cur[f'icl_g{_g_label(g)}'].iloc[-1]:.3g} (ridge {r['ridge'][f'icl_g{_g_label(g)}']:.3g})"
-            for g in cfg.input_scales)
-        lns = [c.split(":", 1)[1] for c in cur.columns if c.startswith("ln_rms:")]
-        ln_txt = "; ".join(f"{n}: RMS {cur[f'ln_rms:{n}'].iloc[0]:.3g} → min {cur[f'ln_rms:{n}'].min():.3g} → "
-                           f"{cur[f'ln_rms:{n}'].iloc[-1]:.3g}, {cur[f'ln_small:{n}'].iloc[-1]:.0%} of weights below "
-                           f"{cfg.ln_threshold:g} at the end" for n in lns)
-        text = (f"Indicators on {cfg.eval_size:,} fixed fresh-task sequences at every checkpoint, on the stage bands. "
-                f"E[ŷ²]: {cur['yhat_sq'].iloc[0]:.3g} at step 0, minimum {cur['yhat_sq'].iloc[i_min]:.3g} at step "
-                f"{int(cur['step'].iloc[i_min]):,} (σ² = {cfg.noise_var:g}), {cur['yhat_sq'].iloc[-1]:.3g} at the end. "
-                f"ICL score ℓ_{cfg.late} − ℓ_{cfg.icl_early} (start → min → end): {icl_txt}. LayerNorm weights: "
-                f"{ln_txt}.")
-        sections.append(Section(f"Indicators per stage, {name} (Hoogland et al. Fig. 5, §D.3.4)", text,
-                                figures=[pngs[name]["indicators"]]))
-        ed = r["ed"]
-        ev = ", ".join(f"{v:.1%}" for v in ed.explained_variance_ratio)
-        cusps = sorted({int(x) for f in ed.features.values() for x in ed.steps[f.cusps]})
-        verts = sorted({int(x) for f in ed.features.values() for x in ed.steps[f.vertices]})
-        text = (f"PCA of the predictions on {cfg.ed_batch} fixed fresh-task sequences at each of "
-                f"{len(ed.steps)} checkpoints, smoothed with σ = {cfg.ed_sigma:g} checkpoints; explained variance "
-                f"{ev} (the paper's LR model: 65%, 8%, 5%). Cusps (steps): {_fmt_steps(cusps)}; vertices (circles, "
-                f"with osculating circles; steps): {_fmt_steps(verts)}. Below: PC scores against step with the LLC "
-                f"boundaries (dashed) at {_fmt_steps(bounds)}.")
-        sections.append(Section(f"Essential dynamics, {name} (Hoogland et al. Figs. 2 and 6)", text,
-                                figures=[pngs[name]["ed"], pngs[name]["pc_scores"]]))
-    if "seeds" in pngs:
-        sections.append(Section("All seeds", (
-            "LLC and loss of every seed with each seed's boundaries (ticks). Boundaries per seed: "
-            + "; ".join(f"{n}: {_fmt_steps(r['table']['end'].iloc[:-1])} (types {_type_sequence(r['table'])})"
-                        for n, r in results.items()) + "."), figures=[pngs["seeds"]]))
-    first = run_name(cfg.seeds[0])
-    cal_figs = [pngs[first]["calibration"]] if "calibration" in pngs[first] else []
-    sections.append(Section("LLC settings", (
-        f"Calibrated once at step {cal_step:,} of {first} (the first checkpoint at or after "
-        f"{cfg.calibration_frac:.0%} of training) over ε in {', '.join(f'{e:g}' for e in cfg.step_sizes)} at γ = "
-        f"{cfg.sampler.localization:g}, each grid point burning in for max({cfg.sampler.num_burnin}, min_burnin(ε, γ) "
-        f"≈ 3/(εγ)) steps; chosen: ε = {s.step_size:g}, γ = {s.localization:g}, nβ = "
-        f"{'n/log n' if s.nbeta is None else f'{s.nbeta:g}'}, {s.num_chains} chains × {s.num_draws} draws after "
-        f"{s.num_burnin} burn-in, minibatch {s.batch_size}, on n = {settings.n:,} fixed fresh-task sequences. The "
-        "same settings, data and SGLD seed are used at every checkpoint of every seed."), figures=cal_figs))
-    diffs = exp[exp["verdict"] != "pass"]
-    text = ("Every expectation this study did not reproduce, with the measured numbers (never tuned to agree): "
-            + " ".join(f"[{d.verdict}] {d.expectation} ({d.run}): expected {d.expected}; measured {d.measured}."
-                       for d in diffs.itertuples()) if len(diffs) else
-            "Every expectation in the table was reproduced at this scale.")
-    r0 = results[first]
-    text += ("\n\nStage boundaries: the paper's end at 1k, 40k, 126k, 320k and 500k steps (batch 256, 500k steps); "
-             f"here ({cfg.batch_size} × {cfg.steps:,}) at {_fmt_steps(r0['table']['end'])}, types "
-             f"{' '.join(r0['table']['type'])} against the paper's A A B B A. Only the order is comparable "
-             "(papers.md §G9).")
-    sections.append(Section("Where this study differs from the paper", text))
-    timing = timer.table(out)
-    sections.append(Section("Wall time per phase", (
-        f"Seconds per phase in this invocation (first column; earlier ones beside it, all in timings_history.json; "
-        f"executor {cfg.executor}, {cfg.workers} workers, device {cfg.device}); "
-        "finished runs and LLC estimates are reused and cost nothing. Writing this page is not included "
-        "(timings.json has it)."), tables=[timing]))
-    intro = (f"Hoogland et al. (2024) at scale '{cfg.scale}'{' (quick)' if cfg.quick else ''}: M = ∞, D = {cfg.D}, "
-             f"K = {cfg.K}, σ² = {cfg.noise_var:g}, preset '{cfg.preset}', {cfg.steps:,} steps at batch "
-             f"{cfg.batch_size}, seeds {cfg.seeds}. LLC at every checkpoint with one calibrated setting; essential "
-             "dynamics; stages at critical points of the LLC; ICL score, E[ŷ²] and LayerNorm weights per stage.")
-    return write_report(out / "report.html", "The developmental landscape of in-context learning", intro, sections)
+class Stages(Study):
+    name = "stages"
+    title = "The developmental landscape of in-context learning"
+    config = StagesConfig
+    scale_note = ("The sizes of this study next to the paper's. At small scale training is far shorter (fewer "
+                  "sequences, a faster schedule), so stage boundaries sit at other steps and late stages may not be "
+                  "reached (papers.md §G9: the order of the stages is what should hold).")
+    reused = "finished runs and LLC estimates are reused and cost nothing"
+
+    def checks_note(self) -> str:
+        return ("The rules were fixed before any run (see `expectations` in icl_lab.studies.stages); 'unclear' means "
+                "the check could not be made and says why.")
+
+    def llc_plan(self, runs: dict[str, Run]) -> LLCPlan:
+        """Calibrate once at the first checkpoint at or after calibration_frac of the first seed's run."""
+        cfg = self.cfg
+        first = run_name(cfg.seeds[0])
+        step = next(s for s in runs[first].checkpoint_steps if s >= cfg.calibration_frac * cfg.steps)
+        return LLCPlan(LLCSettings(sampler=cfg.sampler, n=cfg.llc_n, data="id", seed=0), cfg.step_sizes, first, step)
+
+    def analyse(self, runs: dict[str, Run], shared: SharedSettings, out: Path) -> dict[str, Any]:
+        if shared.settings is None:
+            raise ValueError(f"LLC calibration of {shared.run} at step {shared.step} failed: {shared.reason}")
+        return {"results": {name: analyse_run(self.cfg, run, out) for name, run in runs.items()}, "shared": shared}
+
+    def checks(self, r: dict[str, Any]) -> list[Check]:
+        return expectations(self.cfg, r["results"])
+
+    def figures(self, r: dict[str, Any], figs: Path) -> dict[str, Any]:
+        results = r["results"]
+        pngs: dict[str, Any] = {name: _figures(self.cfg, res, figs) for name, res in results.items()}
+        if len(results) > 1:
+            pngs["seeds"] = seeds_figure(results, figs / "llc_all_seeds")[0]
+        return pngs
+
+    def sections(self, r: dict[str, Any], pngs: dict[str, Any]) -> list[Section]:
+        cfg, results, settings, cal_step = self.cfg, r["results"], r["shared"].settings, r["shared"].step
+        sections = []
+        s = settings.sampler
+        for name, r in results.items():
+            t, u, cur = r["table"], r["used"], r["curves"]
+            bounds = t["end"].iloc[:-1]
+            flags = r["run"].llc["flags"].fillna("")
+            n_flagged = int((flags != "").sum())
+            text = (
+                f"Test loss (top, fresh tasks) and LLC (bottom, mean ± std over {s.num_chains} chains) against step, "
+                "with the stages found at critical points of λ̂ against log step (orange: λ̂ rises, type A; blue: "
+                "falls, type "
+                f"B; dotted: milestones). Measured: {len(t)} stage(s) of types {' '.join(t['type'])}, boundaries at "
+                f"steps {fmt_steps(bounds)}; λ̂ from {u['llc_mean'].iloc[0]:.3g} at step {int(u['step'].iloc[0])} to a "
+                f"maximum of {u['llc_mean'].max():.3g} at step {int(u.loc[u['llc_mean'].idxmax(), 'step']):,} and "
+                f"{u['llc_mean'].iloc[-1]:.3g} at the end; the loss from {u['loss'].iloc[0]:.3g} to "
+                f"{u['loss'].iloc[-1]:.3g}. {n_flagged} of {len(flags)} LLC estimates carry a diagnostic flag "
+                f"({', '.join(sorted({f for fl in flags for f in fl.split(';') if f})) or 'none'}). The table gives "
+                "per "
+                "stage the change in loss and LLC, the nearest loss milestone and ED form to each boundary (agreement: "
+                "within 0.3 in log step), and the change of each indicator. The paper's Table 2 (seed 1) follows.")
+            sections.append(Section(f"Stages, {name} (Hoogland et al. Fig. 1, Table 2)", text,
+                                    figures=[pngs[name]["stages"]], tables=[_stage_view(r), _paper_table()]))
+            i_min = int(np.argmin(cur["yhat_sq"].to_numpy()))
+            icl_txt = "; ".join(
+                f"g = {g:g}: {cur[f'icl_g{_g_label(g)}'].iloc[0]:.3g} → min {cur[f'icl_g{_g_label(g)}'].min():.3g} → "
+                f"{cur[f'icl_g{_g_label(g)}'].iloc[-1]:.3g} (ridge {r['ridge'][f'icl_g{_g_label(g)}']:.3g})"
+                for g in cfg.input_scales)
+            lns = [c.split(":", 1)[1] for c in cur.columns if c.startswith("ln_rms:")]
+            ln_txt = "; ".join(f"{n}: RMS {cur[f'ln_rms:{n}'].iloc[0]:.3g} → min {cur[f'ln_rms:{n}'].min():.3g} → "
+                               f"{cur[f'ln_rms:{n}'].iloc[-1]:.3g}, {cur[f'ln_small:{n}'].iloc[-1]:.0%} of weights "
+                               "below "
+                               f"{cfg.ln_threshold:g} at the end" for n in lns)
+            text = (f"Indicators on {cfg.eval_size:,} fixed fresh-task sequences at every checkpoint, on the stage "
+                    "bands. "
+                    f"E[ŷ²]: {cur['yhat_sq'].iloc[0]:.3g} at step 0, minimum {cur['yhat_sq'].iloc[i_min]:.3g} at step "
+                    f"{int(cur['step'].iloc[i_min]):,} (σ² = {cfg.noise_var:g}), {cur['yhat_sq'].iloc[-1]:.3g} at the "
+                    "end. "
+                    f"ICL score ℓ_{cfg.late} − ℓ_{cfg.icl_early} (start → min → end): {icl_txt}. LayerNorm weights: "
+                    f"{ln_txt}.")
+            sections.append(Section(f"Indicators per stage, {name} (Hoogland et al. Fig. 5, §D.3.4)", text,
+                                    figures=[pngs[name]["indicators"]]))
+            ed = r["ed"]
+            ev = ", ".join(f"{v:.1%}" for v in ed.explained_variance_ratio)
+            cusps = sorted({int(x) for f in ed.features.values() for x in ed.steps[f.cusps]})
+            verts = sorted({int(x) for f in ed.features.values() for x in ed.steps[f.vertices]})
+            text = (f"PCA of the predictions on {cfg.ed_batch} fixed fresh-task sequences at each of "
+                    f"{len(ed.steps)} checkpoints, smoothed with σ = {cfg.ed_sigma:g} checkpoints; explained variance "
+                    f"{ev} (the paper's LR model: 65%, 8%, 5%). Cusps (steps): {fmt_steps(cusps)}; vertices (circles, "
+                    f"with osculating circles; steps): {fmt_steps(verts)}. Below: PC scores against step with the LLC "
+                    f"boundaries (dashed) at {fmt_steps(bounds)}.")
+            sections.append(Section(f"Essential dynamics, {name} (Hoogland et al. Figs. 2 and 6)", text,
+                                    figures=[pngs[name]["ed"], pngs[name]["pc_scores"]]))
+        if "seeds" in pngs:
+            sections.append(Section("All seeds", (
+                "LLC and loss of every seed with each seed's boundaries (ticks). Boundaries per seed: "
+                + "; ".join(f"{n}: {fmt_steps(r['table']['end'].iloc[:-1])} (types {_type_sequence(r['table'])})"
+                            for n, r in results.items()) + "."), figures=[pngs["seeds"]]))
+        first = run_name(cfg.seeds[0])
+        cal_figs = [pngs[first]["calibration"]] if "calibration" in pngs[first] else []
+        sections.append(Section("LLC settings", (
+            f"Calibrated once at step {cal_step:,} of {first} (the first checkpoint at or after "
+            f"{cfg.calibration_frac:.0%} of training) over ε in {', '.join(f'{e:g}' for e in cfg.step_sizes)} at γ = "
+            f"{cfg.sampler.localization:g}, each grid point burning in for max({cfg.sampler.num_burnin}, "
+            "min_burnin(ε, γ) "
+            f"≈ 3/(εγ)) steps; chosen: ε = {s.step_size:g}, γ = {s.localization:g}, nβ = "
+            f"{'n/log n' if s.nbeta is None else f'{s.nbeta:g}'}, {s.num_chains} chains × {s.num_draws} draws after "
+            f"{s.num_burnin} burn-in, minibatch {s.batch_size}, on n = {settings.n:,} fixed fresh-task sequences. The "
+            "same settings, data and SGLD seed are used at every checkpoint of every seed."), figures=cal_figs))
+        return sections
+
+    def differs(self, r: dict[str, Any]) -> str:
+        cfg, table = self.cfg, r["results"][run_name(self.cfg.seeds[0])]["table"]
+        return ("Stage boundaries: the paper's end at 1k, 40k, 126k, 320k and 500k steps (batch 256, 500k steps); "
+                f"here ({cfg.batch_size} × {cfg.steps:,}) at {fmt_steps(table['end'])}, types "
+                f"{' '.join(table['type'])} against the paper's A A B B A. Only the order is comparable "
+                "(papers.md §G9).")
+
+    def intro(self, r: dict[str, Any]) -> str:
+        cfg = self.cfg
+        return (f"Hoogland et al. (2024) at scale '{cfg.scale}'{' (quick)' if cfg.quick else ''}: M = ∞, "
+                f"D = {cfg.D}, K = {cfg.K}, σ² = {cfg.noise_var:g}, preset '{cfg.preset}', {cfg.steps:,} steps at "
+                f"batch {cfg.batch_size}, seeds {cfg.seeds}. LLC at every checkpoint with one calibrated setting; "
+                "essential dynamics; stages at critical points of the LLC; ICL score, E[ŷ²] and LayerNorm weights per "
+                "stage.")
+
+    def scale_table(self) -> pd.DataFrame:
+        """This study's sizes next to the paper's (papers.md §D1-D2)."""
+        cfg = self.cfg
+        rc = cfg.run_config(cfg.seeds[0])
+        m, s = rc.model, cfg.sampler
+        rows = [
+            ("model", f"preset '{cfg.preset}': {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads × "
+                      f"{m.d_head}, MLP {m.d_mlp} ({m.activation}), {n_parameters(rc):,} parameters",
+             "about 50k parameters [EXT: 2 layers, 4 heads, d 64, MLP 64]"),
+            ("tasks", f"M = ∞ (w ~ N(0, I_D) per sequence), D = {cfg.D}, K = {cfg.K}, σ² = {cfg.noise_var:g}",
+             "M = ∞, σ² = 0.125 [EXT: D = 4, K = 8]"),
+            ("optimiser", f"AdamW (weight decay {cfg.weight_decay:g}), lr {cfg.lr:g}, {cfg.schedule} schedule",
+             "[EXT] Adam, lr 0.003, linear one-cycle (50% warm-up)"),
+            ("batch × steps", f"{cfg.batch_size} × {cfg.steps:,} = {cfg.batch_size * cfg.steps:,} sequences",
+             "[EXT] 256 × 500,000 = 128,000,000"),
+            ("seeds", ", ".join(map(str, cfg.seeds)), "5 (stage table for seed 1)"),
+            ("checkpoints (LLC at each)", f"{cfg.n_checkpoints_linear} linear + {cfg.n_checkpoints_log} log-spaced",
+             "[EXT] 200 linear + 100 log-spaced"),
+            ("LLC sampler (before calibration)", f"{s.num_chains} chains × {s.num_draws} draws, burn-in ≥ "
+             f"{s.num_burnin}, minibatch {s.batch_size}, γ = {s.localization:g}, n = {cfg.llc_n:,}; ε from "
+             f"{', '.join(f'{e:g}' for e in cfg.step_sizes)}", "[EXT] 8 chains × 500 draws, 500 burn-in, minibatch "
+             "1024, n = 32,768"),
+        ]
+        return scale_frame(cfg, rows, "Hoogland et al.")
+
+
+STUDY = Stages

@@ -20,22 +20,27 @@ the sweep machinery (`icl_lab.sweep.train_named_runs`: local processes, Ray or S
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from icl_lab.config import RunConfig, Schedule, build_run_config
+from icl_lab.config import RunConfig
+from icl_lab.evaluate import prepare_eval_sets
 from icl_lab.plots import m_axis, m_label, m_positions, per_token_columns, save_figure, step_axis
-from icl_lab.report import Section, write_report
+from icl_lab.report import Section
 from icl_lab.store import Run, write_json, write_parquet
-from icl_lab.studies.common import PhaseTimer, SweepStudyConfig, check_ms, parse_ms
+from icl_lab.studies.common import Check, MsStudyConfig, fmt_ms, n_parameters, scale_frame
+from icl_lab.studies.runner import Study, run_study
+from icl_lab.tasks import task_pool
+
+__all__ = ["Crossover", "TaskDiversity", "TaskDiversityConfig", "analyse", "collect", "doubling_threshold",
+           "expectations", "mean_over_seeds", "phase_sets", "run_name", "run_study"]
 
 # Raventós et al. §C2: thresholds at D = 8, K = 16, σ² = 0.25 (base PT, B 256 vs 512 at 500k steps; small PT, App. E).
 PAPER_THRESHOLD = {"base PT (8 layers, d 128)": (2**14, 2**15), "small PT (4 layers, d 64)": (2**11, 2**12)}
@@ -49,7 +54,7 @@ PAPER = dict(Ms=[2**j for j in range(21)] + [None], D=8, K=16, noise_var=0.25, p
 QUICK = dict(Ms=[1, 4, 16, 64, 256, None], steps=2000, n_checkpoints_linear=6, n_checkpoints_log=6, eval_size=1024)
 
 
-class TaskDiversityConfig(SweepStudyConfig):
+class TaskDiversityConfig(MsStudyConfig):
     """Settings of the study. The defaults are the 'small' scale, designed to finish within 60 minutes on 2 CPU
     cores; `for_scale` gives 'paper' and `quick`.
 
@@ -57,66 +62,27 @@ class TaskDiversityConfig(SweepStudyConfig):
     dimension (the threshold grows about linearly with D, §C2), and is the regression setting of Hoogland et al.,
     whose 2-layer preset ('hoogland', 51.7k parameters) learns in-context regression there. B = 32 and 64 for
     16,000 steps with the triangle schedule at lr 3e-3 (Hoogland et al.'s rate for this preset), M = 2^0 ... 2^10
-    and ∞, one seed: 24 runs. In pilot runs (B = 64, 6,000 steps) M = 16 ended between dMMSE and ridge and M = 256
-    ridge-like, so the crossover should fall inside 2^0 ... 2^10 at 16,000 steps.
-
-    Run-time estimate (not a measurement of the study): per-step costs of short `train()` runs of these configs,
-    one torch thread each as the sweep runs them, on the 2-core development machine while other jobs ran: 6-10 ms
-    per step at B = 32, 10-15 ms at B = 64, 0.2-0.4 s per evaluation (2 × 2,048 sequences, 21 checkpoints), ~2.5 s
-    setup per run. For 24 runs: 3,500-5,000 CPU-seconds, i.e. 30-42 minutes on 2 workers, plus about a minute of
-    analysis and figures.
+    and ∞, one seed: 24 runs; the crossover should fall inside 2^0 ... 2^10 at 16,000 steps.
     """
 
+    SMALL: ClassVar[dict[str, Any]] = dict(Ms=[2**j for j in range(11)] + [None])
     PAPER: ClassVar[dict[str, Any]] = PAPER
     QUICK: ClassVar[dict[str, Any]] = QUICK
+    MIN_FINITE: ClassVar[int] = 2
+    TOO_FEW: ClassVar[str] = "at least two finite task diversities are needed for the threshold (e.g. 1,2,4,inf)"
     study: Literal["task-diversity"] = "task-diversity"
-    Ms: list[int | None] = Field(default_factory=lambda: [2**j for j in range(11)] + [None],
-                                 description="task diversities; None (or 'inf') is a fresh task per sequence")
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    D: int = Field(4, ge=1)
-    K: int = Field(8, ge=1)
-    noise_var: float = Field(0.125, ge=0)
-    preset: str = "hoogland"
-    model_overrides: dict[str, Any] = Field(default_factory=dict, description="ModelConfig fields over the preset")
-    batch_size: int = Field(32, ge=1, description="B: the runs use B, 2B, ... (doublings + 1 batch sizes)")
     doublings: int = Field(1, ge=1, description="number of batch-size doublings; the threshold uses B vs 2B")
-    steps: int = Field(16_000, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    schedule: Schedule = "triangle"
-    weight_decay: float = Field(0.0, ge=0)
-    n_checkpoints_linear: int = Field(11, ge=0)
-    n_checkpoints_log: int = Field(10, ge=0)
-    eval_size: int = Field(2048, ge=1)
-
-    @field_validator("Ms", mode="before")
-    @classmethod
-    def _parse_ms(cls, v: Any) -> Any:
-        return parse_ms(v)
-
-    @field_validator("Ms")
-    @classmethod
-    def _check_ms(cls, v: list[int | None]) -> list[int | None]:
-        return check_ms(v, 2, "at least two finite task diversities are needed for the threshold (e.g. 1,2,4,inf)")
 
     @property
     def batch_sizes(self) -> list[int]:
+        """B, 2B, ... (doublings + 1 batch sizes)."""
         return [self.batch_size * 2**j for j in range(self.doublings + 1)]
 
-    @property
-    def finite_Ms(self) -> list[int]:
-        return [m for m in self.Ms if m is not None]
-
     def run_config(self, M: int | None, B: int, seed: int) -> RunConfig:
-        return build_run_config(overrides=dict(
-            preset=self.preset, **self.model_overrides, family="gaussian", D=self.D, K=self.K, M=M,
-            noise_var=self.noise_var, seed=seed, steps=self.steps, batch_size=B, lr=self.lr, schedule=self.schedule,
-            weight_decay=self.weight_decay, n_checkpoints_linear=min(self.n_checkpoints_linear, self.steps + 1),
-            n_checkpoints_log=min(self.n_checkpoints_log, self.steps), eval_size=self.eval_size, device=self.device,
-            name=run_name(M, B, seed)))
+        return self.build_run(run_name(M, B, seed), M, seed, batch_size=B)
 
     def run_configs(self) -> dict[str, RunConfig]:
-        """Every run, largest batch first (the longest jobs start first in a process pool). Raises ValueError or
-        pydantic's ValidationError (naming the field) for settings a run config rejects."""
+        """Every run, largest batch first (the longest jobs start first in a process pool)."""
         return {run_name(M, B, s): self.run_config(M, B, s)
                 for B in reversed(self.batch_sizes) for M in self.Ms for s in self.seeds}
 
@@ -195,57 +161,10 @@ def doubling_threshold(Ms, delta_B, delta_2B) -> Crossover:
     return Crossover(M_star, "inside", (float(Ms[i]), float(Ms[i + 1])), reason=reason, **common)
 
 
-# ================================================================================================ the study
-def run_study(cfg: TaskDiversityConfig, out: str | Path, progress: bool = True) -> Path:
-    """Train (reusing finished runs), analyse, and write OUT/report.html; returns its path."""
-    from icl_lab.sweep import check_options, train_named_runs
-
-    out = Path(out)
-    configs = cfg.run_configs()  # validated before anything is written
-    check_options(cfg.executor, cfg.workers, cfg.ensemble)
-    check_out(out, configs)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "study_config.json", json.loads(cfg.model_dump_json()))
-    timer = PhaseTimer()
-
-    with timer("train"):
-        runs = train_named_runs(configs, out / "runs", workers=cfg.workers or os.cpu_count() or 1,
-                                executor=cfg.executor,
-                                progress=progress, address=cfg.address, slurm=cfg.slurm, ensemble=cfg.ensemble)
-    with timer("analysis"):
-        summary = collect(cfg, runs)
-        write_parquet(out / "summary.parquet", summary)
-        analysis = analyse(summary, cfg.batch_sizes)
-        write_json(out / "threshold.json", {f"B{b1}->B{b2}": c.to_json() for (b1, b2), c in analysis.items()})
-        exp = expectations(cfg, summary, analysis)
-    with timer("figures"):
-        figs = out / "figures"
-        crossover = analysis[tuple(cfg.batch_sizes[:2])]
-        pngs = {"fig2": delta_figure(summary, crossover, figs / "delta_vs_M")[0],
-                "crossover": crossover_figure(summary, analysis, figs / "crossover")[0],
-                "per_token": per_token_figure(summary, figs / "per_token")[0],
-                "curves": training_curves_figure(cfg, runs, crossover, figs / "delta_ridge_vs_step")[0]}
-    with timer("report"):
-        path = _write(cfg, out, summary, analysis, exp, pngs, runs, timer)
-    timer.save(out)
-    return path
-
-
-def check_out(out: str | Path, configs: dict[str, RunConfig]) -> None:
-    """Raise ValueError if OUT/runs holds a run of one of these names with another config (another scale or other
-    settings written to the same --out), before anything is written."""
-    for name, config in configs.items():
-        path = Path(out) / "runs" / name
-        if (path / "config.json").exists() and Run.load(path).config != config:
-            raise ValueError(f"{path} holds a run with a different config (another scale or other settings in the "
-                             f"same --out); choose another --out or remove that run")
-
-
+# ================================================================================================ the analysis
 def collect(cfg: TaskDiversityConfig, runs: dict[str, Run]) -> pd.DataFrame:
     """One row per run at its final step: M (inf for ∞), B, seed, losses, Δs, per-token losses, the baselines'
     levels on the same eval sets, and Δ(Ridge, dMMSE) of the two baselines ('id_delta_ridge_dmmse', ...)."""
-    from icl_lab.evaluate import prepare_eval_sets
-    from icl_lab.tasks import task_pool
 
     ref: dict[tuple[int | None, int], dict[str, float]] = {}
     rows = []
@@ -287,14 +206,6 @@ def analyse(summary: pd.DataFrame, batch_sizes: list[int]) -> dict[tuple[int, in
 
 
 # ================================================================================================ expectations
-def _verdict(ok: bool | None) -> str:
-    return "unclear" if ok is None else ("pass" if ok else "fail")
-
-
-def _fmt_ms(Ms) -> str:
-    return ", ".join(m_label(m) for m in Ms) if len(Ms) else "none"
-
-
 def phase_sets(crossover: Crossover, Ms: list[float]) -> tuple[list[float], list[float], list[float]]:
     """(low, below, above) task diversities relative to M*: below = finite M < M*; above = finite M > M* and ∞;
     low (the low-diversity phase) = finite M <= M*/8, or the two smallest finite Ms if none is (the paper's
@@ -311,7 +222,7 @@ def phase_sets(crossover: Crossover, Ms: list[float]) -> tuple[list[float], list
 
 
 def expectations(cfg: TaskDiversityConfig, summary: pd.DataFrame,
-                 analysis: dict[tuple[int, int], Crossover]) -> pd.DataFrame:
+                 analysis: dict[tuple[int, int], Crossover]) -> list[Check]:
     """papers.md §C2 / §G1 / §G5 against the measurements. Phase claims use the largest batch size (the most
     trained models), averaged over seeds; the rules are fixed here, before looking at any result."""
     mean = mean_over_seeds(summary)
@@ -321,11 +232,10 @@ def expectations(cfg: TaskDiversityConfig, summary: pd.DataFrame,
     at = lambda B: mean[mean["B"] == B].set_index("M")
     big, small_b, double = at(Bmax), at(B0), at(B1)
     finite = [m for m in big.index if np.isfinite(m)]
-    rows: list[dict[str, str]] = []
+    rows: list[Check] = []
 
     def add(what: str, source: str, expected: str, measured: str, ok: bool | None) -> None:
-        rows.append({"expectation": what, "source": source, "expected": expected, "measured": measured,
-                     "verdict": _verdict(ok)})
+        rows.append(Check(what, expected, measured, ok, source=source))
 
     D = cfg.D
     # -- estimator sanity (G1)
@@ -333,7 +243,7 @@ def expectations(cfg: TaskDiversityConfig, summary: pd.DataFrame,
     bad_ood = [m for m in finite if big.loc[m, "ood_ridge_loss"] > big.loc[m, "ood_dmmse_loss"]]
     add("dMMSE is best on T_Pretrain, ridge on T_True (estimator sanity)", "§G1, B2-B3",
         "dMMSE loss ≤ ridge loss on T_Pretrain and ridge ≤ dMMSE on T_True, at every finite M",
-        f"violations on T_Pretrain at M = {_fmt_ms(bad_id)}; on T_True at M = {_fmt_ms(bad_ood)}",
+        f"violations on T_Pretrain at M = {fmt_ms(bad_id)}; on T_True at M = {fmt_ms(bad_ood)}",
         not bad_id and not bad_ood)
     ref = big.loc[finite, "ood_delta_ridge_dmmse"].to_numpy()
     rho = float(pd.Series(ref).rank().corr(pd.Series(finite).rank()))  # Spearman: Pearson of the ranks
@@ -368,7 +278,7 @@ def expectations(cfg: TaskDiversityConfig, summary: pd.DataFrame,
     # -- low-diversity phase (C2)
     vals = [(m, big.loc[m, "id_delta_dmmse"], big.loc[m, "id_delta_ridge"]) for m in low]
     add("low-diversity phase: the PT tracks dMMSE on T_Pretrain", "§C2, §G5",
-        f"Δ_Pretrain(PT, dMMSE) < Δ_Pretrain(PT, Ridge) at every M ≤ M*/8 (here {_fmt_ms(low)})",
+        f"Δ_Pretrain(PT, dMMSE) < Δ_Pretrain(PT, Ridge) at every M ≤ M*/8 (here {fmt_ms(low)})",
         "; ".join(f"M = {m_label(m)}: {a / D:.3g} vs {b / D:.3g}" for m, a, b in vals),
         all(a < b for _, a, b in vals))
     vals = [(m, big.loc[m, "ood_loss"], big.loc[m, "ood_dmmse_loss"], big.loc[m, "ood_ridge_loss"]) for m in low]
@@ -379,7 +289,7 @@ def expectations(cfg: TaskDiversityConfig, summary: pd.DataFrame,
     # -- high diversity (C2)
     vals = [(m, big.loc[m, "ood_delta_ridge"], big.loc[m, "ood_delta_dmmse"]) for m in above_f]
     add("above M*: the PT is ridge-like on T_True", "§C2, §G5",
-        f"Δ_True(PT, Ridge) < Δ_True(PT, dMMSE) at every finite M > M* (here {_fmt_ms(above_f)})",
+        f"Δ_True(PT, Ridge) < Δ_True(PT, dMMSE) at every finite M > M* (here {fmt_ms(above_f)})",
         "; ".join(f"M = {m_label(m)}: {a / D:.3g} vs {b / D:.3g}" for m, a, b in vals) or "no finite M above M*",
         all(a < b for _, a, b in vals) if vals else None)
     if np.inf in big.index:
@@ -395,12 +305,12 @@ def expectations(cfg: TaskDiversityConfig, summary: pd.DataFrame,
     # -- more data (C2)
     vals = [(m, small_b.loc[m, "id_delta_dmmse"], double.loc[m, "id_delta_dmmse"]) for m in low]
     add("well below M*: more data lowers Δ_Pretrain(PT, dMMSE) (paper: M ≤ 2^10, 4 octaves under M*)", "§C2",
-        f"Δ at B = {B1} < at B = {B0}, at every M ≤ M*/8 (here {_fmt_ms(low)})",
+        f"Δ at B = {B1} < at B = {B0}, at every M ≤ M*/8 (here {fmt_ms(low)})",
         "; ".join(f"M = {m_label(m)}: {b / D:.3g} vs {a / D:.3g}" for m, a, b in vals),
         all(b < a for _, a, b in vals))
     vals = [(m, small_b.loc[m, "id_delta_ridge"], double.loc[m, "id_delta_ridge"]) for m in below]
     add("below M*: more data makes the PT less ridge-like on T_Pretrain too", "§C2",
-        f"Δ_Pretrain(PT, Ridge) at B = {B1} > at B = {B0}, at every finite M < M* (here {_fmt_ms(below)})",
+        f"Δ_Pretrain(PT, Ridge) at B = {B1} > at B = {B0}, at every finite M < M* (here {fmt_ms(below)})",
         "; ".join(f"M = {m_label(m)}: {b / D:.3g} vs {a / D:.3g}" for m, a, b in vals) or "no M below M*",
         all(b > a for _, a, b in vals) if vals else None)
     vals = [(m, small_b.loc[m, "id_delta_ridge"], double.loc[m, "id_delta_ridge"]) for m in above
@@ -428,7 +338,7 @@ def expectations(cfg: TaskDiversityConfig, summary: pd.DataFrame,
         "mean_k |ℓ_k − ℓ_k^ridge| < 10% of mean_k |ℓ_k − ℓ_k^zero| (the predict-0 curve) at every M > M* and ∞",
         "; ".join(f"M = {m_label(m)}: {g:.3g} vs {zero:.3g}" for m, g, zero in vals) or "no M above M*",
         all(g < 0.1 * zero for _, g, zero in vals) if vals else None)
-    return pd.DataFrame(rows)
+    return rows
 
 
 def _short_m_star(c: Crossover) -> str:
@@ -447,7 +357,6 @@ def _fmt_m_star(c: Crossover) -> str:
 
 # ================================================================================================ figures
 def _batch_colours(Bs) -> np.ndarray:
-    import matplotlib.pyplot as plt
 
     return plt.cm.coolwarm(np.linspace(0.1, 0.95, len(Bs))) if len(Bs) > 1 else plt.cm.coolwarm([0.95])
 
@@ -466,7 +375,6 @@ def delta_figure(summary: pd.DataFrame, crossover: Crossover, path: Path) -> tup
     """Raventós et al. Fig. 2: rows T_Pretrain / T_True; columns L/D (PT, dMMSE, ridge), Δ(PT, dMMSE)/D,
     Δ(PT, Ridge)/D against M on a log2 axis (∞ at the right), one series per batch size (pale blue → red); the
     dotted grey curve is Δ(Ridge, dMMSE)/D; grey shading past M*."""
-    import matplotlib.pyplot as plt
 
     D = _dimension(summary)
     mean = mean_over_seeds(summary)
@@ -513,7 +421,6 @@ def crossover_figure(summary: pd.DataFrame, analysis: dict[tuple[int, int], Cros
     """Left: the criterion, log2(Δ_2B / Δ_B) of Δ^{T_True}_{PT,Ridge} against M (> 0: doubling B moves the PT
     away from ridge), with M* marked, for each consecutive pair of batch sizes (M = ∞: open marker, shown but not
     used). Right: the same ratio for the other three distances, for the first pair."""
-    import matplotlib.pyplot as plt
 
     mean = mean_over_seeds(summary)
     Ms = sorted(mean["M"].unique())
@@ -554,7 +461,6 @@ def per_token_figure(summary: pd.DataFrame, path: Path) -> tuple[Path, Path]:
     """Final per-token loss ℓ_k against the position k, one curve per M (viridis, ∞ black), rows T_Pretrain /
     T_True, a column per batch size; thin dotted: dMMSE of the same M; thick dashed: ridge (on T_True, the same
     eval set for every M)."""
-    import matplotlib.pyplot as plt
 
     mean = mean_over_seeds(summary)
     Bs = sorted(mean["B"].unique())
@@ -590,7 +496,6 @@ def training_curves_figure(cfg: TaskDiversityConfig, runs: dict[str, Run], cross
                            ) -> tuple[Path, Path]:
     """Δ_True(PT, Ridge)/D against the training step, one curve per M (dashed past M*), a panel per batch
     size (Raventós et al. Fig. 4, left; the first seed)."""
-    import matplotlib.pyplot as plt
 
     finite = cfg.finite_Ms
     colour = {m: plt.cm.viridis(i / max(len(finite) - 1, 1) * 0.9) for i, m in enumerate(finite)} | {None: "k"}
@@ -618,152 +523,171 @@ def _dimension(summary: pd.DataFrame) -> int:
 
 
 # ================================================================================================ the report
-def scale_table(cfg: TaskDiversityConfig) -> pd.DataFrame:
-    """This run's sizes next to the paper's (§C1, Fig. 2)."""
-    from icl_lab.model import build_model, count_parameters
+class TaskDiversity(Study):
+    name = "task-diversity"
+    title = "Task diversity and the emergence of non-Bayesian in-context learning"
+    config = TaskDiversityConfig
+    scale_note = ("The sizes of this study next to the paper's. At small scale everything is scaled down (model, D, K, "
+                  "steps, batch sizes, M range), so thresholds move to smaller M (papers.md §G): compare the "
+                  "qualitative pattern, not the numbers.")
 
-    rc = cfg.run_config(cfg.finite_Ms[0], cfg.batch_size, cfg.seeds[0])
-    n_params = count_parameters(build_model(rc.task, rc.model, 0))
-    m = rc.model
-    finite = cfg.finite_Ms
-    rows = [
-        ("model", f"preset '{cfg.preset}': {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads × {m.d_head}, "
-                  f"MLP {m.d_mlp} ({m.activation}), {n_params:,} parameters",
-         "base PT: GPT-2, 8 layers, d 128, 2 heads (small PT: 4 layers, d 64)"),
-        ("D, K, σ² (tasks w ~ N(0, I_D))", f"{cfg.D}, {cfg.K}, {cfg.noise_var:g} (SNR D/σ² = "
-         f"{cfg.D / cfg.noise_var if cfg.noise_var else math.inf:g})", "8, 16, 0.25 (SNR 32)"),
-        ("task diversities M", f"{m_label(finite[0])} … {m_label(finite[-1])} ({len(finite)} values)"
-         + (" and ∞" if None in cfg.Ms else ""), "2^0 … 2^20 and ∞"),
-        ("batch sizes (threshold: first two)", ", ".join(map(str, cfg.batch_sizes)), "256, 512, 1024"),
-        ("training steps", f"{cfg.steps:,}", "500,000"),
-        ("optimiser", f"AdamW (weight decay {cfg.weight_decay:g}), lr {cfg.lr:g}, {cfg.schedule} schedule",
-         "Adam, one-cycle triangle, 50% warm-up; lr: largest stable (1e-3 in the authors' example config)"),
-        ("seeds", ", ".join(map(str, cfg.seeds)), "not stated in papers.md"),
-        ("evaluation", f"{cfg.eval_size:,} fixed sequences per distribution at the final step",
-         "2^20 sequences [EXT]"),
-        ("runs", f"{len(cfg.Ms) * len(cfg.batch_sizes) * len(cfg.seeds)}", f"{22 * 3} (Fig. 2)"),
-    ]
-    return pd.DataFrame(rows, columns=["setting", f"this study (scale '{cfg.scale}'{', quick' if cfg.quick else ''})",
-                                       "Raventós et al."])
+    def analyse(self, runs: dict[str, Run], llc: Any, out: Path) -> dict[str, Any]:
+        cfg = self.cfg
+        summary = collect(cfg, runs)
+        write_parquet(out / "summary.parquet", summary)
+        crossovers = analyse(summary, cfg.batch_sizes)
+        write_json(out / "threshold.json", {f"B{b1}->B{b2}": c.to_json() for (b1, b2), c in crossovers.items()})
+        return {"runs": runs, "summary": summary, "analysis": crossovers,
+                "crossover": crossovers[tuple(cfg.batch_sizes[:2])]}
+
+    def checks(self, r: dict[str, Any]) -> list[Check]:
+        return expectations(self.cfg, r["summary"], r["analysis"])
+
+    def checks_note(self) -> str:
+        return (f"The rules were fixed before any run: phase claims are checked on the models with the largest batch "
+                f"size (B = {self.cfg.batch_sizes[-1]}), averaged over seeds; 'below' and 'above' are relative to the "
+                "measured M*; the low-diversity phase is M ≤ M*/8 (the paper's lies 8 octaves under its threshold).")
+
+    def figures(self, r: dict[str, Any], figs: Path) -> dict[str, Path]:
+        summary, crossover = r["summary"], r["crossover"]
+        return {"fig2": delta_figure(summary, crossover, figs / "delta_vs_M")[0],
+                "crossover": crossover_figure(summary, r["analysis"], figs / "crossover")[0],
+                "per_token": per_token_figure(summary, figs / "per_token")[0],
+                "curves": training_curves_figure(self.cfg, r["runs"], crossover, figs / "delta_ridge_vs_step")[0]}
+
+    def sections(self, r: dict[str, Any], pngs: dict[str, Path]) -> list[Section]:
+        cfg, runs, analysis, summary = self.cfg, r["runs"], r["analysis"], r["summary"]
+        D, (B0, B1), Bmax, cross = cfg.D, cfg.batch_sizes[:2], cfg.batch_sizes[-1], r["crossover"]
+        mean = mean_over_seeds(summary)
+        big = mean[mean["B"] == Bmax].set_index("M")
+        finite = [m for m in big.index if np.isfinite(m)]
+        lo_m, hi_m = finite[0], finite[-1]
+        sections, paper = [], _paper_thresholds()
+        others = [f"B = {a} → {b}: M* = {_fmt_m_star(c)}" for (a, b), c in analysis.items() if (a, b) != (B0, B1)]
+        sections.append(Section("The task-diversity threshold M*", (
+            f"Batch-size doubling criterion (Raventós et al. §3, papers.md §C2): the crossover in M of "
+            f"Δ_True(PT, Ridge) at B = {B0} and B = {B1}, {cfg.steps:,} steps each. Measured: M* = "
+            f"{_fmt_m_star(cross)}" + (f"; {cross.reason}" if cross.M_star is not None else "") + f"; "
+            f"{cross.agreement:.0%} of the finite Ms agree with 'doubling B raises Δ below M*, lowers it above'. The "
+            f"paper's thresholds (D = 8): {paper}."
+            + (f" Other pairs: {'; '.join(others)}." if others else "")
+            + "\n\nLeft: log₂ of the ratio of Δ_True(PT, Ridge) at 2B to that at B against M; M* is where it "
+            "crosses 0 from above (dashed line; grey: past M*). Right: the same ratio for the other three distances: "
+            "below the threshold more data should lower Δ_Pretrain(PT, dMMSE), above it Δ(PT, Ridge) on both "
+            "distributions."), figures=[pngs["crossover"]]))
+
+        row = lambda m, col: big.loc[m, col] / D
+        text = (
+            f"Raventós et al. Fig. 2: the final models against M (log₂ axis, ∞ at the right), one curve per batch size "
+            "(pale blue → red); top row on T_Pretrain, bottom on T_True; left the normalised loss L/D with dMMSE "
+            "(green) and ridge (blue); middle Δ(PT, dMMSE)/D; right Δ(PT, Ridge)/D; dotted grey: Δ(Ridge, dMMSE)/D, "
+            f"the distance between the two baselines, for scale. Measured at B = {Bmax}: at M = {m_label(lo_m)}, "
+            f"Δ_Pretrain(PT, dMMSE)/D = {row(lo_m, 'id_delta_dmmse'):.3g} against Δ_Pretrain(PT, Ridge)/D = "
+            f"{row(lo_m, 'id_delta_ridge'):.3g}, and on T_True L/D = {row(lo_m, 'ood_loss'):.3g} (dMMSE "
+            f"{row(lo_m, 'ood_dmmse_loss'):.3g}, ridge {row(lo_m, 'ood_ridge_loss'):.3g}); at M = {m_label(hi_m)}, "
+            f"Δ_True(PT, Ridge)/D = {row(hi_m, 'ood_delta_ridge'):.3g} against Δ_True(PT, dMMSE)/D = "
+            f"{row(hi_m, 'ood_delta_dmmse'):.3g}.")
+        if np.inf in big.index:
+            text += (f" At M = ∞: T_True L/D = {row(np.inf, 'ood_loss'):.3g} "
+                     f"(ridge {row(np.inf, 'ood_ridge_loss'):.3g}, "
+                     f"predict-0 {row(np.inf, 'ood_zero_loss'):.3g}), Δ_True(PT, Ridge)/D = "
+                     f"{row(np.inf, 'ood_delta_ridge'):.3g}.")
+        sections.append(Section("Distance to dMMSE and ridge against task diversity", text, figures=[pngs["fig2"]]))
+
+        lo, top, K = big.loc[lo_m], big.iloc[-1], cfg.K
+        text = (f"The final per-token loss ℓ_k against the position k for every M (viridis; ∞ black), with the dMMSE "
+                f"curve of each M (dotted) and ridge (red dashed). Measured at B = {Bmax}: on T_Pretrain at M = "
+                f"{m_label(lo_m)}, ℓ_1 = {lo['id_loss_k1']:.3g} (dMMSE {lo['id_dmmse_loss_k1']:.3g}, ridge "
+                f"{lo['id_ridge_loss_k1']:.3g}) and ℓ_{K} = {lo[f'id_loss_k{K}']:.3g} "
+                f"(dMMSE {lo[f'id_dmmse_loss_k{K}']:.3g}); "
+                f"on T_True at M = {m_label(big.index[-1])}, ℓ_1 = {top['ood_loss_k1']:.3g} and ℓ_{K} = "
+                f"{top[f'ood_loss_k{K}']:.3g} against ridge's {top['ood_ridge_loss_k1']:.3g} and "
+                f"{top[f'ood_ridge_loss_k{K}']:.3g} (ridge's risk at k = 1 is D + σ² = {D + cfg.noise_var:g}).")
+        per_token = []
+        for s, name in (("id", "T_Pretrain"), ("ood", "T_True")):
+            for m in big.index:
+                cols = per_token_columns(big, f"{s}_loss")
+                per_token.append({"set": name, "M": m_label(m), **{f"ℓ_{c.rsplit('_k', 1)[1]}": big.loc[m, c]
+                                                                     for c in cols}})
+        sections.append(Section("Final per-token losses", text, figures=[pngs["per_token"]],
+                                tables=[pd.DataFrame(per_token)]))
+
+        last = runs[run_name(cfg.Ms[-1], Bmax, cfg.seeds[0])].metrics
+        d_last = last["ood_delta_ridge"]
+        text = ("Δ_True(PT, Ridge)/D over training for every M (Raventós et al. Fig. 4, left; dashed: M > M*). Curves "
+                "that fall and then rise show a transient approach to ridge before specialising to the pool "
+                f"(Carroll et al.). Measured for M = {m_label(cfg.Ms[-1])} at B = {Bmax}: {d_last.iloc[0] / D:.3g} at "
+                f"step 0, minimum {d_last.min() / D:.3g} at step {int(last.loc[d_last.idxmin(), 'step'])}, "
+                f"{d_last.iloc[-1] / D:.3g} at the end.")
+        dips = []
+        for M in cfg.finite_Ms:
+            m = runs[run_name(M, Bmax, cfg.seeds[0])].metrics
+            d, steps = m["ood_delta_ridge"].to_numpy(), m["step"].to_numpy()
+            i = int(np.argmin(d[1:])) + 1  # after initialisation
+            if d[i] < d[0] and d[-1] > 1.1 * d[i]:
+                dips.append(f"{m_label(M)} (from {d[0] / D:.3g} at step 0 down to {d[i] / D:.3g} at step "
+                            f"{int(steps[i])}, "
+                            f"then up to {d[-1] / D:.3g})")
+        text += (" Runs that came closer to ridge than at initialisation and ended more than 10% above that minimum (a "
+                 f"transient approach to ridge): {', '.join(dips) if dips else 'none'}.")
+        sections.append(Section("Distance to ridge over training", text, figures=[pngs["curves"]]))
+
+        return sections
+
+    def differs(self, r: dict[str, Any]) -> str:
+        return (f"Threshold: measured M* = {_fmt_m_star(r['crossover'])} against the paper's {_paper_thresholds()} "
+                "(D = 8, 500k steps); at small scale a lower threshold is expected (smaller model, lower D, far fewer "
+                "sequences per task), so only the existence and direction of the crossover are comparable.")
+
+    def appendix(self, r: dict[str, Any]) -> list[Section]:
+        cfg, D, mean = self.cfg, self.cfg.D, mean_over_seeds(r["summary"])
+        table = mean.copy()
+        table.insert(0, "M", [m_label(m) for m in table.pop("M")])
+        cols = ["M", "B", "id_loss", "id_delta_dmmse", "id_delta_ridge", "ood_loss", "ood_delta_dmmse",
+                "ood_delta_ridge",
+                "id_dmmse_loss", "id_ridge_loss", "ood_dmmse_loss", "ood_ridge_loss", "ood_delta_ridge_dmmse"]
+        table = table[cols]
+        table[cols[2:]] = table[cols[2:]] / D
+        return [Section("Final numbers per run (all /D)", (
+            "id = T_Pretrain (the pool's tasks, fresh inputs), ood = T_True (fresh tasks); losses and Δ divided by D "
+            f"(Raventós' normalisation); mean over seeds {cfg.seeds}. Full per-token values: summary.parquet."),
+            tables=[table])]
+
+    def intro(self, r: dict[str, Any]) -> str:
+        cfg = self.cfg
+        return (f"Raventós et al. (2023) at scale '{cfg.scale}'{' (quick)' if cfg.quick else ''}: {len(r['runs'])} "
+                f"runs, M in {fmt_ms(cfg.Ms)} × B in {cfg.batch_sizes} × seeds {cfg.seeds}, gaussian tasks with noise "
+                f"σ² = {cfg.noise_var:g}, D = {cfg.D}, K = {cfg.K}, {cfg.steps:,} steps. Threshold by batch-size "
+                f"doubling: M* = {_fmt_m_star(r['crossover'])}.")
+
+    def scale_table(self) -> pd.DataFrame:
+        """This run's sizes next to the paper's (§C1, Fig. 2)."""
+        cfg = self.cfg
+        rc = cfg.run_config(cfg.finite_Ms[0], cfg.batch_size, cfg.seeds[0])
+        m, finite = rc.model, cfg.finite_Ms
+        rows = [
+            ("model", f"preset '{cfg.preset}': {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads × "
+                      f"{m.d_head}, MLP {m.d_mlp} ({m.activation}), {n_parameters(rc):,} parameters",
+             "base PT: GPT-2, 8 layers, d 128, 2 heads (small PT: 4 layers, d 64)"),
+            ("D, K, σ² (tasks w ~ N(0, I_D))", f"{cfg.D}, {cfg.K}, {cfg.noise_var:g} (SNR D/σ² = "
+             f"{cfg.D / cfg.noise_var if cfg.noise_var else math.inf:g})", "8, 16, 0.25 (SNR 32)"),
+            ("task diversities M", f"{m_label(finite[0])} … {m_label(finite[-1])} ({len(finite)} values)"
+             + (" and ∞" if None in cfg.Ms else ""), "2^0 … 2^20 and ∞"),
+            ("batch sizes (threshold: first two)", ", ".join(map(str, cfg.batch_sizes)), "256, 512, 1024"),
+            ("training steps", f"{cfg.steps:,}", "500,000"),
+            ("optimiser", f"AdamW (weight decay {cfg.weight_decay:g}), lr {cfg.lr:g}, {cfg.schedule} schedule",
+             "Adam, one-cycle triangle, 50% warm-up; lr: largest stable (1e-3 in the authors' example config)"),
+            ("seeds", ", ".join(map(str, cfg.seeds)), "not stated in papers.md"),
+            ("evaluation", f"{cfg.eval_size:,} fixed sequences per distribution at the final step",
+             "2^20 sequences [EXT]"),
+            ("runs", f"{len(cfg.Ms) * len(cfg.batch_sizes) * len(cfg.seeds)}", f"{22 * 3} (Fig. 2)"),
+        ]
+        return scale_frame(cfg, rows, "Raventós et al.")
 
 
-def _write(cfg, out: Path, summary, analysis, exp, pngs, runs, timer) -> Path:
-    D = cfg.D
-    B0, B1 = cfg.batch_sizes[:2]
-    Bmax = cfg.batch_sizes[-1]
-    cross = analysis[B0, B1]
-    mean = mean_over_seeds(summary)
-    big = mean[mean["B"] == Bmax].set_index("M")
-    finite = [m for m in big.index if np.isfinite(m)]
-    lo_m, hi_m = finite[0], finite[-1]
-    n_pass = int((exp["verdict"] == "pass").sum())
-    sections = [Section("Scale", (
-        "The sizes of this study next to the paper's. At small scale everything is scaled down (model, D, K, steps, "
-        "batch sizes, M range), so thresholds move to smaller M (papers.md §G): compare the qualitative pattern, "
-        "not the numbers."), tables=[scale_table(cfg)])]
-    sections.append(Section("Expectations and measured verdicts", (
-        f"{n_pass} of {len(exp)} checks pass. The rules were fixed before any run: phase claims are checked on the "
-        f"models with the largest batch size (B = {Bmax}), averaged over seeds; 'below' and 'above' are relative to "
-        f"the measured M*; the low-diversity phase is M ≤ M*/8 (the paper's lies 8 octaves under its threshold)."),
-        tables=[exp]))
+def _paper_thresholds() -> str:
+    return "; ".join(f"{k}: 2^{math.log2(a):.0f}-2^{math.log2(b):.0f}" for k, (a, b) in PAPER_THRESHOLD.items())
 
-    paper = "; ".join(f"{k}: 2^{math.log2(a):.0f}-2^{math.log2(b):.0f}" for k, (a, b) in PAPER_THRESHOLD.items())
-    others = [f"B = {a} → {b}: M* = {_fmt_m_star(c)}" for (a, b), c in analysis.items() if (a, b) != (B0, B1)]
-    sections.append(Section("The task-diversity threshold M*", (
-        f"Batch-size doubling criterion (Raventós et al. §3, papers.md §C2): the crossover in M of "
-        f"Δ_True(PT, Ridge) at B = {B0} and B = {B1}, {cfg.steps:,} steps each. Measured: M* = "
-        f"{_fmt_m_star(cross)}" + (f"; {cross.reason}" if cross.M_star is not None else "") + f"; "
-        f"{cross.agreement:.0%} of the finite Ms agree with 'doubling B raises Δ below M*, lowers it above'. The "
-        f"paper's thresholds (D = 8): {paper}."
-        + (f" Other pairs: {'; '.join(others)}." if others else "")
-        + "\n\nLeft: log₂ of the ratio of Δ_True(PT, Ridge) at 2B to that at B against M; M* is where it "
-        "crosses 0 from above (dashed line; grey: past M*). Right: the same ratio for the other three distances: "
-        "below the threshold more data should lower Δ_Pretrain(PT, dMMSE), above it Δ(PT, Ridge) on both "
-        "distributions."), figures=[pngs["crossover"]]))
 
-    row = lambda m, col: big.loc[m, col] / D
-    text = (
-        f"Raventós et al. Fig. 2: the final models against M (log₂ axis, ∞ at the right), one curve per batch size "
-        f"(pale blue → red); top row on T_Pretrain, bottom on T_True; left the normalised loss L/D with dMMSE (green) "
-        f"and ridge (blue); middle Δ(PT, dMMSE)/D; right Δ(PT, Ridge)/D; dotted grey: Δ(Ridge, dMMSE)/D, the distance "
-        f"between the two baselines, for scale. Measured at B = {Bmax}: at M = {m_label(lo_m)}, "
-        f"Δ_Pretrain(PT, dMMSE)/D = {row(lo_m, 'id_delta_dmmse'):.3g} against Δ_Pretrain(PT, Ridge)/D = "
-        f"{row(lo_m, 'id_delta_ridge'):.3g}, and on T_True L/D = {row(lo_m, 'ood_loss'):.3g} (dMMSE "
-        f"{row(lo_m, 'ood_dmmse_loss'):.3g}, ridge {row(lo_m, 'ood_ridge_loss'):.3g}); at M = {m_label(hi_m)}, "
-        f"Δ_True(PT, Ridge)/D = {row(hi_m, 'ood_delta_ridge'):.3g} against Δ_True(PT, dMMSE)/D = "
-        f"{row(hi_m, 'ood_delta_dmmse'):.3g}.")
-    if np.inf in big.index:
-        text += (f" At M = ∞: T_True L/D = {row(np.inf, 'ood_loss'):.3g} (ridge {row(np.inf, 'ood_ridge_loss'):.3g}, "
-                 f"predict-0 {row(np.inf, 'ood_zero_loss'):.3g}), Δ_True(PT, Ridge)/D = "
-                 f"{row(np.inf, 'ood_delta_ridge'):.3g}.")
-    sections.append(Section("Distance to dMMSE and ridge against task diversity", text, figures=[pngs["fig2"]]))
+STUDY = TaskDiversity
 
-    lo, top, K = big.loc[lo_m], big.iloc[-1], cfg.K
-    text = (f"The final per-token loss ℓ_k against the position k for every M (viridis; ∞ black), with the dMMSE "
-            f"curve of each M (dotted) and ridge (red dashed). Measured at B = {Bmax}: on T_Pretrain at M = "
-            f"{m_label(lo_m)}, ℓ_1 = {lo['id_loss_k1']:.3g} (dMMSE {lo['id_dmmse_loss_k1']:.3g}, ridge "
-            f"{lo['id_ridge_loss_k1']:.3g}) and ℓ_{K} = {lo[f'id_loss_k{K}']:.3g} "
-            f"(dMMSE {lo[f'id_dmmse_loss_k{K}']:.3g}); "
-            f"on T_True at M = {m_label(big.index[-1])}, ℓ_1 = {top['ood_loss_k1']:.3g} and ℓ_{K} = "
-            f"{top[f'ood_loss_k{K}']:.3g} against ridge's {top['ood_ridge_loss_k1']:.3g} and "
-            f"{top[f'ood_ridge_loss_k{K}']:.3g} (ridge's risk at k = 1 is D + σ² = {D + cfg.noise_var:g}).")
-    per_token = []
-    for s, name in (("id", "T_Pretrain"), ("ood", "T_True")):
-        for m in big.index:
-            cols = per_token_columns(big, f"{s}_loss")
-            per_token.append({"set": name, "M": m_label(m), **{f"ℓ_{c.rsplit('_k', 1)[1]}": big.loc[m, c]
-                                                                 for c in cols}})
-    sections.append(Section("Final per-token losses", text, figures=[pngs["per_token"]],
-                            tables=[pd.DataFrame(per_token)]))
-
-    last = runs[run_name(cfg.Ms[-1], Bmax, cfg.seeds[0])].metrics
-    d_last = last["ood_delta_ridge"]
-    text = ("Δ_True(PT, Ridge)/D over training for every M (Raventós et al. Fig. 4, left; dashed: M > M*). Curves "
-            "that fall and then rise show a transient approach to ridge before specialising to the pool (Carroll et "
-            f"al.). Measured for M = {m_label(cfg.Ms[-1])} at B = {Bmax}: {d_last.iloc[0] / D:.3g} at step 0, minimum "
-            f"{d_last.min() / D:.3g} at step {int(last.loc[d_last.idxmin(), 'step'])}, {d_last.iloc[-1] / D:.3g} at "
-            "the end.")
-    dips = []
-    for M in cfg.finite_Ms:
-        m = runs[run_name(M, Bmax, cfg.seeds[0])].metrics
-        d, steps = m["ood_delta_ridge"].to_numpy(), m["step"].to_numpy()
-        i = int(np.argmin(d[1:])) + 1  # after initialisation
-        if d[i] < d[0] and d[-1] > 1.1 * d[i]:
-            dips.append(f"{m_label(M)} (from {d[0] / D:.3g} at step 0 down to {d[i] / D:.3g} at step {int(steps[i])}, "
-                        f"then up to {d[-1] / D:.3g})")
-    text += (" Runs that came closer to ridge than at initialisation and ended more than 10% above that minimum (a "
-             f"transient approach to ridge): {', '.join(dips) if dips else 'none'}.")
-    sections.append(Section("Distance to ridge over training", text, figures=[pngs["curves"]]))
-
-    diffs = exp[exp["verdict"] != "pass"]
-    text = ("Every expectation that this study did not reproduce, with the measured numbers (never tuned to agree): "
-            + " ".join(f"[{r.verdict}] {r.expectation}: expected {r.expected}; measured {r.measured}."
-                       for r in diffs.itertuples()) if len(diffs) else
-            "Every expectation in the table was reproduced at this scale.")
-    text += (f"\n\nThreshold: measured M* = {_fmt_m_star(cross)} against the paper's {paper} (D = 8, 500k steps); "
-             "at small scale a lower threshold is expected (smaller model, lower D, far fewer sequences per task), "
-             "so only the existence and direction of the crossover are comparable.")
-    sections.append(Section("Where this study differs from the paper", text))
-
-    table = mean.copy()
-    table.insert(0, "M", [m_label(m) for m in table.pop("M")])
-    cols = ["M", "B", "id_loss", "id_delta_dmmse", "id_delta_ridge", "ood_loss", "ood_delta_dmmse", "ood_delta_ridge",
-            "id_dmmse_loss", "id_ridge_loss", "ood_dmmse_loss", "ood_ridge_loss", "ood_delta_ridge_dmmse"]
-    table = table[cols]
-    table[cols[2:]] = table[cols[2:]] / D
-    sections.append(Section("Final numbers per run (all /D)", (
-        "id = T_Pretrain (the pool's tasks, fresh inputs), ood = T_True (fresh tasks); losses and Δ divided by D "
-        f"(Raventós' normalisation); mean over seeds {cfg.seeds}. Full per-token values: summary.parquet."),
-        tables=[table]))
-    timing = timer.table(out)
-    sections.append(Section("Wall time per phase", (
-        f"Seconds per phase in this invocation (first column; earlier ones beside it, all in timings_history.json; "
-        f"executor {cfg.executor}, {cfg.workers} workers, device {cfg.device}); "
-        "finished runs are reused and cost nothing. Writing this page is not included (timings.json has it). "
-        "Per-run training times: runs/index.parquet."), tables=[timing]))
-    intro = (f"Raventós et al. (2023) at scale '{cfg.scale}'{' (quick)' if cfg.quick else ''}: {len(runs)} runs, "
-             f"M in {_fmt_ms(cfg.Ms)} × B in {cfg.batch_sizes} × seeds {cfg.seeds}, gaussian tasks with noise σ² = "
-             f"{cfg.noise_var:g}, D = {D}, K = {cfg.K}, {cfg.steps:,} steps. Threshold by batch-size doubling: "
-             f"M* = {_fmt_m_star(cross)}.")
-    return write_report(out / "report.html", "Task diversity and the emergence of non-Bayesian in-context learning",
-                        intro, sections)

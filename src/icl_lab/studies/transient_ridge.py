@@ -15,8 +15,7 @@ The expectations (U-shape at intermediate M, t^crit grows with M, intermediate-M
 LLC rises with M then plateaus; papers.md §G7-G8) are measured with rules fixed in `expectations`, not tuned to
 the results; where a small-scale result differs from the paper the report says so with the measured numbers.
 
-Scales (`TransientRidgeConfig.for_scale`): 'small' (default) is designed to finish within 60 minutes on 2 CPU cores
-(estimated at about 40 minutes from the quick version's measured costs; see `TransientRidgeConfig`);
+Scales (`TransientRidgeConfig.for_scale`): 'small' (default) is designed to finish within 60 minutes on 2 CPU cores;
 'paper' gives the paper's sizes as far as the main text states them (D = 8, K = 16, σ² = 0.125, a 2-layer model of
 about 2.65M parameters, M = 1 ... 2^15 on a √2 grid and ∞) for a GPU or a cluster (executor 'ray' or 'slurm');
 `quick=True` is a minutes-long small version. Runs train through `icl_lab.sweep.train_named_runs`; finished runs,
@@ -25,34 +24,35 @@ LLC calibration and LLC estimates on disk are reused.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from icl_lab.config import LLCConfig, RunConfig, Schedule, build_run_config
-from icl_lab.plots import m_axis, m_label, m_positions, save_figure, step_axis
-from icl_lab.report import Section, write_report
+from icl_lab.config import LLCConfig, RunConfig
+from icl_lab.llc_run import LLCPlan, LLCSettings, SharedSettings
+from icl_lab.plots import m_axis, m_label, m_positions, plot_joint_pca, save_figure, step_axis
+from icl_lab.report import Section
 from icl_lab.store import Run, write_json, write_parquet
-from icl_lab.studies.common import PhaseTimer, SweepStudyConfig, check_ms, checkpoint_predictions, parse_ms
-from icl_lab.studies.task_diversity import check_out as _check_runs
+from icl_lab.studies.common import (
+    Check,
+    LLCStudyConfig,
+    MsStudyConfig,
+    fmt_ms,
+    joint_pca,
+    n_parameters,
+    scale_frame,
+    spearman,
+)
+from icl_lab.studies.runner import Study, run_study
 
-__all__ = [
-    "TransientRidgeConfig",
-    "CriticalStep",
-    "critical_step",
-    "ridge_approach",
-    "check_out",
-    "expectations",
-    "run_study",
-    "run_name",
-]
+__all__ = ["CriticalStep", "TransientRidge", "TransientRidgeConfig", "critical_step", "expectations", "ridge_approach",
+           "run_name", "run_study"]
 
 
 def _sqrt2_grid(top_exponent: int) -> list[int]:
@@ -105,133 +105,76 @@ QUICK = dict(
 )
 
 
-class TransientRidgeConfig(SweepStudyConfig):
+# The paper's sizes (papers.md §E1): D = 8, K = 16, σ² = 0.125, M = 1 ... 2^15 and ∞. [EXT] App. A (architecture,
+# optimiser, steps) is not in papers.md: the model is the 'hoogland' layout (2 layers) widened to d_model 256, MLP
+# 2048, which has 2.64M parameters (the paper: 2.65M); optimiser and schedule are Hoogland et al.'s (Adam, lr 3e-3,
+# one-cycle triangle, batch 256, 500k steps; papers.md §D1), checkpoints a union of linear and log spacing (§E1).
+# LLC: the sizes of the authors' stored regression sweep config (8 chains, 500 draws after 500 burn-in, minibatch
+# 1024, n = 32,768; papers.md §D2 [EXT]); ε is calibrated on the grid below at γ = 1000 (as at small scale), where
+# every grid ε needs a burn-in of at most min_burnin(1e-5, 1000) = 300 < 500 steps (`icl_lab.llc.min_burnin`).
+PAPER = dict(Ms=_sqrt2_grid(15) + [None], D=8, K=16,
+             model_overrides=dict(d_model=256, n_heads=4, d_head=64, d_mlp=2048),
+             batch_size=256, steps=500_000, n_checkpoints_linear=100, n_checkpoints_log=100, n_evals=500,
+             eval_size=8192, pca_batch=512, llc_n=32_768,
+             sampler=LLCConfig(num_chains=8, num_draws=500, num_burnin=500, batch_size=1024, localization=1000.0),
+             device="cuda", workers=4)
+# A minutes-long version of the small scale: 6 Ms, 3,000 steps, lighter evaluation and LLC.
+QUICK = dict(Ms=[1, 4, 8, 16, 64, None], steps=3000, n_checkpoints_linear=6, n_checkpoints_log=10, n_evals=30,
+             eval_size=1024, pca_batch=128, llc_n=1024,
+             sampler=LLCConfig(step_size=1e-4, num_chains=2, num_draws=60, num_burnin=30, batch_size=64,
+                               localization=1000.0),
+             step_sizes=[3e-5, 1e-4, 3e-4])
+
+
+class TransientRidgeConfig(MsStudyConfig, LLCStudyConfig):
     """Settings of the study. The defaults are the 'small' scale, designed to finish within 60 minutes on 2 CPU
     cores; `for_scale` gives 'paper' and `quick`.
 
     Small scale, and why: the task-diversity study's setting (D = 4, K = 8, σ² = 0.125, the 2-layer 'hoogland' preset
     with 51.7k parameters, batch 32, lr 3e-3 with the triangle schedule): Carroll et al.'s noise σ² = 0.125 and
-    K = 2D at half their dimension (papers.md §E1: D = 8, K = 16), and a setting whose threshold was measured: the
-    task-diversity study's quick run found M* ≈ 2^3.8 (B 32 vs 64, 2,000 steps; README). The threshold moves to
-    smaller M at small scale and with fewer steps (papers.md §G, §C2), so at 12,000 steps it should lie somewhat
-    above that. Carroll et al. see the full transient at about 1/20 to 1/3 of their threshold and partial effects
-    just below and above (§G7), so the Ms run from 1 to 2^5 on a √2 grid, then 2^6, 2^7 and ∞ for the ridge-like
-    end. All runs use one seed, so the pools are nested and share the root task. Whether this setting shows
-    transience at all is what the study measures (the first full run, 2026-12-02, found U-shaped OOD loss at
-    M = 6 and 8; README).
+    K = 2D at half their dimension (papers.md §E1: D = 8, K = 16). The threshold moves to smaller M at small scale
+    and with fewer steps (papers.md §G, §C2); Carroll et al. see the full transient at about 1/20 to 1/3 of their
+    threshold and partial effects just below and above (§G7), so the Ms run from 1 to 2^5 on a √2 grid, then 2^6,
+    2^7 and ∞ for the ridge-like end. All runs use one seed, so the pools are nested and share the root task.
+    Whether this setting shows transience at all is what the study measures.
 
-    The LLC sampler: γ = 1000, 4 chains × 100 draws, minibatch 64 (the low-diversity study's γ and chain sizes);
-    `icl_lab.llc.calibrate` burns each grid point in for max(num_burnin, min_burnin(ε, γ) ≈ 3/(εγ)) steps, i.e.
-    300 at ε = 1e-5, 100 at 3e-5 and 50 at 1e-4 and 3e-4, and the chosen setting keeps its burn-in. The base ε
-    (1e-4) only matters before calibration; with it the base burn-in of 50 is already ≥ min_burnin (30).
-
-    Run time, measured end to end on the 2-core development machine (2026-12-02, lightly loaded by short profiling
-    jobs): 28.0 minutes: training 13 runs on 2 workers 1,483 s, LLC (calibration over 4 ε at the final M = ∞
-    checkpoint, then 13 final estimates) 169 s, joint PCA 10 s, figures and report 9 s.
+    The LLC sampler: γ = 1000, 4 chains × 100 draws, minibatch 64; calibration burns each grid point in for
+    max(num_burnin, min_burnin(ε, γ) ≈ 3/(εγ)) steps, and the chosen setting keeps its burn-in.
     """
 
+    SMALL: ClassVar[dict[str, Any]] = dict(
+        Ms=[1, 2, 3, 4, 6, 8, 11, 16, 23, 32, 64, 128, None], steps=12_000, n_checkpoints_log=20,
+        sampler=LLCConfig(step_size=1e-4, num_chains=4, num_draws=100, num_burnin=50, batch_size=64,
+                          localization=1000.0))
     PAPER: ClassVar[dict[str, Any]] = PAPER
     QUICK: ClassVar[dict[str, Any]] = QUICK
+    MIN_FINITE: ClassVar[int] = 3
+    TOO_FEW: ClassVar[str] = ("at least three finite task diversities are needed (low, intermediate, high; e.g. "
+                              "1,4,16,inf)")
     study: Literal["transient-ridge"] = "transient-ridge"
-    Ms: list[int | None] = Field(
-        default_factory=lambda: [1, 2, 3, 4, 6, 8, 11, 16, 23, 32, 64, 128, None],
-        description="task diversities; None (or 'inf') is a fresh task per sequence",
-    )
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    D: int = Field(4, ge=1)
-    K: int = Field(8, ge=1)
-    noise_var: float = Field(0.125, ge=0)
-    preset: str = "hoogland"
-    model_overrides: dict[str, Any] = Field(default_factory=dict, description="ModelConfig fields over the preset")
-    batch_size: int = Field(32, ge=1)
-    steps: int = Field(12_000, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    schedule: Schedule = "triangle"
-    weight_decay: float = Field(0.0, ge=0)
-    n_checkpoints_linear: int = Field(11, ge=0, description="linearly spaced checkpoints (Carroll et al. §A.4)")
-    n_checkpoints_log: int = Field(20, ge=0, description="log-spaced checkpoints (Carroll et al. §A.4)")
     n_evals: int = Field(60, ge=1, description="extra OOD evaluations, evenly spaced (the OOD-loss curve)")
-    eval_size: int = Field(2048, ge=1)
     pca_batch: int = Field(256, ge=1, description="B root-task sequences of the joint PCA (paper 512; ≥ 16 suffices)")
     pca_components: int = Field(2, ge=2, description="v, the essential subspace (paper 2; App. C 4)")
     pca_sigma: float = Field(1.0, ge=0, description="light smoothing of the PC curves along checkpoints (0: raw)")
     u_min_rise: float = Field(0.1, gt=0, lt=1, description="U-shape: fraction of the initial drop given back")
     u_min_drop: float = Field(0.01, ge=0, lt=1, description="U-shape: the least drop, as a fraction of the starting "
                               "OOD loss (smaller dips are float jitter, not a descent)")
-    llc_n: int = Field(2048, ge=2, description="n, the LLC dataset size (each run's own training distribution)")
-    # γ = 1000 and 4 chains x 100 draws (the low-diversity study's); calibration raises the burn-in per ε (above)
-    sampler: LLCConfig = Field(
-        default_factory=lambda: LLCConfig(
-            step_size=1e-4, num_chains=4, num_draws=100, num_burnin=50, batch_size=64, localization=1000.0
-        )
-    )
-    step_sizes: list[float] = Field(default_factory=lambda: [1e-5, 3e-5, 1e-4, 3e-4], min_length=1)
-
-    @field_validator("Ms", mode="before")
-    @classmethod
-    def _parse_ms(cls, v: Any) -> Any:
-        return parse_ms(v)
-
-    @field_validator("Ms")
-    @classmethod
-    def _check_ms(cls, v: list[int | None]) -> list[int | None]:
-        return check_ms(v, 3, "at least three finite task diversities are needed (low, intermediate, high; e.g. "
-                              "1,4,16,inf)")
-
-    @property
-    def finite_Ms(self) -> list[int]:
-        return [m for m in self.Ms if m is not None]
 
     @property
     def eval_every(self) -> int:
         return max(1, self.steps // self.n_evals)
 
     def run_config(self, M: int | None, seed: int) -> RunConfig:
-        return build_run_config(
-            overrides=dict(
-                preset=self.preset,
-                **self.model_overrides,
-                family="gaussian",
-                D=self.D,
-                K=self.K,
-                M=M,
-                noise_var=self.noise_var,
-                seed=seed,
-                steps=self.steps,
-                batch_size=self.batch_size,
-                lr=self.lr,
-                schedule=self.schedule,
-                weight_decay=self.weight_decay,
-                n_checkpoints_linear=min(self.n_checkpoints_linear, self.steps + 1),
-                n_checkpoints_log=min(self.n_checkpoints_log, self.steps),
-                eval_every=self.eval_every,
-                eval_size=self.eval_size,
-                device=self.device,
-                name=run_name(M, seed),
-            )
-        )
+        return self.build_run(run_name(M, seed), M, seed, eval_every=self.eval_every)
 
     def run_configs(self) -> dict[str, RunConfig]:
-        """Every run, named `run_name(M, seed)`, M = ∞ first, then the finite Ms from the largest down (the order only
-        matters for scheduling in a process pool). Raises ValueError or pydantic's ValidationError (naming the field)
-        for settings a run config rejects."""
+        """Every run, M = ∞ first, then the finite Ms from the largest down (the order only matters for scheduling
+        in a process pool)."""
         return {run_name(M, s): self.run_config(M, s) for M in reversed(self.Ms) for s in self.seeds}
 
 
 def run_name(M: int | None, seed: int) -> str:
     return f"M{'inf' if M is None else M}-seed{seed}"
-
-
-def check_out(out: str | Path, configs: dict[str, RunConfig]) -> None:
-    """Raise ValueError, before anything is written, if OUT is another study's directory (its study_config.json
-    names another study) or OUT/runs holds a run of one of these names with another config (another scale or
-    other settings written to the same --out)."""
-    f = Path(out) / "study_config.json"
-    if f.exists():
-        other = json.loads(f.read_text()).get("study")
-        if other != "transient-ridge":
-            raise ValueError(f"{out} holds the study {other!r}, not 'transient-ridge'; choose another --out")
-    _check_runs(out, configs)
 
 
 # ================================================================================================ the criteria
@@ -314,67 +257,7 @@ def ridge_approach(curve, ridge, dmmse, t_index: int) -> dict[str, float]:
     }
 
 
-def _spearman(a, b) -> float:
-    """Spearman's ρ: the Pearson correlation of the ranks (nan with fewer than 2 points or a constant input)."""
-    if len(a) < 2:
-        return math.nan
-    ra, rb = pd.Series(list(a)).rank(), pd.Series(list(b)).rank()
-    return float(ra.corr(rb)) if ra.nunique() > 1 and rb.nunique() > 1 else math.nan
-
-
-# ================================================================================================ the study
-def run_study(cfg: TransientRidgeConfig, out: str | Path, progress: bool = True) -> Path:
-    """Train (reusing finished runs), analyse, estimate the final LLCs (reusing estimates on disk), and write
-    OUT/report.html; returns its path. Training goes through `cfg.executor`; the analysis and the LLC run here."""
-    from icl_lab.sweep import check_options, train_named_runs
-
-    out = Path(out)
-    configs = cfg.run_configs()  # validated before anything is written
-    check_options(cfg.executor, cfg.workers, cfg.ensemble)
-    check_out(out, configs)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "study_config.json", json.loads(cfg.model_dump_json()))
-    timer = PhaseTimer()
-    workers = cfg.workers or os.cpu_count() or 1
-
-    with timer("train"):
-        runs = train_named_runs(
-            configs,
-            out / "runs",
-            workers=workers,
-            executor=cfg.executor,
-            progress=progress,
-            address=cfg.address,
-            slurm=cfg.slurm,
-            ensemble=cfg.ensemble,
-        )
-    with timer("ood curves"):
-        curves = ood_curves(cfg, runs)
-        crit = {M: critical_step(c["step"], c["ood_loss"], cfg.u_min_rise, cfg.u_min_drop) for M, c in curves.items()}
-    with timer("joint pca"):
-        jps = {s: joint_pca(cfg, runs, s) for s in cfg.seeds}
-        approach = pca_approach(cfg, jps[cfg.seeds[0]], runs, crit)
-    with timer("llc"):
-        llc, llc_note = final_llc(cfg, out, runs, workers, progress)
-    summary = collect(cfg, runs, crit, approach, llc)
-    write_parquet(out / "summary.parquet", summary)
-    write_json(out / "critical_steps.json", {m_label(M): c.to_json() for M, c in crit.items()})
-    exp = expectations(cfg, summary)
-    with timer("figures"):
-        figs = out / "figures"
-        pngs = {
-            "ood": ood_figure(cfg, runs, curves, crit, figs / "ood_loss_vs_step")[0],
-            "tcrit": t_crit_figure(summary, figs / "t_crit_vs_M")[0],
-            "pca": _pca_figure(cfg, jps[cfg.seeds[0]], figs / "joint_pca")[0],
-            "pca_dist": pca_distance_figure(cfg, jps[cfg.seeds[0]], crit, figs / "pca_distance_to_ridge")[0],
-        }
-        if summary["llc_mean"].notna().any():
-            pngs["llc"] = llc_figure(summary, figs / "llc_vs_M")[0]
-    path = _write(cfg, out, summary, exp, pngs, jps[cfg.seeds[0]], llc_note, timer)
-    timer.save(out)
-    return path
-
-
+# ================================================================================================ the analysis
 def ood_curves(cfg: TransientRidgeConfig, runs: dict[str, Run]) -> dict[int | None, pd.DataFrame]:
     """Per M: the OOD loss against step, averaged over seeds (columns step, ood_loss; one row per evaluated step).
     Every run of a seed is evaluated on the same fixed OOD set (fresh tasks; `tasks.eval_sets`), so the curves of
@@ -389,32 +272,8 @@ def ood_curves(cfg: TransientRidgeConfig, runs: dict[str, Run]) -> dict[int | No
     return out
 
 
-def joint_pca(cfg: TransientRidgeConfig, runs: dict[str, Run], seed: int):
-    """Carroll et al. §4.2 (papers.md §E2) for one seed: every run's checkpoints on `pca_batch` sequences of the root
-    task (the first row of the master task sequence, in every pool), the dMMSE_M of each finite M and ridge projected
-    as points (not fitted). Returns a `JointTrajectoryPCA` whose runs are named 'M=...'."""
-    from icl_lab.baselines import dmmse_predict, ridge_predict
-    from icl_lab.tasks import root_task_batch, task_pool
-    from icl_lab.trajectory import joint_trajectory_pca
-
-    task = runs[run_name(cfg.Ms[0], seed)].config.task
-    pool = task_pool(task.family, max(cfg.finite_Ms), task.D, seed)
-    batch = root_task_batch(task, pool, cfg.pca_batch, seed)  # D^(1): (B, K, D), (B, K)
-    preds, steps = {}, {}
-    for M in cfg.Ms:
-        run = runs[run_name(M, seed)]
-        preds[f"M={m_label(M)}"] = checkpoint_predictions(run, batch.x, batch.y)  # (T, B, K)
-        steps[f"M={m_label(M)}"] = np.array(run.checkpoint_steps)
-    refs = {
-        f"dMMSE_{m_label(M)}": dmmse_predict(batch.x, batch.y, pool[:M], cfg.noise_var).numpy() for M in cfg.finite_Ms
-    }
-    refs["ridge"] = ridge_predict(batch.x, batch.y, cfg.noise_var).numpy()
-    return joint_trajectory_pca(preds, refs, n_components=cfg.pca_components, steps_by_run=steps, sigma=cfg.pca_sigma)
-
-
-def pca_approach(
-    cfg: TransientRidgeConfig, jp, runs: dict[str, Run], crit: dict[int | None, CriticalStep]
-) -> dict[int | None, dict[str, float]]:
+def pca_approach(cfg: TransientRidgeConfig, jp, crit: dict[int | None, CriticalStep]
+                 ) -> dict[int | None, dict[str, float]]:
     """`ridge_approach` of every run's (smoothed) curve in the essential subspace, at the checkpoint nearest t_crit."""
     out = {}
     for M in cfg.Ms:
@@ -426,98 +285,35 @@ def pca_approach(
     return out
 
 
-def final_llc(
-    cfg: TransientRidgeConfig, out: Path, runs: dict[str, Run], workers: int, progress: bool
-) -> tuple[pd.DataFrame, str]:
-    """The LLC (Eq. 9) of every run's final checkpoint on n = `llc_n` sequences of its own training distribution,
-    with one SGLD setting for all runs: calibrated once (`llc_run.calibrate_run`, which burns each grid point in for
-    max(num_burnin, min_burnin(ε, γ)) steps) at the final checkpoint of the largest-M run of the first seed (M = ∞
-    where present). The outcome, a chosen setting or the reason there is none, is saved in OUT/llc_calibration.json
-    and reused while the sampler base, the ε grid and n are unchanged and a chosen setting's burn-in is what that
-    rule gives (so a calibration from an older rule is redone). Estimates already in a run's llc.parquet with the
-    same settings are reused. Returns (rows: M, seed, llc_mean, llc_std, ok, flags; a note for the report). A
-    calibration that finds no stable step size is reported, not raised: the LLC rows are then NaN."""
-    from icl_lab.llc import min_burnin
-    from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_runs
-
-    f = out / "llc_calibration.json"
-    key = {
-        "base": json.loads(cfg.sampler.model_dump_json()),
-        "step_sizes": cfg.step_sizes,
-        "n": cfg.llc_n,
-        "burnin": "max(num_burnin, min_burnin(step_size, localization))",
-    }
-    saved = json.loads(f.read_text()) if f.exists() else None
-    chosen: LLCSettings | None = None
-    if saved is not None and saved.get("key") == key:
-        if saved["chosen"] is not None:
-            chosen = LLCSettings.model_validate(saved["chosen"])
-            sampler = chosen.sampler
-            if sampler.num_burnin != max(cfg.sampler.num_burnin, min_burnin(sampler.step_size, sampler.localization)):
-                saved = None
-    else:
-        saved = None
-    if saved is not None:
-        note = saved["note"]
-    else:
-        probe = runs[run_name(cfg.Ms[-1], cfg.seeds[0])]
-        base = LLCSettings(sampler=cfg.sampler, n=cfg.llc_n, data="id", seed=0)
-        try:
-            cal, chosen = calibrate_run(probe, settings=base, step_sizes=cfg.step_sizes,
-                                        localizations=[base.sampler.localization], device=cfg.device)
-            note = (
-                f"Calibrated at the final checkpoint of {probe.path.name} (table and figure: "
-                f"runs/{probe.path.name}/llc_calibration.parquet, figures/llc_calibration.png): {cal.reason}"
-            )
-        except ValueError as e:
-            chosen, note = None, f"LLC not estimated: {e}"
-        write_json(f, {"key": key, "chosen": None if chosen is None else json.loads(chosen.model_dump_json()),
-                       "note": note})
+def final_llc(cfg: TransientRidgeConfig, runs: dict[str, Run], shared: SharedSettings) -> tuple[pd.DataFrame, str]:
+    """The LLC (Eq. 9) of every run's final checkpoint at the shared settings, calibrated once at the final
+    checkpoint of the largest-M run of the first seed (M = ∞ where present). Returns (rows: M, seed, llc_mean,
+    llc_std, ok, flags; a note for the report); without a setting the rows are NaN and the note says why."""
+    chosen = shared.settings
     if chosen is None:
-        rows = [
-            {"M": M, "seed": s, "llc_mean": math.nan, "llc_std": math.nan, "ok": False, "flags": "no setting"}
-            for M in cfg.Ms
-            for s in cfg.seeds
-        ]
-        return pd.DataFrame(rows), note
-    finals = list(runs.values())
-    estimate_runs(
-        finals, chosen, steps={r.path: [r.checkpoint_steps[-1]] for r in finals}, workers=workers, progress=progress,
-        device=cfg.device,
-    )
+        rows = [{"M": M, "seed": s, "llc_mean": math.nan, "llc_std": math.nan, "ok": False, "flags": "no setting"}
+                for M in cfg.Ms for s in cfg.seeds]
+        return pd.DataFrame(rows), f"LLC not estimated: {shared.reason}"
     rows = []
     for M in cfg.Ms:
         for s in cfg.seeds:
             run = runs[run_name(M, s)]
             llc = run.llc
             row = llc[(llc["step"] == run.checkpoint_steps[-1]) & (llc["settings_hash"] == chosen.digest())].iloc[-1]
-            rows.append(
-                {
-                    "M": M,
-                    "seed": s,
-                    "llc_mean": float(row["llc_mean"]),
-                    "llc_std": float(row["llc_std"]),
-                    "ok": bool(row["ok"]),
-                    "flags": str(row["flags"]),
-                }
-            )
+            rows.append({"M": M, "seed": s, "llc_mean": float(row["llc_mean"]), "llc_std": float(row["llc_std"]),
+                         "ok": bool(row["ok"]), "flags": str(row["flags"])})
     sampler = chosen.sampler
-    note += (
-        f". Shared settings: ε = {sampler.step_size:g}, γ = {sampler.localization:g}, nβ = "
-        f"{'n / log n' if sampler.nbeta is None else f'{sampler.nbeta:g}'}, {sampler.num_chains} chains × "
-        f"{sampler.num_draws} draws after {sampler.num_burnin} burn-in, minibatch {sampler.batch_size}, "
-        f"n = {chosen.n}"
-    )
+    note = (f"Calibrated at the final checkpoint of {shared.run} (table and figure: runs/{shared.run}/"
+            f"llc_calibration.parquet, figures/llc_calibration.png): {shared.reason}. Shared settings: ε = "
+            f"{sampler.step_size:g}, γ = {sampler.localization:g}, nβ = "
+            f"{'n / log n' if sampler.nbeta is None else f'{sampler.nbeta:g}'}, {sampler.num_chains} chains × "
+            f"{sampler.num_draws} draws after {sampler.num_burnin} burn-in, minibatch {sampler.batch_size}, "
+            f"n = {chosen.n}")
     return pd.DataFrame(rows), note
 
 
-def collect(
-    cfg: TransientRidgeConfig,
-    runs: dict[str, Run],
-    crit: dict[int | None, CriticalStep],
-    approach: dict[int | None, dict[str, float]],
-    llc: pd.DataFrame,
-) -> pd.DataFrame:
+def collect(cfg: TransientRidgeConfig, runs: dict[str, Run], crit: dict[int | None, CriticalStep],
+            approach: dict[int | None, dict[str, float]], llc: pd.DataFrame) -> pd.DataFrame:
     """One row per M (M = inf for ∞; seeds averaged): the critical step of the seed-mean OOD curve, the OOD levels
     of ridge and dMMSE_M on the same set, the final in-distribution Δ(PT, dMMSE_M) and Δ(PT, Ridge), the joint-PCA
     distances (first seed) and the final LLC (mean over seeds of λ̂; std: the chains' std, averaged)."""
@@ -564,27 +360,17 @@ def collect(
 
 
 # ================================================================================================ expectations
-def _verdict(ok: bool | None) -> str:
-    return "unclear" if ok is None else ("pass" if ok else "fail")
-
-
-def _fmt_ms(Ms) -> str:
-    return ", ".join(m_label(m) for m in Ms) if len(Ms) else "none"
-
-
-def expectations(cfg: TransientRidgeConfig, summary: pd.DataFrame) -> pd.DataFrame:
+def expectations(cfg: TransientRidgeConfig, summary: pd.DataFrame) -> list[Check]:
     """papers.md §E3-E5 / §G7-G8 against the measurements (seed means). The rules are fixed here, before looking at
     any result; 'intermediate' means strictly between the smallest finite M and the largest M of the grid."""
     s = summary.set_index("M")
     finite = [m for m in s.index if np.isfinite(m)]
     top = s.index[-1]  # ∞ where present, else the largest finite M
     u_ms = [m for m in finite if s.loc[m, "u_shape"] and finite[0] < m < top]  # intermediate U-shaped Ms
-    rows: list[dict[str, str]] = []
+    rows: list[Check] = []
 
     def add(what: str, source: str, expected: str, measured: str, ok: bool | None) -> None:
-        rows.append(
-            {"expectation": what, "source": source, "expected": expected, "measured": measured, "verdict": _verdict(ok)}
-        )
+        rows.append(Check(what, expected, measured, ok, source=source))
 
     def curve(m) -> str:
         r = s.loc[m]
@@ -602,13 +388,13 @@ def expectations(cfg: TransientRidgeConfig, summary: pd.DataFrame) -> pd.DataFra
         f"at least one finite M strictly between {m_label(finite[0])} and {m_label(top)} has an interior minimum, "
         f"falls by ≥ {cfg.u_min_drop:.0%} of its starting loss and gives back ≥ {cfg.u_min_rise:.0%} of that drop; "
         f"the smallest M and M = {m_label(top)} do not",
-        f"U-shaped at M = {_fmt_ms(u_ms)}; " + "; ".join(curve(m) for m in s.index),
+        f"U-shaped at M = {fmt_ms(u_ms)}; " + "; ".join(curve(m) for m in s.index),
         bool(u_ms) if (not u_ms or ends_monotone) else None,
     )
     # -- t_crit grows with M (E3, G7)
     if len(u_ms) >= 2:
         t = [float(s.loc[m, "t_crit"]) for m in u_ms]
-        rho = _spearman(u_ms, t)
+        rho = spearman(u_ms, t)
         alpha = float(np.polyfit(np.log(u_ms), np.log(np.maximum(t, 1.0)), 1)[0])
         add(
             "t^crit_M grows with M",
@@ -624,7 +410,7 @@ def expectations(cfg: TransientRidgeConfig, summary: pd.DataFrame) -> pd.DataFra
             "t^crit_M grows with M",
             "§E3, §G7",
             "over the U-shaped Ms (needs at least two)",
-            f"{len(u_ms)} U-shaped M ({_fmt_ms(u_ms)}); t_crit at every M: "
+            f"{len(u_ms)} U-shaped M ({fmt_ms(u_ms)}); t_crit at every M: "
             + ", ".join(f"{m_label(m)}: {int(s.loc[m, 't_crit'])}" for m in s.index),
             None,
         )
@@ -644,19 +430,19 @@ def expectations(cfg: TransientRidgeConfig, summary: pd.DataFrame) -> pd.DataFra
     lam = s["llc_mean"]
     if lam.notna().all():
         lower = [m for m in finite if m <= float(np.median(finite))]
-        rho = _spearman(lower, [lam[m] for m in lower])
+        rho = spearman(lower, [lam[m] for m in lower])
         last3 = lam.iloc[-3:]
         spread = float((last3.max() - last3.min()) / abs(last3.mean()))
         flagged = [m for m in s.index if not s.loc[m, "llc_ok"]]
         add(
             "LLC at the end of training rises with M, then plateaus (large M and ∞ share λ̂_∞)",
             "§E5, §G8 (Fig. 3)",
-            f"Spearman ρ(M, λ̂) ≥ 0.5 over the lower half of the finite Ms ({_fmt_ms(lower)}) with λ̂ at the "
+            f"Spearman ρ(M, λ̂) ≥ 0.5 over the lower half of the finite Ms ({fmt_ms(lower)}) with λ̂ at the "
             f"smallest M < at M = {m_label(top)}, and the three largest Ms within 25% of their mean",
             "λ̂: "
             + ", ".join(f"{m_label(m)}: {v:.3g}" for m, v in lam.items())
             + f"; ρ (lower half) = {rho:.2f}; spread of the last three = {spread:.0%}"
-            + (f"; diagnostics flagged at M = {_fmt_ms(flagged)}" if flagged else ""),
+            + (f"; diagnostics flagged at M = {fmt_ms(flagged)}" if flagged else ""),
             bool(rho >= 0.5 and lam.iloc[0] < lam.iloc[-1] and spread <= 0.25),
         )
         cross = next((m for m in finite if lam[m] >= lam.iloc[-1]), None)
@@ -695,12 +481,11 @@ def expectations(cfg: TransientRidgeConfig, summary: pd.DataFrame) -> pd.DataFra
         f"{l_top:.3g} vs ridge {g_top:.3g} ({100 * (l_top / g_top - 1):+.1f}%)",
         bool(l_top <= 1.1 * g_top),
     )
-    return pd.DataFrame(rows)
+    return rows
 
 
 # ================================================================================================ figures
 def _colours(Ms) -> dict:
-    import matplotlib.pyplot as plt
 
     finite = [m for m in Ms if m is not None]
     return {m: plt.cm.viridis(i / max(len(finite) - 1, 1) * 0.9) for i, m in enumerate(finite)} | {None: "k"}
@@ -716,7 +501,6 @@ def ood_figure(
     """Carroll et al. Fig. 1, left: the OOD loss against step for every M (seed mean; viridis, ∞ black) with t^crit
     circled and the ridge level dashed; the in-distribution distances Δ(PT, dMMSE_M) and Δ(PT, Ridge) over training
     (first seed), t^crit circled and the end starred."""
-    import matplotlib.pyplot as plt
 
     colour = _colours(cfg.Ms)
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6), constrained_layout=True)
@@ -753,7 +537,6 @@ def ood_figure(
 def t_crit_figure(summary: pd.DataFrame, path: Path) -> tuple[Path, Path]:
     """Left: t^crit_M against M (log axes; filled: U-shaped OOD curve, hollow: monotone or no dip, where t_crit is
     the end of training or the start). Right: the fraction of the initial OOD-loss drop given back by the end."""
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
     x = m_positions(summary["M"].to_numpy())
@@ -774,7 +557,6 @@ def t_crit_figure(summary: pd.DataFrame, path: Path) -> tuple[Path, Path]:
 
 
 def _pca_figure(cfg: TransientRidgeConfig, jp, path: Path) -> tuple[Path, Path]:
-    from icl_lab.trajectory import plot_joint_pca
 
     ref_runs = {f"dMMSE_{m_label(M)}": f"M={m_label(M)}" for M in cfg.finite_Ms}
     return plot_joint_pca(
@@ -791,7 +573,6 @@ def pca_distance_figure(
 ) -> tuple[Path, Path]:
     """Distance in the essential subspace from each run's (smoothed) curve to the ridge point (left) and to its
     dMMSE_M point (right) against step; ○ the checkpoint nearest t^crit."""
-    import matplotlib.pyplot as plt
 
     colour = _colours(cfg.Ms)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
@@ -816,7 +597,6 @@ def pca_distance_figure(
 def llc_figure(summary: pd.DataFrame, path: Path) -> tuple[Path, Path]:
     """Carroll et al. Fig. 3, bottom: λ̂ of the final models against M (± the chains' std; hollow: a diagnostic
     flag), λ̂ at the largest M (∞ where present) dashed."""
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2), constrained_layout=True)
     x = m_positions(summary["M"].to_numpy())
@@ -834,238 +614,144 @@ def llc_figure(summary: pd.DataFrame, path: Path) -> tuple[Path, Path]:
 
 
 # ================================================================================================ the report
-def scale_table(cfg: TransientRidgeConfig) -> pd.DataFrame:
-    """This run's sizes next to the paper's (papers.md §E1; [EXT] where App. A is needed)."""
-    from icl_lab.model import build_model, count_parameters
+class TransientRidge(Study):
+    name = "transient-ridge"
+    title = "Transient ridge: dynamics of transient structure in in-context linear regression"
+    config = TransientRidgeConfig
+    scale_note = ("The sizes of this study next to the paper's. At small scale everything is scaled down (model, D, K, "
+                  "steps, M range), so the task-diversity threshold, and with it the window of transient M, moves to "
+                  "smaller M (papers.md §G: the paper's full transient spans M = 16-128, about 1/20 to 1/3 of its "
+                  "threshold near 362). Compare the qualitative pattern, not the numbers.")
+    reused = "finished runs, the LLC calibration and LLC estimates on disk are reused and cost nothing"
 
-    rc = cfg.run_config(cfg.finite_Ms[0], cfg.seeds[0])
-    n_params = count_parameters(build_model(rc.task, rc.model, 0))
-    m, finite = rc.model, cfg.finite_Ms
-    rows = [
-        (
-            "model",
-            f"preset '{cfg.preset}'{' + ' + str(cfg.model_overrides) if cfg.model_overrides else ''}: "
-            f"{m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads × {m.d_head}, MLP {m.d_mlp}, "
-            f"{n_params:,} parameters",
-            "2-layer transformer, 2.65M parameters (details in App. A)",
-        ),
-        ("D, K, σ² (tasks w ~ N(0, I_D))", f"{cfg.D}, {cfg.K}, {cfg.noise_var:g}", "8, 16, 0.125"),
-        (
-            "task diversities M (nested pools, one root task)",
-            f"{_fmt_ms(finite)}" + (" and ∞" if None in cfg.Ms else ""),
-            "1 … 2^15 on a ~√2 grid, and ∞",
-        ),
-        (
-            "training",
-            f"{cfg.steps:,} steps at batch {cfg.batch_size}, AdamW (weight decay {cfg.weight_decay:g}), lr "
-            f"{cfg.lr:g}, {cfg.schedule} schedule",
-            "App. A (not in papers.md)",
-        ),
-        (
-            "OOD loss curve",
-            f"every {cfg.eval_every:,} steps and at each checkpoint, {cfg.eval_size:,} fixed sequences",
-            "fixed test set D^(∞)",
-        ),
-        (
-            "checkpoints",
-            f"{cfg.n_checkpoints_linear} linear ∪ {cfg.n_checkpoints_log} log-spaced",
-            "union of linear and log intervals (App. A.4)",
-        ),
-        (
-            "joint PCA",
-            f"B = {cfg.pca_batch} root-task sequences, v = {cfg.pca_components}, smoothing σ = "
-            f"{cfg.pca_sigma:g} checkpoints",
-            "B = 512, v = 2 (App. C: 4), lightly smoothed",
-        ),
-        ("LLC", f"final checkpoint, n = {cfg.llc_n:,}, calibrated once", "Eq. 9, SGLD (App. F)"),
-        ("seeds", ", ".join(map(str, cfg.seeds)), "not stated in papers.md"),
-    ]
-    return pd.DataFrame(
-        rows, columns=["setting", f"this study (scale '{cfg.scale}'{', quick' if cfg.quick else ''})", "Carroll et al."]
-    )
+    def checks_note(self) -> str:
+        return ("The rules are fixed in code (`expectations` in icl_lab.studies.transient_ridge), not tuned to these "
+                "results; seed means; 'intermediate' M lies strictly between the smallest finite M and the largest M "
+                "of the grid.")
 
+    def llc_plan(self, runs: dict[str, Run]) -> LLCPlan:
+        cfg = self.cfg
+        return LLCPlan(LLCSettings(sampler=cfg.sampler, n=cfg.llc_n, data="id", seed=0), cfg.step_sizes,
+                       calibrate=run_name(cfg.Ms[-1], cfg.seeds[0]), final_only=True)
 
-def _write(
-    cfg: TransientRidgeConfig,
-    out: Path,
-    summary: pd.DataFrame,
-    exp: pd.DataFrame,
-    pngs: dict[str, Path],
-    jp,
-    llc_note: str,
-    timer: PhaseTimer,
-) -> Path:
-    s = summary.set_index("M")
-    u_ms = [m for m in s.index if s.loc[m, "u_shape"]]
-    n_pass = int((exp["verdict"] == "pass").sum())
-    sections = [
-        Section(
-            "Scale",
-            (
-                "The sizes of this study next to the paper's. At small scale everything is scaled down (model, D, K, "
-                "steps, M range), so the task-diversity threshold, and with it the window of transient M, moves to "
-                "smaller M (papers.md §G: the paper's full transient spans M = 16-128, about 1/20 to 1/3 of its "
-                "threshold near 362). Compare the qualitative pattern, not the numbers."
-            ),
-            tables=[scale_table(cfg)],
-        )
-    ]
-    sections.append(
-        Section(
-            "Expectations and measured verdicts",
-            (
-                f"{n_pass} of {len(exp)} checks pass. The rules are fixed in code (`expectations` in "
-                "icl_lab.studies.transient_ridge), not tuned to these results; seed means; 'intermediate' M lies "
-                "strictly between the smallest finite M and the largest M of the grid."
-            ),
-            tables=[exp],
-        )
-    )
+    def analyse(self, runs: dict[str, Run], shared: SharedSettings, out: Path) -> dict[str, Any]:
+        cfg = self.cfg
+        curves = ood_curves(cfg, runs)
+        crit = {M: critical_step(c["step"], c["ood_loss"], cfg.u_min_rise, cfg.u_min_drop) for M, c in curves.items()}
+        jp = joint_pca({M: runs[run_name(M, cfg.seeds[0])] for M in cfg.Ms}, cfg.pca_batch, "ridge",
+                       cfg.pca_components, cfg.pca_sigma)
+        llc, llc_note = final_llc(cfg, runs, shared)
+        summary = collect(cfg, runs, crit, pca_approach(cfg, jp, crit), llc)
+        write_parquet(out / "summary.parquet", summary)
+        write_json(out / "critical_steps.json", {m_label(M): c.to_json() for M, c in crit.items()})
+        return {"runs": runs, "curves": curves, "crit": crit, "jp": jp, "summary": summary, "llc_note": llc_note}
 
-    ridge = float(s["ood_ridge_loss"].iloc[0])
-    rows = [
-        {
-            "M": m_label(m),
-            "kind": s.loc[m, "kind"],
-            "t_crit": int(s.loc[m, "t_crit"]),
-            "OOD loss at 0": s.loc[m, "ood_loss_start"],
-            "min": s.loc[m, "ood_loss_min"],
-            "end": s.loc[m, "ood_loss_end"],
-            "given back": s.loc[m, "rise_fraction"],
-            "dMMSE_M OOD": s.loc[m, "ood_dmmse_loss"],
-            "ridge OOD": s.loc[m, "ood_ridge_loss"],
-        }
-        for m in s.index
-    ]
-    sections.append(
-        Section(
-            "OOD loss over training and t_crit",
-            (
-                "Carroll et al. Fig. 1, left. Left panel: the loss on fresh tasks (the same fixed set for every M) "
-                "against the step, one curve per M (viridis; ∞ black), t_crit = argmin over the evaluated steps of the "
-                f"OOD loss (§3, App. B.2) circled, ridge's level (red dashed, {ridge:.3g}). A curve is U-shaped when "
-                f"its minimum is interior, it falls by at least {cfg.u_min_drop:.0%} of its starting loss and gives "
-                f"back at least {cfg.u_min_rise:.0%} of that drop by the end (`critical_step`). Middle and right: "
-                f"the in-distribution distances to dMMSE_M and to ridge over training. Measured: U-shaped at "
-                f"M = {_fmt_ms(u_ms)}."
-            ),
-            figures=[pngs["ood"]],
-            tables=[pd.DataFrame(rows)],
-        )
-    )
-    sections.append(
-        Section(
-            "t_crit against M",
-            (
-                "Left: t_crit against M (filled: U-shaped; hollow: not U-shaped, t_crit is then at or near the end "
-                "of training, or step 0). Right: how much of the initial OOD improvement each run gave back by the end."
-            ),
-            figures=[pngs["tcrit"]],
-        )
-    )
+    def checks(self, r: dict[str, Any]) -> list[Check]:
+        return expectations(self.cfg, r["summary"])
 
-    evr = jp.explained_variance_ratio
-    rows = [
-        {
-            "M": m_label(m),
-            "bend (d_ridge at t_crit / at end)": s.loc[m, "pca_bend"],
-            "min d to ridge": s.loc[m, "pca_ridge_min"],
-            "end: d to ridge": s.loc[m, "pca_ridge_at_end"],
-            "end: d to dMMSE_M": s.loc[m, "pca_dmmse_at_end"],
-        }
-        for m in s.index
-    ]
-    sections.append(
-        Section(
-            "Joint trajectory PCA",
-            (
-                "Carroll et al. §4.2 and Fig. 1, right (papers.md §E2): every checkpoint of every run predicts on the "
-                f"same {cfg.pca_batch} sequences of the root task (row 0 of the master task sequence, in every pool); "
-                f"the rows are stacked over runs and one mean-centred PCA is fitted (v = {cfg.pca_components}: "
-                + ", ".join(f"PC{i + 1} {100 * v:.1f}%" for i, v in enumerate(evr))
-                + " of the variance); dMMSE_M (diamonds, "
-                "in the run's colour) and ridge (square) are projected, not fitted. Curves are lightly smoothed (σ = "
-                f"{cfg.pca_sigma:g} checkpoints). The second figure and the table measure the bend: distances in the "
-                "PC plane to ridge and to dMMSE_M (first seed)."
-            ),
-            figures=[pngs["pca"], pngs["pca_dist"]],
-            tables=[pd.DataFrame(rows)],
-        )
-    )
+    def figures(self, r: dict[str, Any], figs: Path) -> dict[str, Path]:
+        cfg, summary, jp = self.cfg, r["summary"], r["jp"]
+        pngs = {"ood": ood_figure(cfg, r["runs"], r["curves"], r["crit"], figs / "ood_loss_vs_step")[0],
+                "tcrit": t_crit_figure(summary, figs / "t_crit_vs_M")[0],
+                "pca": _pca_figure(cfg, jp, figs / "joint_pca")[0],
+                "pca_dist": pca_distance_figure(cfg, jp, r["crit"], figs / "pca_distance_to_ridge")[0]}
+        if summary["llc_mean"].notna().any():
+            pngs["llc"] = llc_figure(summary, figs / "llc_vs_M")[0]
+        return pngs
 
-    if "llc" in pngs:
+    def sections(self, r: dict[str, Any], pngs: dict[str, Path]) -> list[Section]:
+        cfg, s = self.cfg, r["summary"].set_index("M")
+        ridge = float(s["ood_ridge_loss"].iloc[0])
+        rows = [{"M": m_label(m), "kind": s.loc[m, "kind"], "t_crit": int(s.loc[m, "t_crit"]),
+                 "OOD loss at 0": s.loc[m, "ood_loss_start"], "min": s.loc[m, "ood_loss_min"],
+                 "end": s.loc[m, "ood_loss_end"], "given back": s.loc[m, "rise_fraction"],
+                 "dMMSE_M OOD": s.loc[m, "ood_dmmse_loss"], "ridge OOD": s.loc[m, "ood_ridge_loss"]} for m in s.index]
+        sections = [Section("OOD loss over training and t_crit", (
+            "Carroll et al. Fig. 1, left. Left panel: the loss on fresh tasks (the same fixed set for every M) against "
+            "the step, one curve per M (viridis; ∞ black), t_crit = argmin over the evaluated steps of the OOD loss "
+            f"(§3, App. B.2) circled, ridge's level (red dashed, {ridge:.3g}). A curve is U-shaped when its minimum is "
+            f"interior, it falls by at least {cfg.u_min_drop:.0%} of its starting loss and gives back at least "
+            f"{cfg.u_min_rise:.0%} of that drop by the end (`critical_step`). Middle and right: the in-distribution "
+            f"distances to dMMSE_M and to ridge over training. Measured: U-shaped at M = {fmt_ms(_u_ms(s))}."),
+            figures=[pngs["ood"]], tables=[pd.DataFrame(rows)])]
+        sections.append(Section("t_crit against M", (
+            "Left: t_crit against M (filled: U-shaped; hollow: not U-shaped, t_crit is then at or near the end of "
+            "training, or step 0). Right: how much of the initial OOD improvement each run gave back by the end."),
+            figures=[pngs["tcrit"]]))
+        evr = r["jp"].explained_variance_ratio
+        rows = [{"M": m_label(m), "bend (d_ridge at t_crit / at end)": s.loc[m, "pca_bend"],
+                 "min d to ridge": s.loc[m, "pca_ridge_min"], "end: d to ridge": s.loc[m, "pca_ridge_at_end"],
+                 "end: d to dMMSE_M": s.loc[m, "pca_dmmse_at_end"]} for m in s.index]
+        sections.append(Section("Joint trajectory PCA", (
+            "Carroll et al. §4.2 and Fig. 1, right (papers.md §E2): every checkpoint of every run predicts on the same "
+            f"{cfg.pca_batch} sequences of the root task (row 0 of the master task sequence, in every pool); the rows "
+            f"are stacked over runs and one mean-centred PCA is fitted (v = {cfg.pca_components}: "
+            + ", ".join(f"PC{i + 1} {100 * v:.1f}%" for i, v in enumerate(evr))
+            + " of the variance); dMMSE_M (diamonds, in the run's colour) and ridge (square) are projected, "
+            "not fitted. "
+            f"Curves are lightly smoothed (σ = {cfg.pca_sigma:g} checkpoints). The second figure and the table "
+            "measure the bend: distances in the PC plane to ridge and to dMMSE_M (first seed)."),
+            figures=[pngs["pca"], pngs["pca_dist"]], tables=[pd.DataFrame(rows)]))
+        title = "LLC against M at the end of training"
+        if "llc" not in pngs:
+            return [*sections, Section(title, r["llc_note"])]
+        rows = [{"M": m_label(m), "λ̂": s.loc[m, "llc_mean"], "std over chains": s.loc[m, "llc_std"],
+                 "diagnostics": s.loc[m, "llc_flags"] or "ok"} for m in s.index]
+        return [*sections, Section(title, (
+            "Carroll et al. Fig. 3, bottom (Eq. 9): λ̂ of each final model on its own training distribution (papers.md "
+            f"§E5). {r['llc_note']}."), figures=[pngs["llc"]], tables=[pd.DataFrame(rows)])]
+
+    def differs(self, r: dict[str, Any]) -> str:
+        cfg = self.cfg
+        return ("Scale: the paper's transient window (M = 16-128, threshold near 362 at D = 8, K = 16, a 2.65M-"
+                f"parameter model) is not comparable in absolute M with this one ({cfg.D}-dimensional tasks, "
+                f"K = {cfg.K}, {cfg.steps:,} steps): here U-shaped curves were found at M = "
+                f"{fmt_ms(_u_ms(r['summary'].set_index('M')))}.")
+
+    def appendix(self, r: dict[str, Any]) -> list[Section]:
+        table = r["summary"].copy()
+        table.insert(0, "M", [m_label(m) for m in table.pop("M")])
+        return [Section("Numbers per M", (
+            "Seed means; ood = fresh tasks, id = the pool's tasks; losses are plain squared error (no /D). Also in "
+            "summary.parquet and critical_steps.json."), tables=[table])]
+
+    def intro(self, r: dict[str, Any]) -> str:
+        cfg = self.cfg
+        return (f"Carroll et al. (2025) at scale '{cfg.scale}'{' (quick)' if cfg.quick else ''}: {len(cfg.Ms)} runs × "
+                f"seeds {cfg.seeds}, M in {fmt_ms(cfg.Ms)} (nested pools sharing the root task), gaussian tasks, "
+                f"σ² = {cfg.noise_var:g}, D = {cfg.D}, K = {cfg.K}, {cfg.steps:,} steps. U-shaped OOD loss at M = "
+                f"{fmt_ms(_u_ms(r['summary'].set_index('M')))}.")
+
+    def scale_table(self) -> pd.DataFrame:
+        """This run's sizes next to the paper's (papers.md §E1; [EXT] where App. A is needed)."""
+        cfg = self.cfg
+        rc = cfg.run_config(cfg.finite_Ms[0], cfg.seeds[0])
+        m, finite = rc.model, cfg.finite_Ms
         rows = [
-            {
-                "M": m_label(m),
-                "λ̂": s.loc[m, "llc_mean"],
-                "std over chains": s.loc[m, "llc_std"],
-                "diagnostics": s.loc[m, "llc_flags"] or "ok",
-            }
-            for m in s.index
+            ("model", f"preset '{cfg.preset}'{' + ' + str(cfg.model_overrides) if cfg.model_overrides else ''}: "
+             f"{m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads × {m.d_head}, MLP {m.d_mlp}, "
+             f"{n_parameters(rc):,} parameters", "2-layer transformer, 2.65M parameters (details in App. A)"),
+            ("D, K, σ² (tasks w ~ N(0, I_D))", f"{cfg.D}, {cfg.K}, {cfg.noise_var:g}", "8, 16, 0.125"),
+            ("task diversities M (nested pools, one root task)", f"{fmt_ms(finite)}" + (" and ∞" if None in cfg.Ms
+                                                                                        else ""),
+             "1 … 2^15 on a ~√2 grid, and ∞"),
+            ("training", f"{cfg.steps:,} steps at batch {cfg.batch_size}, AdamW (weight decay {cfg.weight_decay:g}), "
+             f"lr {cfg.lr:g}, {cfg.schedule} schedule", "App. A (not in papers.md)"),
+            ("OOD loss curve", f"every {cfg.eval_every:,} steps and at each checkpoint, {cfg.eval_size:,} fixed "
+             "sequences", "fixed test set D^(∞)"),
+            ("checkpoints", f"{cfg.n_checkpoints_linear} linear ∪ {cfg.n_checkpoints_log} log-spaced",
+             "union of linear and log intervals (App. A.4)"),
+            ("joint PCA", f"B = {cfg.pca_batch} root-task sequences, v = {cfg.pca_components}, smoothing σ = "
+             f"{cfg.pca_sigma:g} checkpoints", "B = 512, v = 2 (App. C: 4), lightly smoothed"),
+            ("LLC", f"final checkpoint, n = {cfg.llc_n:,}, calibrated once", "Eq. 9, SGLD (App. F)"),
+            ("seeds", ", ".join(map(str, cfg.seeds)), "not stated in papers.md"),
         ]
-        sections.append(
-            Section(
-                "LLC against M at the end of training",
-                (
-                    "Carroll et al. Fig. 3, bottom (Eq. 9): λ̂ of each final model on its own training distribution "
-                    f"(papers.md §E5). {llc_note}."
-                ),
-                figures=[pngs["llc"]],
-                tables=[pd.DataFrame(rows)],
-            )
-        )
-    else:
-        sections.append(Section("LLC against M at the end of training", llc_note))
+        return scale_frame(cfg, rows, "Carroll et al.")
 
-    diffs = exp[exp["verdict"] != "pass"]
-    text = (
-        "Every expectation that this study did not reproduce, with the measured numbers (never tuned to agree): "
-        + " ".join(
-            f"[{r.verdict}] {r.expectation}: expected {r.expected}; measured {r.measured}." for r in diffs.itertuples()
-        )
-        if len(diffs)
-        else "Every expectation in the table was reproduced at this scale."
-    )
-    text += (
-        "\n\nScale: the paper's transient window (M = 16-128, threshold near 362 at D = 8, K = 16, a 2.65M-"
-        f"parameter model) is not comparable in absolute M with this one ({cfg.D}-dimensional tasks, K = {cfg.K}, "
-        f"{cfg.steps:,} steps): here U-shaped curves were found at M = {_fmt_ms(u_ms)}."
-    )
-    sections.append(Section("Where this study differs from the paper", text))
-    table = summary.copy()
-    table.insert(0, "M", [m_label(m) for m in table.pop("M")])
-    sections.append(
-        Section(
-            "Numbers per M",
-            (
-                "Seed means; ood = fresh tasks, id = the pool's tasks; losses are plain squared error (no /D). Also in "
-                "summary.parquet and critical_steps.json."
-            ),
-            tables=[table],
-        )
-    )
-    timing = timer.table(out)
-    sections.append(
-        Section(
-            "Wall time per phase",
-            (
-                f"Seconds per phase in this invocation (first column; earlier ones beside it, all in "
-                f"timings_history.json; executor {cfg.executor}, {cfg.workers} workers, device {cfg.device}); "
-                "finished runs, the LLC calibration and LLC estimates on disk are reused and cost nothing. Per-run "
-                "training times: runs/index.parquet (column 'seconds')."
-            ),
-            tables=[timing],
-        )
-    )
-    intro = (
-        f"Carroll et al. (2025) at scale '{cfg.scale}'{' (quick)' if cfg.quick else ''}: {len(cfg.Ms)} runs × "
-        f"seeds {cfg.seeds}, M in {_fmt_ms(cfg.Ms)} (nested pools sharing the root task), gaussian tasks, "
-        f"σ² = {cfg.noise_var:g}, D = {cfg.D}, K = {cfg.K}, {cfg.steps:,} steps. U-shaped OOD loss at M = "
-        f"{_fmt_ms(u_ms)}."
-    )
-    return write_report(
-        out / "report.html",
-        "Transient ridge: dynamics of transient structure in in-context linear regression",
-        intro,
-        sections,
-    )
+
+def _u_ms(s: pd.DataFrame) -> list[float]:
+    """The Ms whose OOD loss is U-shaped (s: the summary indexed by M)."""
+    return [m for m in s.index if s.loc[m, "u_shape"]]
+
+
+STUDY = TransientRidge
