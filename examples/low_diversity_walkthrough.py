@@ -1,3 +1,18 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.7
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # How does the seed model solve M = 1 and M = 2? A walkthrough with the Python API
 #
@@ -16,16 +31,19 @@ import torch
 from icl_lab.config import LLCConfig, build_run_config
 from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_run
 from icl_lab.plots import plot_run
-from icl_lab.stages import find_milestones, stage_table
 from icl_lab.store import Run
+from icl_lab.studies.common import llc_stages
 from icl_lab.train import train
 
 OUT = Path(os.environ.get("WALKTHROUGH_OUT", "runs/walkthrough"))
-QUICK = os.environ.get("WALKTHROUGH_QUICK") == "1"  # a smoke-test size (tests/test_examples.py)
-STEPS = 300 if QUICK else 2000
-CHECKPOINTS = dict(n_checkpoints_linear=3, n_checkpoints_log=4) if QUICK else dict(n_checkpoints_linear=4,
-                                                                                  n_checkpoints_log=10)
-SAMPLER = dict(num_chains=2, num_draws=40) if QUICK else dict(num_chains=4, num_draws=100)
+SIZE = os.environ.get("WALKTHROUGH_SIZE", "full")  # "tiny" and "quick": the test suite's smoke sizes
+STEPS = {"tiny": 60, "quick": 300}.get(SIZE, 2000)
+CHECKPOINTS = {"tiny": dict(n_checkpoints_linear=3, n_checkpoints_log=3),
+               "quick": dict(n_checkpoints_linear=3, n_checkpoints_log=4)}.get(
+                   SIZE, dict(n_checkpoints_linear=4, n_checkpoints_log=10))
+SAMPLER = {"tiny": dict(num_chains=2, num_draws=20), "quick": dict(num_chains=2, num_draws=40)}.get(
+    SIZE, dict(num_chains=4, num_draws=100))
+LLC_N = 256 if SIZE == "tiny" else 2048
 torch.set_num_threads(2)
 
 # %% [markdown]
@@ -62,9 +80,9 @@ for run in runs.values():
 
 # %%
 # γ = 1000 as in the study; calibration burns each ε in for max(50, min_burnin(ε, γ) ≈ 3/(εγ)) steps.
-base = LLCSettings(sampler=LLCConfig(**SAMPLER, num_burnin=50, batch_size=32, localization=1000.0), n=2048)
-calibration, settings = calibrate_run(runs[2], settings=base, step_sizes=[3e-5, 1e-4] if QUICK else
-                                      [1e-5, 3e-5, 1e-4, 3e-4])
+base = LLCSettings(sampler=LLCConfig(**SAMPLER, num_burnin=50, batch_size=32, localization=1000.0), n=LLC_N)
+calibration, settings = calibrate_run(runs[2], settings=base, step_sizes=[1e-5, 3e-5, 1e-4, 3e-4] if SIZE == "full"
+                                      else [3e-5, 1e-4], localizations=[1000.0])
 print(calibration.table[["step_size", "num_burnin", "llc_mean", "llc_std", "ok", "flags"]])
 print("chosen:", settings.sampler)
 for M, run in runs.items():
@@ -74,16 +92,16 @@ for M, run in runs.items():
 
 # %% [markdown]
 # ## 4. Stages: critical points of the LLC against log step
+# Only trustworthy estimates place boundaries (λ̂ > 0, no sampler flag); the others are shown but not used.
 
 # %%
 for M, run in runs.items():
     llc = run.llc.sort_values("step")
     llc = llc[np.isfinite(llc["llc_mean"])]
     loss = run.metrics.set_index("step").loc[llc["step"], "id_loss"].to_numpy()
-    milestones = find_milestones(llc["step"].to_numpy(), llc["llc_mean"].to_numpy())
-    print(f"M={M}")
-    print(stage_table(llc["step"].to_numpy(), llc["llc_mean"].to_numpy(), loss, milestones)
-          [["stage", "start", "end", "delta_loss", "delta_llc", "type"]])
+    stages = llc_stages(llc, loss)
+    print(f"M={M}: {int(stages.trusted.sum())} of {len(llc)} estimates trusted")
+    print(stages.table[["stage", "start", "end", "delta_loss", "delta_llc", "type"]])
 
 # %% [markdown]
 # ## 5. Look inside: attention patterns and a probe for the task identity (M = 2)
