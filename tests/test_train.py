@@ -90,3 +90,51 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_pa
     assert max(run.checkpoint_steps) == 25
     assert torch.isfinite(run.load_checkpoint(25).blocks[0].attn.W_Q).all()
     assert run.metrics["step"].max() == 25
+
+
+def _assert_same_run(a: Run, b: Run) -> None:
+    for (name, p), q in zip(a.load_checkpoint(a.config.train.steps).state_dict().items(),
+                            b.load_checkpoint(b.config.train.steps).state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    assert a.checkpoint_steps == b.checkpoint_steps
+    assert a.metrics.equals(b.metrics) and a.train_loss.equals(b.train_loss)
+
+
+@pytest.mark.parametrize("kill_point", ["after_config", "after_first_checkpoint", "during_checkpoint_write"])
+def test_resume_from_every_state_a_kill_leaves(tmp_path, kill_point):
+    """Every write is atomic, so a kill leaves one of a few states on disk; each resumes to the uninterrupted
+    run's final weights, bit for bit: config.json but no state yet (starts from step 0, and says so); a state
+    save behind it; a checkpoint's temporary file left half-written beside a saved state."""
+    cfg = build_run_config(overrides=tiny_overrides(steps=60))
+    straight = train(cfg, tmp_path / "straight", progress=False)
+    path = tmp_path / "killed"
+    if kill_point == "after_config":
+        Run.create(path, cfg)  # what exists between writing config.json and the first state save
+        with pytest.warns(UserWarning, match="no saved state yet .* from step 0"):
+            resumed = train(cfg, path, resume=True, progress=False)
+    else:
+        part = train(cfg, path, progress=False, stop_after=1 if kill_point == "after_first_checkpoint" else 23)
+        if kill_point == "during_checkpoint_write":
+            (part.checkpoint_dir / f".step_{30:08d}.safetensors.abc123.tmp").write_bytes(b"\x00" * 17)
+        resumed = train(cfg, path, resume=True, progress=False)
+    _assert_same_run(straight, resumed)
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "not_json"])
+def test_resume_of_a_run_without_a_readable_config_is_one_line_naming_the_file(tmp_path, damage):
+    from typer.testing import CliRunner
+
+    from icl_lab.cli import app
+
+    cfg = build_run_config(overrides=tiny_overrides(steps=20))
+    run = train(cfg, tmp_path / "r", progress=False, stop_after=5)
+    cfg_file = run.path / "config.json"
+    text = cfg_file.read_text()
+    if damage == "missing":
+        cfg_file.unlink()
+    else:
+        cfg_file.write_text(text[: len(text) // 2] if damage == "truncated" else "[1, 2]")
+    result = CliRunner().invoke(app, ["train", "--resume", str(run.path), "--quiet"], env={"COLUMNS": "300"})
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "error:" in lines[0] and str(cfg_file) in " ".join(result.output.split())

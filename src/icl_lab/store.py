@@ -176,8 +176,12 @@ class Run:
         cfg_file = path / "config.json"
         if not cfg_file.exists():
             raise FileNotFoundError(f"{path} is not an icl-lab run: {cfg_file} is missing")
-        raw = json.loads(cfg_file.read_text())
-        return cls(path, RunConfig.model_validate(raw["config"]))
+        try:
+            return cls(path, RunConfig.model_validate(json.loads(cfg_file.read_text())["config"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:  # half-written, hand-edited or not ours
+            why = " ".join(str(e).split())[:200]
+            raise ValueError(f"{cfg_file} is unreadable or not an icl-lab run config ({type(e).__name__}: "
+                             f"{why}); start the run again with --overwrite") from e
 
     @property
     def versions(self) -> dict[str, str]:

@@ -15,6 +15,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -208,6 +209,10 @@ def open_member(config: RunConfig, out: str | Path, *, resume: bool = False, ove
     model = build_model(task, config.model, config.seed, device)
     member = Member(config, run, pool, sets, model, make_optimizer(model, tc), make_generator(config.seed, "train",
                                                                                              device))
+    if resume and not run.state_path.exists():  # stopped after config.json, before its first saved state
+        warnings.warn(f"{run.path} has no saved state yet (stopped before its first save): training it from "
+                      f"step 0", stacklevel=2)
+        resume = False
     if resume:
         member.start = load_state(run, model, member.opt, member.gen)
         member.rows = [r for r in run.metrics.to_dict("records") if r["step"] < member.start]
