@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,3 +94,46 @@ def test_wandb_offline_run_holds_the_logged_keys(tmp_path, monkeypatch):
     assert {"step", "train/loss", "eval/id_loss", "eval/id_loss_k0", "llc/llc_mean", "llc/flags",
             "figures/loss/path"} <= keys  # an image is logged as a record of its file
     assert config["D"] == "8" and config["M"] == "2"
+
+
+def test_train_and_llc_mirror_to_wandb_offline(tmp_path, monkeypatch):
+    """`icl-lab train --wandb P` and `icl-lab llc estimate --wandb P`: the offline runs under the run directory hold
+    the config, the training loss, the evaluations (mean and per-token, ID and OOD, Δ to the baselines) and each
+    LLC estimate with its diagnostics."""
+    pytest.importorskip("wandb", reason="wandb is not installed (the `wandb` extra)")
+    from typer.testing import CliRunner
+
+    from icl_lab.cli import app
+    from icl_lab.config import LLCConfig
+    from icl_lab.llc_run import LLCSettings, save_settings
+    from icl_lab.store import Run
+
+    from conftest import tiny_overrides
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in tiny_overrides(steps=20).items()]
+    run_dir = tmp_path / "run"
+    r = CliRunner().invoke(app, ["train", "--run-dir", str(run_dir), "--quiet", "--wandb", "p", *flags])
+    assert r.exit_code == 0, r.output
+    run = Run.load(run_dir)
+    save_settings(run, LLCSettings(sampler=LLCConfig(num_chains=2, num_draws=10, num_burnin=5, batch_size=16,
+                                                     localization=100.0), n=64))
+    r = CliRunner().invoke(app, ["llc", "estimate", str(run_dir), "--steps", "20", "--quiet", "--wandb", "p"])
+    assert r.exit_code == 0, r.output
+    files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 2
+    (train_keys, train_config), (llc_keys, llc_config) = map(read_wandb_file, files)
+    assert {"train/loss", "train/lr", "eval/id_loss", "eval/id_loss_k1", "eval/ood_loss",
+            "eval/id_delta_dmmse", "eval/ood_delta_ridge"} <= train_keys
+    assert json.loads(train_config["task"])["M"] == 2 and json.loads(train_config["seed"]) == 0
+    assert {"llc/llc_mean", "llc/llc_mcse", "llc/rhat", "llc/ess", "llc/flags"} <= llc_keys
+    assert "sampler" in llc_config
+
+
+def test_train_without_wandb_never_imports_it(tmp_path):
+    code = ("import sys\nfrom icl_lab.config import build_run_config\nfrom icl_lab.train import train\n"
+            "sys.path.insert(0, 'tests')\nfrom conftest import tiny_overrides\n"
+            f"train(build_run_config(overrides=tiny_overrides(steps=5)), {str(tmp_path / 'r')!r}, progress=False)\n"
+            "assert 'wandb' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(Path(__file__).resolve().parents[1]))

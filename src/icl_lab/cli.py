@@ -55,6 +55,8 @@ __all__ = ["app", "main"]
 
 console = Console(stderr=True)
 
+WANDB_HELP = ("mirror to this Weights & Biases project (needs icl-lab[wandb]; WANDB_MODE=offline keeps it local; "
+              "files under the run directory)")
 UPPER_FLAGS = {"M", "D", "K"}  # the papers' symbols keep their case: --M 2 --D 8 --K 16
 
 
@@ -134,7 +136,7 @@ def default_run_name(cfg: Any) -> str:
 
 def train_command(config: Path | None = None, out: Path = Path("runs"), run_dir: Path | None = None,
                   resume: Path | None = None, overwrite: bool = False, quiet: bool = False,
-                  **fields: Any) -> None:
+                  wandb: str | None = None, **fields: Any) -> None:
     """Train one model; every config field is a flag, or comes from --config FILE (TOML or JSON)."""
     overrides = {k: v for k, v in fields.items() if v is not None}
     try:
@@ -157,7 +159,7 @@ def train_command(config: Path | None = None, out: Path = Path("runs"), run_dir:
         fail(str(e))
     console.print(f"run: {target}")
     try:
-        train(cfg, target, resume=resume is not None, overwrite=overwrite, progress=not quiet)
+        train(cfg, target, resume=resume is not None, overwrite=overwrite, progress=not quiet, wandb=wandb)
     except TrainingDiverged as e:
         fail(str(e), code=3)
     except ValueError as e:
@@ -177,6 +179,8 @@ train_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
                       default=typer.Option(False, "--overwrite", help="replace an existing run directory")),
     inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
                       default=typer.Option(False, "--quiet", help="no progress bar")),
+    inspect.Parameter("wandb", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],  # noqa: UP045
+                      default=typer.Option(None, "--wandb", metavar="PROJECT", help=WANDB_HELP)),
     *_config_parameters(),
 ])
 app.command("train", help=train_command.__doc__)(train_command)
@@ -186,7 +190,7 @@ app.command("train", help=train_command.__doc__)(train_command)
 def _load_run(path: Path) -> Run:
     try:
         return Run.load(path)
-    except (FileNotFoundError, ValidationError, json.JSONDecodeError) as e:
+    except (FileNotFoundError, ValueError) as e:  # ValueError: an unreadable config.json (Run.load names it)
         fail(f"cannot read run {path}: {e}")
 
 
@@ -370,6 +374,7 @@ def llc_estimate(
         help="dataset: id, ood or root; must equal the calibrated one (default: RUN/llc_settings.json's)")] = None,
     device: Device = "cpu",
     quiet: Quiet = False,
+    wandb: Annotated[Optional[str], typer.Option(metavar="PROJECT", help=WANDB_HELP)] = None,  # noqa: UP045
 ) -> None:
     """Estimate the LLC at every checkpoint (or --steps) with the settings `icl-lab llc calibrate` saved, into
     RUN/llc.parquet; resumable: steps already estimated with these settings are kept."""
@@ -384,7 +389,8 @@ def llc_estimate(
             fail(f"{flag} {given}: the settings in {run.path}/llc_settings.json were calibrated with {flag} {saved}; "
                  f"calibrate again with {flag} {given} to estimate on that dataset")
     try:
-        df = estimate_run(run, subset, settings=settings, workers=workers, progress=not quiet, device=device)
+        df = estimate_run(run, subset, settings=settings, workers=workers, progress=not quiet, device=device,
+                          wandb=wandb)
     except (ValueError, ValidationError) as e:
         fail(str(e))
     cols = [c for c in ("step", "llc_mean", "llc_std", "llc_mcse", "rhat", "ess", "flags") if c in df.columns]

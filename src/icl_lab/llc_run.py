@@ -33,6 +33,7 @@ from icl_lab.seeding import derive_seed, make_generator
 from icl_lab.store import Run, file_lock, settings_digest, write_json, write_parquet
 from icl_lab.tasks import root_task_batch, sample_batch, task_pool
 from icl_lab.threads import torch_threads
+from icl_lab.tracking import llc_values, open_tracker
 
 __all__ = [
     "add_llc_rows",
@@ -170,7 +171,8 @@ def estimate_step(run_path: str | Path, step: int, settings_json: str, device: s
 
 
 def estimate_run(run: Run, steps: Iterable[int] | None = None, settings: LLCSettings | None = None,
-                 workers: int = 1, progress: bool = True, device: str = "cpu") -> pd.DataFrame:
+                 workers: int = 1, progress: bool = True, device: str = "cpu", wandb: str | None = None
+                 ) -> pd.DataFrame:
     """Estimate the LLC at every checkpoint of `run` (or `steps`), skipping steps already done with the same
     settings; writes RUN/llc.parquet after every finished step, so an interrupted job resumes where it stopped.
     settings default to the run's saved (calibrated) ones."""
@@ -178,7 +180,7 @@ def estimate_run(run: Run, steps: Iterable[int] | None = None, settings: LLCSett
     if settings is None:
         raise ValueError(f"{run.path} has no LLC settings; run `icl-lab llc calibrate {run.path}` first")
     estimate_runs([run], settings, steps={run.path: steps} if steps is not None else None, workers=workers,
-                  progress=progress, device=device)
+                  progress=progress, device=device, wandb=wandb)
     return run.llc
 
 
@@ -208,13 +210,15 @@ def _claim_path(run: Run, digest: str, step: int) -> Path:
 
 
 def estimate_runs(runs: list[Run], settings: LLCSettings, steps: dict[Path, Iterable[int]] | None = None,
-                  workers: int = 1, progress: bool = True, device: str = "cpu") -> None:
+                  workers: int = 1, progress: bool = True, device: str = "cpu", wandb: str | None = None) -> None:
     """`estimate_run` for several runs with one settings object; all (run, step) jobs share one process pool.
 
     Safe to run as several processes at once on the same runs (a SLURM array over checkpoints, say): each
     (run, step) is claimed with a lock before it is estimated, so a step is estimated once; a process that finds
     a step claimed by another waits for it at the end, and estimates it itself if the other died without
     writing it. Rows are merged into llc.parquet under a lock (`add_llc_rows`), so none is lost or duplicated.
+    wandb: a Weights & Biases project to mirror each new estimate (λ̂, its errors, R̂, ESS, flags) to, one wandb
+        run per icl-lab run (icl_lab.tracking). None: wandb is not imported.
     """
     payload, digest = settings.model_dump_json(), settings.digest()
     wanted: list[tuple[Run, int]] = []
@@ -228,33 +232,41 @@ def estimate_runs(runs: list[Run], settings: LLCSettings, steps: dict[Path, Iter
         wanted += [(run, s) for s in chosen if s not in done]
 
     with contextlib.ExitStack() as claims, Bar(progress, len(wanted), "LLC checkpoints") as bar:
+        with_jobs = {run.path: run for run, _ in wanted}.values()
+        trackers = {run.path: claims.enter_context(open_tracker(
+            wandb, run.path, name=run.path.name, job_type="llc", config=json.loads(payload))) for run in with_jobs}
+
+        def add(run: Run, row: dict) -> None:
+            add_llc_rows(run, [row])
+            trackers[run.path].log(int(row["step"]), llc_values(row))
+            bar.advance()
+
         mine: list[tuple[Run, int]] = []
         theirs: list[tuple[Run, int]] = []
         for run, step in wanted:
             held = claims.enter_context(file_lock(_claim_path(run, digest, step)))
             (mine if held else theirs).append((run, step))
-        _estimate_jobs(mine, payload, workers, device, bar)
+        _estimate_jobs(mine, payload, workers, device, add)
         for run, step in theirs:  # another process holds the claim: wait for it, then check its row is there
             with file_lock(_claim_path(run, digest, step), blocking=True):
                 if step not in _done(run, digest):
-                    _estimate_jobs([(run, step)], payload, 1, device, bar)
+                    _estimate_jobs([(run, step)], payload, 1, device, add)
                 else:
                     bar.advance()
 
 
-def _estimate_jobs(jobs: list[tuple[Run, int]], payload: str, workers: int, device: str, bar: Bar) -> None:
-    """Estimate each (run, step) and merge its row into the run's llc.parquet as soon as it is done."""
+def _estimate_jobs(jobs: list[tuple[Run, int]], payload: str, workers: int, device: str,
+                   add: Callable[[Run, dict], None]) -> None:
+    """Estimate each (run, step) and hand its row to add(run, row) as soon as it is done."""
     if workers <= 1 or len(jobs) <= 1:
         for run, step in jobs:
-            add_llc_rows(run, [estimate_step(run.path, step, payload, device)])
-            bar.advance()
+            add(run, estimate_step(run.path, step, payload, device))
         return
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         futures = {pool.submit(estimate_step, run.path, step, payload, device, True): run for run, step in jobs}
         for fut in as_completed(futures):
-            add_llc_rows(futures[fut], [fut.result()])
-            bar.advance()
+            add(futures[fut], fut.result())
 
 
 # ================================================================================================ a study's LLC plan

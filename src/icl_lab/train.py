@@ -32,6 +32,7 @@ from icl_lab.model import ICLTransformer, build_model
 from icl_lab.progress import Bar
 from icl_lab.store import Run, load_strict, load_tensors, save_tensors, write_json, write_parquet
 from icl_lab.tasks import Batch, make_generator, sample_batch, task_pool
+from icl_lab.tracking import Tracker, evaluation_values, open_tracker
 
 __all__ = ["Member", "TrainingDiverged", "checkpoint_steps", "load_state", "lr_factor", "make_optimizer",
            "open_member", "run_loop", "save_state", "train", "train_step"]
@@ -166,6 +167,8 @@ class Member:
     rows: list[dict[str, float]] = field(default_factory=list)  # metrics, one row per evaluation
     losses: list[float] = field(default_factory=list)  # training loss of every update taken
     last_good: int | None = None
+    tracker: Tracker = field(default_factory=Tracker)  # mirrors the logs (icl_lab.tracking); default: nothing
+    mirrored: tuple[int, int] = (0, 0)  # losses and metric rows already sent to the tracker
 
     def lr(self, step: int) -> float:
         """The learning rate of update `step`."""
@@ -192,6 +195,12 @@ class Member:
         write_parquet(self.run.path / "train_loss.parquet",
                       pd.DataFrame({"step": np.arange(len(self.losses)), "loss": np.array(self.losses)}))
         save_state(self.run, step, self.model, self.opt, self.gen)
+        losses, rows = self.mirrored
+        for i in range(losses, len(self.losses)):
+            self.tracker.log(i, {"train/loss": self.losses[i]})
+        for row in self.rows[rows:]:
+            self.tracker.log(int(row["step"]), evaluation_values(row))
+        self.mirrored = (len(self.losses), len(self.rows))
 
 
 def open_member(config: RunConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False) -> Member:
@@ -305,13 +314,19 @@ def run_loop(members: Sequence[Member], update: Callable[[int], Tensor] | None =
 
 
 def train(config: RunConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, stop_after: int | None = None) -> Run:
+          progress: bool = True, stop_after: int | None = None, wandb: str | None = None) -> Run:
     """Train a model as `config` says, writing the run to `out`; returns the Run.
 
     resume: continue from the run's saved state (bit-identical to an uninterrupted run on CPU).
     stop_after: stop (as an interruption would) once this many steps are done, saving resumable state.
+    wandb: a Weights & Biases project to mirror the config, the training loss and every evaluation to
+        (icl_lab.tracking; files under the run directory). None: wandb is not imported.
     """
     member = open_member(config, out, resume=resume, overwrite=overwrite)
-    run_loop([member], progress=progress, stop_after=stop_after,
-             resume_hint=f"icl-lab train --resume {member.run.path}")
+    member.tracker = open_tracker(wandb, member.run.path, name=member.run.path.name, job_type="train",
+                                  config=config.model_dump(mode="json"))
+    member.mirrored = (len(member.losses), len(member.rows))  # a resumed run's earlier logs were sent before
+    with member.tracker:
+        run_loop([member], progress=progress, stop_after=stop_after,
+                 resume_hint=f"icl-lab train --resume {member.run.path}")
     return member.run
