@@ -2,7 +2,7 @@
 diagnostics, calibration, bad input, and the user's / icl-lab's transformers.
 
 Reference values:
-- regular model, loss ℓ* + ΔᵀHΔ: exact sampling gives λ = Σ nβh/(2nβh + γ) → d/2 (papers.md §D2); the SGLD chain
+- regular model, loss ℓ* + ΔᵀHΔ: exact sampling gives λ = Σ nβh/(2nβh + γ) → d/2 (docs/papers.md §D2); the SGLD chain
   with step ε has the exact stationary law N(0, 1/(a(1 − εa/4))) per eigen-direction, a = 2nβh + γ.
 - reduced-rank regression y = BAx, true map 0: Aoyagi & Watanabe (2005), "Stochastic complexities of reduced rank
   regression in Bayesian estimation", Neural Networks 18(7) — the RLCT formula in `aoyagi_watanabe`.

@@ -46,7 +46,8 @@ def test_presets_build_and_every_parameter_gets_a_gradient(preset):
 
 def test_raventos_base_size():
     cfg = build_run_config(overrides={"preset": "raventos-base", "D": 8, "K": 16})
-    # 1,591,808 as counted for the Flax original (peers.md §1.3), whose read-in and read-out have no bias
+    # 1,591,808 as counted for Raventós et al.'s Flax model (docs/papers.md §C1), whose read-in and read-out
+    # have no bias
     assert count_parameters(build_model(cfg.task, cfg.model, seed=0)) == 1_591_808
 
 

@@ -1,4 +1,4 @@
-"""Bayes-optimal and reference predictors, vectorised over positions (papers.md §B).
+"""Bayes-optimal and reference predictors, vectorised over positions (docs/papers.md §B).
 
 All take a batch x: (B, K, D), y: (B, K) and return predictions (B, K), where prediction k uses only
 (x_<k, y_<k) and x_k. Computations run in float64 and return the input dtype.
@@ -107,7 +107,7 @@ def _ridge_chunk(x: Tensor, y: Tensor, lam: float) -> Tensor:
 def ridge_bayes_risk(x: Tensor, noise_var: float) -> Tensor:
     """Conditional Bayes risk of ridge at each position given the inputs, under w ~ N(0, I), λ = σ² > 0.
 
-    risk_k = σ² + σ² tr[(X_<kᵀX_<k + σ²I)⁻¹]  (papers.md §B3 [DERIVED]); at k = 1 this is D + σ². (B, K)
+    risk_k = σ² + σ² tr[(X_<kᵀX_<k + σ²I)⁻¹]  (docs/papers.md §B3 [DERIVED]); at k = 1 this is D + σ². (B, K)
     """
     if noise_var <= 0:
         raise ValueError("ridge_bayes_risk needs noise_var > 0")

@@ -95,7 +95,7 @@ class _Strict(BaseModel):
 
 
 class TaskConfig(_Strict):
-    """In-context linear regression data (papers.md §A1-A2)."""
+    """In-context linear regression data (docs/papers.md §A1-A2)."""
 
     family: Family = Field("unit_norm", description="task prior: 'gaussian' (w ~ N(0, I_D)) or 'unit_norm'")
     D: int = Field(8, ge=1, description="input / task dimension")

@@ -1,4 +1,4 @@
-"""Per-token losses on fixed evaluation sets and distances Δ to the baselines (papers.md §A4-A5, §B5).
+"""Per-token losses on fixed evaluation sets and distances Δ to the baselines (docs/papers.md §A4-A5, §B5).
 
 Loss is plain squared error (no ½, no /σ², no /D). Δ(A, B) = mean over sequences and positions of
 (A(S_k) − B(S_k))², Raventós Eq. 4 without the 1/D (figures may add it, labelled).

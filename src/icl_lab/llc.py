@@ -1,6 +1,6 @@
 """Local learning coefficient (LLC) estimation with localised SGLD, chains vectorised with torch.func.
 
-The estimator (Hoogland et al. 2024, Eqs. 5-6; Carroll et al. 2025, Eq. 9; papers.md §D2):
+The estimator (Hoogland et al. 2024, Eqs. 5-6; Carroll et al. 2025, Eq. 9; docs/papers.md §D2):
 
     λ̂(w*) = nβ · ( E^β_{w | w*, γ}[ ℓ_n(w) ] − ℓ_n(w*) ),
     p(w; w*, β, γ) ∝ exp{ −nβ ℓ_n(w) − (γ/2) ‖w − w*‖² },        nβ = n / log n by default (β* = 1 / log n),
@@ -17,7 +17,7 @@ MALA (exact, full data) as a reference; `LLCConfig.tilted` also samples the tilt
 Every estimate reports split-R̂, the effective sample size and the Monte-Carlo standard error of λ̂
 (icl_lab.convergence), and `calibrate` chooses ε and γ (a γ-plateau; docs/llc.md).
 
-Layout (style.md §3-4): pure pieces (`default_nbeta`, `sgld_step`, `llc_per_chain`, `diagnose`, `pick`) and a thin
+Layout: pure pieces (`default_nbeta`, `sgld_step`, `llc_per_chain`, `diagnose`, `pick`) and a thin
 `estimate_llc` that owns the copy of the model, the generators and the loop. Shapes use C = chains, T = draws,
 P = length of the flattened sampled-parameter vector, m = minibatch size.
 
@@ -133,7 +133,7 @@ def vectorizes(config: LLCConfig, n_sampled: int, device: torch.device | str) ->
 
 def sgld_step(theta: Tensor, grad: Tensor, theta_star: Tensor, noise: Tensor, *, step_size: float, nbeta: float,
               localization: float, mask: Tensor | None = None) -> Tensor:
-    """One localised SGLD update (papers.md §D2), returned as a new tensor.
+    """One localised SGLD update (docs/papers.md §D2), returned as a new tensor.
 
     theta, grad, noise: (..., P) — current point, ∇ℓ_m(theta), standard normal draws; theta_star: (P,) or (..., P).
     mask: (P,) of 0/1 or None; entries with 0 are not moved.

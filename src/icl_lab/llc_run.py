@@ -1,6 +1,6 @@
 """LLC over a run's checkpoints: the I/O layer around `llc.estimate_llc` and `llc.calibrate`.
 
-Every checkpoint of a run is estimated with identical settings and data (papers.md §F3): one fixed dataset of
+Every checkpoint of a run is estimated with identical settings and data (docs/papers.md §F3): one fixed dataset of
 n sequences drawn from its own generator (`llc/<source>`), the run's calibrated SGLD settings from
 `RUN/llc_settings.json`, and the same SGLD seed at every checkpoint (common random numbers, as the Timaeus
 sweeps do), so differences between checkpoints are not sampler noise. Results go to `RUN/llc.parquet`, one

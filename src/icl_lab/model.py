@@ -1,6 +1,6 @@
 """The ICL transformer: a GPT-2-style pre-LN decoder over interleaved (x, y) tokens (presets: icl_lab.config).
 
-Token layout (papers.md §A1, DESIGN.md): 2K tokens of width D+1, x-token (x_k, 0) then y-token (0_D, y_k).
+Token layout (docs/papers.md §A1): 2K tokens of width D+1, x-token (x_k, 0) then y-token (0_D, y_k).
 The prediction for y_k is read at the x_k position, so the causal mask hides y_k from it.
 
 Parameter names mirror TransformerLens (`blocks.0.attn.W_Q` of shape (n_heads, d_model, d_head), ...), so

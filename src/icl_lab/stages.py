@@ -1,4 +1,4 @@
-"""Milestones and developmental stages from the LLC curve (Hoogland et al. 2024, §3.3; papers.md §D4).
+"""Milestones and developmental stages from the LLC curve (Hoogland et al. 2024, §3.3; docs/papers.md §D4).
 
 Milestones are the critical points of t ↦ λ̂(w_t) against log step: plateaus, where dλ̂/d log t vanishes, and
 turning points (local maxima / minima, where the derivative changes sign). Stages are the intervals between
@@ -9,7 +9,7 @@ forms (cusps / vertices of the PC-pair curves, :mod:`icl_lab.trajectory`) near e
 Log-step coordinate: x = log(step + offset) with natural log and offset = 1 by default, so step 0 (the
 initialisation) stays on the axis at x = 0 and late steps are unaffected (log(t + 1) ≈ log t, t ≫ 1).
 
-Smoothing is optional, light and centred (papers.md §F2 item 11): a Gaussian-weighted *local linear* fit in
+Smoothing is optional, light and centred (docs/papers.md §F2 item 11): a Gaussian-weighted *local linear* fit in
 x at every checkpoint, which gives the smoothed value and slope together, is exact for linear trends and
 therefore never shifts a feature, even on the irregular linear + log checkpoint grid or at the ends of the
 curve. It is used only to locate critical points; tables and plots keep the raw values.
@@ -19,7 +19,7 @@ off-minimum checkpoints give large negative λ̂), and the thresholds are in uni
 errors (:func:`llc_standard_errors`), never fractions of the curve's range; :func:`llc_milestones` does both
 from llc.parquet rows. Untrusted estimates are drawn, not used.
 
-The Timaeus authors picked milestones by hand (peers.md §2.7: no automated plateau finder exists); the
+The Timaeus authors picked milestones by hand (their notebooks have no automated plateau finder); the
 hyper-parameters of the automation here are explicit arguments of :func:`find_milestones`.
 """
 
@@ -199,7 +199,7 @@ def log_derivative(
     offset: float = 1.0,
     truncate: float = 3.0,
 ) -> np.ndarray:
-    """dλ̂/d log t at the real checkpoint steps (Hoogland et al. §3.3 critical points; papers.md §D4).
+    """dλ̂/d log t at the real checkpoint steps (Hoogland et al. §3.3 critical points; docs/papers.md §D4).
 
     Args:
         steps: (T,) strictly increasing checkpoint steps (step 0 allowed: x = log(step + offset)).
@@ -271,7 +271,7 @@ def find_milestones(
     does both from llc.parquet rows): the thresholds are then in units of the estimates' standard errors, and
     nothing depends on the curve's range, so a stretch of off-minimum estimates cannot set the scale.
 
-    Procedure (papers.md §D4):
+    Procedure (docs/papers.md §D4):
       1. x = log(step + offset); smoothed value a(x) and slope d(x) = dλ̂/dx by a centred local-linear
          Gaussian fit of width `smooth_sigma` (see :func:`log_derivative`). Both are linear in the values, so
          their standard errors follow from the per-point standard errors se_k (taken as independent):

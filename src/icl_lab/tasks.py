@@ -1,4 +1,4 @@
-"""Task pools and batches for in-context linear regression (papers.md §A1-A2).
+"""Task pools and batches for in-context linear regression (docs/papers.md §A1-A2).
 
 Every source of randomness has its own generator (:mod:`icl_lab.seeding`). Batches are generated whole, as
 tensor ops on the target device.

@@ -6,7 +6,7 @@ taking their updates through a callable (`Member.update` one after another for `
 groups for `icl_lab.ensemble.train_ensemble`).
 
 Training only trains. Analyses (LLC, essential dynamics) read the saved checkpoints afterwards, with their own
-generators, so they can never change the training trajectory (papers.md §F2 item 4).
+generators, so they can never change the training trajectory (docs/papers.md §F2 item 4).
 """
 
 from __future__ import annotations

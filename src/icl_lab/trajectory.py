@@ -1,6 +1,6 @@
 """Essential dynamics and joint trajectory PCA: behavioural trajectories of a model over training.
 
-Essential dynamics (ED; Hoogland et al. 2024, Eq. 7, papers.md §D3)
+Essential dynamics (ED; Hoogland et al. 2024, Eq. 7, docs/papers.md §D3)
     Fix a batch of inputs. At checkpoint t the model's outputs on that batch, concatenated, give a vector
     a_t ∈ R^F. Stack the checkpoints into A ∈ R^{T×F}, mean-centre, and take the top v principal components
     (the "essential subspace"). The developmental trajectory is the (lightly smoothed) curve γ(t) of PC
@@ -13,13 +13,13 @@ Essential dynamics (ED; Hoogland et al. 2024, Eq. 7, papers.md §D3)
     A "form" is a time at which every PC pair shows a cusp or a vertex; forms near stage boundaries
     corroborate the LLC milestones (§D4, see :mod:`icl_lab.stages`).
 
-Joint trajectory PCA (Carroll et al. 2025, §4.2, papers.md §E2)
+Joint trajectory PCA (Carroll et al. 2025, §4.2, docs/papers.md §E2)
     Several runs (e.g. one per task diversity M) are evaluated on ONE shared batch (root-task sequences);
     each checkpoint gives a row f(D, w_t) ∈ R^{BK} (sequence-major, token-minor). All rows of all runs are
     stacked and one PCA is fitted on them. Idealised predictors (dMMSE_M, ridge) evaluated on the same batch
     are projected into the same axes as single points but are NOT used to fit the PCA.
 
-Geometry follows the Timaeus notebooks (peers.md §2.7): derivatives by central differences in the curve's
+Geometry follows the Timaeus ED notebooks (timaeus-research/icl): derivatives by central differences in the curve's
 index, r′_t = (c_{t+1} − c_{t−1})/2, r″_t = c_{t+1} − 2c_t + c_{t−1}, curvature κ = |r′ × r″| / |r′|³,
 osculating-circle centre c_t + n̂/κ; Gaussian smoothing along the trajectory with a per-index σ.
 
@@ -192,7 +192,7 @@ def sigma_schedule(
     T: int, start: float, end: float, kind: Literal["constant", "linear", "sqrt", "log"] = "linear"
 ) -> np.ndarray:
     """A per-index smoothing width σ_t (in index units) growing from `start` to `end`, as in the Timaeus ED
-    notebooks (peers.md §2.7: σ linear 0.1 → 300; also sqrt and log schedules). Late checkpoints move slowly
+    notebooks (timaeus-research/icl: σ linear 0.1 → 300; also sqrt and log schedules). Late checkpoints move slowly
     and noisily, so they take more smoothing than early ones. Returns (T,)."""
     if T < 1:
         raise ValueError("sigma_schedule: T must be >= 1")
@@ -381,7 +381,7 @@ def speed(Z: ArrayLike) -> np.ndarray:
 
 
 def curvature(Z: ArrayLike, *, signed: bool = False) -> np.ndarray:
-    """Curvature of a sampled curve, κ = |r′ × r″| / |r′|³ (Timaeus `get_osculating_circle`, peers.md §2.7).
+    """Curvature of a sampled curve, κ = |r′ × r″| / |r′|³ (Timaeus `get_osculating_circle`).
 
     Args:
         Z: (T, d) curve, d ≥ 2 (for d > 2, |r′ × r″| = sqrt(|r′|²|r″|² − (r′·r″)²)).
@@ -666,7 +666,7 @@ def essential_dynamics(
     cusp_kwargs: Mapping[str, Any] | None = None,
     vertex_kwargs: Mapping[str, Any] | None = None,
 ) -> EssentialDynamics:
-    """Essential dynamics of one run (Hoogland et al. 2024, Eq. 7; papers.md §D3).
+    """Essential dynamics of one run (Hoogland et al. 2024, Eq. 7; docs/papers.md §D3).
 
     Args:
         preds: (T, B, K) predictions of T checkpoints on one fixed batch (or a list of (B, K)); see
@@ -744,7 +744,7 @@ def joint_trajectory_pca(
     steps_by_run: Mapping[str, ArrayLike] | None = None,
     sigma: float = 0.0,
 ) -> JointTrajectoryPCA:
-    """Joint trajectory PCA of several runs on one shared batch (Carroll et al. 2025 §4.2; papers.md §E2).
+    """Joint trajectory PCA of several runs on one shared batch (Carroll et al. 2025 §4.2; docs/papers.md §E2).
 
     Args:
         preds_by_run: {run name: (T_r, B, K)} predictions of each run's checkpoints on the SAME batch (e.g.

@@ -1,4 +1,4 @@
-"""The low-diversity study: how the user's 2-layer model solves M = 1 and M = 2 (papers.md §F1, §G3-G4).
+"""The low-diversity study: how the user's 2-layer model solves M = 1 and M = 2 (docs/papers.md §F1, §G3-G4).
 
 For M in {1, 2} × seeds: train the `seed` preset on unit-norm, noiseless tasks with a linear + log checkpoint
 schedule; estimate the LLC at every checkpoint with settings calibrated once and shared by every checkpoint
@@ -282,7 +282,7 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def expectations(cfg: LowDiversityConfig, runs: dict[str, Run], probes: pd.DataFrame) -> list[Check]:
-    """papers.md §G3-G4 checked against the measurements, one row per (expectation, run)."""
+    """docs/papers.md §G3-G4 checked against the measurements, one row per (expectation, run)."""
     rows: list[Check] = []
 
     def add(what: str, run: str, expected: str, measured: str, ok: bool | None) -> None:

@@ -1,11 +1,11 @@
 """The developmental-stages study: Hoogland et al. (2024), "The developmental landscape of in-context learning"
-(papers.md §D, small-scale targets §G9).
+(docs/papers.md §D, small-scale targets §G9).
 
 At M = ∞ (a fresh gaussian task w ~ N(0, I_D) for every sequence, label noise σ² > 0), train one long run per seed
 (Hoogland et al. train 5 seeds and tabulate seed 1) and measure, at every checkpoint:
 
 - the LLC λ̂(w_t) (Eqs. 5-6) with one set of SGLD settings, calibrated once at a mid/late checkpoint of the first
-  seed and shared by every checkpoint and seed (`icl_lab.llc_run`; papers.md §D2, §F3);
+  seed and shared by every checkpoint and seed (`icl_lab.llc_run`; docs/papers.md §D2, §F3);
 - essential dynamics (Eq. 7, §D3): a PCA of the predictions on a fixed batch over checkpoints, smoothed, with cusps
   and vertices of the PC-pair curves (`icl_lab.trajectory.essential_dynamics`);
 - the stage table (Table 2, §D4): milestones are critical points of λ̂ against log step (`icl_lab.stages`), each
@@ -84,12 +84,12 @@ __all__ = [
 
 ArrayLike = Any  # array-like: numpy array, torch tensor, list
 
-# Hoogland et al. Table 2 (regression transformer, seed 1; papers.md §D4): (stage, end step, type, Δℓ̂, Δλ̂).
+# Hoogland et al. Table 2 (regression transformer, seed 1; docs/papers.md §D4): (stage, end step, type, Δℓ̂, Δλ̂).
 PAPER_STAGES = [("LR1", 1_000, "A", -0.32, 21.4), ("LR2", 40_000, "A", -2.21, 149.0),
                 ("LR3", 126_000, "B", -0.07, -12.3), ("LR4", 320_000, "B", -0.05, -44.1),
                 ("LR5", 500_000, "A", -0.029, 3.56)]
 
-# The paper's sizes (papers.md §D1): the 'hoogland' preset (2 layers, 4 heads, d 64, MLP 64) at D = 8, K = 16,
+# The paper's sizes (docs/papers.md §D1): the 'hoogland' preset (2 layers, 4 heads, d 64, MLP 64) at D = 8, K = 16,
 # σ² = 0.125 (as the brief for this toolkit fixes them; the authors' repo uses D = 4, K = 8 [EXT]), Adam lr 3e-3 with
 # the linear one-cycle schedule (50% warm-up), batch 256, 500k steps, 5 seeds. [EXT] LLC at a union of 100 log- and
 # 200 linear-spaced checkpoints; 8 chains x 500 draws after 500 burn-in, SGLD minibatch 1024, n = 32,768 (calibrate
@@ -343,7 +343,7 @@ def _type_sequence(table: pd.DataFrame) -> str:
 
 
 def expectations(cfg: StagesConfig, results: Mapping[str, Mapping[str, Any]]) -> list[Check]:
-    """papers.md §D3-D4 and §G9 against the measurements, one row per (expectation, run) plus cross-seed rows.
+    """docs/papers.md §D3-D4 and §G9 against the measurements, one row per (expectation, run) plus cross-seed rows.
     The rules are fixed here, before looking at any result; an expectation that cannot be judged (e.g. no type-B
     stage to look for LN collapse in) is 'unclear' and says why."""
     rows: list[Check] = []
@@ -632,7 +632,7 @@ class Stages(Study):
     config = StagesConfig
     scale_note = ("The sizes of this study next to the paper's. At small scale training is far shorter (fewer "
                   "sequences, a faster schedule), so stage boundaries sit at other steps and late stages may not be "
-                  "reached (papers.md §G9: the order of the stages is what should hold).")
+                  "reached (docs/papers.md §G9: the order of the stages is what should hold).")
     reused = "finished runs and LLC estimates are reused and cost nothing"
 
     def checks_note(self) -> str:
@@ -738,7 +738,7 @@ class Stages(Study):
         return ("Stage boundaries: the paper's end at 1k, 40k, 126k, 320k and 500k steps (batch 256, 500k steps); "
                 f"here ({cfg.batch_size} × {cfg.steps:,}) at {fmt_steps(table['end'])}, types "
                 f"{' '.join(table['type'])} against the paper's A A B B A. Only the order is comparable "
-                "(papers.md §G9).")
+                "(docs/papers.md §G9).")
 
     def intro(self, r: dict[str, Any]) -> str:
         cfg = self.cfg
@@ -749,7 +749,7 @@ class Stages(Study):
                 "stage.")
 
     def scale_table(self) -> pd.DataFrame:
-        """This study's sizes next to the paper's (papers.md §D1-D2)."""
+        """This study's sizes next to the paper's (docs/papers.md §D1-D2)."""
         cfg = self.cfg
         rc = cfg.run_config(cfg.seeds[0])
         m, s = rc.model, cfg.sampler

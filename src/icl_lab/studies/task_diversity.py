@@ -1,5 +1,5 @@
 """The task-diversity study: Raventós et al. (2023), "Pretraining task diversity and the emergence of non-Bayesian
-in-context learning for regression" (papers.md §C, small-scale targets §G5).
+in-context learning for regression" (docs/papers.md §C, small-scale targets §G5).
 
 For M = 2^0 ... 2^k and M = ∞ (gaussian tasks w ~ N(0, I_D), label noise σ² > 0), train one model per (M, batch
 size, seed) at batch sizes B and 2B (and 4B, ... with `doublings` > 1) for the same number of steps. Per M, at the
@@ -115,7 +115,7 @@ class Crossover:
 
 
 def doubling_threshold(Ms, delta_B, delta_2B) -> Crossover:
-    """The task-diversity threshold M* by the batch-size doubling criterion (Raventós et al. §3, papers.md §C2):
+    """The task-diversity threshold M* by the batch-size doubling criterion (Raventós et al. §3, docs/papers.md §C2):
     the crossover point, in M, of the Δ^{T_True}_{PT,Ridge}(M) curves for batch sizes B and 2B at the same number
     of steps. Below M*, doubling B raises Δ (more data per task: more dMMSE-like); above, it lowers it.
 
@@ -223,7 +223,7 @@ def phase_sets(crossover: Crossover, Ms: list[float]) -> tuple[list[float], list
 
 def expectations(cfg: TaskDiversityConfig, summary: pd.DataFrame,
                  analysis: dict[tuple[int, int], Crossover]) -> list[Check]:
-    """papers.md §C2 / §G1 / §G5 against the measurements. Phase claims use the largest batch size (the most
+    """docs/papers.md §C2 / §G1 / §G5 against the measurements. Phase claims use the largest batch size (the most
     trained models), averaged over seeds; the rules are fixed here, before looking at any result."""
     mean = mean_over_seeds(summary)
     B0, B1 = cfg.batch_sizes[:2]
@@ -528,7 +528,7 @@ class TaskDiversity(Study):
     title = "Task diversity and the emergence of non-Bayesian in-context learning"
     config = TaskDiversityConfig
     scale_note = ("The sizes of this study next to the paper's. At small scale everything is scaled down (model, D, K, "
-                  "steps, batch sizes, M range), so thresholds move to smaller M (papers.md §G): compare the "
+                  "steps, batch sizes, M range), so thresholds move to smaller M (docs/papers.md §G): compare the "
                   "qualitative pattern, not the numbers.")
 
     def analyse(self, runs: dict[str, Run], llc: Any, out: Path) -> dict[str, Any]:
@@ -565,7 +565,7 @@ class TaskDiversity(Study):
         sections, paper = [], _paper_thresholds()
         others = [f"B = {a} → {b}: M* = {_fmt_m_star(c)}" for (a, b), c in analysis.items() if (a, b) != (B0, B1)]
         sections.append(Section("The task-diversity threshold M*", (
-            f"Batch-size doubling criterion (Raventós et al. §3, papers.md §C2): the crossover in M of "
+            f"Batch-size doubling criterion (Raventós et al. §3, docs/papers.md §C2): the crossover in M of "
             f"Δ_True(PT, Ridge) at B = {B0} and B = {B1}, {cfg.steps:,} steps each. Measured: M* = "
             f"{_fmt_m_star(cross)}" + (f"; {cross.reason}" if cross.M_star is not None else "") + f"; "
             f"{cross.agreement:.0%} of the finite Ms agree with 'doubling B raises Δ below M*, lowers it above'. The "
@@ -677,7 +677,7 @@ class TaskDiversity(Study):
             ("training steps", f"{cfg.steps:,}", "500,000"),
             ("optimiser", f"AdamW (weight decay {cfg.weight_decay:g}), lr {cfg.lr:g}, {cfg.schedule} schedule",
              "Adam, one-cycle triangle, 50% warm-up; lr: largest stable (1e-3 in the authors' example config)"),
-            ("seeds", ", ".join(map(str, cfg.seeds)), "not stated in papers.md"),
+            ("seeds", ", ".join(map(str, cfg.seeds)), "not stated in docs/papers.md"),
             ("evaluation", f"{cfg.eval_size:,} fixed sequences per distribution at the final step",
              "2^20 sequences [EXT]"),
             ("runs", f"{len(cfg.Ms) * len(cfg.batch_sizes) * len(cfg.seeds)}", f"{22 * 3} (Fig. 2)"),

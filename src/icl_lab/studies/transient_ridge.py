@@ -1,18 +1,19 @@
 """The transient-ridge study: Carroll et al. (2025), "Dynamics of Transient Structure in In-Context Linear Regression
-Transformers" (papers.md §E, small-scale targets §G7-G8).
+Transformers" (docs/papers.md §E, small-scale targets §G7-G8).
 
 One run per task diversity M (and M = ∞), all with the same seed, so that the task pools are nested and share a root
-task: pool(M) is the first M rows of one master sequence (`icl_lab.tasks.task_pool`, papers.md §A2). Per M:
+task: pool(M) is the first M rows of one master sequence (`icl_lab.tasks.task_pool`, docs/papers.md §A2). Per M:
 
 - the OOD loss (fresh tasks, the run's fixed 'ood' eval set, the same sequences for every M of a seed) against the
-  training step, and its critical step t^crit_M (`critical_step`; Carroll et al. §3, Fig. 1 top-left, papers.md §E3);
+  training step, and its critical step t^crit_M (`critical_step`; Carroll et al. §3, Fig. 1 top-left;
+  docs/papers.md §E3);
 - the joint trajectory PCA of all runs' checkpoints on B root-task sequences, with the idealised predictors dMMSE_M
-  and ridge projected as points (`icl_lab.trajectory.joint_trajectory_pca`; §4.2, Fig. 1 right, papers.md §E2);
-- the LLC of the final checkpoint (Eq. 9, §5 Fig. 3 bottom; papers.md §E5), estimated with one set of SGLD settings
+  and ridge projected as points (`icl_lab.trajectory.joint_trajectory_pca`; §4.2, Fig. 1 right, docs/papers.md §E2);
+- the LLC of the final checkpoint (Eq. 9, §5 Fig. 3 bottom; docs/papers.md §E5), estimated with one set of SGLD settings
   calibrated once and shared by every run (`icl_lab.llc_run`).
 
 The expectations (U-shape at intermediate M, t^crit grows with M, intermediate-M trajectories bend towards ridge,
-LLC rises with M then plateaus; papers.md §G7-G8) are measured with rules fixed in `expectations`, not tuned to
+LLC rises with M then plateaus; docs/papers.md §G7-G8) are measured with rules fixed in `expectations`, not tuned to
 the results; where a small-scale result differs from the paper the report says so with the measured numbers.
 
 Scales (`TransientRidgeConfig.for_scale`): 'small' (default) is designed to finish within 60 minutes on 2 CPU cores;
@@ -57,16 +58,17 @@ __all__ = ["CriticalStep", "TransientRidge", "TransientRidgeConfig", "critical_s
 
 def _sqrt2_grid(top_exponent: int) -> list[int]:
     """round(2^(j/2)) for j = 0 .. 2·top_exponent, without repeats: 1, 2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64, ...
-    (Carroll et al.'s grid is 'roughly geometric with ratio √2'; the exact one is in their App. A, not in papers.md)."""
+    (Carroll et al.'s grid is 'roughly geometric with ratio √2'; the exact one is in their App. A, not in
+    docs/papers.md)."""
     return sorted({round(2 ** (j / 2)) for j in range(2 * top_exponent + 1)})
 
 
-# The paper's sizes (papers.md §E1): D = 8, K = 16, σ² = 0.125, M = 1 ... 2^15 and ∞. [EXT] App. A (architecture,
-# optimiser, steps) is not in papers.md: the model is the 'hoogland' layout (2 layers) widened to d_model 256, MLP
+# The paper's sizes (docs/papers.md §E1): D = 8, K = 16, σ² = 0.125, M = 1 ... 2^15 and ∞. [EXT] App. A (architecture,
+# optimiser, steps) is not in docs/papers.md: the model is the 'hoogland' layout (2 layers) widened to d_model 256, MLP
 # 2048, which has 2.64M parameters (the paper: 2.65M); optimiser and schedule are Hoogland et al.'s (Adam, lr 3e-3,
-# one-cycle triangle, batch 256, 500k steps; papers.md §D1), checkpoints a union of linear and log spacing (§E1).
+# one-cycle triangle, batch 256, 500k steps; docs/papers.md §D1), checkpoints a union of linear and log spacing (§E1).
 # LLC: the sizes of the authors' stored regression sweep config (8 chains, 500 draws after 500 burn-in, minibatch
-# 1024, n = 32,768; papers.md §D2 [EXT]); ε is calibrated on the grid below at γ = 1000 (as at small scale), where
+# 1024, n = 32,768; docs/papers.md §D2 [EXT]); ε is calibrated on the grid below at γ = 1000 (as at small scale), where
 # every grid ε needs a burn-in of at most min_burnin(1e-5, 1000) = 300 < 500 steps (`icl_lab.llc.min_burnin`).
 PAPER = dict(
     Ms=_sqrt2_grid(15) + [None],
@@ -105,12 +107,12 @@ QUICK = dict(
 )
 
 
-# The paper's sizes (papers.md §E1): D = 8, K = 16, σ² = 0.125, M = 1 ... 2^15 and ∞. [EXT] App. A (architecture,
-# optimiser, steps) is not in papers.md: the model is the 'hoogland' layout (2 layers) widened to d_model 256, MLP
+# The paper's sizes (docs/papers.md §E1): D = 8, K = 16, σ² = 0.125, M = 1 ... 2^15 and ∞. [EXT] App. A (architecture,
+# optimiser, steps) is not in docs/papers.md: the model is the 'hoogland' layout (2 layers) widened to d_model 256, MLP
 # 2048, which has 2.64M parameters (the paper: 2.65M); optimiser and schedule are Hoogland et al.'s (Adam, lr 3e-3,
-# one-cycle triangle, batch 256, 500k steps; papers.md §D1), checkpoints a union of linear and log spacing (§E1).
+# one-cycle triangle, batch 256, 500k steps; docs/papers.md §D1), checkpoints a union of linear and log spacing (§E1).
 # LLC: the sizes of the authors' stored regression sweep config (8 chains, 500 draws after 500 burn-in, minibatch
-# 1024, n = 32,768; papers.md §D2 [EXT]); ε is calibrated on the grid below at γ = 1000 (as at small scale), where
+# 1024, n = 32,768; docs/papers.md §D2 [EXT]); ε is calibrated on the grid below at γ = 1000 (as at small scale), where
 # every grid ε needs a burn-in of at most min_burnin(1e-5, 1000) = 300 < 500 steps (`icl_lab.llc.min_burnin`).
 PAPER = dict(Ms=_sqrt2_grid(15) + [None], D=8, K=16,
              model_overrides=dict(d_model=256, n_heads=4, d_head=64, d_mlp=2048),
@@ -132,8 +134,8 @@ class TransientRidgeConfig(MsStudyConfig, LLCStudyConfig):
 
     Small scale, and why: the task-diversity study's setting (D = 4, K = 8, σ² = 0.125, the 2-layer 'hoogland' preset
     with 51.7k parameters, batch 32, lr 3e-3 with the triangle schedule): Carroll et al.'s noise σ² = 0.125 and
-    K = 2D at half their dimension (papers.md §E1: D = 8, K = 16). The threshold moves to smaller M at small scale
-    and with fewer steps (papers.md §G, §C2); Carroll et al. see the full transient at about 1/20 to 1/3 of their
+    K = 2D at half their dimension (docs/papers.md §E1: D = 8, K = 16). The threshold moves to smaller M at small scale
+    and with fewer steps (docs/papers.md §G, §C2); Carroll et al. see the full transient at about 1/20 to 1/3 of their
     threshold and partial effects just below and above (§G7), so the Ms run from 1 to 2^5 on a √2 grid, then 2^6,
     2^7 and ∞ for the ridge-like end. All runs use one seed, so the pools are nested and share the root task.
     Whether this setting shows transience at all is what the study measures.
@@ -197,8 +199,9 @@ class CriticalStep:
 
 
 def critical_step(steps, ood_loss, min_rise: float = 0.1, min_drop: float = 0.01) -> CriticalStep:
-    """t^crit_M = argmin over training steps of the OOD loss L^{q_∞}(w_t) (Carroll et al. §3 and App. B.2; papers.md
-    §E3), over the evaluated steps `steps` (T,) with losses `ood_loss` (T,); ties go to the earliest step.
+    """t^crit_M = argmin over training steps of the OOD loss L^{q_∞}(w_t) (Carroll et al. §3 and App. B.2;
+    docs/papers.md §E3), over the evaluated steps `steps` (T,) with losses `ood_loss` (T,); ties go to the earliest
+    step.
 
     The curve is U-shaped (transient) when its minimum is interior (neither the first nor the last step), it fell
     from the start to the minimum by at least `min_drop` of the starting loss (drop = L(t_0) − L(t_crit)
@@ -361,7 +364,7 @@ def collect(cfg: TransientRidgeConfig, runs: dict[str, Run], crit: dict[int | No
 
 # ================================================================================================ expectations
 def expectations(cfg: TransientRidgeConfig, summary: pd.DataFrame) -> list[Check]:
-    """papers.md §E3-E5 / §G7-G8 against the measurements (seed means). The rules are fixed here, before looking at
+    """docs/papers.md §E3-E5 / §G7-G8 against the measurements (seed means). The rules are fixed here, before looking at
     any result; 'intermediate' means strictly between the smallest finite M and the largest M of the grid."""
     s = summary.set_index("M")
     finite = [m for m in s.index if np.isfinite(m)]
@@ -620,7 +623,7 @@ class TransientRidge(Study):
     config = TransientRidgeConfig
     scale_note = ("The sizes of this study next to the paper's. At small scale everything is scaled down (model, D, K, "
                   "steps, M range), so the task-diversity threshold, and with it the window of transient M, moves to "
-                  "smaller M (papers.md §G: the paper's full transient spans M = 16-128, about 1/20 to 1/3 of its "
+                  "smaller M (docs/papers.md §G: the paper's full transient spans M = 16-128, about 1/20 to 1/3 of its "
                   "threshold near 362). Compare the qualitative pattern, not the numbers.")
     reused = "finished runs, the LLC calibration and LLC estimates on disk are reused and cost nothing"
 
@@ -683,9 +686,9 @@ class TransientRidge(Study):
                  "min d to ridge": s.loc[m, "pca_ridge_min"], "end: d to ridge": s.loc[m, "pca_ridge_at_end"],
                  "end: d to dMMSE_M": s.loc[m, "pca_dmmse_at_end"]} for m in s.index]
         sections.append(Section("Joint trajectory PCA", (
-            "Carroll et al. §4.2 and Fig. 1, right (papers.md §E2): every checkpoint of every run predicts on the same "
-            f"{cfg.pca_batch} sequences of the root task (row 0 of the master task sequence, in every pool); the rows "
-            f"are stacked over runs and one mean-centred PCA is fitted (v = {cfg.pca_components}: "
+            "Carroll et al. §4.2 and Fig. 1, right (docs/papers.md §E2): every checkpoint of every run predicts on "
+            f"the same {cfg.pca_batch} sequences of the root task (row 0 of the master task sequence, in every pool); "
+            f"the rows are stacked over runs and one mean-centred PCA is fitted (v = {cfg.pca_components}: "
             + ", ".join(f"PC{i + 1} {100 * v:.1f}%" for i, v in enumerate(evr))
             + " of the variance); dMMSE_M (diamonds, in the run's colour) and ridge (square) are projected, "
             "not fitted. "
@@ -698,8 +701,8 @@ class TransientRidge(Study):
         rows = [{"M": m_label(m), "λ̂": s.loc[m, "llc_mean"], "std over chains": s.loc[m, "llc_std"],
                  "diagnostics": s.loc[m, "llc_flags"] or "ok"} for m in s.index]
         return [*sections, Section(title, (
-            "Carroll et al. Fig. 3, bottom (Eq. 9): λ̂ of each final model on its own training distribution (papers.md "
-            f"§E5). {r['llc_note']}."), figures=[pngs["llc"]], tables=[pd.DataFrame(rows)])]
+            "Carroll et al. Fig. 3, bottom (Eq. 9): λ̂ of each final model on its own training distribution "
+            f"(docs/papers.md §E5). {r['llc_note']}."), figures=[pngs["llc"]], tables=[pd.DataFrame(rows)])]
 
     def differs(self, r: dict[str, Any]) -> str:
         cfg = self.cfg
@@ -723,7 +726,7 @@ class TransientRidge(Study):
                 f"{fmt_ms(_u_ms(r['summary'].set_index('M')))}.")
 
     def scale_table(self) -> pd.DataFrame:
-        """This run's sizes next to the paper's (papers.md §E1; [EXT] where App. A is needed)."""
+        """This run's sizes next to the paper's (docs/papers.md §E1; [EXT] where App. A is needed)."""
         cfg = self.cfg
         rc = cfg.run_config(cfg.finite_Ms[0], cfg.seeds[0])
         m, finite = rc.model, cfg.finite_Ms
@@ -736,7 +739,7 @@ class TransientRidge(Study):
                                                                                         else ""),
              "1 … 2^15 on a ~√2 grid, and ∞"),
             ("training", f"{cfg.steps:,} steps at batch {cfg.batch_size}, AdamW (weight decay {cfg.weight_decay:g}), "
-             f"lr {cfg.lr:g}, {cfg.schedule} schedule", "App. A (not in papers.md)"),
+             f"lr {cfg.lr:g}, {cfg.schedule} schedule", "App. A (not in docs/papers.md)"),
             ("OOD loss curve", f"every {cfg.eval_every:,} steps and at each checkpoint, {cfg.eval_size:,} fixed "
              "sequences", "fixed test set D^(∞)"),
             ("checkpoints", f"{cfg.n_checkpoints_linear} linear ∪ {cfg.n_checkpoints_log} log-spaced",
@@ -744,7 +747,7 @@ class TransientRidge(Study):
             ("joint PCA", f"B = {cfg.pca_batch} root-task sequences, v = {cfg.pca_components}, smoothing σ = "
              f"{cfg.pca_sigma:g} checkpoints", "B = 512, v = 2 (App. C: 4), lightly smoothed"),
             ("LLC", f"final checkpoint, n = {cfg.llc_n:,}, calibrated once", "Eq. 9, SGLD (App. F)"),
-            ("seeds", ", ".join(map(str, cfg.seeds)), "not stated in papers.md"),
+            ("seeds", ", ".join(map(str, cfg.seeds)), "not stated in docs/papers.md"),
         ]
         return scale_frame(cfg, rows, "Carroll et al.")
 
