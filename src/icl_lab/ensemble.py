@@ -349,8 +349,8 @@ def train_ensemble(configs: Sequence[RunConfig], out_dirs: Sequence[str | Path],
     level with `train(resume=True, stop_after=...)`). stop_after: stop once this many steps are done.
     groups: how many groups of members step concurrently (MemberGroups; default `default_groups`: one per torch
     thread on a CPU, one elsewhere). stack: vmap each group as one stack (default: on GPUs and other accelerators;
-    on a CPU the members of a group take `train`'s own steps one after another, which measured faster there and
-    is bit-identical to `train` with the same intra-op threads).
+    on a CPU the members of a group take `train`'s own steps one after another, which is faster there
+    (benchmarks/results/ensemble_throughput.md) and bit-identical to `train` with the same intra-op threads).
     Raises EnsembleError if the configs cannot be stacked (check_stackable), TrainingDiverged naming the members
     whose loss became non-finite.
     """

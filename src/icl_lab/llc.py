@@ -28,7 +28,7 @@ an epoch (a fresh permutation of the n rows per epoch, consumed m rows at a time
 
 Execution: all chains at once through vmap(grad_and_value(functional_call)) over a flat (C, P) parameter matrix, or
 each chain's steps one after another with plain autograd (vectorize=False, the automatic fallback when vmap fails,
-and the default on CPU for models above 20k sampled parameters, where it is measured to be faster). On CPU that
+and the default on CPU for models above 20k sampled parameters, where it is the faster path). On CPU that
 path runs the chains concurrently over the caller's torch threads, one intra-op thread and one model copy per
 thread (icl_lab.threads); the numbers do not depend on it. The hot loop has no
 per-parameter Python loop in the update, no host synchronisation except a finiteness check every 50 steps, and
@@ -90,10 +90,9 @@ Forward = Callable[..., Any]
 LossFn = Callable[[Forward, tuple[Tensor, ...]], Tensor]
 ParamSpec = str | Sequence[str] | dict[str, Tensor] | None
 
-# vectorize=None: on CPU, vmap only pays for small models (per-step Python overhead dominates); for the 100k-parameter
-# seed preset at minibatch 32 on 2 cores, vmap and the sequential path cost about the same per chain-draw since the
-# attention stays fused under vmap (icl_lab.attention; before, vmap cost 1.7x a plain forward+backward against 1.3x),
-# and at 1 thread vmap is slower (docs/llc.md). On CUDA, batching the chains wins.
+# vectorize=None: on CPU, vmap only pays for small models, where per-step Python overhead dominates; above this size
+# the sequential path (chains on threads) is as fast or faster (measurements in docs/llc.md). On CUDA, batching the
+# chains wins.
 _AUTO_VMAP_MAX_CPU = 20_000
 _CHECK_EVERY = 50  # steps between (synchronising) finiteness checks of the chain state
 DEFAULT_STEP_SIZES = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)  # calibration grid of ε
@@ -275,8 +274,7 @@ def min_burnin(step_size: float, localization: float, e_folds: float = 3.0) -> i
     Where ∇ℓ_n ≈ 0 the update is Δ ← (1 − εγ/2)Δ + N(0, ε), an AR(1) process whose variance approaches its limit
     as 1 − (1 − εγ/2)^{2t}: after B ≥ e_folds / (−2 log(1 − εγ/2)) ≈ e_folds / (εγ) steps it is within e^{−e_folds}
     (5% for 3) of it. Stiffer directions (nβ h ≫ γ) relax faster, so this bounds the slowest mode. Burn-in shorter
-    than this leaves the draws on the rise and λ̂ biased low (measured on the seed preset at ε = 1e-5, γ = 1000:
-    λ̂ from the first 100 post-w* steps 2.3, from steps 300-600 4.3 ± 0.2).
+    than this leaves the draws on the rise and λ̂ biased low (docs/llc.md, "Burn-in grows as ε and γ shrink").
     """
     rate = step_size * localization / 2
     if rate >= 1:  # the localisation alone overshoots: no relaxation time is meaningful (and ε is far too large)

@@ -109,7 +109,7 @@ def save_settings(run: Run, settings: LLCSettings) -> None:
 def _sampling_threads(model: nn.Module, sampler: LLCConfig, device: str, shared_cores: bool) -> Iterator[None]:
     """torch threads while sampling on CPU: one where estimates run in parallel processes (shared_cores) or the
     chains are vmapped (these models are so small that a second intra-op thread only synchronises, and next to a
-    busy core it spins: measured 10 s against 0.1 s for a tiny estimate); otherwise the caller's, over which
+    busy core it spins); otherwise the caller's, over which
     estimate_llc runs the chains concurrently with one intra-op thread each (icl_lab.threads)."""
     n_sampled = sum(p.numel() for p in model.parameters() if p.requires_grad)
     one = torch.device(device).type == "cpu" and (shared_cores or vectorizes(sampler, n_sampled, device))

@@ -90,7 +90,7 @@ PAPER_STAGES = [("LR1", 1_000, "A", -0.32, 21.4), ("LR2", 40_000, "A", -2.21, 14
                 ("LR5", 500_000, "A", -0.029, 3.56)]
 
 # The paper's sizes (docs/papers.md §D1): the 'hoogland' preset (2 layers, 4 heads, d 64, MLP 64) at D = 8, K = 16,
-# σ² = 0.125 (as the brief for this toolkit fixes them; the authors' repo uses D = 4, K = 8 [EXT]), Adam lr 3e-3 with
+# σ² = 0.125 (the paper-scale D and K of every study here; the authors' repo uses D = 4, K = 8 [EXT]), Adam lr 3e-3 with
 # the linear one-cycle schedule (50% warm-up), batch 256, 500k steps, 5 seeds. [EXT] LLC at a union of 100 log- and
 # 200 linear-spaced checkpoints; 8 chains x 500 draws after 500 burn-in, SGLD minibatch 1024, n = 32,768 (calibrate
 # rather than copy: the grid below is searched at γ = 1000 as in the other studies).
