@@ -1,4 +1,4 @@
-"""End to end on CUDA where a GPU exists (issue 7 item 7); skipped with a visible reason elsewhere.
+"""End to end on CUDA where a GPU exists; skipped with a visible reason elsewhere.
 
 The same tiny configurations as the CPU tests, with device "cuda": training, LLC estimation and the whole
 low-diversity study with its report. CUDA is not bit-identical to CPU, so the checks are on completeness and

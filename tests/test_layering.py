@@ -18,12 +18,8 @@ MODULES = sorted(m.name for m in pkgutil.walk_packages(icl_lab.__path__, "icl_la
 FACE = {"icl_lab.plots", "icl_lab.cli", "icl_lab.report"}  # the top layer: figures, the command, HTML reports
 # Below the studies (which declare their figures and report sections): the numeric and analysis modules.
 LOWER = sorted(m for m in MODULES if m not in FACE and not m.startswith("icl_lab.studies"))
-# Modules rewritten on other branches of issue 22 (the Study framework; one training loop) declare `__all__` there.
-PENDING_ALL: set[str] = set()
 # Function-level imports are allowed only to defer an optional dependency (or a platform-only one).
 OPTIONAL = {"ray", "submitit", "transformer_lens", "selenium", "wandb", "fcntl"}
-# ... and, until the other branches of issue 22 merge, in the code they own (names: module, enclosing function).
-PENDING_LOCAL: set[tuple[str, str]] = set()
 
 
 def _path(module: str) -> Path:
@@ -81,15 +77,11 @@ def test_function_level_imports_only_defer_optional_dependencies(module):
     for name, func, typing_only in _imports(module):
         if not func or typing_only or name.split(".")[0] in OPTIONAL or func == "__getattr__":
             continue
-        if (module, func) in PENDING_LOCAL or (module, "*") in PENDING_LOCAL:
-            continue
         pytest.fail(f"{module}.{func} imports {name} inside a function; import it at the top of the module")
 
 
 @pytest.mark.parametrize("module", MODULES)
 def test_every_module_declares_all(module):
-    if module in PENDING_ALL:
-        pytest.xfail("declared on the branch that rewrites this module")
     mod = importlib.import_module(module)
     assert isinstance(getattr(mod, "__all__", None), list | tuple), f"{module} has no __all__"
     missing = [n for n in mod.__all__ if not hasattr(mod, n)]
