@@ -9,7 +9,7 @@ EXTRAS ?= dev,tl,sweep,wandb
 TL4_VENV  ?= .venv-tl4
 TL4_STAMP := $(TL4_VENV)/.setup-done
 
-.PHONY: setup test test-slow test-tl4 lint demo demo-quick bench clean-venv
+.PHONY: setup test test-slow test-tl4 browser lint demo demo-quick bench clean-venv
 
 setup: $(STAMP)
 
@@ -36,6 +36,19 @@ $(TL4_STAMP): pyproject.toml constraints.txt
 	$(TL4_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(TL4_VENV)/bin/python -m pip install -q -c constraints.txt -e '.[dev,tl4]'
 	touch $(TL4_STAMP)
+
+# A headless browser for the HTML report test (tests/studies/test_low_diversity.py; it skips, saying why, without
+# one): chromium and chromedriver, from apt-get where they are missing (as root, or through sudo). Idempotent.
+SUDO ?= $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@if command -v chromedriver >/dev/null && { command -v chromium >/dev/null || command -v chromium-browser >/dev/null; }; then \
+		echo "browser: chromium and chromedriver are installed"; \
+	elif command -v apt-get >/dev/null; then \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else \
+		echo "browser: install chromium (or chromium-browser) and chromedriver on PATH with your package manager"; \
+		exit 1; \
+	fi
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks examples

@@ -5,7 +5,6 @@ import io
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -82,23 +81,19 @@ def test_rerun_reuses_runs_and_estimates(study_dir):
 
 
 def _chromium() -> tuple[str, str] | None:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if browser and driver:
-        return browser, driver
-    if shutil.which("apt-get"):  # the test setup installs them where it can
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"], capture_output=True,
-                       timeout=600, env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    """(browser, driver) on PATH, else None. Tests never install them: `make browser` does (README)."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     return (browser, driver) if browser and driver else None
 
 
-def test_report_images_load_in_headless_chromium(study_dir):
+def test_report_images_load_in_headless_chromium(request):
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (dev extra)")
     found = _chromium()
     if found is None:
-        pytest.skip("Debian chromium / chromium-driver are absent and could not be installed here")
+        pytest.skip("no headless browser: chromium (or chromium-browser) and chromedriver are not on PATH; "
+                    "`make browser` installs them")
+    study_dir = request.getfixturevalue("study_dir")  # train only when the test can run
     from selenium.webdriver.chrome.service import Service
 
     browser, driver = found
