@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from icl_lab import plots
 from icl_lab import trajectory as tr
@@ -24,7 +25,6 @@ def test_prediction_matrix_is_sequence_major_token_minor():
 
 
 def test_prediction_matrix_accepts_torch_and_rejects_ragged():
-    torch = pytest.importorskip("torch")
     preds = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
     np.testing.assert_allclose(tr.prediction_matrix(preds), preds.double().numpy().reshape(2, 12))
     np.testing.assert_allclose(
