@@ -295,8 +295,8 @@ def test_llc_estimate_honours_n_and_data_against_the_saved_settings(tiny_run_dir
 
 @pytest.mark.parametrize(("args", "message"), [
     (["study", "low-diversity", "--Ms", "inf"], "Ms: Value error, M must be a finite integer >= 1 in this study"),
-    (["study", "low-diversity", "--Ms", "0,1"], "--Ms: '0,1' is not allowed"),
-    (["study", "low-diversity", "--seeds", "a"], "--seeds: 'a' is not allowed"),
+    (["study", "low-diversity", "--Ms", "0,1"], "Ms: Value error, M must be an integer >= 1 or 'inf', got 0"),
+    (["study", "low-diversity", "--seeds", "a"], "seeds: 'a' is not allowed; allowed: comma-separated integers"),
     (["study", "low-diversity", "--config", "missing.toml"], "config file missing.toml does not exist"),
     (["study", "nope"], "unknown study 'nope'"),
     (["llc", "calibrate", "RUN", "--step-sizes", "1e-4,x"], "--step-sizes: '1e-4,x' is not a comma-separated list"),
