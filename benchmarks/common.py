@@ -16,11 +16,13 @@ import platform
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -196,3 +198,67 @@ def seed_m2_run(workdir: Path, quick: bool = False):
     if run is None or not run.finished or run.config != cfg:
         run = train(cfg, path, overwrite=True, progress=False)
     return run
+
+
+class _NoCfg(torch.nn.Module):
+    """Hides a model's `cfg` attribute: devinterp takes any module with `.cfg.n_heads` for a TransformerLens
+    HookedTransformer and calls `.to(device, print_details=False)` on it, which plain modules reject."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, y):
+        return self.inner(x, y)
+
+
+class Devinterp:
+    """devinterp 2.x `sample` on the fixed data (x, y) with icl-lab's minibatch MSE.
+
+    devinterp wants a `datasets.Dataset` with an integer `input_ids` column, so each row holds its own index and
+    the loss function looks the sequence up: the mean over the minibatch is exactly icl-lab's minibatch loss.
+    num_init_loss_batches = n / minibatch, so devinterp's ℓ_n(w*) covers the whole data, like icl-lab's.
+    λ̂ is computed from the post-burn-in trace (devinterp's own `llc` also averages the burn-in steps; it is
+    recorded as `llc_mean_devinterp_all_steps_incl_burnin`).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        from datasets import Dataset  # deferred: a benchmark-only dependency (the `bench` extra)
+
+        self.x, self.y, self.n = x, y, x.shape[0]
+        self.dataset = Dataset.from_dict({"input_ids": [[i, i] for i in range(self.n)]}).with_format("torch")
+
+        def loss_fn(model, input_ids):
+            idx = input_ids[:, 0]
+            xb, yb = self.x[idx], self.y[idx]
+            return (model(xb, yb) - yb).square().mean(dim=1, keepdim=True)  # (batch, 1) per-"token" loss
+
+        self.loss_fn = loss_fn
+
+    def run(self, model, *, lr: float, localization: float, chains: int, draws: int, burnin: int, batch: int,
+            nbeta: float, seed: int = 100) -> dict[str, Any]:
+        """One devinterp SGLD estimate; returns seconds, λ̂ (mean, std, per chain) and the (C, T) loss trace."""
+        from devinterp.slt.llc import compute_llc  # deferred: the `bench` extra
+        from devinterp.slt.sampling import sample
+
+        if hasattr(model, "cfg"):
+            model = _NoCfg(model)
+        with tempfile.TemporaryDirectory(prefix="devinterp_") as tmp, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t0 = time.perf_counter()
+            tree = sample(model, self.dataset, {}, lr=lr, n_beta=nbeta, localization=localization,
+                          num_chains=chains, num_draws=draws, batch_size=batch, num_burnin_steps=burnin,
+                          num_init_loss_batches=max(1, self.n // batch), init_seed=seed, device="cpu",
+                          output_path=Path(tmp) / "samples.zarr", loss_fn=self.loss_fn)
+            wall = time.perf_counter() - t0
+            ds = tree.dataset
+            init = float(ds.init_loss.values.mean())
+            trace = np.asarray(ds.sampling_loss.values, dtype=np.float64).mean(axis=(2, 3))  # (C, T) post burn-in
+            all_steps = float(compute_llc(tree).llc_mean)
+        per_chain = nbeta * (trace.mean(axis=1) - init)
+        failed = [str(w.message) for w in caught if "failed" in str(w.message).lower()]
+        std = float(per_chain.std(ddof=1)) if chains > 1 else math.nan
+        return {"seconds": wall, "llc_mean": float(per_chain.mean()), "llc_std": std,
+                "llc_se": std / math.sqrt(chains), "llc_per_chain": [float(v) for v in per_chain],
+                "init_loss": init, "llc_mean_devinterp_all_steps_incl_burnin": all_steps, "chain_failures": failed,
+                "steps": chains * (draws + burnin), "trace": trace}

@@ -52,7 +52,6 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +62,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    Devinterp,
     interleaved_rounds,
     loadavg,
     machine_info,
@@ -147,62 +147,6 @@ def run_icl_lab(model, x, y, *, chains, draws, burnin, batch, nbeta, seed=0) -> 
             "llc_se": float(res.llc_se), "llc_per_chain": [float(v) for v in res.llc_per_chain],
             "init_loss": float(res.init_loss), "d": int(res.d), "vectorized": bool(res.vectorized),
             "flags": sorted(res.diagnostics), "steps": chains * (draws + burnin), "reported_seconds": res.seconds}
-
-
-class _NoCfg(torch.nn.Module):
-    """Hides the icl-lab model's `cfg` attribute: devinterp takes any module with `.cfg.n_heads` for a
-    TransformerLens HookedTransformer and calls `.to(device, print_details=False)` on it, which plain modules reject."""
-
-    def __init__(self, inner: torch.nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x, y):
-        return self.inner(x, y)
-
-
-class Devinterp:
-    """devinterp 2.x `sample` on index rows (see the module docstring)."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor):
-        from datasets import Dataset
-
-        self.x, self.y, self.n = x, y, x.shape[0]
-        self.dataset = Dataset.from_dict({"input_ids": [[i, i] for i in range(self.n)]}).with_format("torch")
-
-        def loss_fn(model, input_ids):
-            idx = input_ids[:, 0]
-            xb, yb = self.x[idx], self.y[idx]
-            return (model(xb, yb) - yb).square().mean(dim=1, keepdim=True)  # (batch, 1) per-"token" loss
-
-        self.loss_fn = loss_fn
-
-    def run(self, model, *, chains, draws, burnin, batch, nbeta, seed=100) -> dict[str, Any]:
-        from devinterp.slt.llc import compute_llc
-        from devinterp.slt.sampling import sample
-
-        if hasattr(model, "cfg"):
-            model = _NoCfg(model)
-
-        with tempfile.TemporaryDirectory(prefix="llc_speed_") as tmp, warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            t0 = time.perf_counter()
-            tree = sample(model, self.dataset, {}, lr=EPS, n_beta=nbeta, localization=GAMMA, num_chains=chains,
-                          num_draws=draws, batch_size=batch, num_burnin_steps=burnin,
-                          num_init_loss_batches=max(1, self.n // batch), init_seed=seed, device="cpu",
-                          output_path=Path(tmp) / "samples.zarr", loss_fn=self.loss_fn)
-            wall = time.perf_counter() - t0
-            ds = tree.dataset
-            init = float(ds.init_loss.values.mean())
-            trace = np.asarray(ds.sampling_loss.values, dtype=np.float64).mean(axis=(2, 3))  # (C, T) post burn-in
-            all_steps = float(compute_llc(tree).llc_mean)
-        per_chain = nbeta * (trace.mean(axis=1) - init)
-        failed = [str(w.message) for w in caught if "failed" in str(w.message).lower()]
-        return {"seconds": wall, "llc_mean": float(per_chain.mean()), "llc_std": float(per_chain.std(ddof=1)),
-                "llc_se": float(per_chain.std(ddof=1) / math.sqrt(chains)),
-                "llc_per_chain": [float(v) for v in per_chain], "init_loss": init,
-                "llc_mean_devinterp_all_steps_incl_burnin": all_steps, "chain_failures": failed,
-                "steps": chains * (draws + burnin)}
 
 
 def fwd_bwd_seconds(model, x, y, batch: int, steps: int, gen: torch.Generator) -> float:
@@ -332,12 +276,13 @@ def main() -> None:
     }
     log(f"trained: plain loss {full_plain:.4g}, TL loss {full_tl:.4g} ({time.perf_counter() - t0:.0f}s)")
     dev = Devinterp(x, y)
+    dev_settings = {"lr": EPS, "localization": GAMMA}
 
     # ---------------------------------------------------------------- warm-up (both sides, both models)
     t0 = time.perf_counter()
     for model in (plain, tl):
         run_icl_lab(model, x, y, chains=1, draws=3, burnin=1, batch=32, nbeta=nbeta)
-        dev.run(model, chains=1, draws=3, burnin=1, batch=32, nbeta=nbeta)
+        dev.run(model, chains=1, draws=3, burnin=1, batch=32, nbeta=nbeta, **dev_settings)
     fwd_bwd_seconds(plain, x, y, 32, 5, torch.Generator().manual_seed(1))
     peaks = matmul_gflops(n=1024, repeats=3)
     results["warmup_seconds"] = time.perf_counter() - t0
@@ -351,7 +296,8 @@ def main() -> None:
         def task() -> float:
             kw = dict(chains=chains, draws=draws if batch != 256 else draws_256, burnin=burnin, batch=batch,
                       nbeta=nbeta)
-            r = run_icl_lab(plain, x, y, **kw) if side == "icl_lab" else dev.run(plain, **kw)
+            r = run_icl_lab(plain, x, y, **kw) if side == "icl_lab" else dev.run(plain, **kw, **dev_settings)
+            r.pop("trace", None)  # the arrays stay out of the JSON
             store.setdefault(f"{side}/{batch}", []).append(r)
             log(f"  plain {side:9s} m={batch:3d}: {r['seconds']:.1f}s  λ̂ = {r['llc_mean']:.2f} ± {r['llc_std']:.2f}")
             return r["seconds"]
@@ -456,7 +402,8 @@ def main() -> None:
                 r["seconds"] += convert_s
                 r["convert_seconds"] = convert_s
             else:
-                r = dev.run(tl, batch=batch, nbeta=nbeta, **kw)
+                r = dev.run(tl, batch=batch, nbeta=nbeta, **kw, **dev_settings)
+                r.pop("trace", None)
             tl_store.setdefault(f"{side}/{batch}", []).append(r)
             log(f"  TL {side:9s} m={batch:3d} steps={r['steps']:4d}: {r['seconds']:.1f}s ({r['seconds'] / r['steps'] * 1e3:.0f} ms/step)")
             return r["seconds"]
