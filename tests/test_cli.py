@@ -321,3 +321,33 @@ def test_bad_input_exits_with_one_error_line(tiny_run_dir, args, message):
     assert r.exit_code == 2, r.output
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.output
     assert not (tiny_run_dir / "llc_settings.json").exists()
+
+
+def test_stages_command_uses_the_studies_stage_pipeline(tmp_path):
+    """`icl-lab stages RUN` writes the same table as studies.common.llc_stages on the run's curve, and a large
+    negative, flagged early section places no boundary."""
+    import shutil
+
+    import numpy as np
+    import pandas as pd
+
+    from icl_lab.config import build_run_config
+    from icl_lab.store import write_parquet
+    from icl_lab.studies.common import llc_stages
+    from icl_lab.train import train
+
+    run = train(build_run_config(overrides=tiny_overrides(steps=40, n_checkpoints_linear=8, n_checkpoints_log=8)),
+                tmp_path / "run", progress=False)
+    steps = np.array(run.checkpoint_steps)
+    lam = np.where(steps < 5, -2000.0, np.where(steps < 20, 10.0, 30.0)) + 0.01 * steps
+    flags = np.where(steps < 5, "not_stationary", "")
+    llc = pd.DataFrame({"step": steps, "llc_mean": lam, "llc_std": 0.5, "flags": flags, "llc_mcse": 0.3})
+    write_parquet(run.path / "llc.parquet", llc)
+    r = runner.invoke(app, ["stages", str(run.path)], env={"COLUMNS": "300"})
+    assert r.exit_code == 0, r.output
+    written = pd.read_parquet(run.path / "stages.parquet")
+    loss = run.metrics.set_index("step").loc[steps]["id_loss"].to_numpy()
+    expected = llc_stages(llc, loss).table
+    pd.testing.assert_frame_equal(written.reset_index(drop=True), expected.reset_index(drop=True), check_dtype=False)
+    assert len(written) >= 2 and written["start"].iloc[1:].gt(3).all()  # no boundary in the untrusted steps 0-3
+    shutil.rmtree(run.path)

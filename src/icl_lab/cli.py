@@ -32,9 +32,9 @@ from icl_lab.llc import DEFAULT_STEP_SIZES
 from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_run, load_settings
 from icl_lab.plots import plot_calibration, plot_run, plot_stages
 from icl_lab.progress import Bar
-from icl_lab.stages import llc_milestones, save_stage_table, stage_table, trusted_mask
+from icl_lab.stages import save_stage_table
 from icl_lab.store import Run
-from icl_lab.studies.common import check_out
+from icl_lab.studies.common import check_out, llc_stages
 from icl_lab.studies.runner import MissingOutputs, config_class, rebuild_report, run_study
 from icl_lab.sweep import (
     STATUSES,
@@ -408,16 +408,14 @@ def stages(run_dir: Annotated[Path, typer.Argument(help="a run with llc.parquet"
     llc_df = llc_df[np.isfinite(llc_df["llc_mean"].to_numpy(dtype=float))]  # diverged estimates: not even drawn
     steps_ = llc_df["step"].to_numpy()
     loss = run.metrics.set_index("step").loc[steps_]["id_loss"].to_numpy()
-    lam = llc_df["llc_mean"].to_numpy()
-    trusted = trusted_mask(llc_df)  # boundaries only from unflagged λ̂ > 0; the rest is drawn, not used
     try:
-        milestones = llc_milestones(llc_df)
-        table = stage_table(steps_, lam, loss, milestones, loss_plateaus="auto", trusted=trusted)
+        found = llc_stages(llc_df, loss)  # boundaries only from unflagged λ̂ > 0; the rest is drawn, not used
     except ValueError as e:  # e.g. fewer than two finite estimates
         fail(f"{run.path}: {e}")
+    table = found.table
     save_stage_table(table, run.path / "stages")
-    plot_stages(steps_, loss, lam, llc_df["llc_std"].to_numpy(), table, run.path / "figures" / "stages",
-                milestones=milestones, trusted=trusted)
+    plot_stages(steps_, loss, llc_df["llc_mean"].to_numpy(), llc_df["llc_std"].to_numpy(), table,
+                run.path / "figures" / "stages", milestones=found.milestones, trusted=found.trusted)
     Console().print(table.to_string(index=False))
 
 
