@@ -37,7 +37,27 @@ def test_report_has_every_figure_and_a_filled_expectations_table(study_dir):
     expectations = tables[0]
     assert {"expectation", "run", "expected", "measured", "verdict"} <= set(expectations.columns)
     assert len(expectations) >= 10
-    assert set(expectations["verdict"]) <= {"pass", "fail", "unclear"}
+    # this tiny, seeded configuration's verdicts, row by row (most fail or stay unclear at this size)
+    rows = zip(expectations["expectation"], expectations["run"], strict=True)
+    assert dict(zip(rows, expectations["verdict"], strict=True)) == {
+        ("LLC chains stationary and mixed once the loss has dropped", "M1-seed0"): "fail",
+        ("LLC curve smooth at the chains' resolution once the loss has dropped", "M1-seed0"): "pass",
+        ("λ̂ negative only where w* is not yet a minimum", "M1-seed0"): "pass",
+        ("loss falls from about 1 to about 0", "M1-seed0"): "pass",
+        ("per-token loss flat in k (no ICL needed)", "M1-seed0"): "pass",
+        ("LLC rises while the map is learned, then settles", "M1-seed0"): "pass",
+        ("LLC chains stationary and mixed once the loss has dropped", "M2-seed0"): "pass",
+        ("LLC curve smooth at the chains' resolution once the loss has dropped", "M2-seed0"): "unclear",
+        ("λ̂ negative only where w* is not yet a minimum", "M2-seed0"): "pass",
+        ("final ℓ_1 ≈ ‖w₁−w₂‖²/4 (pool-mean prediction)", "M2-seed0"): "pass",
+        ("final ℓ_k ≈ 0 for k ≥ 2 (task identified from one example)", "M2-seed0"): "fail",
+        ("two-step learning: plateau near ‖w₁−w₂‖²/4 before the drop", "M2-seed0"): "pass",
+        ("predictions converge to dMMSE in distribution", "M2-seed0"): "fail",
+        ("OOD: stays dMMSE-like, not least-squares-like", "M2-seed0"): "pass",
+        ("no transient ridge (low-M regime, Carroll et al.)", "M2-seed0"): "fail",
+        ("LLC rises (type A) around the drop", "M2-seed0"): "unclear",
+        ("the model knows which task from k = 2 on (probe)", "M2-seed0"): "fail",
+    }
     assert expectations["measured"].notna().all()
     assert "<script" not in html  # text is escaped, nothing executable
 

@@ -270,8 +270,25 @@ def test_report_has_every_figure_numbers_and_a_filled_expectations_table(study_d
     exp = next(t for t in _tables(html) if "verdict" in t.columns)
     assert {"expectation", "run", "source", "expected", "measured", "verdict"} <= set(exp.columns)
     assert len(exp) >= 12
-    assert set(exp["verdict"]) <= {"pass", "fail", "unclear"} and exp["measured"].notna().all()
-    assert (exp["verdict"] != "unclear").sum() >= 8  # most rules are decided even on a tiny run
+    assert exp["measured"].notna().all()
+    # this tiny, seeded configuration's verdicts, row by row (most are decided even on a tiny run)
+    rows = zip(exp["expectation"], exp["run"], strict=True)
+    assert dict(zip(rows, exp["verdict"], strict=True)) == {
+        ("several developmental stages", "Minf-seed0"): "fail",
+        ("the first stage is type A (the LLC rises while the prior and ICL are learned)", "Minf-seed0"): "fail",
+        ("the LLC mostly rises over training", "Minf-seed0"): "fail",
+        ("some stages lower the LLC (type B, LR3-LR4)", "Minf-seed0"): "fail",
+        ("the test loss falls in every stage", "Minf-seed0"): "pass",
+        ("LR1: E[ŷ²] dips below σ² (the task-prior predictor ŷ = 0) before ICL emerges", "Minf-seed0"): "fail",
+        ("the ICL score improves over training (ℓ_late − ℓ_early falls towards ridge's)", "Minf-seed0"): "fail",
+        ("ICL is acquired in a type-A stage (LR2)", "Minf-seed0"): "fail",
+        ("the final model matches ridge on fresh tasks (M = ∞)", "Minf-seed0"): "fail",
+        ("LR3-LR4: the unembedding LN collapses during the type-B stages", "Minf-seed0"): "unclear",
+        ("stage boundaries coincide with essential-dynamics forms (cusps / vertices)", "Minf-seed0"): "unclear",
+        ("essential dynamics: the first PC dominates", "Minf-seed0"): "pass",
+        ("LLC chains stationary and mixed once the prior is learned", "Minf-seed0"): "pass",
+        ("the order of stage types is the same in every seed", "all seeds"): "unclear",
+    }
     timing = next(t for t in _tables(html) if "phase" in t.columns)
     # writing the page is timed in timings.json, not in the page's own table
     assert set(timing["phase"]) == {"train", "llc calibration", "llc estimates", "analysis", "figures"}
@@ -360,7 +377,8 @@ def test_two_seeds_share_the_llc_settings_and_compare_stage_orders(tmp_path):
     html = (tmp_path / "report.html").read_text()
     assert "All seeds" in html and (tmp_path / "figures" / "llc_all_seeds.png").stat().st_size > 10_000
     exp = pd.read_parquet(tmp_path / "expectations.parquet").set_index("expectation")
-    assert exp.loc["the order of stage types is the same in every seed", "verdict"] in {"pass", "fail"}
+    # each seed has one stage, of unknown type ('?': too few trusted estimates): the two orders agree
+    assert exp.loc["the order of stage types is the same in every seed", "verdict"] == "pass"
 
 
 def test_cli_dry_run_and_bad_input(tmp_path):

@@ -152,7 +152,26 @@ def test_report_has_every_figure_numbers_and_a_filled_expectations_table(study_d
     exp = next(t for t in _tables(html) if "verdict" in t.columns)
     assert {"expectation", "source", "expected", "measured", "verdict"} <= set(exp.columns)
     assert len(exp) >= 12
-    assert set(exp["verdict"]) <= {"pass", "fail", "unclear"} and exp["measured"].notna().all()
+    assert exp["measured"].notna().all()
+    # this tiny, seeded configuration's verdicts, row by row (most fail or stay unclear at this size)
+    assert dict(zip(exp["expectation"], exp["verdict"], strict=True)) == {
+        "dMMSE is best on T_Pretrain, ridge on T_True (estimator sanity)": "pass",
+        "Δ(Ridge, dMMSE) on T_True shrinks as M grows": "fail",
+        "a task-diversity threshold M*: the Δ_True(PT, Ridge) curves of B and 2B cross once, 2B above below M* "
+        "and below above it": "fail",
+        "at M = ∞, doubling B lowers Δ_True(PT, Ridge) (more data → more ridge-like)": "pass",
+        "at small scale the threshold lies below the paper's (smaller model, fewer steps, lower D)": "fail",
+        "low-diversity phase: the PT tracks dMMSE on T_Pretrain": "pass",
+        "low-diversity phase: the PT underperforms ridge on T_True, like dMMSE": "pass",
+        "above M*: the PT is ridge-like on T_True": "unclear",
+        "M = ∞: the PT matches ridge on T_True": "fail",
+        "above M*: final T_True loss like M = ∞'s (Fig. 10)": "unclear",
+        "well below M*: more data lowers Δ_Pretrain(PT, dMMSE) (paper: M ≤ 2^10, 4 octaves under M*)": "pass",
+        "below M*: more data makes the PT less ridge-like on T_Pretrain too": "fail",
+        "above M*: more data makes the PT more ridge-like on T_Pretrain too": "pass",
+        "low M: the final per-token loss on T_Pretrain follows dMMSE's, not ridge's": "pass",
+        "above M* and at ∞: the final per-token loss on T_True follows ridge's": "fail",
+    }
     timing = next(t for t in _tables(html) if "phase" in t.columns)
     assert set(timing["phase"]) == {"train", "analysis", "figures"}
     for fig in ("delta_vs_M", "crossover", "per_token", "delta_ridge_vs_step"):
