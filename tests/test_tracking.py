@@ -137,3 +137,23 @@ def test_train_without_wandb_never_imports_it(tmp_path):
             f"train(build_run_config(overrides=tiny_overrides(steps=5)), {str(tmp_path / 'r')!r}, progress=False)\n"
             "assert 'wandb' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(Path(__file__).resolve().parents[1]))
+
+
+@pytest.mark.parametrize("ensemble", [1, 2])
+def test_sweep_mirrors_every_run_to_wandb(tmp_path, monkeypatch, ensemble):
+    """run_sweep(wandb=...) passes the project to every job, run by run or as an ensemble: each run directory
+    gets its own offline wandb run with the training loss."""
+    pytest.importorskip("wandb", reason="wandb is not installed (the `wandb` extra)")
+    from icl_lab.sweep import run_sweep
+
+    from conftest import tiny_overrides
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    index = run_sweep(tmp_path / "sw", {"seed": [0, 1]}, tiny_overrides(steps=10), workers=1, progress=False,
+                      ensemble=ensemble, wandb="p")
+    assert (index["status"] == "done").all(), index
+    for run_id in index["run_id"]:
+        files = list((tmp_path / "sw" / "runs" / run_id).glob("wandb/offline-run-*/run-*.wandb"))
+        assert len(files) == 1, run_id
+        assert "train/loss" in read_wandb_file(files[0])[0]

@@ -443,6 +443,7 @@ def sweep(
     retry_failed: Annotated[bool, typer.Option(help="retry runs that failed before")] = True,
     dry_run: Annotated[bool, typer.Option(help="validate and list the runs; write nothing")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    wandb: Annotated[Optional[str], typer.Option(metavar="PROJECT", help=WANDB_HELP)] = None,  # noqa: UP045
 ) -> None:
     """Train a grid of runs into one sweep directory: OUT/runs/RUN_ID, index in OUT/index.parquet.
 
@@ -480,7 +481,7 @@ def sweep(
         return
     console.print(f"sweep: {out} ({len(runs)} runs, executor {opts['executor']})")
     try:
-        index = run_sweep(out, grid_values, base, executor=opts["executor"], workers=opts.get("workers"),
+        index = run_sweep(out, grid_values, base, executor=opts["executor"], workers=opts.get("workers"), wandb=wandb,
                           address=opts.get("address"), slurm=slurm_opts, retry_failed=retry_failed,
                           progress=not quiet, ensemble=opts["ensemble"])
     except SweepError as e:
@@ -516,6 +517,7 @@ def study(
         help="papers' studies: local (default), ray or slurm (as `icl-lab sweep`)")] = None,
     address: Annotated[Optional[str], typer.Option(help="papers' studies, ray: cluster address")] = None,  # noqa: UP045
     dry_run: Annotated[bool, typer.Option(help="papers' studies: validate and list the runs; write nothing")] = False,
+    wandb: Annotated[Optional[str], typer.Option(metavar="PROJECT", help=WANDB_HELP)] = None,  # noqa: UP045
 ) -> None:
     """Run an end-to-end study; finished parts are reused. low-diversity: training, LLC, essential dynamics, stages
     (M = 1, 2). task-diversity: Raventós et al., M = 2^0 ... 2^k and ∞ at batch sizes B and 2B, the threshold M*.
@@ -523,12 +525,13 @@ def study(
     stages: Hoogland et al., M = ∞, LLC curve, essential dynamics, stage table, ICL score and LayerNorm weights."""
     if name not in STUDY_NAMES:
         fail(f"unknown study {name!r}; available: {', '.join(STUDY_NAMES)}")
-    _sweep_study(name, out, quick, config, workers, seeds, ms, steps, device, scale, executor, address, dry_run)
+    _sweep_study(name, out, quick, config, workers, seeds, ms, steps, device, scale, executor, address, dry_run,
+                 wandb)
 
 
 def _sweep_study(name: str, out: Path | None, quick: bool, config: Path | None, workers: int | None,
                  seeds: str | None, ms: str | None, steps: int | None, device: str | None, scale: str | None,
-                 executor: str | None, address: str | None, dry_run: bool) -> None:
+                 executor: str | None, address: str | None, dry_run: bool, wandb: str | None = None) -> None:
     """`icl-lab study NAME` for the papers' studies: every setting is validated (and every run config built) before
     anything is written; a bad value exits with status 2 naming the field and its allowed values."""
     try:
@@ -538,7 +541,7 @@ def _sweep_study(name: str, out: Path | None, quick: bool, config: Path | None, 
     scale = scale if scale is not None else overrides.pop("scale", "small")
     quick = quick or bool(overrides.pop("quick", False))
     for key, value in (("workers", workers), ("steps", steps), ("device", device), ("executor", executor),
-                       ("address", address)):
+                       ("address", address), ("wandb", wandb)):
         if value is not None:
             overrides[key] = value
     if seeds:

@@ -35,7 +35,7 @@ from icl_lab.attention import vmappable_sdpa
 from icl_lab.config import RunConfig
 from icl_lab.store import Run
 from icl_lab.threads import split_evenly, thread_pool
-from icl_lab.train import Member, lr_factor, open_member, run_loop, train
+from icl_lab.train import Member, lr_factor, open_member, run_loop, track, train
 
 __all__ = ["EnsembleError", "MemberGroups", "SHARED_TASK_FIELDS", "SHARED_TRAIN_FIELDS", "StackedAdamW",
            "StackedModels", "check_stackable", "clip_grad_norms_", "default_groups", "ensemble_step",
@@ -340,7 +340,7 @@ class MemberGroups:
 
 def train_ensemble(configs: Sequence[RunConfig], out_dirs: Sequence[str | Path], *, resume: bool = False,
                    overwrite: bool = False, progress: bool = True, stop_after: int | None = None,
-                   groups: int | None = None, stack: bool | None = None) -> list[Run]:
+                   groups: int | None = None, stack: bool | None = None, wandb: str | None = None) -> list[Run]:
     """Train the members `configs` together, writing member i as a normal run directory `out_dirs[i]`.
 
     Every member is set up, evaluated, checkpointed, resumed and checked for NaN by `train`'s own code
@@ -351,6 +351,7 @@ def train_ensemble(configs: Sequence[RunConfig], out_dirs: Sequence[str | Path],
     thread on a CPU, one elsewhere). stack: vmap each group as one stack (default: on GPUs and other accelerators;
     on a CPU the members of a group take `train`'s own steps one after another, which is faster there
     (benchmarks/results/ensemble_throughput.md) and bit-identical to `train` with the same intra-op threads).
+    wandb: a Weights & Biases project; each member gets its own wandb run, as `train` gives a run.
     Raises EnsembleError if the configs cannot be stacked (check_stackable), TrainingDiverged naming the members
     whose loss became non-finite.
     """
@@ -373,7 +374,9 @@ def train_ensemble(configs: Sequence[RunConfig], out_dirs: Sequence[str | Path],
                 train(cfg, out, resume=True, progress=False, stop_after=max(saved))
     members = [open_member(cfg, out, resume=resume, overwrite=overwrite)
                for cfg, out in zip(configs, out_dirs, strict=True)]
-    with MemberGroups(members, groups, stack) as ens:
+    with contextlib.ExitStack() as trackers, MemberGroups(members, groups, stack) as ens:
+        for m in members:
+            trackers.enter_context(track(m, wandb))
         run_loop(members, ens.step, sync=ens.sync if stack else None, progress=progress, stop_after=stop_after,
                  resume_hint="train_ensemble(..., resume=True)")
     return [m.run for m in members]

@@ -123,7 +123,8 @@ STATUS_DIR = ".status"
 RUNS_DIR = "runs"
 INTERRUPTED = "interrupted; re-run the sweep to resume it"
 
-Job = tuple[list[str], list[str], list[str]]  # (config JSONs, run directories, status files): the args of run_job
+Job = tuple[list[str], list[str], list[str], str | None]  # (config JSONs, run directories, status files, wandb
+# project or None): the args of run_job
 
 
 class SweepError(ValueError):
@@ -368,7 +369,7 @@ def _finish_run(status_file: Path, record: dict[str, Any], run: Run) -> dict[str
     return _finish(status_file, record, "pending", INTERRUPTED)
 
 
-def _run_one(config: RunConfig, path: Path, status_file: Path) -> dict[str, Any]:
+def _run_one(config: RunConfig, path: Path, status_file: Path, wandb: str | None = None) -> dict[str, Any]:
     """Train (or finish) one run, recording its status; a training error is recorded, never raised."""
     with file_lock(status_file.with_suffix(".lock")) as locked:
         if not locked:  # another live process trains this run: leave it alone
@@ -382,7 +383,7 @@ def _run_one(config: RunConfig, path: Path, status_file: Path) -> dict[str, Any]
                 resume = run is not None and run.state_path.exists()
                 record["resumed_from"] = _state_step(run) if resume else None
                 # a directory without resumable state starts over (deterministic, so nothing is lost)
-                run = training.train(config, path, resume=resume, overwrite=not resume, progress=False)
+                run = training.train(config, path, resume=resume, overwrite=not resume, progress=False, wandb=wandb)
         except Exception as e:  # noqa: BLE001 -- recorded, and the other runs go on
             tb = "".join(traceback.format_exception(type(e), e, e.__traceback__)[-6:])
             return _finish(status_file, record, "failed", f"{type(e).__name__}: {e}\n{tb}")
@@ -392,7 +393,8 @@ def _run_one(config: RunConfig, path: Path, status_file: Path) -> dict[str, Any]
         return _finish_run(status_file, record, run)
 
 
-def _run_ensemble(configs: list[RunConfig], paths: list[Path], status_files: list[Path]) -> list | None:
+def _run_ensemble(configs: list[RunConfig], paths: list[Path], status_files: list[Path], wandb: str | None = None
+                  ) -> list | None:
     """Train fresh, stackable runs together (icl_lab.ensemble); None if that failed (statuses left as they were)."""
     with contextlib.ExitStack() as stack:
         if not all(stack.enter_context(file_lock(f.with_suffix(".lock"))) for f in status_files):
@@ -400,7 +402,7 @@ def _run_ensemble(configs: list[RunConfig], paths: list[Path], status_files: lis
         previous = [_read_json(f) for f in status_files]
         records = [_start(f, ensemble=len(configs)) for f in status_files]
         try:
-            runs = train_ensemble(configs, paths, overwrite=True, progress=False)
+            runs = train_ensemble(configs, paths, overwrite=True, progress=False, wandb=wandb)
         except Exception:  # noqa: BLE001 -- the members are then run one by one, and record their own errors
             for f, prev in zip(status_files, previous, strict=True):
                 write_json(f, prev or {"status": "pending"})
@@ -409,7 +411,7 @@ def _run_ensemble(configs: list[RunConfig], paths: list[Path], status_files: lis
 
 
 def run_job(config_jsons: Sequence[str], run_dirs: Sequence[str], status_files: Sequence[str],
-            threads: int = 1) -> list[dict[str, Any]]:
+            wandb: str | None = None, threads: int = 1) -> list[dict[str, Any]]:
     """The job every executor runs, with `threads` torch threads: one run, or several fresh stackable runs trained
     as one ensemble (each member run on its own if the ensemble fails). Returns one status record per run (also
     written to its status file: status, error, started_at / finished_at (Unix s), seconds, attempts, host, pid,
@@ -417,8 +419,8 @@ def run_job(config_jsons: Sequence[str], run_dirs: Sequence[str], status_files: 
     configs = [RunConfig.model_validate_json(c) for c in config_jsons]
     paths, files = [Path(d) for d in run_dirs], [Path(f) for f in status_files]
     with torch_threads(threads):
-        records = _run_ensemble(configs, paths, files) if len(configs) > 1 else None
-        return records or [_run_one(c, p, f) for c, p, f in zip(configs, paths, files, strict=True)]
+        records = _run_ensemble(configs, paths, files, wandb) if len(configs) > 1 else None
+        return records or [_run_one(c, p, f, wandb) for c, p, f in zip(configs, paths, files, strict=True)]
 
 
 class _SlurmTask:
@@ -638,8 +640,8 @@ def _reconcile(status_dir: Path, runs: Sequence[SweepRun], complete: set[str], r
 def execute_runs(root: str | Path, runs: Sequence[SweepRun], *, runs_dir: str | Path | None = None,
                  executor: Executor = "local", workers: int | None = None, address: str | None = None,
                  slurm: Mapping[str, Any] | None = None, retry_failed: bool = True, progress: bool = True,
-                 poll_seconds: float = 1.0, ensemble: int = 1, spec: Mapping[str, Any] | None = None
-                 ) -> pd.DataFrame:
+                 poll_seconds: float = 1.0, ensemble: int = 1, spec: Mapping[str, Any] | None = None,
+                 wandb: str | None = None) -> pd.DataFrame:
     """Train `runs` into `runs_dir/<run_id>` (default root/runs) with `executor`, keeping root/index.parquet
     current; returns the index. Finished runs are skipped, interrupted ones resumed, failed ones retried unless
     `retry_failed=False`. Bad options, duplicate ids or a run directory holding a different config are errors
@@ -665,7 +667,7 @@ def execute_runs(root: str | Path, runs: Sequence[SweepRun], *, runs_dir: str | 
         write_index()
         jobs: dict[str, Job] = {
             key: ([r.config.model_dump_json() for r in members], [str(runs_dir / r.run_id) for r in members],
-                  [str(root / STATUS_DIR / f"{r.run_id}.json") for r in members])
+                  [str(root / STATUS_DIR / f"{r.run_id}.json") for r in members], wandb)
             for key, members in _plan_jobs(todo, runs_dir, ensemble).items()}
         n_workers = workers or os.cpu_count() or 1
         if executor == "local":
@@ -712,7 +714,8 @@ def load_spec(sweep_dir: str | Path) -> dict[str, Any]:
 def run_sweep(sweep_dir: str | Path, grid: Mapping[str, Sequence[Any]] | None = None,
               base: Mapping[str, Any] | None = None, *, executor: Executor = "local", workers: int | None = None,
               address: str | None = None, slurm: Mapping[str, Any] | None = None, retry_failed: bool = True,
-              progress: bool = True, poll_seconds: float = 1.0, ensemble: int = 1) -> pd.DataFrame:
+              progress: bool = True, poll_seconds: float = 1.0, ensemble: int = 1, wandb: str | None = None
+              ) -> pd.DataFrame:
     """Expand base × grid (validated first; nothing is written on an error) and train every point into
     `sweep_dir/runs/<run_id>`; returns the index (also at `sweep_dir/index.parquet`). Failed runs never raise
     here: check `index.status`.
@@ -729,12 +732,13 @@ def run_sweep(sweep_dir: str | Path, grid: Mapping[str, Sequence[Any]] | None = 
     grid, base = dict(grid or {}), dict(base or {})
     return execute_runs(sweep_dir, expand_grid(grid, base), executor=executor, workers=workers, address=address,
                         slurm=slurm, retry_failed=retry_failed, progress=progress, poll_seconds=poll_seconds,
-                        ensemble=ensemble, spec={"grid": grid, "base": base})
+                        ensemble=ensemble, spec={"grid": grid, "base": base}, wandb=wandb)
 
 
 def train_named_runs(configs: Mapping[str, RunConfig], root: str | Path, *, workers: int = 1,
                      executor: Executor = "local", progress: bool = True, address: str | None = None,
-                     slurm: Mapping[str, Any] | None = None, ensemble: int = 1) -> dict[str, Run]:
+                     slurm: Mapping[str, Any] | None = None, ensemble: int = 1, wandb: str | None = None
+                     ) -> dict[str, Run]:
     """Train every config into root/NAME through the sweep machinery (what a study needs, on any executor):
     finished runs are reused, interrupted ones resumed, a directory with a different config is an error;
     root/index.parquet records statuses and timings. Raises SweepFailed listing the failed runs (after all runs
@@ -747,7 +751,7 @@ def train_named_runs(configs: Mapping[str, RunConfig], root: str | Path, *, work
             raise SweepError(str(e)) from e
     runs = [SweepRun(name, {}, cfg) for name, cfg in configs.items()]
     index = execute_runs(root, runs, runs_dir=root, executor=executor, workers=workers, address=address,
-                         slurm=slurm, progress=progress, ensemble=ensemble)
+                         slurm=slurm, progress=progress, ensemble=ensemble, wandb=wandb)
     bad = index[index["run_id"].isin(set(configs)) & (index["status"] != "done")]
     if not bad.empty:
         lines = [f"{r.run_id}: {r.status}: {first_line(r.error)}" for r in bad.itertuples()]

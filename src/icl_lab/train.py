@@ -34,7 +34,7 @@ from icl_lab.store import Run, load_strict, load_tensors, save_tensors, write_js
 from icl_lab.tasks import Batch, make_generator, sample_batch, task_pool
 from icl_lab.tracking import Tracker, evaluation_values, open_tracker
 
-__all__ = ["Member", "TrainingDiverged", "checkpoint_steps", "load_state", "lr_factor", "make_optimizer",
+__all__ = ["Member", "TrainingDiverged", "checkpoint_steps", "load_state", "lr_factor", "make_optimizer", "track",
            "open_member", "run_loop", "save_state", "train", "train_step"]
 
 
@@ -323,10 +323,15 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, overwrite
         (icl_lab.tracking; files under the run directory). None: wandb is not imported.
     """
     member = open_member(config, out, resume=resume, overwrite=overwrite)
-    member.tracker = open_tracker(wandb, member.run.path, name=member.run.path.name, job_type="train",
-                                  config=config.model_dump(mode="json"))
-    member.mirrored = (len(member.losses), len(member.rows))  # a resumed run's earlier logs were sent before
-    with member.tracker:
+    with track(member, wandb):
         run_loop([member], progress=progress, stop_after=stop_after,
                  resume_hint=f"icl-lab train --resume {member.run.path}")
     return member.run
+
+
+def track(member: Member, wandb: str | None) -> Tracker:
+    """Give `member` a tracker for the wandb project (None: the null tracker); use it as a context manager."""
+    member.tracker = open_tracker(wandb, member.run.path, name=member.run.path.name, job_type="train",
+                                  config=member.config.model_dump(mode="json"))
+    member.mirrored = (len(member.losses), len(member.rows))  # a resumed run's earlier logs were sent before
+    return member.tracker

@@ -95,6 +95,7 @@ class StudyConfig(BaseModel):
     address: str | None = Field(None, description="ray: address of an existing cluster")
     slurm: dict[str, Any] = Field(default_factory=dict, description="slurm: submitit update_parameters options")
     ensemble: int = Field(1, ge=1, description="train up to N stackable runs together (icl_lab.ensemble)")
+    wandb: str | None = Field(None, description="Weights & Biases project to mirror training and LLC to")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     family: Family = "gaussian"
     D: int = Field(4, ge=1)

@@ -119,7 +119,7 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True) -> Path:
     workers = cfg.workers or os.cpu_count() or 1
     with timer("train"):
         runs = train_named_runs(configs, _runs_dir(out), workers=workers, executor=cfg.executor, progress=progress,
-                                address=cfg.address, slurm=cfg.slurm, ensemble=cfg.ensemble)
+                                address=cfg.address, slurm=cfg.slurm, ensemble=cfg.ensemble, wandb=cfg.wandb)
     shared, plan = None, study.llc_plan(runs)
     if plan is not None:
         with timer("llc calibration"):
@@ -127,7 +127,7 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True) -> Path:
         if shared.settings is not None:
             with timer("llc estimates"):
                 estimate_runs(list(runs.values()), shared.settings, steps=plan.steps(runs), workers=workers,
-                              progress=progress, device=cfg.device)
+                              progress=progress, device=cfg.device, wandb=cfg.wandb)
     return _report(study, out, runs, shared, timer)
 
 
