@@ -157,3 +157,31 @@ def test_sweep_mirrors_every_run_to_wandb(tmp_path, monkeypatch, ensemble):
         files = list((tmp_path / "sw" / "runs" / run_id).glob("wandb/offline-run-*/run-*.wandb"))
         assert len(files) == 1, run_id
         assert "train/loss" in read_wandb_file(files[0])[0]
+
+
+def test_a_study_mirrors_its_figures_and_checks(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is not installed (the `wandb` extra)")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from icl_lab.studies.low_diversity import LowDiversityConfig
+    from icl_lab.studies.runner import mirror_study
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "study"
+    (out / "figures" / "M2").mkdir(parents=True)
+    plt.plot([0, 1])
+    plt.savefig(out / "figures" / "M2" / "loss.png")
+    plt.close("all")
+    pd.DataFrame({"verdict": ["pass", "fail", "pass"]}).to_parquet(out / "expectations.parquet")
+    mirror_study(LowDiversityConfig(wandb="p"), out)
+    files = list(out.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    keys, config = read_wandb_file(files[0])
+    assert {"study/checks", "study/checks_pass", "figures/M2/loss/path"} <= keys and json.loads(config["wandb"]) == "p"
+    mirror_study(LowDiversityConfig(), tmp_path / "nothing")  # no project: nothing written, nothing imported
+    assert not (tmp_path / "nothing").exists()

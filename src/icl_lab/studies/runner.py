@@ -22,8 +22,10 @@ from icl_lab.report import Section, write_report
 from icl_lab.store import Run, write_json, write_parquet
 from icl_lab.studies.common import Check, PhaseTimer, StudyConfig, check_out, check_table
 from icl_lab.sweep import check_options, train_named_runs
+from icl_lab.tracking import open_tracker
 
-__all__ = ["STUDIES", "MissingOutputs", "Study", "config_class", "rebuild_report", "run_study", "study_class"]
+__all__ = ["STUDIES", "MissingOutputs", "Study", "config_class", "mirror_study", "rebuild_report", "run_study",
+           "study_class"]
 
 # study name -> module; each module defines STUDY, its Study subclass
 STUDIES = {
@@ -128,7 +130,22 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True) -> Path:
             with timer("llc estimates"):
                 estimate_runs(list(runs.values()), shared.settings, steps=plan.steps(runs), workers=workers,
                               progress=progress, device=cfg.device, wandb=cfg.wandb)
-    return _report(study, out, runs, shared, timer)
+    path = _report(study, out, runs, shared, timer)
+    mirror_study(cfg, out)
+    return path
+
+
+def mirror_study(cfg: StudyConfig, out: Path) -> None:
+    """With cfg.wandb, one wandb run for the study itself (its runs have their own): the study's config, how many
+    checks pass, and every figure under OUT/figures. Without it, nothing (wandb is not imported)."""
+    if not cfg.wandb:
+        return
+    with open_tracker(cfg.wandb, out, name=out.name, job_type=f"study-{cfg.study}",
+                      config=json.loads(cfg.model_dump_json())) as tracker:
+        checks = pd.read_parquet(out / "expectations.parquet")
+        tracker.log(0, {"study/checks": len(checks), "study/checks_pass": int((checks["verdict"] == "pass").sum())})
+        for png in sorted((out / "figures").rglob("*.png")):
+            tracker.log_figure(png.relative_to(out / "figures").with_suffix("").as_posix(), png)
 
 
 def rebuild_report(out: str | Path) -> Path:
