@@ -351,3 +351,20 @@ def test_stages_command_uses_the_studies_stage_pipeline(tmp_path):
     pd.testing.assert_frame_equal(written.reset_index(drop=True), expected.reset_index(drop=True), check_dtype=False)
     assert len(written) >= 2 and written["start"].iloc[1:].gt(3).all()  # no boundary in the untrusted steps 0-3
     shutil.rmtree(run.path)
+
+
+def test_two_sweep_commands_on_one_sweep_wait_for_each_other(tmp_path):
+    """Two `icl-lab sweep` processes started together on the same sweep: the second waits for the first, finds
+    its runs done, and trains nothing again; the index lists each run once, trained once."""
+    from icl_lab.sweep import load_index
+
+    out = tmp_path / "sw"
+    cmd = [sys.executable, "-m", "icl_lab.cli", "sweep", "--out", str(out), "--workers", "1", "--quiet",
+           "--grid", "seed=0,1,2", *sweep_sets(steps=60)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert sum("waiting for it" in err for _, err in outputs) == 1  # one of them waited, and said so
+    index = load_index(out)
+    assert len(index) == 3 and index["run_id"].is_unique
+    assert (index["status"] == "done").all() and (index["attempts"] == 1).all()

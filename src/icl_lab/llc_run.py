@@ -320,6 +320,14 @@ def load_shared(out: Path, plan: LLCPlan, runs: dict[str, Run]) -> SharedSetting
 
 def calibrate_shared(out: Path, plan: LLCPlan, runs: dict[str, Run], device: str = "cpu",
                      figure: FigureFn | None = None) -> SharedSettings:
+    """Calibrate once for the whole study, under OUT/.llc_settings.lock: a second process on the same study waits
+    for the first and then reuses its calibration."""
+    with file_lock(Path(out) / ".llc_settings.lock", blocking=True):
+        return _calibrate_shared(out, plan, runs, device, figure)
+
+
+def _calibrate_shared(out: Path, plan: LLCPlan, runs: dict[str, Run], device: str,
+                      figure: FigureFn | None) -> SharedSettings:
     """Calibrate once for the whole study (`calibrate_run`), or reuse OUT/llc_settings.json when its inputs are the
     same. A calibration that finds no stable step size is recorded, not raised: settings is then None."""
     shared = load_shared(out, plan, runs)

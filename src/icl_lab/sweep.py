@@ -637,6 +637,20 @@ def _reconcile(status_dir: Path, runs: Sequence[SweepRun], complete: set[str], r
     return todo
 
 
+@contextlib.contextmanager
+def _coordinator(root: Path) -> Iterator[None]:
+    """Hold root/.lock, the sweep's one coordinator; when another process holds it, say so and wait for it (that
+    process's finished runs are then skipped, so two commands on one sweep never train a run twice)."""
+    with file_lock(root / ".lock") as locked:
+        if locked:
+            yield
+            return
+    holder = (root / ".lock").read_text().strip()
+    print(f"sweep {root} is being run by another process ({holder}); waiting for it", file=sys.stderr, flush=True)
+    with file_lock(root / ".lock", blocking=True):
+        yield
+
+
 def execute_runs(root: str | Path, runs: Sequence[SweepRun], *, runs_dir: str | Path | None = None,
                  executor: Executor = "local", workers: int | None = None, address: str | None = None,
                  slurm: Mapping[str, Any] | None = None, retry_failed: bool = True, progress: bool = True,
@@ -652,15 +666,13 @@ def execute_runs(root: str | Path, runs: Sequence[SweepRun], *, runs_dir: str | 
     check_options(executor, workers, ensemble)
     if len({r.run_id for r in runs}) != len(runs):
         raise SweepError("run ids must be unique")
-    complete = _complete_runs(runs, runs_dir)
+    _complete_runs(runs, runs_dir)  # a directory holding another config is an error before anything is written
 
     root.mkdir(parents=True, exist_ok=True)
-    with file_lock(root / ".lock") as locked:
-        if not locked:
-            holder = (root / ".lock").read_text().strip()
-            raise SweepError(f"sweep {root} is being run by another process ({holder}); wait for it or stop it")
+    with _coordinator(root):
         if spec is not None:
             _record_spec(root, spec)
+        complete = _complete_runs(runs, runs_dir)  # again under the lock: a process waited for may have trained
         todo = _reconcile(root / STATUS_DIR, runs, complete, retry_failed)
         keys = list(dict.fromkeys(k for r in runs for k in r.values))
         write_index = lambda: write_parquet(root / INDEX_FILE, _build_index(root, runs_dir, runs, keys))
