@@ -15,13 +15,14 @@ import pytest
 from typer.testing import CliRunner
 
 from icl_lab.cli import app
+from icl_lab.plots.studies import delta_vs_m_figure
 from icl_lab.studies.common import check_table
 from icl_lab.studies.task_diversity import (
     TaskDiversityConfig,
     analyse,
-    delta_figure,
     doubling_threshold,
     expectations,
+    mean_over_seeds,
     phase_sets,
     run_study,
 )
@@ -213,7 +214,7 @@ def test_known_threshold_flows_through_the_analysis_and_the_figure(study_dir, tm
     assert row["verdict"] == "pass" and "2^1.50" in row["measured"]
     row = exp[exp["expectation"].str.startswith("at M = ∞, doubling B lowers")].iloc[0]
     assert row["verdict"] == "pass"
-    png, pdf = delta_figure(summary, c, tmp_path / "fig2")
+    png, pdf = delta_vs_m_figure(summary, mean_over_seeds(summary), int(summary["D"].iloc[0]), c, tmp_path / "fig2")
     assert png.stat().st_size > 10_000 and pdf.exists()
 
 

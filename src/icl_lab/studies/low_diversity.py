@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from pydantic import Field
@@ -21,16 +20,8 @@ from pydantic import Field
 from icl_lab.config import LLCConfig, RunConfig
 from icl_lab.interp import attention_patterns, probe_residual
 from icl_lab.llc_run import LLCPlan, LLCSettings, SharedSettings, finite_llc
-from icl_lab.plots import (
-    BASELINE_STYLE,
-    per_token_columns,
-    plot_joint_pca,
-    plot_llc,
-    plot_pc_pairs,
-    plot_stages,
-    save_figure,
-    step_axis,
-)
+from icl_lab.plots import per_token_columns, plot_joint_pca, plot_pc_pairs, plot_stages
+from icl_lab.plots.studies import attention_figure, ms_delta_figure, ms_llc_figure, ms_loss_figure, probe_figure
 from icl_lab.report import Section
 from icl_lab.seeding import make_generator
 from icl_lab.stages import save_stage_table
@@ -104,15 +95,6 @@ def _stages(run: Run, ed) -> Any:
     return stages
 
 
-def _stages_figure(run: Run, stages, path: Path) -> None:
-    llc = finite_llc(run)
-    loss = run.metrics.set_index("step").loc[llc["step"]]["id_loss"].to_numpy()
-    t = run.config.task
-    plot_stages(llc["step"].to_numpy(), loss, llc["llc_mean"].to_numpy(), llc["llc_std"].to_numpy(), stages.table,
-                path, milestones=stages.milestones, loss_label="in-distribution loss",
-                title=f"{run.path.name}: M={t.M}, seed {run.config.seed}", trusted=stages.trusted)
-
-
 def _boundary_steps(run: Run, table: pd.DataFrame, limit: int = 4) -> list[int]:
     steps = run.checkpoint_steps
     chosen = [steps[1]] + [int(e) for e in table["end"].iloc[:-1]] + [steps[-1]]
@@ -122,28 +104,11 @@ def _boundary_steps(run: Run, table: pd.DataFrame, limit: int = 4) -> list[int]:
     return chosen
 
 
-def _attention_figure(run: Run, table: pd.DataFrame, path: Path) -> tuple[list[Path], list[int]]:
-    """Mean attention pattern per layer and head (over 64 in-distribution sequences) at the stage boundaries."""
-
-    steps = _boundary_steps(run, table)
+def _attention_patterns(run: Run, table: pd.DataFrame) -> dict[int, np.ndarray]:
+    """{step: mean attention (L, H, T, T) over 64 in-distribution sequences} at the stage boundaries."""
     batch = _fixed_batch(run, 64)
-    L, H = run.config.model.n_layers, run.config.model.n_heads
-    fig, axes = plt.subplots(len(steps), L * H, figsize=(1.9 * L * H, 1.9 * len(steps)), squeeze=False,
-                             constrained_layout=True)
-    for r, step in enumerate(steps):
-        pat = attention_patterns(run.load_checkpoint(step), batch.x, batch.y).mean(1)  # (L, H, T, T)
-        for l in range(L):
-            for h in range(H):
-                ax = axes[r, l * H + h]
-                ax.imshow(pat[l, h].numpy(), cmap="magma", vmin=0, vmax=1)
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if r == 0:
-                    ax.set_title(f"L{l} H{h}", fontsize=8)
-                if l == h == 0:
-                    ax.set_ylabel(f"step {step}", fontsize=8)
-    fig.suptitle(f"{run.path.name}: attention (rows: query token, cols: key token; x_1, y_1, x_2, ...)")
-    return save_figure(fig, path), steps
+    return {step: attention_patterns(run.load_checkpoint(step), batch.x, batch.y).mean(1).numpy()
+            for step in _boundary_steps(run, table)}
 
 
 def _probes(cfg: LowDiversityConfig, runs: dict[str, Run]) -> pd.DataFrame:
@@ -159,94 +124,11 @@ def _probes(cfg: LowDiversityConfig, runs: dict[str, Run]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-# ------------------------------------------------------------------------------------------------ figures
 def _pool_gap(run: Run) -> float:
     """‖w_1 − w_2‖²/4 of a run's M = 2 pool: the loss of the optimal (pool-mean) prediction at k = 1."""
     t = run.config.task
     pool = task_pool(t.family, 2, t.D, run.config.seed)
     return float((pool[0] - pool[1]).square().sum() / 4)
-
-
-def _loss_figure(cfg: LowDiversityConfig, runs: dict[str, Run], path: Path) -> list[Path]:
-
-    fig, axes = plt.subplots(len(cfg.Ms), 3, figsize=(15, 3.8 * len(cfg.Ms)), squeeze=False, constrained_layout=True)
-    colours = plt.cm.tab10(np.arange(len(cfg.seeds)))
-    for r, M in enumerate(cfg.Ms):
-        for c, set_name in enumerate(("id", "ood")):
-            ax = axes[r, c]
-            for seed, col in zip(cfg.seeds, colours, strict=True):
-                run = runs[run_name(M, seed)]
-                m = run.metrics
-                ax.plot(m["step"], m[f"{set_name}_loss"], color=col, lw=1.5, label=f"seed {seed}")
-                ax.plot(m["step"], m[f"{set_name}_loss_k1"], color=col, lw=0.8, ls=":")
-                for key in ("dmmse", "ridge"):
-                    ax.axhline(run.baselines[f"{set_name}_{key}_loss"], color=BASELINE_STYLE[key][0], ls="--", lw=0.8)
-            ax.set_yscale("log")
-            step_axis(ax)
-            ax.set_title(f"M={M} {'in-distribution' if set_name == 'id' else 'OOD (fresh unit-norm tasks)'}: "
-                         "mean loss (solid), ℓ_1 (dotted)", fontsize=9)
-        ax = axes[r, 2]
-        for seed, col in zip(cfg.seeds, colours, strict=True):
-            run = runs[run_name(M, seed)]
-            last = run.metrics.iloc[-1]
-            k = np.arange(1, cfg.K + 1)
-            ax.plot(k, [last[c] for c in per_token_columns(run.metrics, "id_loss")], "o-", color=col, ms=3,
-                    label=f"model, seed {seed}")
-            ax.plot(k, [run.baselines[f"id_dmmse_loss_k{i}"] for i in k], color=col, ls="--", lw=0.8)
-            if M == 2:
-                ax.axhline(_pool_gap(run), color=col, ls=":", lw=0.8)
-        ax.set_yscale("symlog", linthresh=1e-4)
-        ax.set_xlabel("position k")
-        ax.set_title(f"M={M}: final per-token loss (in-distribution); dashed: dMMSE"
-                     + (", dotted: ‖w₁−w₂‖²/4" if M == 2 else ""), fontsize=9)
-        axes[r, 0].legend(fontsize=7)
-    axes[0, 2].legend(fontsize=7)
-    return save_figure(fig, path)
-
-
-def _delta_figure(cfg: LowDiversityConfig, runs: dict[str, Run], path: Path) -> list[Path]:
-
-    fig, axes = plt.subplots(1, len(cfg.Ms), figsize=(6 * len(cfg.Ms), 4), squeeze=False, constrained_layout=True)
-    for c, M in enumerate(cfg.Ms):
-        ax = axes[0, c]
-        for seed in cfg.seeds:
-            m = runs[run_name(M, seed)].metrics
-            for key, colour in (("delta_dmmse", "tab:green"), ("delta_ridge", "tab:blue")):
-                for set_name, ls in (("id", "-"), ("ood", "--")):
-                    ref = "dMMSE" if key == "delta_dmmse" else "least sq."
-                    label = f"Δ({ref}), {set_name}" if seed == cfg.seeds[0] else None
-                    ax.plot(m["step"], m[f"{set_name}_{key}"], color=colour, ls=ls, lw=1, alpha=0.8, label=label)
-        ax.set_yscale("log")
-        step_axis(ax)
-        ax.set_title(f"M={M}: distance of the model's predictions to dMMSE and least squares", fontsize=9)
-        ax.legend(fontsize=7)
-    return save_figure(fig, path)
-
-
-def _llc_figure(cfg: LowDiversityConfig, runs: dict[str, Run], path: Path) -> list[Path]:
-
-    fig, axes = plt.subplots(1, len(cfg.Ms), figsize=(6 * len(cfg.Ms), 4), squeeze=False, constrained_layout=True)
-    for c, M in enumerate(cfg.Ms):
-        ax = axes[0, c]
-        plot_llc(ax, {f"seed {seed}": finite_llc(runs[run_name(M, seed)]) for seed in cfg.seeds})
-        ax.set_title(f"M={M}: LLC over training (raw, same settings and data at every checkpoint; hollow: "
-                     "diagnostic flag, diamonds: w* on a slope)", fontsize=9)
-    return save_figure(fig, path)
-
-
-def _probe_figure(probes: pd.DataFrame, path: Path) -> list[Path]:
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), constrained_layout=True)
-    kcols = [c for c in probes.columns if c.startswith("k")]
-    for _, row in probes.iterrows():
-        ax.plot(range(1, len(kcols) + 1), row[kcols].to_numpy(dtype=float), "o-", ms=3,
-                label=f"M={row.M} seed {row.seed} step {row.step}")
-    ax.axhline(0.5, color="0.5", ls="--", lw=0.8)
-    ax.set_xlabel("position k")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_title("linear probe for the task identity (final residual stream at x_k)", fontsize=9)
-    ax.legend(fontsize=6)
-    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------ expectations
@@ -397,16 +279,26 @@ class LowDiversity(Study):
 
     def figures(self, r: dict[str, Any], figs: Path) -> dict[str, Any]:
         cfg, runs, s0 = self.cfg, r["runs"], self.cfg.seeds[0]
+        grid = {M: {s: runs[run_name(M, s)] for s in cfg.seeds} for M in cfg.Ms}
         pngs: dict[str, Any] = {}
         for name, run in runs.items():
-            _stages_figure(run, r["stages"][name], figs / f"stages_{name}")
-            pngs[f"stages_{name}"] = figs / f"stages_{name}.png"
+            llc, stages, t = finite_llc(run), r["stages"][name], run.config.task
+            loss = run.metrics.set_index("step").loc[llc["step"]]["id_loss"].to_numpy()
+            pngs[f"stages_{name}"] = plot_stages(
+                llc["step"].to_numpy(), loss, llc["llc_mean"].to_numpy(), llc["llc_std"].to_numpy(), stages.table,
+                figs / f"stages_{name}", milestones=stages.milestones, loss_label="in-distribution loss",
+                title=f"{run.path.name}: M={t.M}, seed {run.config.seed}", trusted=stages.trusted)[0]
         for M in cfg.Ms:
-            name = run_name(M, s0)
-            pngs[f"attention_M{M}"] = _attention_figure(runs[name], r["stages"][name].table, figs / f"attention_M{M}")
-        pngs["loss"] = _loss_figure(cfg, runs, figs / "loss_curves")[0]
-        pngs["delta"] = _delta_figure(cfg, runs, figs / "delta")[0]
-        pngs["llc"] = _llc_figure(cfg, runs, figs / "llc_curves")[0]
+            run = grid[M][s0]
+            patterns = _attention_patterns(run, r["stages"][run_name(M, s0)].table)
+            pngs[f"attention_M{M}"] = (attention_figure(patterns, run.path.name, figs / f"attention_M{M}"),
+                                       list(patterns))
+        gaps = {s: _pool_gap(grid[2][s]) for s in cfg.seeds} if 2 in grid else {}
+        pngs["loss"] = ms_loss_figure(grid, gaps, cfg.K, figs / "loss_curves")[0]
+        pngs["delta"] = ms_delta_figure({M: {s: run.metrics for s, run in g.items()} for M, g in grid.items()},
+                                        figs / "delta")[0]
+        pngs["llc"] = ms_llc_figure({M: {f"seed {s}": finite_llc(run) for s, run in g.items()}
+                                     for M, g in grid.items()}, figs / "llc_curves")[0]
         for M in cfg.Ms:
             pngs[f"ed_M{M}"] = plot_pc_pairs(r["eds"][run_name(M, s0)], figs / f"ed_M{M}", title=f"M={M}, seed {s0}")[0]
         for s, jp in r["joint"].items():
@@ -414,7 +306,7 @@ class LowDiversity(Study):
                 jp, figs / f"joint_pca_seed{s}", ref_runs={f"dMMSE_{M}": f"M={M}" for M in cfg.Ms},
                 title=f"joint trajectory PCA on root-task sequences, seed {s}")[0]
         if len(r["probes"]):
-            pngs["probes"] = _probe_figure(r["probes"], figs / "probes")[0]
+            pngs["probes"] = probe_figure(r["probes"], figs / "probes")[0]
         return pngs
 
     def sections(self, r: dict[str, Any], pngs: dict[str, Any]) -> list[Section]:

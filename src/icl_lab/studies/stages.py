@@ -38,11 +38,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib import colormaps
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
@@ -50,7 +48,8 @@ from icl_lab.baselines import ridge_predict
 from icl_lab.config import LLCConfig, RunConfig
 from icl_lab.evaluate import per_token_loss, predict
 from icl_lab.llc_run import LLCPlan, LLCSettings, SharedSettings, finite_llc
-from icl_lab.plots import plot_llc, plot_pc_pairs, plot_stages, save_figure, step_axis
+from icl_lab.plots import plot_pc_pairs, plot_stages
+from icl_lab.plots.studies import indicator_figure, pc_scores_figure, seeds_figure
 from icl_lab.report import Section
 from icl_lab.seeding import make_generator
 from icl_lab.stages import SE_COLUMNS, save_stage_table
@@ -485,122 +484,6 @@ def expectations(cfg: StagesConfig, results: Mapping[str, Mapping[str, Any]]) ->
     return rows
 
 
-# ================================================================================================ figures
-def _bands(ax, table: pd.DataFrame, xmin: float) -> None:
-    """Stage bands as in Hoogland et al. Fig. 1 (orange: LLC rising, type A; blue: falling, type B)."""
-
-    na = nb = 0
-    for row in table.itertuples():
-        if row.type == "A":
-            colour, na = colormaps["Oranges"](0.25 + 0.2 * (na % 2)), na + 1
-        else:
-            colour, nb = colormaps["Blues"](0.25 + 0.2 * (nb % 2)), nb + 1
-        ax.axvspan(max(float(row.start), xmin), float(row.end), color=colour, alpha=0.45, lw=0, zorder=0)
-
-
-def indicator_figure(cfg: StagesConfig, r: Mapping[str, Any], path: Path) -> tuple[Path, Path]:
-    """Per-stage indicators against step with the stage bands (Hoogland et al. Fig. 5 and §D.3.4): E[ŷ²] with σ²;
-    the ICL score per input scale g with ridge's (dashed); RMS of each LN weight vector; the fraction of LN weights
-    with |w| < threshold."""
-
-    curves, table = r["curves"], r["table"]
-    s = curves["step"].to_numpy(float)
-    xmin = float(s[s > 0].min()) if (s > 0).any() else 1.0
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
-    ax = axes[0, 0]
-    ax.plot(s, curves["yhat_sq"], "o-", color="k", ms=2.5, lw=1.2, label="E[ŷ²] (g = 1)")
-    ax.axhline(cfg.noise_var, color="tab:red", ls="--", lw=1, label=f"σ² = {cfg.noise_var:g}")
-    ax.set_yscale("log")
-    ax.set_title("LR1 indicator: E[ŷ²] over sequences and positions (the prior predictor gives 0)", fontsize=9)
-    ax = axes[0, 1]
-    colours = plt.cm.plasma(np.linspace(0.1, 0.8, len(cfg.input_scales)))
-    for g, c in zip(cfg.input_scales, colours, strict=True):
-        col = f"icl_g{_g_label(g)}"
-        ax.plot(s, curves[col], "o-", color=c, ms=2.5, lw=1.2, label=f"g = {g:g}")
-        ax.axhline(r["ridge"][col], color=c, ls="--", lw=0.9)
-    ax.axhline(0, color="0.3", lw=0.6)
-    ax.set_title(f"ICL score ℓ_{cfg.late} − ℓ_{cfg.icl_early} on x ~ N(0, g I) (dashed: ridge; lower = better ICL)",
-                 fontsize=9)
-    lns = [c.split(":", 1)[1] for c in curves.columns if c.startswith("ln_rms:")]
-    ln_colours = plt.cm.tab10(np.arange(len(lns)) % 10)
-    for name, c in zip(lns, ln_colours, strict=True):
-        axes[1, 0].plot(s, curves[f"ln_rms:{name}"], "o-", color=c, ms=2, lw=1.2, label=name)
-        axes[1, 1].plot(s, curves[f"ln_small:{name}"], "o-", color=c, ms=2, lw=1.2, label=name)
-    axes[1, 0].set_title("LayerNorm weights: RMS ‖w‖/√d of each LN (1 at initialisation)", fontsize=9)
-    axes[1, 1].set_title(f"LayerNorm collapse: fraction of weights with |w_i| < {cfg.ln_threshold:g}", fontsize=9)
-    axes[1, 1].set_ylim(-0.02, 1.02)
-    for ax in axes.flat:
-        _bands(ax, table, xmin)
-        step_axis(ax)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{r['run'].path.name}: indicators over training, with the LLC stages (orange: type A, blue: B)",
-                 fontsize=10)
-    return save_figure(fig, path)
-
-
-def pc_scores_figure(r: Mapping[str, Any], path: Path) -> tuple[Path, Path]:
-    """PC scores of the essential dynamics against step (Hoogland et al. Fig. 6): raw (dots) and smoothed (lines),
-    with the LLC stage boundaries (dashed) and the ED cusps / vertices (ticks at the top)."""
-
-    ed, table = r["ed"], r["table"]
-    s = ed.steps.astype(float)
-    n = ed.smoothed.shape[1]
-    fig, axes = plt.subplots(n, 1, figsize=(8, 2.2 * n), sharex=True, constrained_layout=True, squeeze=False)
-    events = ed.event_steps()
-    for i in range(n):
-        ax = axes[i, 0]
-        ax.plot(s, ed.scores[:, i], ".", color="0.6", ms=3)
-        ax.plot(s, ed.smoothed[:, i], "-", color="tab:purple", lw=1.4)
-        for b in table["end"].iloc[:-1]:
-            ax.axvline(float(b), color="k", ls="--", lw=0.9)
-        for e in events:
-            ax.axvline(float(e), ymin=0.9, ymax=1.0, color="tab:red", lw=1.5)
-        ax.set_ylabel(f"PC{i + 1} ({100 * ed.explained_variance_ratio[i]:.0f}%)")
-        step_axis(ax)
-    fig.suptitle(f"{r['run'].path.name}: PC scores over training; dashed: LLC stage boundaries; red ticks: ED "
-                 "cusps / vertices", fontsize=9)
-    return save_figure(fig, path)
-
-
-def seeds_figure(results: Mapping[str, Mapping[str, Any]], path: Path) -> tuple[Path, Path]:
-    """LLC (top) and test loss (bottom) of every seed against step, with each seed's boundaries as ticks."""
-
-    fig, axes = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, constrained_layout=True)
-    colours = plt.cm.tab10(np.arange(len(results)) % 10)
-    plot_llc(axes[0], {name: r["used"] for name, r in results.items()}, colours)
-    for (name, r), c in zip(results.items(), colours, strict=True):
-        u = r["used"]
-        axes[1].plot(u["step"], u["loss"], "-", color=c, lw=1.2, label=name)
-        for b in r["table"]["end"].iloc[:-1]:
-            axes[0].axvline(float(b), ymin=0.92, ymax=1.0, color=c, lw=2)
-    axes[0].set_ylabel("λ̂")
-    axes[1].set_ylabel("test loss")
-    axes[1].set_yscale("log")
-    for ax in axes:
-        step_axis(ax)
-        ax.legend(fontsize=7)
-    fig.suptitle("every seed: LLC and loss over training (ticks: each seed's stage boundaries)", fontsize=9)
-    return save_figure(fig, path)
-
-
-def _figures(cfg: StagesConfig, r: Mapping[str, Any], figs: Path) -> dict[str, Path]:
-
-    name = r["run"].path.name
-    u = r["used"]
-    out = {"stages": plot_stages(u["step"], u["loss"], u["llc_mean"], u["llc_std"], r["table"],
-                                 figs / f"stages_{name}", milestones=r["milestones"],
-                                 loss_label="test loss (fresh tasks)", trusted=u["trusted"],
-                                 title=f"{name}: loss and LLC with stages (Hoogland et al. Fig. 1)")[0],
-           "indicators": indicator_figure(cfg, r, figs / f"indicators_{name}")[0],
-           "ed": plot_pc_pairs(r["ed"], figs / f"ed_{name}", osculating=True,
-                               title=f"{name}: essential dynamics (Hoogland et al. Fig. 2)")[0],
-           "pc_scores": pc_scores_figure(r, figs / f"pc_scores_{name}")[0]}
-    cal = r["run"].path / "figures" / "llc_calibration.png"
-    if cal.exists():
-        out["calibration"] = cal
-    return out
-
-
 # ================================================================================================ the report
 def _paper_table() -> pd.DataFrame:
     return pd.DataFrame([{"stage": s, "end": e, "type": t, "Δℓ̂": dl, "Δλ̂": dlam} for s, e, t, dl, dlam in PAPER_STAGES])
@@ -655,10 +538,27 @@ class Stages(Study):
         return expectations(self.cfg, r["results"])
 
     def figures(self, r: dict[str, Any], figs: Path) -> dict[str, Any]:
-        results = r["results"]
-        pngs: dict[str, Any] = {name: _figures(self.cfg, res, figs) for name, res in results.items()}
+        cfg, results, pngs = self.cfg, r["results"], {}
+        for name, res in results.items():
+            u, table, rn = res["used"], res["table"], res["run"].path.name
+            pngs[name] = {
+                "stages": plot_stages(u["step"], u["loss"], u["llc_mean"], u["llc_std"], table, figs / f"stages_{rn}",
+                                      milestones=res["milestones"], loss_label="test loss (fresh tasks)",
+                                      trusted=u["trusted"],
+                                      title=f"{rn}: loss and LLC with stages (Hoogland et al. Fig. 1)")[0],
+                "indicators": indicator_figure(
+                    res["curves"], table, res["ridge"], {g: f"icl_g{_g_label(g)}" for g in cfg.input_scales},
+                    noise_var=cfg.noise_var, early=cfg.icl_early, late=cfg.late, ln_threshold=cfg.ln_threshold,
+                    title=rn, path=figs / f"indicators_{rn}")[0],
+                "ed": plot_pc_pairs(res["ed"], figs / f"ed_{rn}", osculating=True,
+                                    title=f"{rn}: essential dynamics (Hoogland et al. Fig. 2)")[0],
+                "pc_scores": pc_scores_figure(res["ed"], table, rn, figs / f"pc_scores_{rn}")[0]}
+            cal = res["run"].path / "figures" / "llc_calibration.png"
+            if cal.exists():
+                pngs[name]["calibration"] = cal
         if len(results) > 1:
-            pngs["seeds"] = seeds_figure(results, figs / "llc_all_seeds")[0]
+            pngs["seeds"] = seeds_figure({n: x["used"] for n, x in results.items()},
+                                         {n: x["table"] for n, x in results.items()}, figs / "llc_all_seeds")[0]
         return pngs
 
     def sections(self, r: dict[str, Any], pngs: dict[str, Any]) -> list[Section]:

@@ -25,14 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from pydantic import Field
 
 from icl_lab.config import RunConfig
 from icl_lab.evaluate import prepare_eval_sets
-from icl_lab.plots import m_axis, m_label, m_positions, per_token_columns, save_figure, step_axis
+from icl_lab.plots import m_label, per_token_columns
+from icl_lab.plots.studies import crossover_figure, delta_vs_m_figure, per_token_figure, training_curves_figure
 from icl_lab.report import Section
 from icl_lab.store import Run, write_json, write_parquet
 from icl_lab.studies.common import Check, MsStudyConfig, fmt_ms, n_parameters, scale_frame
@@ -341,180 +341,11 @@ def expectations(cfg: TaskDiversityConfig, summary: pd.DataFrame,
     return rows
 
 
-def _short_m_star(c: Crossover) -> str:
-    if c.M_star is None:
-        edge = f"> {m_label(c.Ms[-1])}" if c.side == "above" else f"≤ {m_label(c.Ms[0])}"
-        return f"none in range ({edge})"
-    return f"{c.M_star:.3g} = 2^{math.log2(c.M_star):.2f}"
-
-
 def _fmt_m_star(c: Crossover) -> str:
     if c.M_star is None:
         return f"not found ({c.reason})"
     lo, hi = c.bracket
     return f"{c.M_star:.4g} = 2^{math.log2(c.M_star):.2f} (between {m_label(lo)} and {m_label(hi)})"
-
-
-# ================================================================================================ figures
-def _batch_colours(Bs) -> np.ndarray:
-
-    return plt.cm.coolwarm(np.linspace(0.1, 0.95, len(Bs))) if len(Bs) > 1 else plt.cm.coolwarm([0.95])
-
-
-def _shade(ax, M_star: float | None, Ms) -> None:
-    """Grey shading past the threshold and a dashed line at M* (Raventós et al. Fig. 2)."""
-    if M_star is None:
-        return
-    x = math.log2(M_star)
-    right = float(m_positions(list(Ms)).max()) + 0.5
-    ax.axvspan(x, right, color="0.88", zorder=0, lw=0)
-    ax.axvline(x, color="0.35", ls="--", lw=1)
-
-
-def delta_figure(summary: pd.DataFrame, crossover: Crossover, path: Path) -> tuple[Path, Path]:
-    """Raventós et al. Fig. 2: rows T_Pretrain / T_True; columns L/D (PT, dMMSE, ridge), Δ(PT, dMMSE)/D,
-    Δ(PT, Ridge)/D against M on a log2 axis (∞ at the right), one series per batch size (pale blue → red); the
-    dotted grey curve is Δ(Ridge, dMMSE)/D; grey shading past M*."""
-
-    D = _dimension(summary)
-    mean = mean_over_seeds(summary)
-    spread = summary.groupby(["B", "M"])
-    Bs = sorted(mean["B"].unique())
-    Ms = sorted(mean["M"].unique())
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
-    for r, (s, title) in enumerate((("id", "T_Pretrain (pool tasks)"), ("ood", "T_True (fresh tasks)"))):
-        for B, colour in zip(Bs, _batch_colours(Bs), strict=True):
-            rows = mean[mean["B"] == B].sort_values("M")
-            x = m_positions(rows["M"].to_numpy())
-            lo = spread[[f"{s}_loss", f"{s}_delta_dmmse", f"{s}_delta_ridge"]].min().loc[B].loc[rows["M"]]
-            hi = spread[[f"{s}_loss", f"{s}_delta_dmmse", f"{s}_delta_ridge"]].max().loc[B].loc[rows["M"]]
-            for c, key in enumerate(("loss", "delta_dmmse", "delta_ridge")):
-                col = f"{s}_{key}"
-                axes[r, c].plot(x, rows[col] / D, "o-", color=colour, ms=4, lw=1.5, label=f"PT, B = {B}")
-                if summary["seed"].nunique() > 1:
-                    axes[r, c].fill_between(x, lo[col] / D, hi[col] / D, color=colour, alpha=0.2, lw=0)
-        base = mean[mean["B"] == Bs[-1]].sort_values("M")
-        x = m_positions(base["M"].to_numpy())
-        axes[r, 0].plot(x, base[f"{s}_dmmse_loss"] / D, "s--", color="tab:green", ms=3, lw=1, label="dMMSE")
-        axes[r, 0].plot(x, base[f"{s}_ridge_loss"] / D, "s--", color="tab:blue", ms=3, lw=1, label="ridge")
-        fin = base[np.isfinite(base["M"])]
-        for c in (1, 2):
-            axes[r, c].plot(m_positions(fin["M"].to_numpy()), fin[f"{s}_delta_ridge_dmmse"] / D, ":", color="0.4",
-                            lw=1.2, label="Δ(Ridge, dMMSE)")
-        labels = ("normalised loss L/D", "Δ(PT, dMMSE)/D", "Δ(PT, Ridge)/D")
-        for c in range(3):
-            ax = axes[r, c]
-            _shade(ax, crossover.M_star, Ms)
-            ax.set_yscale("log")
-            m_axis(ax, Ms)
-            ax.set_ylabel(labels[c])
-            ax.set_title(f"{title}: {labels[c]}", fontsize=9)
-        axes[r, 0].legend(fontsize=7)
-        axes[r, 2].legend(fontsize=7)
-    fig.suptitle(f"Final models against task diversity (Raventós et al. Fig. 2 style); grey: M past the threshold "
-                 f"M* = {_short_m_star(crossover)}", fontsize=10)
-    return save_figure(fig, path)
-
-
-def crossover_figure(summary: pd.DataFrame, analysis: dict[tuple[int, int], Crossover], path: Path
-                     ) -> tuple[Path, Path]:
-    """Left: the criterion, log2(Δ_2B / Δ_B) of Δ^{T_True}_{PT,Ridge} against M (> 0: doubling B moves the PT
-    away from ridge), with M* marked, for each consecutive pair of batch sizes (M = ∞: open marker, shown but not
-    used). Right: the same ratio for the other three distances, for the first pair."""
-
-    mean = mean_over_seeds(summary)
-    Ms = sorted(mean["M"].unique())
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), constrained_layout=True)
-    colours = _batch_colours(list(analysis) + [None])[1:]
-    ratio = lambda b1, b2, col: (mean[mean["B"] == b2].set_index("M")[col]
-                                 / mean[mean["B"] == b1].set_index("M")[col]).sort_index()
-    for ((b1, b2), c), colour in zip(analysis.items(), colours, strict=True):
-        rr = ratio(b1, b2, "ood_delta_ridge")
-        x, y, fin = m_positions(rr.index.to_numpy()), np.log2(rr.to_numpy()), np.isfinite(rr.index.to_numpy())
-        axes[0].plot(x[fin], y[fin], "o-", color=colour, label=f"B = {b1} → {b2}: M* = {_short_m_star(c)}")
-        axes[0].plot(x[~fin], y[~fin], "o", mfc="none", color=colour)  # M = ∞: shown, not used by the criterion
-        if c.M_star is not None:
-            axes[0].axvline(math.log2(c.M_star), color=colour, ls="--", lw=1)
-    first = next(iter(analysis))
-    _shade(axes[0], analysis[first].M_star, Ms)
-    axes[0].set_title("criterion: log₂ Δ_True(PT, Ridge) at 2B over at B (> 0 below M*, < 0 above)", fontsize=9)
-    styles = {"id_delta_ridge": ("T_Pretrain, Δ(PT, Ridge)", "tab:blue", "--"),
-              "id_delta_dmmse": ("T_Pretrain, Δ(PT, dMMSE)", "tab:green", "--"),
-              "ood_delta_dmmse": ("T_True, Δ(PT, dMMSE)", "tab:green", "-"),
-              "ood_delta_ridge": ("T_True, Δ(PT, Ridge) (the criterion)", "tab:blue", "-")}
-    for col, (label, colour, ls) in styles.items():
-        rr = ratio(*first, col)
-        axes[1].plot(m_positions(rr.index.to_numpy()), np.log2(rr.to_numpy()), "o", color=colour, ls=ls, ms=3,
-                     label=label)
-    _shade(axes[1], analysis[first].M_star, Ms)
-    axes[1].set_title(f"all four distances, B = {first[0]} → {first[1]} (< 0: doubling B moves the PT closer)",
-                      fontsize=9)
-    for ax in axes:
-        ax.axhline(0, color="k", lw=0.8)
-        m_axis(ax, Ms)
-        ax.set_ylabel("log₂(Δ at 2B / Δ at B)")
-        ax.legend(fontsize=7)
-    return save_figure(fig, path)
-
-
-def per_token_figure(summary: pd.DataFrame, path: Path) -> tuple[Path, Path]:
-    """Final per-token loss ℓ_k against the position k, one curve per M (viridis, ∞ black), rows T_Pretrain /
-    T_True, a column per batch size; thin dotted: dMMSE of the same M; thick dashed: ridge (on T_True, the same
-    eval set for every M)."""
-
-    mean = mean_over_seeds(summary)
-    Bs = sorted(mean["B"].unique())
-    Ms = sorted(mean["M"].unique())
-    finite = [m for m in Ms if np.isfinite(m)]
-    colour = {m: plt.cm.viridis(i / max(len(finite) - 1, 1) * 0.9) for i, m in enumerate(finite)} | {np.inf: "k"}
-    fig, axes = plt.subplots(2, len(Bs), figsize=(5.5 * len(Bs), 8), squeeze=False, constrained_layout=True)
-    for r, (s, title) in enumerate((("id", "T_Pretrain"), ("ood", "T_True"))):
-        for c, B in enumerate(Bs):
-            ax = axes[r, c]
-            rows = mean[mean["B"] == B].set_index("M")
-            cols = per_token_columns(rows, f"{s}_loss")
-            k = np.arange(1, len(cols) + 1)
-            for m in Ms:
-                ax.plot(k, rows.loc[m, cols].to_numpy(dtype=float), "o-", ms=2.5, lw=1.2, color=colour[m],
-                        label=f"M = {m_label(m)}")
-                if np.isfinite(m):
-                    dm = [col.replace(f"{s}_loss", f"{s}_dmmse_loss") for col in cols]
-                    ax.plot(k, rows.loc[m, dm].to_numpy(dtype=float), ":", lw=0.8, color=colour[m])
-            ridge = [col.replace(f"{s}_loss", f"{s}_ridge_loss") for col in cols]
-            ax.plot(k, rows[ridge].mean().to_numpy(dtype=float), "--", color="tab:red", lw=2, label="ridge")
-            ax.set_yscale("log")
-            ax.set_xticks(k)
-            ax.set_xlabel("position k (k − 1 examples in context)")
-            ax.set_ylabel("ℓ_k (squared error)")
-            ax.set_title(f"{title}, B = {B}: final per-token loss; dotted: dMMSE of each M", fontsize=9)
-            ax.grid(alpha=0.3, which="both")
-    axes[0, -1].legend(fontsize=6, ncol=2)
-    return save_figure(fig, path)
-
-
-def training_curves_figure(cfg: TaskDiversityConfig, runs: dict[str, Run], crossover: Crossover, path: Path
-                           ) -> tuple[Path, Path]:
-    """Δ_True(PT, Ridge)/D against the training step, one curve per M (dashed past M*), a panel per batch
-    size (Raventós et al. Fig. 4, left; the first seed)."""
-
-    finite = cfg.finite_Ms
-    colour = {m: plt.cm.viridis(i / max(len(finite) - 1, 1) * 0.9) for i, m in enumerate(finite)} | {None: "k"}
-    Bs = cfg.batch_sizes
-    fig, axes = plt.subplots(1, len(Bs), figsize=(5.5 * len(Bs), 4.2), squeeze=False, constrained_layout=True)
-    for c, B in enumerate(Bs):
-        ax = axes[0, c]
-        for M in cfg.Ms:
-            m = runs[run_name(M, B, cfg.seeds[0])].metrics
-            above = crossover.M_star is not None and (M is None or M > crossover.M_star)
-            ax.plot(m["step"], m["ood_delta_ridge"] / cfg.D, color=colour[M], lw=1.3, ls="--" if above else "-",
-                    label=f"M = {m_label(M)}" + (" (> M*)" if above else ""))
-        ax.set_yscale("log")
-        step_axis(ax)
-        ax.set_xlim(left=0)
-        ax.set_ylabel("Δ_True(PT, Ridge)/D")
-        ax.set_title(f"B = {B}: distance to ridge on fresh tasks over training (seed {cfg.seeds[0]})", fontsize=9)
-    axes[0, -1].legend(fontsize=6, ncol=2)
-    return save_figure(fig, path)
 
 
 def _dimension(summary: pd.DataFrame) -> int:
@@ -549,11 +380,14 @@ class TaskDiversity(Study):
                 "measured M*; the low-diversity phase is M ≤ M*/8 (the paper's lies 8 octaves under its threshold).")
 
     def figures(self, r: dict[str, Any], figs: Path) -> dict[str, Path]:
-        summary, crossover = r["summary"], r["crossover"]
-        return {"fig2": delta_figure(summary, crossover, figs / "delta_vs_M")[0],
-                "crossover": crossover_figure(summary, r["analysis"], figs / "crossover")[0],
-                "per_token": per_token_figure(summary, figs / "per_token")[0],
-                "curves": training_curves_figure(self.cfg, r["runs"], crossover, figs / "delta_ridge_vs_step")[0]}
+        cfg, summary, crossover = self.cfg, r["summary"], r["crossover"]
+        mean = mean_over_seeds(summary)
+        metrics = {B: {M: r["runs"][run_name(M, B, cfg.seeds[0])].metrics for M in cfg.Ms} for B in cfg.batch_sizes}
+        return {"fig2": delta_vs_m_figure(summary, mean, _dimension(summary), crossover, figs / "delta_vs_M")[0],
+                "crossover": crossover_figure(mean, r["analysis"], figs / "crossover")[0],
+                "per_token": per_token_figure(mean, figs / "per_token")[0],
+                "curves": training_curves_figure(metrics, cfg.D, crossover.M_star, cfg.seeds[0],
+                                                 figs / "delta_ridge_vs_step")[0]}
 
     def sections(self, r: dict[str, Any], pngs: dict[str, Path]) -> list[Section]:
         cfg, runs, analysis, summary = self.cfg, r["runs"], r["analysis"], r["summary"]

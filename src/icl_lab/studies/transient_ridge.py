@@ -30,14 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from pydantic import Field
 
 from icl_lab.config import LLCConfig, RunConfig
 from icl_lab.llc_run import LLCPlan, LLCSettings, SharedSettings
-from icl_lab.plots import m_axis, m_label, m_positions, plot_joint_pca, save_figure, step_axis
+from icl_lab.plots import m_label, plot_joint_pca
+from icl_lab.plots.studies import llc_vs_m_figure, ood_figure, pca_distance_figure, t_crit_figure
 from icl_lab.report import Section
 from icl_lab.store import Run, write_json, write_parquet
 from icl_lab.studies.common import (
@@ -61,50 +61,6 @@ def _sqrt2_grid(top_exponent: int) -> list[int]:
     (Carroll et al.'s grid is 'roughly geometric with ratio √2'; the exact one is in their App. A, not in
     docs/papers.md)."""
     return sorted({round(2 ** (j / 2)) for j in range(2 * top_exponent + 1)})
-
-
-# The paper's sizes (docs/papers.md §E1): D = 8, K = 16, σ² = 0.125, M = 1 ... 2^15 and ∞. [EXT] App. A (architecture,
-# optimiser, steps) is not in docs/papers.md: the model is the 'hoogland' layout (2 layers) widened to d_model 256, MLP
-# 2048, which has 2.64M parameters (the paper: 2.65M); optimiser and schedule are Hoogland et al.'s (Adam, lr 3e-3,
-# one-cycle triangle, batch 256, 500k steps; docs/papers.md §D1), checkpoints a union of linear and log spacing (§E1).
-# LLC: the sizes of the authors' stored regression sweep config (8 chains, 500 draws after 500 burn-in, minibatch
-# 1024, n = 32,768; docs/papers.md §D2 [EXT]); ε is calibrated on the grid below at γ = 1000 (as at small scale), where
-# every grid ε needs a burn-in of at most min_burnin(1e-5, 1000) = 300 < 500 steps (`icl_lab.llc.min_burnin`).
-PAPER = dict(
-    Ms=_sqrt2_grid(15) + [None],
-    D=8,
-    K=16,
-    noise_var=0.125,
-    preset="hoogland",
-    model_overrides=dict(d_model=256, n_heads=4, d_head=64, d_mlp=2048),
-    batch_size=256,
-    steps=500_000,
-    lr=3e-3,
-    n_checkpoints_linear=100,
-    n_checkpoints_log=100,
-    n_evals=500,
-    eval_size=8192,
-    pca_batch=512,
-    llc_n=32_768,
-    sampler=LLCConfig(num_chains=8, num_draws=500, num_burnin=500, batch_size=1024, localization=1000.0),
-    step_sizes=[1e-5, 3e-5, 1e-4, 3e-4],
-    device="cuda",
-    workers=4,
-)
-# A minutes-long version of the small scale: 6 Ms, 3,000 steps, lighter evaluation and LLC (calibration burn-ins:
-# 100 steps at ε = 3e-5, 30 at 1e-4 and 3e-4).
-QUICK = dict(
-    Ms=[1, 4, 8, 16, 64, None],
-    steps=3000,
-    n_checkpoints_linear=6,
-    n_checkpoints_log=10,
-    n_evals=30,
-    eval_size=1024,
-    pca_batch=128,
-    llc_n=1024,
-    sampler=LLCConfig(step_size=1e-4, num_chains=2, num_draws=60, num_burnin=30, batch_size=64, localization=1000.0),
-    step_sizes=[3e-5, 1e-4, 3e-4],
-)
 
 
 # The paper's sizes (docs/papers.md §E1): D = 8, K = 16, σ² = 0.125, M = 1 ... 2^15 and ∞. [EXT] App. A (architecture,
@@ -487,135 +443,6 @@ def expectations(cfg: TransientRidgeConfig, summary: pd.DataFrame) -> list[Check
     return rows
 
 
-# ================================================================================================ figures
-def _colours(Ms) -> dict:
-
-    finite = [m for m in Ms if m is not None]
-    return {m: plt.cm.viridis(i / max(len(finite) - 1, 1) * 0.9) for i, m in enumerate(finite)} | {None: "k"}
-
-
-def ood_figure(
-    cfg: TransientRidgeConfig,
-    runs: dict[str, Run],
-    curves: dict[int | None, pd.DataFrame],
-    crit: dict[int | None, CriticalStep],
-    path: Path,
-) -> tuple[Path, Path]:
-    """Carroll et al. Fig. 1, left: the OOD loss against step for every M (seed mean; viridis, ∞ black) with t^crit
-    circled and the ridge level dashed; the in-distribution distances Δ(PT, dMMSE_M) and Δ(PT, Ridge) over training
-    (first seed), t^crit circled and the end starred."""
-
-    colour = _colours(cfg.Ms)
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6), constrained_layout=True)
-    for M in cfg.Ms:
-        c, t = curves[M], crit[M].t_crit
-        axes[0].plot(
-            c["step"],
-            c["ood_loss"],
-            color=colour[M],
-            lw=1.3,
-            label=f"M = {m_label(M)}" + (" (U)" if crit[M].u_shape else ""),
-        )
-        axes[0].plot(t, crit[M].loss_min, "o", mfc="none", mec=colour[M], ms=7)
-        m = runs[run_name(M, cfg.seeds[0])].metrics
-        at = m[m["step"] == m["step"].iloc[np.argmin(np.abs(m["step"].to_numpy() - t))]].iloc[0]
-        for ax, col in ((axes[1], "id_delta_dmmse"), (axes[2], "id_delta_ridge")):
-            ax.plot(m["step"], m[col], color=colour[M], lw=1.2)
-            ax.plot(at["step"], at[col], "o", mfc="none", mec=colour[M], ms=6)
-            ax.plot(m["step"].iloc[-1], m[col].iloc[-1], "*", color=colour[M], ms=9)
-    ridge = runs[run_name(cfg.Ms[0], cfg.seeds[0])].baselines["ood_ridge_loss"]
-    axes[0].axhline(ridge, color="tab:red", ls="--", lw=1.5, label="ridge")
-    axes[0].set_title("OOD loss (fresh tasks) against step; ○ t_crit = argmin", fontsize=9)
-    axes[0].set_ylabel("OOD loss")
-    axes[0].legend(fontsize=6, ncol=2)
-    axes[1].set_title(f"in-distribution Δ(PT, dMMSE_M) (seed {cfg.seeds[0]}); ○ t_crit, ★ end", fontsize=9)
-    axes[2].set_title(f"in-distribution Δ(PT, Ridge) (seed {cfg.seeds[0]}); ○ t_crit, ★ end", fontsize=9)
-    for ax in axes:
-        ax.set_yscale("log")
-        step_axis(ax)
-        ax.set_xlim(left=0)
-    return save_figure(fig, path)
-
-
-def t_crit_figure(summary: pd.DataFrame, path: Path) -> tuple[Path, Path]:
-    """Left: t^crit_M against M (log axes; filled: U-shaped OOD curve, hollow: monotone or no dip, where t_crit is
-    the end of training or the start). Right: the fraction of the initial OOD-loss drop given back by the end."""
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
-    x = m_positions(summary["M"].to_numpy())
-    u = summary["u_shape"].to_numpy(dtype=bool)
-    axes[0].plot(x, summary["t_crit"], "-", color="0.6", lw=1)
-    axes[0].plot(x[u], summary["t_crit"][u], "o", color="tab:purple", ms=7, label="U-shaped: t_crit = argmin")
-    axes[0].plot(x[~u], summary["t_crit"][~u], "o", mfc="none", color="tab:purple", ms=7, label="not U-shaped")
-    axes[0].set_yscale("symlog", linthresh=1.0)
-    axes[0].set_ylabel("t_crit (training step)")
-    axes[0].set_title("critical step of the OOD loss against M (Carroll et al. §3)", fontsize=9)
-    axes[1].bar(x, summary["rise_fraction"], width=0.35, color=np.where(u, "tab:purple", "0.7"))
-    axes[1].set_ylabel("(L(T) − L(t_crit)) / (L(0) − L(t_crit))")
-    axes[1].set_title("share of the OOD-loss drop given back by the end", fontsize=9)
-    for ax in axes:
-        m_axis(ax, summary["M"].to_numpy())
-    axes[0].legend(fontsize=7)
-    return save_figure(fig, path)
-
-
-def _pca_figure(cfg: TransientRidgeConfig, jp, path: Path) -> tuple[Path, Path]:
-
-    ref_runs = {f"dMMSE_{m_label(M)}": f"M={m_label(M)}" for M in cfg.finite_Ms}
-    return plot_joint_pca(
-        jp,
-        path,
-        ref_runs=ref_runs,
-        title=f"Joint trajectory PCA on {cfg.pca_batch} root-task "
-        f"sequences (seed {cfg.seeds[0]}; ○ start, ★ end; ◆ dMMSE_M, ■ ridge)",
-    )
-
-
-def pca_distance_figure(
-    cfg: TransientRidgeConfig, jp, crit: dict[int | None, CriticalStep], path: Path
-) -> tuple[Path, Path]:
-    """Distance in the essential subspace from each run's (smoothed) curve to the ridge point (left) and to its
-    dMMSE_M point (right) against step; ○ the checkpoint nearest t^crit."""
-
-    colour = _colours(cfg.Ms)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
-    for M in cfg.Ms:
-        name = f"M={m_label(M)}"
-        z, steps = jp.smoothed[name], jp.steps[name]
-        i = int(np.argmin(np.abs(steps - crit[M].t_crit)))
-        dm = jp.references["ridge"] if M is None else jp.references[f"dMMSE_{m_label(M)}"]
-        for ax, ref in ((axes[0], jp.references["ridge"]), (axes[1], dm)):
-            d = np.linalg.norm(z - ref, axis=1)
-            ax.plot(steps, d, color=colour[M], lw=1.2, label=name)
-            ax.plot(steps[i], d[i], "o", mfc="none", mec=colour[M], ms=6)
-    axes[0].set_title("distance to the ridge point in the PC plane; ○ t_crit", fontsize=9)
-    axes[1].set_title("distance to the dMMSE_M point in the PC plane; ○ t_crit", fontsize=9)
-    for ax in axes:
-        step_axis(ax)
-        ax.set_ylabel("Euclidean distance (PC units)")
-    axes[0].legend(fontsize=6, ncol=2)
-    return save_figure(fig, path)
-
-
-def llc_figure(summary: pd.DataFrame, path: Path) -> tuple[Path, Path]:
-    """Carroll et al. Fig. 3, bottom: λ̂ of the final models against M (± the chains' std; hollow: a diagnostic
-    flag), λ̂ at the largest M (∞ where present) dashed."""
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2), constrained_layout=True)
-    x = m_positions(summary["M"].to_numpy())
-    ok = summary["llc_ok"].to_numpy(dtype=bool)
-    ax.errorbar(x, summary["llc_mean"], yerr=summary["llc_std"], color="tab:blue", lw=1, capsize=2)
-    ax.plot(x[~ok], summary["llc_mean"][~ok], "o", mfc="white", color="tab:blue", ms=7, label="diagnostic flag")
-    ax.plot(x[ok], summary["llc_mean"][ok], "o", color="tab:blue", ms=6, label="λ̂ (final checkpoint)")
-    top = m_label(summary["M"].iloc[-1])
-    ax.axhline(summary["llc_mean"].iloc[-1], color="k", ls="--", lw=1, label=f"λ̂ at M = {top}")
-    m_axis(ax, summary["M"].to_numpy())
-    ax.set_ylabel("λ̂ (LLC)")
-    ax.set_title("LLC of the final models against M (one shared SGLD setting)", fontsize=9)
-    ax.legend(fontsize=7)
-    return save_figure(fig, path)
-
-
 # ================================================================================================ the report
 class TransientRidge(Study):
     name = "transient-ridge"
@@ -653,13 +480,20 @@ class TransientRidge(Study):
         return expectations(self.cfg, r["summary"])
 
     def figures(self, r: dict[str, Any], figs: Path) -> dict[str, Path]:
-        cfg, summary, jp = self.cfg, r["summary"], r["jp"]
-        pngs = {"ood": ood_figure(cfg, r["runs"], r["curves"], r["crit"], figs / "ood_loss_vs_step")[0],
+        cfg, summary, jp, s0 = self.cfg, r["summary"], r["jp"], self.cfg.seeds[0]
+        crit = {M: r["crit"][M] for M in cfg.Ms}
+        metrics = {M: r["runs"][run_name(M, s0)].metrics for M in cfg.Ms}
+        ridge = r["runs"][run_name(cfg.Ms[0], s0)].baselines["ood_ridge_loss"]
+        pngs = {"ood": ood_figure({M: r["curves"][M] for M in cfg.Ms}, crit, metrics, ridge, s0,
+                                  figs / "ood_loss_vs_step")[0],
                 "tcrit": t_crit_figure(summary, figs / "t_crit_vs_M")[0],
-                "pca": _pca_figure(cfg, jp, figs / "joint_pca")[0],
-                "pca_dist": pca_distance_figure(cfg, jp, r["crit"], figs / "pca_distance_to_ridge")[0]}
+                "pca": plot_joint_pca(jp, figs / "joint_pca",
+                                      ref_runs={f"dMMSE_{m_label(M)}": f"M={m_label(M)}" for M in cfg.finite_Ms},
+                                      title=f"Joint trajectory PCA on {cfg.pca_batch} root-task sequences (seed {s0}; "
+                                            "○ start, ★ end; ◆ dMMSE_M, ■ ridge)")[0],
+                "pca_dist": pca_distance_figure(jp, crit, figs / "pca_distance_to_ridge")[0]}
         if summary["llc_mean"].notna().any():
-            pngs["llc"] = llc_figure(summary, figs / "llc_vs_M")[0]
+            pngs["llc"] = llc_vs_m_figure(summary, figs / "llc_vs_M")[0]
         return pngs
 
     def sections(self, r: dict[str, Any], pngs: dict[str, Path]) -> list[Section]:
