@@ -348,11 +348,6 @@ def _fmt_m_star(c: Crossover) -> str:
     return f"{c.M_star:.4g} = 2^{math.log2(c.M_star):.2f} (between {m_label(lo)} and {m_label(hi)})"
 
 
-def _dimension(summary: pd.DataFrame) -> int:
-    """The task dimension D (the summary's 'D' column), for Raventós' normalisation."""
-    return int(summary["D"].iloc[0])
-
-
 # ================================================================================================ the report
 class TaskDiversity(Study):
     name = "task-diversity"
@@ -383,7 +378,7 @@ class TaskDiversity(Study):
         cfg, summary, crossover = self.cfg, r["summary"], r["crossover"]
         mean = mean_over_seeds(summary)
         metrics = {B: {M: r["runs"][run_name(M, B, cfg.seeds[0])].metrics for M in cfg.Ms} for B in cfg.batch_sizes}
-        return {"fig2": delta_vs_m_figure(summary, mean, _dimension(summary), crossover, figs / "delta_vs_M")[0],
+        return {"fig2": delta_vs_m_figure(summary, mean, cfg.D, crossover, figs / "delta_vs_M")[0],
                 "crossover": crossover_figure(mean, r["analysis"], figs / "crossover")[0],
                 "per_token": per_token_figure(mean, figs / "per_token")[0],
                 "curves": training_curves_figure(metrics, cfg.D, crossover.M_star, cfg.seeds[0],

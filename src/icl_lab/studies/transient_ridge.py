@@ -283,38 +283,19 @@ def collect(cfg: TransientRidgeConfig, runs: dict[str, Run], crit: dict[int | No
             run = runs[run_name(M, s)]
             m = run.metrics
             last = m[m["step"] == cfg.steps].iloc[-1]
-            final.append(
-                {
-                    "id_loss": last["id_loss"],
-                    "id_delta_dmmse": last["id_delta_dmmse"],
-                    "id_delta_ridge": last["id_delta_ridge"],
-                    "ood_loss_final": last["ood_loss"],
-                    **{
-                        k: run.baselines[k]
-                        for k in ("ood_ridge_loss", "ood_dmmse_loss", "id_dmmse_loss", "id_ridge_loss", "ood_zero_loss")
-                    },
-                }
-            )
+            final.append({"id_loss": last["id_loss"], "id_delta_dmmse": last["id_delta_dmmse"],
+                          "id_delta_ridge": last["id_delta_ridge"], "ood_loss_final": last["ood_loss"],
+                          **{k: run.baselines[k] for k in ("ood_ridge_loss", "ood_dmmse_loss", "id_dmmse_loss",
+                                                           "id_ridge_loss", "ood_zero_loss")}})
         lm = llc[llc["M"].apply(lambda v, M=M: v == M if M is not None else v is None or pd.isna(v))]
         c = crit[M]
-        rows.append(
-            {
-                "M": np.inf if M is None else float(M),
-                **pd.DataFrame(final).mean().to_dict(),
-                "t_crit": c.t_crit,
-                "kind": c.kind,
-                "u_shape": c.u_shape,
-                "ood_loss_start": c.loss_start,
-                "ood_loss_min": c.loss_min,
-                "ood_loss_end": c.loss_end,
-                "rise_fraction": c.rise_fraction,
-                **{f"pca_{k}": v for k, v in approach[M].items()},
-                "llc_mean": float(lm["llc_mean"].mean()),
-                "llc_std": float(lm["llc_std"].mean()),
-                "llc_ok": bool(lm["ok"].all()),
-                "llc_flags": ";".join(sorted({f for fl in lm["flags"] for f in str(fl).split(";") if f})),
-            }
-        )
+        rows.append({"M": np.inf if M is None else float(M), **pd.DataFrame(final).mean().to_dict(),
+                     "t_crit": c.t_crit, "kind": c.kind, "u_shape": c.u_shape, "ood_loss_start": c.loss_start,
+                     "ood_loss_min": c.loss_min, "ood_loss_end": c.loss_end, "rise_fraction": c.rise_fraction,
+                     **{f"pca_{k}": v for k, v in approach[M].items()},
+                     "llc_mean": float(lm["llc_mean"].mean()), "llc_std": float(lm["llc_std"].mean()),
+                     "llc_ok": bool(lm["ok"].all()),
+                     "llc_flags": ";".join(sorted({f for fl in lm["flags"] for f in str(fl).split(";") if f}))})
     return pd.DataFrame(rows)
 
 
@@ -333,58 +314,42 @@ def expectations(cfg: TransientRidgeConfig, summary: pd.DataFrame) -> list[Check
 
     def curve(m) -> str:
         r = s.loc[m]
-        return (
-            f"M = {m_label(m)}: {r['ood_loss_start']:.3g} → {r['ood_loss_min']:.3g} at step {int(r['t_crit'])} "
-            f"→ {r['ood_loss_end']:.3g} "
-            + ("(no fall)" if r["kind"] == "no-dip" else f"(gives back {r['rise_fraction']:.0%})")
-        )
+        return (f"M = {m_label(m)}: {r['ood_loss_start']:.3g} → {r['ood_loss_min']:.3g} at step {int(r['t_crit'])} "
+                f"→ {r['ood_loss_end']:.3g} "
+                + ("(no fall)" if r["kind"] == "no-dip" else f"(gives back {r['rise_fraction']:.0%})"))
 
     # -- U-shape (E3, G7)
     ends_monotone = not s.loc[finite[0], "u_shape"] and not s.loc[top, "u_shape"]  # else: unclear
-    add(
-        "OOD loss against step is U-shaped at intermediate M (falls towards ridge, then rises towards dMMSE_M)",
+    add("OOD loss against step is U-shaped at intermediate M (falls towards ridge, then rises towards dMMSE_M)",
         "§E3, §G7 (Fig. 1 top-left)",
         f"at least one finite M strictly between {m_label(finite[0])} and {m_label(top)} has an interior minimum, "
         f"falls by ≥ {cfg.u_min_drop:.0%} of its starting loss and gives back ≥ {cfg.u_min_rise:.0%} of that drop; "
         f"the smallest M and M = {m_label(top)} do not",
         f"U-shaped at M = {fmt_ms(u_ms)}; " + "; ".join(curve(m) for m in s.index),
-        bool(u_ms) if (not u_ms or ends_monotone) else None,
-    )
+        bool(u_ms) if (not u_ms or ends_monotone) else None)
     # -- t_crit grows with M (E3, G7)
     if len(u_ms) >= 2:
         t = [float(s.loc[m, "t_crit"]) for m in u_ms]
         rho = spearman(u_ms, t)
         alpha = float(np.polyfit(np.log(u_ms), np.log(np.maximum(t, 1.0)), 1)[0])
-        add(
-            "t^crit_M grows with M",
-            "§E3, §G7 (§G6: t* ~ M^0.47 in Raventós et al.)",
+        add("t^crit_M grows with M", "§E3, §G7 (§G6: t* ~ M^0.47 in Raventós et al.)",
             "over the U-shaped Ms: Spearman ρ(M, t_crit) ≥ 0.5 and t_crit at the largest > at the smallest",
-            "t_crit: "
-            + ", ".join(f"{m_label(m)}: {int(v)}" for m, v in zip(u_ms, t, strict=True))
-            + f"; ρ = {rho:.2f}; fitted exponent t_crit ~ M^{alpha:.2f}",
-            bool(rho >= 0.5 and t[-1] > t[0]),
-        )
+            "t_crit: " + ", ".join(f"{m_label(m)}: {int(v)}" for m, v in zip(u_ms, t, strict=True))
+            + f"; ρ = {rho:.2f}; fitted exponent t_crit ~ M^{alpha:.2f}", bool(rho >= 0.5 and t[-1] > t[0]))
     else:
-        add(
-            "t^crit_M grows with M",
-            "§E3, §G7",
-            "over the U-shaped Ms (needs at least two)",
+        add("t^crit_M grows with M", "§E3, §G7", "over the U-shaped Ms (needs at least two)",
             f"{len(u_ms)} U-shaped M ({fmt_ms(u_ms)}); t_crit at every M: "
-            + ", ".join(f"{m_label(m)}: {int(s.loc[m, 't_crit'])}" for m in s.index),
-            None,
-        )
+            + ", ".join(f"{m_label(m)}: {int(s.loc[m, 't_crit'])}" for m in s.index), None)
     # -- joint PCA (E2-E3, G7)
     vals = [(m, s.loc[m, "pca_bend"], s.loc[m, "pca_dmmse_at_end"], s.loc[m, "pca_ridge_at_end"]) for m in u_ms]
-    add(
-        "in the joint trajectory PCA, intermediate-M trajectories bend towards ridge before heading to dMMSE_M",
+    add("in the joint trajectory PCA, intermediate-M trajectories bend towards ridge before heading to dMMSE_M",
         "§E2-E3, §G7 (Fig. 1 right)",
         "for every U-shaped M, in the PC plane: nearer the ridge point at t_crit than at the end (bend = "
         "d(γ(t_crit), ridge) / d(γ(T), ridge) < 1) and the end nearer dMMSE_M than ridge",
         "; ".join(f"M = {m_label(m)}: bend {b:.2f}, end to dMMSE_M {d:.3g} vs to ridge {r:.3g}" for m, b, d, r in vals)
         or "no U-shaped M; bends at every M: "
         + ", ".join(f"{m_label(m)}: {s.loc[m, 'pca_bend']:.2f}" for m in s.index),
-        all(b < 1 and d < r for _, b, d, r in vals) if vals else None,
-    )
+        all(b < 1 and d < r for _, b, d, r in vals) if vals else None)
     # -- LLC (E5, G8)
     lam = s["llc_mean"]
     if lam.notna().all():
@@ -393,53 +358,32 @@ def expectations(cfg: TransientRidgeConfig, summary: pd.DataFrame) -> list[Check
         last3 = lam.iloc[-3:]
         spread = float((last3.max() - last3.min()) / abs(last3.mean()))
         flagged = [m for m in s.index if not s.loc[m, "llc_ok"]]
-        add(
-            "LLC at the end of training rises with M, then plateaus (large M and ∞ share λ̂_∞)",
-            "§E5, §G8 (Fig. 3)",
+        add("LLC at the end of training rises with M, then plateaus (large M and ∞ share λ̂_∞)", "§E5, §G8 (Fig. 3)",
             f"Spearman ρ(M, λ̂) ≥ 0.5 over the lower half of the finite Ms ({fmt_ms(lower)}) with λ̂ at the "
             f"smallest M < at M = {m_label(top)}, and the three largest Ms within 25% of their mean",
-            "λ̂: "
-            + ", ".join(f"{m_label(m)}: {v:.3g}" for m, v in lam.items())
+            "λ̂: " + ", ".join(f"{m_label(m)}: {v:.3g}" for m, v in lam.items())
             + f"; ρ (lower half) = {rho:.2f}; spread of the last three = {spread:.0%}"
             + (f"; diagnostics flagged at M = {fmt_ms(flagged)}" if flagged else ""),
-            bool(rho >= 0.5 and lam.iloc[0] < lam.iloc[-1] and spread <= 0.25),
-        )
+            bool(rho >= 0.5 and lam.iloc[0] < lam.iloc[-1] and spread <= 0.25))
         cross = next((m for m in finite if lam[m] >= lam.iloc[-1]), None)
         onset = u_ms[0] if u_ms else None
-        add(
-            "the low-M LLC crosses λ̂_∞ near the onset of transience",
-            "§E5, §G8",
+        add("the low-M LLC crosses λ̂_∞ near the onset of transience", "§E5, §G8",
             f"the first M with λ̂ ≥ λ̂(M = {m_label(top)}) within a factor 4 of the smallest U-shaped M",
             f"first crossing at M = {m_label(cross) if cross is not None else 'none'}; smallest U-shaped M = "
             f"{m_label(onset) if onset is not None else 'none'}",
-            None if cross is None or onset is None else bool(0.25 <= cross / onset <= 4),
-        )
+            None if cross is None or onset is None else bool(0.25 <= cross / onset <= 4))
     else:
-        add(
-            "LLC at the end of training rises with M, then plateaus",
-            "§E5, §G8",
-            "λ̂ at every M",
-            "not estimated (see the LLC section)",
-            None,
-        )
+        add("LLC at the end of training rises with M, then plateaus", "§E5, §G8", "λ̂ at every M",
+            "not estimated (see the LLC section)", None)
     # -- end points (E3)
     lo = finite[0]
     a, b = s.loc[lo, "id_delta_dmmse"], s.loc[lo, "id_delta_ridge"]
-    add(
-        "low M: the final model approximates dMMSE_M",
-        "§E3 (M ≤ 128 in the paper)",
-        f"in-distribution Δ(PT, dMMSE_M) < Δ(PT, Ridge) at M = {m_label(lo)}",
-        f"{a:.3g} vs {b:.3g}",
-        bool(a < b),
-    )
+    add("low M: the final model approximates dMMSE_M", "§E3 (M ≤ 128 in the paper)",
+        f"in-distribution Δ(PT, dMMSE_M) < Δ(PT, Ridge) at M = {m_label(lo)}", f"{a:.3g} vs {b:.3g}", bool(a < b))
     l_top, g_top = s.loc[top, "ood_loss_final"], s.loc[top, "ood_ridge_loss"]
-    add(
-        f"M = {m_label(top)}: the final model is ridge-like",
-        "§E3 (M ≥ 362 in the paper)",
+    add(f"M = {m_label(top)}: the final model is ridge-like", "§E3 (M ≥ 362 in the paper)",
         "final OOD loss within 10% of ridge's",
-        f"{l_top:.3g} vs ridge {g_top:.3g} ({100 * (l_top / g_top - 1):+.1f}%)",
-        bool(l_top <= 1.1 * g_top),
-    )
+        f"{l_top:.3g} vs ridge {g_top:.3g} ({100 * (l_top / g_top - 1):+.1f}%)", bool(l_top <= 1.1 * g_top))
     return rows
 
 
