@@ -68,19 +68,30 @@ def read_wandb_file(path) -> tuple[set[str], dict[str, str]]:
     return keys, config
 
 
-def test_wandb_offline_run_holds_the_logged_keys(tmp_path, monkeypatch):
+@pytest.fixture
+def offline(monkeypatch):
+    """wandb in offline mode (nothing leaves the machine); skips without wandb."""
     pytest.importorskip("wandb", reason="wandb is not installed (the `wandb` extra)")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def save_png(path: Path) -> Path:
+    """A small PNG figure at `path` (its folder made)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    fig_path = tmp_path / "fig.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
     plt.plot([0, 1], [1, 0])
-    plt.savefig(fig_path)
+    plt.savefig(path)
     plt.close("all")
+    return path
+
+
+def test_wandb_offline_run_holds_the_logged_keys(tmp_path, offline):
+    fig_path = save_png(tmp_path / "fig.png")
     run_dir = tmp_path / "run"
     with open_tracker("icl-lab-test", run_dir, name="r", job_type="train", config={"D": 8, "M": 2}) as t:
         assert isinstance(t, Tracker) and type(t).__name__ == "WandbTracker"
@@ -96,11 +107,10 @@ def test_wandb_offline_run_holds_the_logged_keys(tmp_path, monkeypatch):
     assert config["D"] == "8" and config["M"] == "2"
 
 
-def test_train_and_llc_mirror_to_wandb_offline(tmp_path, monkeypatch):
+def test_train_and_llc_mirror_to_wandb_offline(tmp_path, offline):
     """`icl-lab train --wandb P` and `icl-lab llc estimate --wandb P`: the offline runs under the run directory hold
     the config, the training loss, the evaluations (mean and per-token, ID and OOD, Δ to the baselines) and each
     LLC estimate with its diagnostics."""
-    pytest.importorskip("wandb", reason="wandb is not installed (the `wandb` extra)")
     from typer.testing import CliRunner
 
     from icl_lab.cli import app
@@ -110,8 +120,6 @@ def test_train_and_llc_mirror_to_wandb_offline(tmp_path, monkeypatch):
 
     from conftest import tiny_overrides
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in tiny_overrides(steps=20).items()]
     run_dir = tmp_path / "run"
     r = CliRunner().invoke(app, ["train", "--run-dir", str(run_dir), "--quiet", "--wandb", "p", *flags])
@@ -123,7 +131,9 @@ def test_train_and_llc_mirror_to_wandb_offline(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 2
-    (train_keys, train_config), (llc_keys, llc_config) = map(read_wandb_file, files)
+    records = [read_wandb_file(f) for f in files]  # one wandb run per command; their order on disk is random
+    (train_keys, train_config), = [r for r in records if "train/loss" in r[0]]
+    (llc_keys, llc_config), = [r for r in records if "llc/llc_mean" in r[0]]
     assert {"train/loss", "train/lr", "eval/id_loss", "eval/id_loss_k1", "eval/ood_loss",
             "eval/id_delta_dmmse", "eval/ood_delta_ridge"} <= train_keys
     assert json.loads(train_config["task"])["M"] == 2 and json.loads(train_config["seed"]) == 0
@@ -140,16 +150,13 @@ def test_train_without_wandb_never_imports_it(tmp_path):
 
 
 @pytest.mark.parametrize("ensemble", [1, 2])
-def test_sweep_mirrors_every_run_to_wandb(tmp_path, monkeypatch, ensemble):
+def test_sweep_mirrors_every_run_to_wandb(tmp_path, offline, ensemble):
     """run_sweep(wandb=...) passes the project to every job, run by run or as an ensemble: each run directory
     gets its own offline wandb run with the training loss."""
-    pytest.importorskip("wandb", reason="wandb is not installed (the `wandb` extra)")
     from icl_lab.sweep import run_sweep
 
     from conftest import tiny_overrides
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
     index = run_sweep(tmp_path / "sw", {"seed": [0, 1]}, tiny_overrides(steps=10), workers=1, progress=False,
                       ensemble=ensemble, wandb="p")
     assert (index["status"] == "done").all(), index
@@ -159,24 +166,14 @@ def test_sweep_mirrors_every_run_to_wandb(tmp_path, monkeypatch, ensemble):
         assert "train/loss" in read_wandb_file(files[0])[0]
 
 
-def test_a_study_mirrors_its_figures_and_checks(tmp_path, monkeypatch):
-    pytest.importorskip("wandb", reason="wandb is not installed (the `wandb` extra)")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def test_a_study_mirrors_its_figures_and_checks(tmp_path, offline):
     import pandas as pd
 
     from icl_lab.studies.low_diversity import LowDiversityConfig
     from icl_lab.studies.runner import mirror_study
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "study"
-    (out / "figures" / "M2").mkdir(parents=True)
-    plt.plot([0, 1])
-    plt.savefig(out / "figures" / "M2" / "loss.png")
-    plt.close("all")
+    save_png(out / "figures" / "M2" / "loss.png")
     pd.DataFrame({"verdict": ["pass", "fail", "pass"]}).to_parquet(out / "expectations.parquet")
     mirror_study(LowDiversityConfig(wandb="p"), out)
     files = list(out.glob("wandb/offline-run-*/run-*.wandb"))
