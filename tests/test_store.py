@@ -4,8 +4,9 @@ import sys
 import pytest
 import torch
 
+from icl_lab.atomic import atomic_write
 from icl_lab.config import build_run_config
-from icl_lab.store import Run, atomic_write, load_tensors, save_tensors, write_json
+from icl_lab.store import Run, load_tensors, save_tensors, write_json
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
@@ -70,13 +71,16 @@ def test_load_checkpoint_is_strict(tmp_path, tiny_config):
 def test_atomic_writes_respect_the_umask(tmp_path, umask):
     """Files written through atomic_write get the mode a plain open(..., "w") would give them."""
     code = (f"import os, pathlib\nos.umask({umask})\n"
-            "from icl_lab.store import write_json, current_umask\n"
+            "from icl_lab.atomic import current_umask\nfrom icl_lab.store import write_json\n"
             f"assert current_umask() == {umask}, oct(current_umask())\n"
             f"d = pathlib.Path({str(tmp_path)!r})\n"
             "write_json(d / 'sub' / 'a.json', {'x': 1})\n"
+            "import pandas\nfrom icl_lab.stages import save_stage_table\n"
+            "save_stage_table(pandas.DataFrame({'a': [1]}), d / 'stages')\n"
             "open(d / 'plain.txt', 'w').close()\n")
     subprocess.run([sys.executable, "-c", code], check=True)
     plain = (tmp_path / "plain.txt").stat().st_mode & 0o777
     assert plain == 0o666 & ~umask
-    assert (tmp_path / "sub" / "a.json").stat().st_mode & 0o777 == plain
+    for written in ("sub/a.json", "stages.parquet", "stages.csv"):
+        assert (tmp_path / written).stat().st_mode & 0o777 == plain, written
     assert (tmp_path / "sub").stat().st_mode & 0o777 == 0o777 & ~umask

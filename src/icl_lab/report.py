@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from icl_lab.store import atomic_write
+from icl_lab.atomic import atomic_write
 
 __all__ = ["Section", "render", "table_html", "write_report"]
 

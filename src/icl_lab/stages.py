@@ -26,7 +26,6 @@ hyper-parameters of the automation here are explicit arguments of :func:`find_mi
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from icl_lab.atomic import atomic_write
 from icl_lab.llc_flags import sampler_ok
 from icl_lab.trajectory import ArrayLike, _kernel_rows, _local_linear, _row_chunks, to_numpy
 
@@ -666,26 +666,12 @@ def stage_table(
 
 def save_stage_table(df: pd.DataFrame, path: str | os.PathLike[str]) -> tuple[Path, Path]:
     """Write a stage table as Parquet and CSV next to each other (`path` with or without a .parquet/.csv
-    suffix). Each file goes to a temporary name in the same directory and is moved into place with os.replace,
-    so a reader never sees a half-written table. Returns (parquet_path, csv_path)."""
+    suffix). Each is written atomically (`icl_lab.atomic.atomic_write`), so a reader never sees a half-written
+    table. Returns (parquet_path, csv_path)."""
     p = Path(path)
     if p.suffix.lower() in {".parquet", ".csv"}:
         p = p.with_suffix("")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    out: list[Path] = []
-    for ext in ("parquet", "csv"):
-        target = p.parent / f"{p.name}.{ext}"
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=f".{ext}")
-        os.close(fd)
-        try:
-            if ext == "parquet":
-                df.to_parquet(tmp, index=False)
-            else:
-                df.to_csv(tmp, index=False)
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        out.append(target)
+    out = [p.parent / f"{p.name}.parquet", p.parent / f"{p.name}.csv"]
+    atomic_write(out[0], lambda tmp: df.to_parquet(tmp, index=False))
+    atomic_write(out[1], lambda tmp: df.to_csv(tmp, index=False))
     return out[0], out[1]

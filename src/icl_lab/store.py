@@ -18,8 +18,7 @@ import os
 import re
 import shutil
 import socket
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from icl_lab import __version__
+from icl_lab.atomic import atomic_write
 from icl_lab.config import RunConfig
 from icl_lab.model import ICLTransformer
 
@@ -36,7 +36,6 @@ __all__ = [
     "file_lock",
     "STEP_FILE",
     "Run",
-    "atomic_write",
     "load_strict",
     "load_tensors",
     "save_tensors",
@@ -49,34 +48,6 @@ STEP_FILE = re.compile(r"^step_(\d{8})\.safetensors$")
 
 
 # ------------------------------------------------------------------------------------------------ atomic I/O
-def current_umask() -> int:
-    """The process umask, read without changing it where the OS allows (Linux: /proc/self/status)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but only where /proc is absent)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp) on a temp file beside `path`, then rename it over `path` (all-or-nothing)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a plain open() would honour the umask
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @contextlib.contextmanager
 def file_lock(path: str | Path, *, blocking: bool = False) -> Iterator[bool]:
     """An exclusive flock on `path` (created; it records host and pid) for the body; yields whether it was

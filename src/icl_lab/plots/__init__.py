@@ -24,8 +24,9 @@ from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Circle  # noqa: E402
 
+from icl_lab.atomic import atomic_write  # noqa: E402
 from icl_lab.llc_flags import sampler_ok, stable_rows  # noqa: E402
-from icl_lab.store import Run, atomic_write  # noqa: E402
+from icl_lab.store import Run  # noqa: E402
 from icl_lab.trajectory import ArrayLike, EssentialDynamics, JointTrajectoryPCA, osculating_circles, to_numpy  # noqa: E402
 
 if TYPE_CHECKING:  # pragma: no cover
