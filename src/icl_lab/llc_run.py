@@ -228,8 +228,7 @@ def estimate_runs(runs: list[Run], settings: LLCSettings, steps: dict[Path, Iter
         missing = set(chosen) - set(run.checkpoint_steps)
         if missing:
             raise ValueError(f"no checkpoints at steps {sorted(missing)} in {run.path}")
-        done = _done(run, digest)
-        wanted += [(run, s) for s in chosen if s not in done]
+        wanted += [(run, s) for s in missing_steps(run, settings, chosen)]
 
     with contextlib.ExitStack() as claims, Bar(progress, len(wanted), "LLC checkpoints") as bar:
         with_jobs = {run.path: run for run, _ in wanted}.values()
@@ -348,7 +347,5 @@ def _calibrate_shared(out: Path, plan: LLCPlan, runs: dict[str, Run], device: st
 
 def missing_steps(run: Run, settings: LLCSettings, steps: Iterable[int] | None = None) -> list[int]:
     """The checkpoints (all, or `steps`) of `run` with no LLC estimate at `settings`."""
-    llc = run.llc_all
-    done = set() if llc is None or "settings_hash" not in llc else set(
-        llc.loc[llc["settings_hash"] == settings.digest(), "step"])
+    done = _done(run, settings.digest())
     return [s for s in (run.checkpoint_steps if steps is None else steps) if s not in done]
