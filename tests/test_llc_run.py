@@ -14,7 +14,7 @@ import torch
 
 from icl_lab.config import LLCConfig, build_run_config
 from icl_lab.llc import min_burnin
-from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_run, load_settings, save_settings
+from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_run, load_settings, refined_table, save_settings
 from icl_lab.store import Run
 from icl_lab.train import train
 
@@ -143,3 +143,32 @@ def test_concurrent_processes_neither_lose_nor_duplicate_rows(tmp_path, split):
     shutil.copytree(run.path, alone, ignore=shutil.ignore_patterns("llc.parquet", ".llc*"))
     ref = estimate_run(Run.load(alone), steps=steps, progress=False)
     assert ref.set_index("step")["llc_mean"].to_dict() == llc.set_index("step")["llc_mean"].to_dict()
+
+
+def test_refined_estimate_per_position_task_and_fresh(tiny_run):
+    """The refined curve comes from the same chains: λ̂ equals the unrefined one, the per-position values average
+    to it, and each pool task and the fresh batch get a value with a 95% interval."""
+    step = tiny_run.checkpoint_steps[-1]
+    sampler = LLCConfig(step_size=1e-3, num_chains=2, num_draws=15, num_burnin=5, batch_size=32, localization=50.0)
+    plain = LLCSettings(sampler=sampler, n=128)
+    refined = plain.model_copy(update={"refine": ["position", "task", "fresh"]})
+    assert "refine" not in plain.to_json() and plain.digest() != refined.digest()
+    a = estimate_run(tiny_run, steps=[step], settings=plain, progress=False).iloc[0]
+    b = estimate_run(tiny_run, steps=[step], settings=refined, progress=False).iloc[0]
+    assert b["llc_mean"] == a["llc_mean"]  # observables consume no randomness
+    K, M = tiny_run.config.task.K, tiny_run.config.task.M
+    positions = [b[f"llc_refined_k{k}"] for k in range(K)]
+    assert np.mean(positions) == pytest.approx(b["llc_mean"], rel=1e-6)
+    for name in [f"task{j}" for j in range(M)] + ["fresh"]:
+        assert np.isfinite(b[f"llc_refined_{name}"]) and b[f"llc_refined_{name}_lo"] <= b[f"llc_refined_{name}_hi"]
+    long = refined_table(tiny_run.llc)
+    assert set(long["name"]) == {f"k{k}" for k in range(K)} | {f"task{j}" for j in range(M)} | {"fresh"}
+
+
+def test_refine_settings_are_validated():
+    with pytest.raises(ValueError, match="needs data 'id'"):
+        LLCSettings(refine=["task"], data="ood")
+    with pytest.raises(ValueError, match="twice"):
+        LLCSettings(refine=["position", "position"])
+    with pytest.raises(ValueError, match="position"):
+        LLCSettings(refine=["token"])

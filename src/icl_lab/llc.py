@@ -58,6 +58,7 @@ from icl_lab.attention import BATCHING_WARNING, vmappable_sdpa
 from icl_lab.config import LLCConfig
 from icl_lab.convergence import ess, mcse_mean, split_rhat, summarize
 from icl_lab.evaluate import eval_chunk
+from icl_lab.intervals import Interval, t_interval
 from icl_lab.llc_flags import sampler_ok, stable_rows
 from icl_lab.seeding import make_generator
 from icl_lab.threads import split_evenly, thread_pool
@@ -69,9 +70,11 @@ __all__ = [
     "Calibration",
     "LLCConfig",
     "LLCResult",
+    "Observable",
     "Thresholds",
     "burnin_note",
     "calibrate",
+    "combine_observables",
     "default_nbeta",
     "diagnose",
     "estimate_llc",
@@ -80,6 +83,7 @@ __all__ = [
     "min_burnin",
     "pick",
     "pick_settings",
+    "refined_per_chain",
     "resolve",
     "sampler_ok",
     "sgld_step",
@@ -417,6 +421,46 @@ def diagnose(loss_trace: np.ndarray, burnin_trace: np.ndarray, init_loss: float,
 
 # ----------------------------------------------------------------------------------------------------------------
 # Results
+@dataclass(frozen=True)
+class Observable:
+    """Components of the loss to evaluate along the chains: the data-refined LLC (docs/papers.md §D2, Hoogland et
+    al.'s per-token LLC; Wang et al.'s data-refined LLC).
+
+    The chains sample the full tempered posterior of ℓ_n; each component ℓ_j is an observable along them, and
+        λ̂_j = nβ · ( E_w[ ℓ_j(w) ] − ℓ_j(w*) ),
+    with E_w over the same post-burn-in draws (and minibatches) as λ̂ and ℓ_j(w*) on the whole data. Where the
+    components average to the loss (ℓ = mean_j ℓ_j, e.g. the loss at each context position), mean_j λ̂_j = λ̂.
+
+    names: (J,) labels of the components.
+    fn(forward, batch) -> (J,): each component's mean loss on `batch` (a tuple like the data: the chain's minibatch,
+        or the whole data at w*); nan for a component with no rows in the batch (a task not drawn). It may ignore
+        the batch and evaluate fixed data of its own (e.g. fresh tasks). Must be vmap-able like the loss.
+    """
+
+    names: tuple[str, ...]
+    fn: Callable[[Forward, tuple[Tensor, ...]], Tensor]
+
+    def __post_init__(self) -> None:
+        if len(set(self.names)) != len(self.names) or not self.names:
+            raise ValueError(f"Observable.names must be distinct and non-empty, got {self.names}")
+
+
+def combine_observables(*parts: Observable) -> Observable:
+    """One Observable whose components are those of `parts`, in order (names must stay distinct)."""
+    fns = [p.fn for p in parts]
+    return Observable(tuple(n for p in parts for n in p.names),
+                      lambda forward, batch: torch.cat([f(forward, batch).reshape(-1) for f in fns]))
+
+
+def refined_per_chain(obs_trace: np.ndarray, obs_star: np.ndarray, nbeta: float) -> np.ndarray:
+    """λ̂_j of each chain: nβ (nanmean_t obs_trace[c, t, j] − ℓ_j(w*)). obs_trace: (C, T, J); obs_star: (J,) -> (C, J).
+    Draws where a component was undefined (nan: no rows of it in the minibatch) are skipped."""
+    trace = np.asarray(obs_trace, dtype=np.float64)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-nan component stays nan
+        return nbeta * (np.nanmean(trace, axis=1) - np.asarray(obs_star, dtype=np.float64)[None, :])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -439,6 +483,8 @@ class LLCResult:
         read it where `not_at_minimum` is raised. NaN otherwise.
     acceptance_rate: (C,) MALA's acceptance rate per chain (sampler "mala"), else None.
     preconditioner: (C, P) rmsprop_sgld's frozen diagonal preconditioner G, else None.
+    refined_names, llc_refined (J,), llc_refined_per_chain (C, J), llc_refined_mcse (J,), refined_init (J,): with
+        an `Observable`, the data-refined λ̂_j of each component from the same draws, and ℓ_j(w*); else empty/None.
     """
 
     llc_mean: float
@@ -470,6 +516,11 @@ class LLCResult:
     llc_tilted_mcse: float = float("nan")
     acceptance_rate: np.ndarray | None = None
     preconditioner: np.ndarray | None = None
+    refined_names: tuple[str, ...] = ()
+    llc_refined: np.ndarray | None = None
+    llc_refined_per_chain: np.ndarray | None = None
+    llc_refined_mcse: np.ndarray | None = None
+    refined_init: np.ndarray | None = None
 
     @property
     def ok(self) -> bool:
@@ -481,14 +532,36 @@ class LLCResult:
         """Standard error of llc_mean over chains (llc_std / √C)."""
         return self.llc_std / math.sqrt(len(self.llc_per_chain))
 
+    @property
+    def llc_interval(self) -> Interval:
+        """95% interval of λ̂: mean ± t_{0.975, C−1}·SE over the C chains (intervals.t_interval)."""
+        return t_interval(self.llc_per_chain)
+
+    def refined(self) -> pd.DataFrame:
+        """The data-refined λ̂_j, one row per component: name, llc, lo, hi (95% t over chains), mcse, init_loss."""
+        if self.llc_refined_per_chain is None:
+            return pd.DataFrame(columns=["name", "llc", "lo", "hi", "mcse", "init_loss"])
+        ivs = [t_interval(self.llc_refined_per_chain[:, j]) for j in range(len(self.refined_names))]
+        return pd.DataFrame({"name": list(self.refined_names), "llc": [iv.estimate for iv in ivs],
+                             "lo": [iv.lo for iv in ivs], "hi": [iv.hi for iv in ivs],
+                             "mcse": self.llc_refined_mcse, "init_loss": self.refined_init})
+
     def summary(self) -> str:
         flags = ", ".join(self.diagnostics) or "ok"
         return f"λ̂ = {self.llc_mean:.4g} ± {self.llc_std:.3g} (d = {self.d}, nβ = {self.nbeta:.4g}; {flags})"
 
     def to_row(self) -> dict[str, Any]:
-        """A flat dict for one parquet row (callers add e.g. `step`)."""
+        """A flat dict for one parquet row (callers add e.g. `step`). llc_lo/llc_hi: the 95% t interval over chains;
+        each refined component j adds llc_refined_<name> with _lo/_hi (95% t over chains) and _mcse."""
         cfg = self.config
+        iv = self.llc_interval
+        refined: dict[str, Any] = {}
+        for r in self.refined().itertuples():
+            refined |= {f"llc_refined_{r.name}": float(r.llc), f"llc_refined_{r.name}_lo": float(r.lo),
+                        f"llc_refined_{r.name}_hi": float(r.hi), f"llc_refined_{r.name}_mcse": float(r.mcse)}
         return {
+            "llc_lo": iv.lo,
+            "llc_hi": iv.hi,
             "llc_mean": self.llc_mean,
             "llc_std": self.llc_std,
             "llc_per_chain": [float(v) for v in self.llc_per_chain],
@@ -522,6 +595,7 @@ class LLCResult:
             "acceptance_rate": float("nan") if self.acceptance_rate is None else float(self.acceptance_rate.mean()),
             "precond_median": float("nan") if self.preconditioner is None else float(np.median(self.preconditioner)),
             "precond_max": float("nan") if self.preconditioner is None else float(self.preconditioner.max()),
+            **refined,
         }
 
 
@@ -741,7 +815,8 @@ class _Flat:
 
 
 def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, config: LLCConfig | None = None,
-                 seed: int = 0, params: ParamSpec = None, thresholds: Thresholds | None = None) -> LLCResult:
+                 seed: int = 0, params: ParamSpec = None, thresholds: Thresholds | None = None,
+                 observables: Observable | None = None) -> LLCResult:
     """Estimate the local learning coefficient of `model` at its current weights w* (Hoogland et al. Eq. 5-6,
     Carroll et al. Eq. 9); see the module docstring for the estimator and the SGLD update.
 
@@ -757,6 +832,9 @@ def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, c
         {name: bool mask} for parts of tensors (e.g. `head_mask`). Unselected and masked entries stay at w*.
         Parameters whose gradient is None at w* (unused in forward) are excluded and not counted in d.
     thresholds: tolerances of the diagnostics (defaults: `Thresholds()`).
+    observables: components of the loss (an `Observable`) evaluated at every post-burn-in draw of the (untilted)
+        chains on the chain's minibatch, and once at w* on the whole data: the data-refined λ̂_j. Costs one extra
+        forward pass (no backward) per recorded draw.
     Returns an LLCResult; its `diagnostics` say when the number cannot be trusted.
     """
     t_start = time.perf_counter()
@@ -775,29 +853,37 @@ def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, c
     if not math.isfinite(init_loss):
         raise ValueError(f"the loss at w* is not finite ({init_loss}); cannot estimate an LLC there")
 
-    def chain_loss(theta: Tensor, batch: tuple[Tensor, ...]) -> Tensor:
-        """ℓ_m at the flat parameter vector theta: (P,) (vmap-able: goes through functional_call)."""
-        views = flat.views(theta)
-        forward = lambda *inputs: torch.func.functional_call(work, views, inputs)
-        return loss_fn(forward, batch)
+    if observables is not None:
+        with torch.no_grad():
+            obs_star = observables.fn(work, data).detach().double().reshape(-1).cpu().numpy()
+        if obs_star.shape != (len(observables.names),):
+            raise ValueError(f"observables.fn returned {obs_star.size} values for {len(observables.names)} names")
 
+    def functional(fn: Callable[[Forward, tuple[Tensor, ...]], Tensor]) -> Callable[[Tensor, tuple], Tensor]:
+        """fn at the flat parameter vector theta: (P,) (vmap-able: goes through functional_call)."""
+        def at(theta: Tensor, batch: tuple[Tensor, ...]) -> Tensor:
+            views = flat.views(theta)
+            return fn(lambda *inputs: torch.func.functional_call(work, views, inputs), batch)
+        return at
+
+    chain_loss = functional(loss_fn)  # ℓ_m at theta
     tied = len(list(work.named_parameters(remove_duplicate=False))) != len(list(work.named_parameters()))
 
-    def direct_loss(model: nn.Module) -> Callable[[Tensor, tuple[Tensor, ...]], Tensor]:
-        """chain_loss for the sequential path on `model` (the private copy, or a copy of it per thread), without
+    def direct(model: nn.Module, fn: Callable = loss_fn) -> Callable[[Tensor, tuple[Tensor, ...]], Tensor]:
+        """fn at theta for the sequential path on `model` (the private copy, or a copy of it per thread), without
         functional_call's per-step bookkeeping: its parameter slots are pointed at views of theta (tied weights
         fall back to functional_call on `model`)."""
         if tied:
-            return lambda theta, batch: loss_fn(
+            return lambda theta, batch: fn(
                 lambda *inputs: torch.func.functional_call(model, flat.views(theta), inputs), batch)
         slots = [_slot(model, k) for k in flat.names]
 
-        def loss(theta: Tensor, batch: tuple[Tensor, ...]) -> Tensor:
+        def at(theta: Tensor, batch: tuple[Tensor, ...]) -> Tensor:
             for (module, attr), view in zip(slots, flat.views(theta).values(), strict=True):
                 module._parameters[attr] = view
-            return loss_fn(model, batch)
+            return fn(model, batch)
 
-        return loss
+        return at
 
     C, S = config.num_chains, config.num_burnin + config.num_draws
 
@@ -809,6 +895,16 @@ def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, c
     notes: list[str] = []
     vectorized = vectorizes(config, flat.theta_star.numel(), device)
     thread_models: list[nn.Module] = []  # the sequential path's model copies, one per thread: made once, reused
+
+    obs_trace = None if observables is None else torch.full(
+        (C, config.num_draws, len(observables.names)), float("nan"), dtype=torch.float64, device=device)
+
+    def recorder(tilted: bool) -> _Recorder | None:
+        """Where the untilted chains record the observables (None: nothing to record)."""
+        if observables is None or tilted:
+            return None
+        obs_trace.fill_(float("nan"))  # a failed vectorised attempt leaves no partial record
+        return _Recorder(observables.fn, functional(observables.fn), obs_trace, config.num_burnin)
 
     def sample(tilted: bool) -> tuple[Tensor, Tensor, _Kernel]:
         """Run the C chains; returns ℓ at the recorded points (C, S), ∇ℓ_n(w*)ᵀ(w_t − w*) (C, S), the kernel."""
@@ -824,7 +920,7 @@ def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, c
             try:
                 k = kernel()
                 _run_vectorized(chain_loss, data, minibatch, flat.theta_star, grad_star, trace, slope, randomness(),
-                                k, notes)
+                                k, notes, recorder(tilted))
                 return trace, slope, k
             except _VmapUnsupported as e:
                 vectorized = False
@@ -833,8 +929,8 @@ def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, c
             threads = torch.get_num_threads() if device.type == "cpu" else 1
             thread_models.extend([work] + [copy.deepcopy(work) for _ in range(max(1, min(threads, C)) - 1)])
         k = kernel()
-        _run_sequential(thread_models, direct_loss, data, minibatch, flat.theta_star, grad_star, trace, slope,
-                        randomness(), k, notes)
+        _run_sequential(thread_models, direct, data, minibatch, flat.theta_star, grad_star, trace, slope,
+                        randomness(), k, notes, recorder(tilted))
         return trace, slope, k
 
     trace, slope, kernel = sample(tilted=False)
@@ -866,6 +962,16 @@ def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, c
         llc_std = float(per_chain.std(ddof=1)) if C > 1 else float("nan")
         llc_slope = float(nbeta * slope_post.mean())
     stats = summarize(post) if np.isfinite(post).all() else {"rhat": math.nan, "ess": math.nan, "mcse": math.nan}
+    refined: dict[str, Any] = {}
+    if observables is not None:
+        obs_np = obs_trace.cpu().numpy()
+        mcse = [nbeta * mcse_mean(obs_np[:, :, j]) for j in range(obs_np.shape[2])]  # nan where a draw is nan
+        refined = {"refined_names": tuple(observables.names), "refined_init": obs_star,
+                   "llc_refined_per_chain": refined_per_chain(obs_np, obs_star, nbeta),
+                   "llc_refined_mcse": np.array(mcse, dtype=np.float64)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            refined["llc_refined"] = refined["llc_refined_per_chain"].mean(axis=0)
     accept = kernel.acceptance(S)
     precond = kernel.preconditioner()
     return LLCResult(
@@ -876,7 +982,7 @@ def estimate_llc(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, *, c
         vectorized=vectorized, data_hash=data_hash, fingerprint=fingerprint, grad_norm=grad_norm,
         llc_slope=llc_slope, seconds=time.perf_counter() - t_start,
         rhat=stats["rhat"], ess=stats["ess"], llc_mcse=nbeta * stats["mcse"],
-        acceptance_rate=accept, preconditioner=precond, **tilted_stats,
+        acceptance_rate=accept, preconditioner=precond, **tilted_stats, **refined,
     )
 
 
@@ -917,11 +1023,23 @@ class _VmapUnsupported(RuntimeError):
     pass
 
 
+@dataclass
+class _Recorder:
+    """The observables of the data-refined LLC: fn(forward, batch) (sequential path), at(theta, batch) (vectorised
+    path), and trace (C, T, J), filled at post-burn-in step t (of S) in row t − start."""
+
+    fn: Callable[[Forward, tuple[Tensor, ...]], Tensor]
+    at: Callable[[Tensor, tuple[Tensor, ...]], Tensor]
+    trace: Tensor
+    start: int
+
+
 def _run_vectorized(chain_loss: Callable, data: tuple[Tensor, ...], minibatch: bool, theta_star: Tensor,
                     grad_star: Tensor, trace: Tensor, slope: Tensor, rands: list[_ChainRandomness],
-                    kernel: _Kernel, notes: list[str]) -> None:
+                    kernel: _Kernel, notes: list[str], record: _Recorder | None = None) -> None:
     """All chains at once: vmap over the chain axis of grad_and_value(chain_loss). Fills trace (C, S) with ℓ_m(w_t)
-    and slope (C, S) with ∇ℓ_n(w*)ᵀ(w_t − w*) in place (grad_star: (P,)).
+    and slope (C, S) with ∇ℓ_n(w*)ᵀ(w_t − w*) in place (grad_star: (P,)), and record.trace with the observables
+    at the recorded points after burn-in.
 
     Raises _VmapUnsupported if the first step cannot be vectorised (nothing has been sampled then).
     """
@@ -929,6 +1047,7 @@ def _run_vectorized(chain_loss: Callable, data: tuple[Tensor, ...], minibatch: b
     P = theta_star.numel()
     block = _block_size(P)
     step = torch.func.vmap(torch.func.grad_and_value(chain_loss), in_dims=(0, 0 if minibatch else None))
+    observe = None if record is None else torch.func.vmap(record.at, in_dims=(0, 0 if minibatch else None))
     theta = theta_star.expand(C, -1).clone()  # (C, P)
     noise = theta.new_empty(C, block, P)
     idx = None
@@ -951,6 +1070,8 @@ def _run_vectorized(chain_loss: Callable, data: tuple[Tensor, ...], minibatch: b
                 theta, point, point_loss = kernel.step(t, theta, loss.detach(), grad, noise[:, j], slice(0, C))
                 trace[:, t] = point_loss
                 slope[:, t] = torch.sub(point, theta_star) @ grad_star
+                if observe is not None and t >= record.start:
+                    record.trace[:, t - record.start] = observe(point, batch).double()
             if (t + 1) % _CHECK_EVERY == 0 and not bool(torch.isfinite(theta).all()):
                 notes.append(f"sampling stopped at step {t + 1}: non-finite parameters")
                 return
@@ -973,11 +1094,12 @@ def _first_vmapped_step(step: Callable, theta: Tensor, batch: tuple[Tensor, ...]
     return out
 
 
-def _run_sequential(models: list[nn.Module], direct_loss: Callable[[nn.Module], Callable], data: tuple[Tensor, ...],
+def _run_sequential(models: list[nn.Module], direct: Callable[..., Callable], data: tuple[Tensor, ...],
                     minibatch: bool, theta_star: Tensor, grad_star: Tensor, trace: Tensor, slope: Tensor,
-                    rands: list[_ChainRandomness], kernel: _Kernel, notes: list[str]) -> None:
+                    rands: list[_ChainRandomness], kernel: _Kernel, notes: list[str],
+                    record: _Recorder | None = None) -> None:
     """The chains with plain autograd, each chain's steps one after another (for models that cannot be vmapped, and
-    large models on CPU). Fills trace and slope (C, S) in place as `_run_vectorized` does; a chain whose
+    large models on CPU). Fills trace, slope and record as `_run_vectorized` does; a chain whose
     parameters become non-finite stops there.
 
     models: one private copy of the model per thread (estimate_llc makes min(chains, torch threads) on CPU); with
@@ -992,7 +1114,8 @@ def _run_sequential(models: list[nn.Module], direct_loss: Callable[[nn.Module], 
     block = _block_size(P)
 
     def run(chains: list[int], model: nn.Module) -> list[str]:
-        chain_loss, noise, stopped = direct_loss(model), theta_star.new_empty(block, P), []
+        chain_loss, noise, stopped = direct(model), theta_star.new_empty(block, P), []
+        observe = None if record is None else direct(model, record.fn)
         for c in chains:
             r, theta, idx = rands[c], theta_star.clone(), None
             for t in range(S):
@@ -1011,6 +1134,8 @@ def _run_sequential(models: list[nn.Module], direct_loss: Callable[[nn.Module], 
                     theta = nxt[0]
                     trace[c, t] = point_loss[0]
                     slope[c, t] = torch.dot(torch.sub(point[0], theta_star), grad_star)
+                    if observe is not None and t >= record.start:
+                        record.trace[c, t - record.start] = observe(point[0], batch).double()
                 if (t + 1) % _CHECK_EVERY == 0 and not bool(torch.isfinite(theta).all()):
                     stopped.append(f"sampling stopped at step {t + 1} of chain {c}: non-finite parameters")
                     break

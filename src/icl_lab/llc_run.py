@@ -23,11 +23,11 @@ from typing import Literal
 
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from icl_lab.config import LLCConfig
-from icl_lab.llc import Calibration, calibrate, estimate_llc, vectorizes
+from icl_lab.llc import Calibration, Observable, calibrate, combine_observables, estimate_llc, vectorizes
 from icl_lab.progress import Bar
 from icl_lab.seeding import derive_seed, make_generator
 from icl_lab.store import Run, file_lock, settings_digest, write_json, write_parquet
@@ -47,16 +47,22 @@ __all__ = [
     "estimate_runs",
     "estimate_step",
     "finite_llc",
+    "fresh_observable",
     "llc_data",
     "load_settings",
     "load_shared",
     "missing_steps",
     "mse_loss",
+    "position_observable",
+    "refine_observable",
+    "refined_table",
     "save_settings",
     "settings_path",
+    "task_observable",
 ]
 
 DataSource = Literal["id", "ood", "root"]
+Refinement = Literal["position", "task", "fresh"]
 FigureFn = Callable[[Calibration, Path], object]  # draws a calibration's figure at a path (icl_lab.plots)
 
 
@@ -69,19 +75,95 @@ class LLCSettings(BaseModel):
     data: DataSource = "id"
     seed: int = 0
     calibrated: bool = False
+    refine: list[Refinement] = Field(
+        default_factory=list, description="data-refined λ̂ from the same chains: 'position' (each context position "
+        "k), 'task' (each pool task; data 'id' with finite M), 'fresh' (a fixed batch of fresh tasks)")
+
+    @model_validator(mode="after")
+    def _refine_is_possible(self) -> LLCSettings:
+        if len(set(self.refine)) != len(self.refine):
+            raise ValueError(f"refine lists a refinement twice: {self.refine}; allowed: position, task, fresh")
+        if "task" in self.refine and self.data != "id":
+            raise ValueError(f"refine 'task' needs data 'id' (sequences from the pool), got data '{self.data}'")
+        return self
+
+    def to_json(self) -> dict:
+        """The settings as JSON; `refine` only when requested, so unrefined curves keep their key."""
+        out = json.loads(self.model_dump_json())
+        if not out["refine"]:
+            del out["refine"]
+        return out
 
     def digest(self) -> str:
-        return settings_digest(json.loads(self.model_dump_json()))
+        return settings_digest(self.to_json())
 
 
 def mse_loss(forward, batch: tuple[Tensor, ...]) -> Tensor:
-    """The training loss as an LLC loss_fn: mean squared error of forward(x, y) against y."""
-    x, y = batch
+    """The training loss as an LLC loss_fn: mean squared error of forward(x, y) against y (batch = (x, y, ...))."""
+    x, y = batch[0], batch[1]
     return (forward(x, y) - y).square().mean()
 
 
-def llc_data(run: Run, n: int, source: DataSource = "id") -> tuple[Tensor, Tensor]:
-    """The fixed LLC dataset of a run: n sequences from the pool ('id'), fresh tasks ('ood') or the root task."""
+def position_observable(K: int) -> Observable:
+    """ℓ_k for each context position k (names k0 … k{K−1}): the mean over sequences of (ŷ_k − y_k)², whose mean
+    over k is the training loss (Hoogland et al.'s per-token LLC, docs/papers.md §D2)."""
+    def fn(forward, batch: tuple[Tensor, ...]) -> Tensor:
+        x, y = batch[0], batch[1]
+        return (forward(x, y) - y).square().mean(dim=0)  # (K,)
+    return Observable(tuple(f"k{k}" for k in range(K)), fn)
+
+
+def task_observable(M: int) -> Observable:
+    """ℓ on the sequences of each pool task (names task0 … task{M−1}); batch = (x, y, task_index) with
+    task_index: (B,) the pool index of each sequence. nan for a task with no sequence in the batch."""
+    def fn(forward, batch: tuple[Tensor, ...]) -> Tensor:
+        x, y, idx = batch
+        per_seq = (forward(x, y) - y).square().mean(dim=-1)  # (B,)
+        onehot = (idx[:, None] == torch.arange(M, device=idx.device)).to(per_seq.dtype)  # (B, M)
+        return (onehot * per_seq[:, None]).sum(0) / onehot.sum(0)  # (M,), 0/0 = nan for an absent task
+    return Observable(tuple(f"task{j}" for j in range(M)), fn)
+
+
+def fresh_observable(x: Tensor, y: Tensor) -> Observable:
+    """ℓ on a fixed batch of fresh-task sequences x: (B, K, D), y: (B, K), whatever the chain's minibatch (name
+    'fresh'): how the complexity the chains see bears on tasks outside the pool."""
+    def fn(forward, batch: tuple[Tensor, ...]) -> Tensor:
+        return (forward(x, y) - y).square().mean().reshape(1)
+    return Observable(("fresh",), fn)
+
+
+def refine_observable(run: Run, settings: LLCSettings, device: str | torch.device = "cpu") -> Observable | None:
+    """The observables of `settings.refine` for `run` (None when none is requested). The fresh-task batch has as
+    many sequences as the SGLD minibatch (all n without one), from its own generator (llc/fresh)."""
+    task, parts = run.config.task, []
+    for kind in settings.refine:
+        if kind == "position":
+            parts.append(position_observable(task.K))
+        elif kind == "task":
+            if task.M is None:
+                raise ValueError(f"refine 'task' needs a finite task pool; {run.path} has M = ∞")
+            parts.append(task_observable(task.M))
+        else:
+            m = settings.sampler.batch_size or settings.n
+            fresh = sample_batch(task, None, m, make_generator(run.config.seed, "llc/fresh"))
+            parts.append(fresh_observable(fresh.x.to(device), fresh.y.to(device)))
+    return combine_observables(*parts) if parts else None
+
+
+def refined_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Long table of the data-refined λ̂ in llc.parquet rows: step, name, llc, lo, hi, mcse (one row per step and
+    component; empty when the rows carry none)."""
+    names = [c.removeprefix("llc_refined_") for c in rows.columns
+             if c.startswith("llc_refined_") and not c.endswith(("_lo", "_hi", "_mcse"))]
+    out = [{"step": int(r["step"]), "name": k, "llc": r[f"llc_refined_{k}"], "lo": r[f"llc_refined_{k}_lo"],
+            "hi": r[f"llc_refined_{k}_hi"], "mcse": r[f"llc_refined_{k}_mcse"]}
+           for r in rows.to_dict("records") for k in names if f"llc_refined_{k}" in r]
+    return pd.DataFrame(out, columns=["step", "name", "llc", "lo", "hi", "mcse"])
+
+
+def llc_data(run: Run, n: int, source: DataSource = "id", with_tasks: bool = False) -> tuple[Tensor, ...]:
+    """The fixed LLC dataset of a run: n sequences from the pool ('id'), fresh tasks ('ood') or the root task;
+    (x, y), or (x, y, task_index) with `with_tasks` (pool sequences only: the same x and y)."""
     task, seed = run.config.task, run.config.seed
     pool = task_pool(task.family, task.M or 1, task.D, seed)
     if source == "root":
@@ -89,7 +171,11 @@ def llc_data(run: Run, n: int, source: DataSource = "id") -> tuple[Tensor, Tenso
     else:
         batch = sample_batch(task, pool if (source == "id" and task.M is not None) else None, n,
                              make_generator(seed, f"llc/{source}"))
-    return batch.x, batch.y
+    if not with_tasks:
+        return batch.x, batch.y
+    if batch.task_index is None:
+        raise ValueError(f"per-task data needs sequences from a finite pool; {run.path} ({source}) has none")
+    return batch.x, batch.y, batch.task_index
 
 
 def settings_path(run: Run) -> Path:
@@ -102,7 +188,7 @@ def load_settings(run: Run) -> LLCSettings | None:
 
 
 def save_settings(run: Run, settings: LLCSettings) -> None:
-    write_json(settings_path(run), json.loads(settings.model_dump_json()))
+    write_json(settings_path(run), settings.to_json())
 
 
 @contextmanager
@@ -164,9 +250,11 @@ def estimate_step(run_path: str | Path, step: int, settings_json: str, device: s
     run = Run.load(run_path)
     settings = LLCSettings.model_validate_json(settings_json)
     model = run.load_checkpoint(step, device)
-    data = llc_data(run, settings.n, settings.data)
+    data = llc_data(run, settings.n, settings.data, with_tasks="task" in settings.refine)
+    observables = refine_observable(run, settings, device)
     with _sampling_threads(model, settings.sampler, device, shared_cores):
-        result = estimate_llc(model, data, mse_loss, config=settings.sampler, seed=_sgld_seed(settings))
+        result = estimate_llc(model, data, mse_loss, config=settings.sampler, seed=_sgld_seed(settings),
+                              observables=observables)
     return {"step": step, **result.to_row(), "settings_hash": settings.digest(), "device": str(device)}
 
 
@@ -302,7 +390,7 @@ CALIBRATION_FILE = "llc_settings.json"  # in the study directory: {"inputs", "se
 def _calibration_inputs(plan: LLCPlan, runs: dict[str, Run]) -> dict:
     run = runs[plan.calibrate]
     step = run.checkpoint_steps[-1] if plan.calibrate_step is None else plan.calibrate_step
-    return {"run": plan.calibrate, "step": step, "base": json.loads(plan.base.model_dump_json()),
+    return {"run": plan.calibrate, "step": step, "base": plan.base.to_json(),
             "step_sizes": list(plan.step_sizes), "burnin": "max(num_burnin, min_burnin(step_size, localization))"}
 
 
@@ -341,7 +429,7 @@ def _calibrate_shared(out: Path, plan: LLCPlan, runs: dict[str, Run], device: st
     except ValueError as e:
         chosen, reason = None, str(e)
     write_json(Path(out) / CALIBRATION_FILE, {"inputs": inputs, "settings": None if chosen is None else
-                                              json.loads(chosen.model_dump_json()), "reason": reason})
+                                              chosen.to_json(), "reason": reason})
     return SharedSettings(chosen, reason, inputs["run"], inputs["step"])
 
 
