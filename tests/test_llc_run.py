@@ -172,3 +172,35 @@ def test_refine_settings_are_validated():
         LLCSettings(refine=["position", "position"])
     with pytest.raises(ValueError, match="position"):
         LLCSettings(refine=["token"])
+
+
+def test_validated_plan_checks_plateau_paper_and_ground_truth(tiny_run, tmp_path):
+    """Validated settings are not calibrated but checked: λ̂ at γ/nβ halved and doubled, at the papers' settings,
+    and a deep linear network at the same settings; the curve reuses the check's own estimate."""
+    from icl_lab.llc_run import LLCPlan, calibrate_shared, load_shared, settings_report
+
+    sampler = LLCConfig(num_chains=2, num_draws=20, num_burnin=20, batch_size=16)  # localization None: validated
+    paper = LLCConfig(step_size=3e-4, nbeta=200 / 3, localization=20 / 3, num_chains=2, num_draws=20,
+                      num_burnin=10, batch_size=16)
+    base = LLCSettings(sampler=sampler, n=128)
+    plan = LLCPlan(base, [], "r", check_settings=True, paper_sampler=paper)
+    runs = {"r": tiny_run}
+    shared = calibrate_shared(tmp_path, plan, runs)
+    assert plan.validated and shared.settings == base and shared.check is not None
+    check = shared.check
+    nb = check["nbeta"]
+    assert [r["gamma_over_nbeta"] for r in check["plateau"]] == [0.005, 0.01, 0.02]
+    assert [r["localization"] for r in check["plateau"]] == pytest.approx([0.005 * nb, 0.01 * nb, 0.02 * nb])
+    mids = [r["llc_mean"] for r in check["plateau"]]
+    assert check["on_plateau"] == all(abs(v - mids[1]) <= 0.1 * abs(mids[1]) for v in mids)
+    assert check["paper"]["nbeta"] == pytest.approx(200 / 3) and check["paper"]["step_size"] == 3e-4
+    gt = check["ground_truth"]
+    assert gt["case"] == "dln2_r0" and gt["llc_theory"] > 0 and np.isfinite(gt["llc_mean"])
+    step = tiny_run.checkpoint_steps[-1]
+    curve = tiny_run.llc_all
+    own = curve[(curve["settings_hash"] == base.digest()) & (curve["step"] == step)]
+    assert len(own) == 1 and own["llc_mean"].iloc[0] == mids[1]  # reused by the curve, not estimated twice
+    assert load_shared(tmp_path, plan, runs).check == check  # cached with its inputs
+    text, tables = settings_report(shared)
+    assert "γ-plateau" in text and "dln2_r0" in text and "papers' settings" in text
+    assert len(tables) == 2 and len(tables[0]) == 4

@@ -17,7 +17,7 @@ import multiprocessing as mp
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -27,7 +27,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from icl_lab.config import LLCConfig
-from icl_lab.llc import Calibration, Observable, calibrate, combine_observables, estimate_llc, vectorizes
+from icl_lab.ground_truth import SUITE, validate
+from icl_lab.llc import (
+    Calibration,
+    Observable,
+    calibrate,
+    combine_observables,
+    default_nbeta,
+    estimate_llc,
+    vectorizes,
+)
 from icl_lab.progress import Bar
 from icl_lab.seeding import derive_seed, make_generator
 from icl_lab.store import Run, file_lock, settings_digest, write_json, write_parquet
@@ -57,8 +66,11 @@ __all__ = [
     "refine_observable",
     "refined_table",
     "save_settings",
+    "settings_check",
     "settings_path",
+    "settings_report",
     "task_observable",
+    "PAPER_SAMPLER",
 ]
 
 DataSource = Literal["id", "ood", "root"]
@@ -357,31 +369,57 @@ def _estimate_jobs(jobs: list[tuple[Run, int]], payload: str, workers: int, devi
 
 
 # ================================================================================================ a study's LLC plan
+# Hoogland et al.'s SGLD (docs/papers.md §D2; their L2H4 sweep): ε = 3e-4, nβ = 200/3, γ = 20/3 (γ/nβ = 0.1), with
+# icl-lab's chains, draws and burn-in of benchmarks/llc_published.py. The values the papers print are at these.
+PAPER_SAMPLER = LLCConfig(step_size=3e-4, nbeta=200 / 3, localization=20 / 3, num_chains=4, num_draws=1000,
+                          num_burnin=500, batch_size=256)
+PLATEAU_RATIOS = (0.005, 0.01, 0.02)  # γ/nβ halved and doubled around the validated 0.01 (docs/llc.md)
+PLATEAU_TOLERANCE = 0.1  # λ̂ at the halved and doubled γ within 10% of λ̂ at 0.01: on a plateau (llc.pick's rel_tol)
+GROUND_TRUTH_CASE = "dln2_r0"  # a singular deep linear network with a known λ (ground_truth.SUITE)
+
+
 @dataclass(frozen=True)
 class LLCPlan:
-    """The LLCs a study needs: one calibration over `step_sizes` (at γ = base.sampler.localization) at
-    `calibrate_step` (None: the last checkpoint) of the run `calibrate`, whose chosen settings then estimate every
-    checkpoint of every run, or each run's last one (`final_only`)."""
+    """The LLCs a study needs, at `steps` of each run (None: every checkpoint; `final_only`: each run's last).
+
+    With validated settings (base.sampler.localization None: the library's defaults, γ = 0.01·nβ), nothing is
+    calibrated; with `check_settings`, the settings are checked once at `calibrate_step` (None: the last
+    checkpoint) of the run `calibrate`: λ̂ at γ/nβ halved and doubled (the γ-plateau), λ̂ at the papers' settings
+    (PAPER_SAMPLER), and a deep linear network with a known λ at the same settings (the ground-truth line).
+    Otherwise (a fixed γ) one calibration over `step_sizes` at that checkpoint chooses ε for every estimate."""
 
     base: LLCSettings
     step_sizes: list[float]
     calibrate: str
     calibrate_step: int | None = None
     final_only: bool = False
+    check_settings: bool = True
+    steps_by_run: dict[str, list[int]] | None = None
+    paper_sampler: LLCConfig = field(default_factory=lambda: PAPER_SAMPLER)
+
+    @property
+    def validated(self) -> bool:
+        return self.base.sampler.localization is None
 
     def steps(self, runs: dict[str, Run]) -> dict[Path, list[int]] | None:
-        return {r.path: [r.checkpoint_steps[-1]] for r in runs.values()} if self.final_only else None
+        if self.final_only:
+            return {r.path: [r.checkpoint_steps[-1]] for r in runs.values()}
+        if self.steps_by_run is not None:
+            return {runs[name].path: list(s) for name, s in self.steps_by_run.items() if name in runs}
+        return None
 
 
 @dataclass(frozen=True)
 class SharedSettings:
-    """The outcome of a study's calibration: the settings (None: no stable step size, `reason` says why), and
-    where they were calibrated."""
+    """The outcome of a study's calibration or settings check: the settings (None: no stable step size, `reason`
+    says why), where they were calibrated or checked, and the check's results (`settings_check`; None when
+    calibrated)."""
 
     settings: LLCSettings | None
     reason: str
     run: str
     step: int
+    check: dict | None = None
 
 
 CALIBRATION_FILE = "llc_settings.json"  # in the study directory: {"inputs", "settings", "reason"}
@@ -390,6 +428,10 @@ CALIBRATION_FILE = "llc_settings.json"  # in the study directory: {"inputs", "se
 def _calibration_inputs(plan: LLCPlan, runs: dict[str, Run]) -> dict:
     run = runs[plan.calibrate]
     step = run.checkpoint_steps[-1] if plan.calibrate_step is None else plan.calibrate_step
+    if plan.validated:
+        return {"run": plan.calibrate, "step": step, "base": plan.base.to_json(), "validated": True,
+                "check": plan.check_settings, "plateau": list(PLATEAU_RATIOS),
+                "paper": json.loads(plan.paper_sampler.model_dump_json()), "ground_truth": GROUND_TRUTH_CASE}
     return {"run": plan.calibrate, "step": step, "base": plan.base.to_json(),
             "step_sizes": list(plan.step_sizes), "burnin": "max(num_burnin, min_burnin(step_size, localization))"}
 
@@ -402,7 +444,7 @@ def load_shared(out: Path, plan: LLCPlan, runs: dict[str, Run]) -> SharedSetting
     if saved.get("inputs") != inputs:
         return None
     settings = None if saved["settings"] is None else LLCSettings.model_validate(saved["settings"])
-    return SharedSettings(settings, saved["reason"], inputs["run"], inputs["step"])
+    return SharedSettings(settings, saved["reason"], inputs["run"], inputs["step"], saved.get("check"))
 
 
 def calibrate_shared(out: Path, plan: LLCPlan, runs: dict[str, Run], device: str = "cpu",
@@ -421,6 +463,13 @@ def _calibrate_shared(out: Path, plan: LLCPlan, runs: dict[str, Run], device: st
     if shared is not None:
         return shared
     inputs = _calibration_inputs(plan, runs)
+    if plan.validated:
+        check = settings_check(runs[plan.calibrate], inputs["step"], plan.base, device, plan.paper_sampler) \
+            if plan.check_settings else None
+        reason = "the library's validated defaults (docs/llc.md), not calibrated"
+        write_json(Path(out) / CALIBRATION_FILE, {"inputs": inputs, "settings": plan.base.to_json(),
+                                                  "reason": reason, "check": check})
+        return SharedSettings(plan.base, reason, inputs["run"], inputs["step"], check)
     try:
         cal, chosen = calibrate_run(runs[plan.calibrate], step=inputs["step"], settings=plan.base,
                                     step_sizes=plan.step_sizes, localizations=[plan.base.sampler.localization],
@@ -437,3 +486,84 @@ def missing_steps(run: Run, settings: LLCSettings, steps: Iterable[int] | None =
     """The checkpoints (all, or `steps`) of `run` with no LLC estimate at `settings`."""
     done = _done(run, settings.digest())
     return [s for s in (run.checkpoint_steps if steps is None else steps) if s not in done]
+
+
+# ================================================================================================ the settings check
+def settings_check(run: Run, step: int, settings: LLCSettings, device: str = "cpu",
+                   paper_sampler: LLCConfig = PAPER_SAMPLER) -> dict:
+    """Check validated settings at one checkpoint (docs/llc.md, "Defaults, and what they are validated on"):
+
+    - plateau: λ̂ at γ/nβ in PLATEAU_RATIOS (the estimate at the settings' own γ is also the curve's row, added to
+      llc.parquet so it is not estimated twice); on the plateau when the halved and doubled γ read within
+      PLATEAU_TOLERANCE of it;
+    - paper: λ̂ at paper_sampler (PAPER_SAMPLER: the settings the published values were made at, so comparable
+      with them);
+    - ground_truth: `ground_truth.validate` of GROUND_TRUTH_CASE at the same sampler settings and n.
+    Returns a JSON-able dict with those three entries."""
+    nbeta = default_nbeta(settings.n) if settings.sampler.nbeta is None else settings.sampler.nbeta
+    rows = []
+    for ratio in PLATEAU_RATIOS:
+        if ratio == PLATEAU_RATIOS[1]:  # the settings themselves: the curve's own estimate at this step
+            row = estimate_step(run.path, step, settings.model_dump_json(), device)
+            add_llc_rows(run, [row])
+        else:
+            trial = settings.model_copy(update={"refine": [], "sampler": settings.sampler.model_copy(
+                update={"localization": ratio * nbeta})})
+            row = estimate_step(run.path, step, trial.model_dump_json(), device)
+        rows.append({"gamma_over_nbeta": ratio, "localization": ratio * nbeta, **_summary(row)})
+    mid = rows[1]["llc_mean"]
+    on_plateau = all(abs(r["llc_mean"] - mid) <= PLATEAU_TOLERANCE * abs(mid) for r in rows)
+    paper = settings.model_copy(update={"sampler": paper_sampler, "refine": []})
+    paper_row = _summary(estimate_step(run.path, step, paper.model_dump_json(), device))
+    case = SUITE[GROUND_TRUTH_CASE]
+    gt = validate(case, n=settings.n, config=settings.sampler.model_copy(update={"tilted": False}))
+    return {"run": run.path.name, "step": step, "nbeta": nbeta, "plateau": rows, "on_plateau": on_plateau,
+            "plateau_tolerance": PLATEAU_TOLERANCE, "paper": paper_row,
+            "paper_settings": json.loads(paper_sampler.model_dump_json()),
+            "ground_truth": {"case": case.name, "widths": list(case.widths), "rank": case.rank, "d": case.d,
+                             "llc_theory": gt.llc_theory, "llc_mean": gt.llc_mean, "llc_se": gt.llc_se,
+                             "rel_error": gt.rel_error, "flags": gt.flags, "seconds": gt.estimate_seconds}}
+
+
+def _summary(row: dict) -> dict:
+    keys = ("llc_mean", "llc_lo", "llc_hi", "llc_mcse", "rhat", "ess", "flags", "step_size", "nbeta", "num_burnin",
+            "num_draws", "num_chains", "batch_size", "seconds")
+    return {k: row.get(k) for k in keys}
+
+
+def settings_report(shared: SharedSettings) -> tuple[str, list[pd.DataFrame]]:
+    """The report's account of the LLC settings: a paragraph and tables (the γ-plateau, the papers' settings, the
+    ground-truth line). Data only; the study runner turns it into a report section."""
+    sampler = shared.settings.sampler if shared.settings is not None else None
+    if sampler is None:
+        return f"No LLC settings: {shared.reason}.", []
+    gamma = "0.01·nβ" if sampler.localization is None else f"{sampler.localization:g}"
+    burnin = "min_burnin(ε, γ) ≈ 3/(εγ)" if sampler.num_burnin is None else f"{sampler.num_burnin}"
+    what = (f"ε = {sampler.step_size:g}, γ = {gamma}, burn-in {burnin}, "
+            f"{sampler.num_chains} chains × {sampler.num_draws} draws, minibatch {sampler.batch_size} of n = "
+            f"{shared.settings.n:,} fixed sequences, sampler {sampler.sampler}")
+    text = f"Every λ̂ in this report: {what} ({shared.reason}). Intervals are 95% t intervals over the chains."
+    check = shared.check
+    if not check:
+        return text + " The settings were not checked at this scale (no γ-plateau or ground-truth line).", []
+    plateau = pd.DataFrame(check["plateau"])
+    gt = check["ground_truth"]
+    paper, ps = check["paper"], check["paper_settings"]
+    text += (f" Checked at step {check['step']:,} of {check['run']} (nβ = {check['nbeta']:.4g}). γ-plateau: λ̂ at "
+             f"γ/nβ = " + ", ".join(f"{r['gamma_over_nbeta']:g}: {r['llc_mean']:.4g}" for r in check["plateau"])
+             + f" — {'on' if check['on_plateau'] else 'NOT on'} a plateau (halved and doubled γ within "
+             f"{check['plateau_tolerance']:.0%}). At the papers' settings (Hoogland et al.'s SGLD: ε = "
+             f"{ps['step_size']:g}, nβ = {ps['nbeta']:.3g}, γ = {ps['localization']:.3g}), the same checkpoint reads "
+             f"λ̂ = {paper['llc_mean']:.4g} [95%: {paper['llc_lo']:.4g}, {paper['llc_hi']:.4g}] against "
+             f"{check['plateau'][1]['llc_mean']:.4g} at these settings: published values compare with the first "
+             f"number, this report's with the second. Ground truth at these settings: the deep linear network "
+             f"{gt['case']} "
+             f"(widths {tuple(gt['widths'])}, rank {gt['rank']}, d = {gt['d']}) has λ = {gt['llc_theory']:.4g} and "
+             f"reads λ̂ = {gt['llc_mean']:.4g} ± {gt['llc_se']:.2g} ({gt['rel_error']:+.1%}).")
+    table = pd.concat([plateau.assign(settings=[f"validated, γ/nβ = {r:g}" for r in plateau["gamma_over_nbeta"]]),
+                       pd.DataFrame([paper | {"settings": "papers' (Hoogland et al.)"}])], ignore_index=True)
+    cols = ["settings", "llc_mean", "llc_lo", "llc_hi", "llc_mcse", "rhat", "ess", "flags", "step_size", "nbeta",
+            "num_burnin", "seconds"]
+    truth = pd.DataFrame([{k: gt[k] for k in ("case", "d", "rank", "llc_theory", "llc_mean", "llc_se", "rel_error",
+                                              "flags", "seconds")}])
+    return text, [table[[c for c in cols if c in table]], truth]

@@ -16,7 +16,15 @@ from typing import Any, ClassVar
 
 import pandas as pd
 
-from icl_lab.llc_run import LLCPlan, SharedSettings, calibrate_shared, estimate_runs, load_shared, missing_steps
+from icl_lab.llc_run import (
+    LLCPlan,
+    SharedSettings,
+    calibrate_shared,
+    estimate_runs,
+    load_shared,
+    missing_steps,
+    settings_report,
+)
 from icl_lab.plots import plot_calibration
 from icl_lab.report import Section, write_report
 from icl_lab.store import Run, write_json, write_parquet
@@ -201,6 +209,9 @@ def _report(study: Study, out: Path, runs: dict[str, Run], shared: SharedSetting
         n_pass = int((checks["verdict"] == "pass").sum())
         sections.append(Section("Expectations and measured verdicts",
                                 f"{n_pass} of {len(checks)} checks pass. {study.checks_note()}", tables=[checks]))
+        if shared is not None:
+            text, tables = settings_report(shared)
+            sections.append(Section("LLC settings and their validation", text, tables=tables))
         sections += study.sections(r, figs)
         note = study.differs(r)
         if note is not None:
