@@ -91,6 +91,14 @@ def test_cli_calibrate_estimate_resume_and_plot(tmp_path):
     assert llc.set_index("step").loc[steps[-3:], "llc_mean"].tolist() == first["llc_mean"].tolist()
     result = runner.invoke(app, ["plot", str(path)])
     assert result.exit_code == 0, result.output
+    last = str(steps[-1])
+    result = runner.invoke(app, ["llc", str(path), "--steps", last, "--refine", "position,token", "--quiet"])
+    assert result.exit_code == 2 and "--refine position,token" in result.output and "allowed: position" in result.output
+    result = runner.invoke(app, ["llc", str(path), "--steps", last, "--refine", "position,task", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "data-refined" in result.output and "task1" in result.output and "k5" in result.output
+    refined = Run.load(path).llc
+    assert refined["llc_mean"].tolist() == llc.set_index("step").loc[[steps[-1]], "llc_mean"].tolist()
 
 
 @pytest.mark.parametrize("device, message", [("gpu", "allowed: cpu, cuda, cuda:N"),

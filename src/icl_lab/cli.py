@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - depends on the typer version
 
 from icl_lab.config import SECTIONS, LLCConfig, build_run_config, read_config_file
 from icl_lab.llc import DEFAULT_STEP_SIZES
-from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_run, load_settings
+from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_run, load_settings, refined_table
 from icl_lab.plots import plot_calibration, plot_run, plot_stages
 from icl_lab.progress import Bar
 from icl_lab.stages import save_stage_table
@@ -372,12 +372,16 @@ def llc_estimate(
         help="dataset size; must equal the calibrated one (default: RUN/llc_settings.json's)")] = None,
     data: Annotated[Optional[str], typer.Option(  # noqa: UP045
         help="dataset: id, ood or root; must equal the calibrated one (default: RUN/llc_settings.json's)")] = None,
+    refine: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="data-refined λ̂ from the same chains, comma-separated: position (each context position k), task (each "
+             "pool task), fresh (fresh tasks)")] = None,
     device: Device = "cpu",
     quiet: Quiet = False,
     wandb: Annotated[Optional[str], typer.Option(metavar="PROJECT", help=WANDB_HELP)] = None,  # noqa: UP045
 ) -> None:
     """Estimate the LLC at every checkpoint (or --steps) with the settings `icl-lab llc calibrate` saved, into
-    RUN/llc.parquet; resumable: steps already estimated with these settings are kept."""
+    RUN/llc.parquet; resumable: steps already estimated with these settings are kept. --refine adds λ̂ per
+    context position / pool task / fresh tasks, evaluated along the same chains (docs/llc.md)."""
     _check_device(device)
     run = _load_run(run_dir)
     subset = _ints("--steps", steps, "comma-separated checkpoint steps, e.g. 0,100,200")
@@ -388,13 +392,27 @@ def llc_estimate(
         if given is not None and given != saved:
             fail(f"{flag} {given}: the settings in {run.path}/llc_settings.json were calibrated with {flag} {saved}; "
                  f"calibrate again with {flag} {given} to estimate on that dataset")
+    if refine is not None:
+        kinds = [k.strip() for k in refine.split(",") if k.strip()]
+        try:
+            settings = settings.model_copy(update={"refine": kinds})
+            LLCSettings.model_validate(settings.model_dump())
+        except ValidationError as e:
+            fail(f"--refine {refine}: {e.errors()[0]['msg']}; allowed: position, task, fresh (comma-separated)")
+        if "task" in kinds and run.config.task.M is None:
+            fail(f"--refine task: {run.path} has M = ∞ (no task pool); allowed here: position, fresh")
     try:
         df = estimate_run(run, subset, settings=settings, workers=workers, progress=not quiet, device=device,
                           wandb=wandb)
     except (ValueError, ValidationError) as e:
         fail(str(e))
-    cols = [c for c in ("step", "llc_mean", "llc_std", "llc_mcse", "rhat", "ess", "flags") if c in df.columns]
+    cols = [c for c in ("step", "llc_mean", "llc_lo", "llc_hi", "llc_mcse", "rhat", "ess", "flags")
+            if c in df.columns]
     typer.echo(df[cols].to_string(index=False))
+    refined = refined_table(df)
+    if not refined.empty:
+        typer.echo("\ndata-refined λ̂ (same chains):")
+        typer.echo(refined.pivot(index="step", columns="name", values="llc").round(3).to_string())
 
 
 @app.command()
