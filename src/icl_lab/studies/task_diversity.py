@@ -81,7 +81,7 @@ SEEDS = 3  # per (M, B) cell at the small and quick scales (docs/papers.md §G: 
 
 
 class TaskDiversityConfig(MsStudyConfig):
-    """Settings of the study. The defaults are the 'small' scale, designed to finish within 60 minutes on 2 CPU
+    """Settings of the study. The defaults are the 'small' scale, sized for the 90-minute budget on 2 CPU
     cores; `for_scale` gives 'paper' and `quick`.
 
     Small scale, and why: D = 4, K = 8, σ² = 0.125 keeps Raventós' signal-to-noise D/σ² = 32 at half the

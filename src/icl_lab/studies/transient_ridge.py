@@ -118,7 +118,7 @@ SEEDS = 3  # per M at the small and quick scales (docs/papers.md §G: "a few see
 
 
 class TransientRidgeConfig(MsStudyConfig, LLCStudyConfig):
-    """Settings of the study. The defaults are the 'small' scale, designed to finish within 60 minutes on 2 CPU
+    """Settings of the study. The defaults are the 'small' scale, training sized for 90 minutes on 2 CPU
     cores; `for_scale` gives 'paper' and `quick`.
 
     Small scale, and why: the task-diversity study's setting (D = 4, K = 8, σ² = 0.125, the 2-layer 'hoogland' preset
