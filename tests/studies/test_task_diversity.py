@@ -20,9 +20,12 @@ from icl_lab.studies.common import check_table
 from icl_lab.studies.task_diversity import (
     TaskDiversityConfig,
     analyse,
+    bootstrap_m_star,
     doubling_threshold,
     expectations,
+    log_ratio_intervals,
     mean_over_seeds,
+    per_seed_deltas,
     phase_sets,
     run_study,
 )
@@ -94,10 +97,70 @@ def test_phase_sets_relative_to_m_star():
 
 
 # ------------------------------------------------------------------------------------------------ scales
+# ------------------------------------------------------------------------------------------------ power
+def seed_curves(offsets, m_star_log2=4.5, slope=0.3):
+    """Per-seed (S, 11) Δ_B and Δ_2B on POW2 with ln(Δ_2B/Δ_B) = slope·(log2 M* − log2 M) + offset_s: seed s crosses
+    at 2^(log2 M* + offset_s/slope); the seed-mean curves (Δ_B is the same for every seed) cross at
+    2^(log2 M* + ln(mean_s e^offset_s)/slope)."""
+    r = slope * (m_star_log2 - np.log2(POW2))[None, :] + np.asarray(offsets, dtype=float)[:, None]
+    d_b = np.tile(0.3 * POW2 ** -0.2, (len(offsets), 1))
+    return d_b, d_b * np.exp(r)
+
+
+def test_bootstrap_m_star_brackets_a_known_crossover_within_the_seeds_spread():
+    """Offsets ±0.05 move a seed's crossing by ±1/6 octave; every resample mean crosses within that spread."""
+    offsets = np.array([-0.05, 0.0, 0.05])
+    a, b = seed_curves(offsets)
+    ci, undefined = bootstrap_m_star(POW2, a, b, n_boot=500)
+    expected = 2 ** (4.5 + math.log(np.exp(offsets).mean()) / 0.3)
+    assert ci.estimate == pytest.approx(expected) and undefined == 0.0 and ci.level == 0.95
+    assert 2 ** (4.5 - 1 / 6) - 1e-9 <= ci.lo < 2**4.5 < ci.hi <= 2 ** (4.5 + 1 / 6) + 1e-9
+    assert "bootstrap" in ci.method and "3 units" in ci.method
+    wide, _ = bootstrap_m_star(POW2, *seed_curves([-0.6, 0.0, 0.6]), n_boot=500)  # ±2 octaves: a wider interval
+    assert wide.lo < ci.lo and wide.hi > ci.hi and wide.lo < 2**3 and wide.hi > 2**6
+    same = bootstrap_m_star(POW2, a, b, n_boot=500)  # seeded: the same interval again
+    assert same[0] == ci
+
+
+def test_bootstrap_m_star_counts_resamples_without_a_crossover():
+    """One seed of three is shifted by 5/0.3 = 16.7 octaves: any resample that draws it crosses above 2^10, so the
+    fraction without a crossover is 1 − (2/3)^3 = 0.70, over half: the interval is undefined, and says so."""
+    a, b = seed_curves([0.0, 0.0, 5.0])
+    ci, undefined = bootstrap_m_star(POW2, a, b, n_boot=2000)
+    assert undefined == pytest.approx(1 - (2 / 3) ** 3, abs=0.03)
+    assert math.isnan(ci.lo) and math.isnan(ci.hi) and math.isnan(ci.estimate)  # the mean of all three: no crossing
+    one, frac = bootstrap_m_star(POW2, a[:1], b[:1])
+    assert one.estimate == pytest.approx(2**4.5) and math.isnan(one.lo) and math.isnan(frac)  # 1 seed: no interval
+    with pytest.raises(ValueError, match=r"\(seeds, len\(Ms\)\)"):
+        bootstrap_m_star(POW2, a[:, :5], b)
+
+
+def test_log_ratio_intervals_are_t_intervals_over_seeds():
+    a, b = seed_curves([-0.1, 0.0, 0.1])
+    iv = log_ratio_intervals(a, b)
+    r = np.log(b) - np.log(a)
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t_{0.975, 2} · s / √3 with s = 0.1
+    for j, i in enumerate(iv):
+        assert i.estimate == pytest.approx(r[:, j].mean()) and i.half_width == pytest.approx(half, rel=1e-6)
+    assert "2 d.o.f." in iv[0].method
+
+
+def test_per_seed_deltas_reads_the_summary_rows_and_refuses_gaps():
+    rows = [{"M": m, "B": B, "seed": s, "ood_delta_ridge": 10 * s + m + B / 100}
+            for m in (1.0, 2.0, np.inf) for B in (8, 16) for s in (0, 1)]
+    Ms, seeds, v = per_seed_deltas(pd.DataFrame(rows), 16)
+    assert Ms.tolist() == [1.0, 2.0] and seeds.tolist() == [0, 1]
+    assert v.tolist() == [[1.16, 2.16], [11.16, 12.16]]
+    with pytest.raises(ValueError, match="cells have no"):
+        per_seed_deltas(pd.DataFrame([r for r in rows if (r["M"], r["B"], r["seed"]) != (2.0, 16, 1)]), 16)
+
+
 def test_scales_build_valid_run_configs():
     small = TaskDiversityConfig.for_scale("small")
     runs = small.run_configs()
-    assert len(runs) == 12 * 2 and small.batch_sizes == [32, 64]
+    assert len(runs) == 12 * 2 * 3 and small.batch_sizes == [32, 64] and small.seeds == [0, 1, 2]
+    assert small.ensemble == 3  # each (M, B) cell's seeds are consecutive in run_configs: one ensemble job
+    assert list(runs)[:3] == ["M1-B64-seed0", "M1-B64-seed1", "M1-B64-seed2"]
     cfg = runs["M1024-B64-seed0"]
     assert (cfg.task.family, cfg.task.D, cfg.task.K, cfg.task.noise_var, cfg.task.M) == ("gaussian", 4, 8, 0.125, 1024)
     assert cfg.model.preset == "hoogland" and cfg.train.steps == 16_000 and cfg.train.schedule == "triangle"
@@ -106,14 +169,14 @@ def test_scales_build_valid_run_configs():
 
     paper = TaskDiversityConfig.for_scale("paper")
     runs = paper.run_configs()
-    assert len(runs) == 22 * 3 and paper.batch_sizes == [256, 512, 1024]
+    assert len(runs) == 22 * 3 * 3 and paper.batch_sizes == [256, 512, 1024] and paper.seeds == [0, 1, 2]
     cfg = runs[f"M{2**20}-B512-seed0"]
     assert (cfg.task.D, cfg.task.K, cfg.task.noise_var, cfg.model.preset, cfg.model.n_layers, cfg.model.d_model) == (
         8, 16, 0.25, "raventos-base", 8, 128)
     assert cfg.train.steps == 500_000 and cfg.train.device == "cuda"
 
     quick = TaskDiversityConfig.for_scale("small", quick=True)
-    assert len(quick.run_configs()) == 12 and quick.steps == 2000
+    assert len(quick.run_configs()) == 12 * 3 and quick.steps == 2000 and quick.ensemble == 3
     with pytest.raises(ValueError, match="quick"):
         TaskDiversityConfig.for_scale("paper", quick=True)
     assert TaskDiversityConfig(Ms="8,inf,1,2").Ms == [1, 2, 8, None]
@@ -123,7 +186,8 @@ def test_scales_build_valid_run_configs():
 def tiny_study(**kw) -> TaskDiversityConfig:
     return TaskDiversityConfig(**{**dict(
         Ms=[1, 2, 4, "inf"], D=2, K=4, noise_var=0.1, batch_size=8, steps=30, eval_size=64, n_checkpoints_linear=4,
-        n_checkpoints_log=4, workers=1, model_overrides=dict(n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=16)),
+        n_checkpoints_log=4, workers=1, seeds=[0, 1, 2], ensemble=3, n_boot=200,
+        model_overrides=dict(n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=16)),
         **kw})
 
 
@@ -141,13 +205,14 @@ def _tables(html: str) -> list[pd.DataFrame]:
 def test_report_has_every_figure_numbers_and_a_filled_expectations_table(study_dir):
     html = (study_dir / "report.html").read_text()
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
-    assert len(images) == 4
+    assert len(images) == 5
     for data in images:
         assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
     for title in ("Scale", "Expectations and measured verdicts", "The task-diversity threshold M*",
                   "Distance to dMMSE and ridge against task diversity", "Final per-token losses",
                   "Distance to ridge over training", "Where this study differs from the paper",
-                  "Wall time per phase", "hoogland", "500,000"):
+                  "Wall time per phase", "hoogland", "500,000", "95% percentile bootstrap, 200 resamples of 3 units",
+                  "95% Student-t interval", "t, 2 d.o.f. (3 values)"):
         assert title in html, title
     assert "<script" not in html
     exp = next(t for t in _tables(html) if "verdict" in t.columns)
@@ -157,32 +222,34 @@ def test_report_has_every_figure_numbers_and_a_filled_expectations_table(study_d
     # this tiny, seeded configuration's verdicts, row by row (most fail or stay unclear at this size)
     assert dict(zip(exp["expectation"], exp["verdict"], strict=True)) == {
         "dMMSE is best on T_Pretrain, ridge on T_True (estimator sanity)": "pass",
-        "Δ(Ridge, dMMSE) on T_True shrinks as M grows": "fail",
+        "Δ(Ridge, dMMSE) on T_True shrinks as M grows": "pass",
         "a task-diversity threshold M*: the Δ_True(PT, Ridge) curves of B and 2B cross once, 2B above below M* "
-        "and below above it": "fail",
+        "and below above it": "pass",
         "at M = ∞, doubling B lowers Δ_True(PT, Ridge) (more data → more ridge-like)": "pass",
-        "at small scale the threshold lies below the paper's (smaller model, fewer steps, lower D)": "fail",
+        "at small scale the threshold lies below the paper's (smaller model, fewer steps, lower D)": "pass",
         "low-diversity phase: the PT tracks dMMSE on T_Pretrain": "pass",
         "low-diversity phase: the PT underperforms ridge on T_True, like dMMSE": "pass",
-        "above M*: the PT is ridge-like on T_True": "unclear",
+        "above M*: the PT is ridge-like on T_True": "fail",
         "M = ∞: the PT matches ridge on T_True": "fail",
-        "above M*: final T_True loss like M = ∞'s (Fig. 10)": "unclear",
+        "above M*: final T_True loss like M = ∞'s (Fig. 10)": "fail",
         "well below M*: more data lowers Δ_Pretrain(PT, dMMSE) (paper: M ≤ 2^10, 4 octaves under M*)": "pass",
         "below M*: more data makes the PT less ridge-like on T_Pretrain too": "fail",
         "above M*: more data makes the PT more ridge-like on T_Pretrain too": "pass",
-        "low M: the final per-token loss on T_Pretrain follows dMMSE's, not ridge's": "pass",
+        "low M: the final per-token loss on T_Pretrain follows dMMSE's, not ridge's": "fail",
         "above M* and at ∞: the final per-token loss on T_True follows ridge's": "fail",
     }
+    row = exp[exp["expectation"].str.startswith("at small scale the threshold")].iloc[0]
+    assert "whole 95% bootstrap interval below 2^11" in row["expected"] and "no crossover in" in row["measured"]
     timing = next(t for t in _tables(html) if "phase" in t.columns)
     assert set(timing["phase"]) == {"train", "analysis", "figures"}
-    for fig in ("delta_vs_M", "crossover", "per_token", "delta_ridge_vs_step"):
+    for fig in ("delta_vs_M", "crossover", "per_token", "delta_ridge_vs_step", "log_ratio_intervals"):
         assert (study_dir / "figures" / f"{fig}.png").stat().st_size > 10_000
         assert (study_dir / "figures" / f"{fig}.pdf").exists()
 
 
 def test_summary_numbers_are_finite_and_complete(study_dir):
     summary = pd.read_parquet(study_dir / "summary.parquet")
-    assert len(summary) == 4 * 2 and set(summary["B"]) == {8, 16}
+    assert len(summary) == 4 * 2 * 3 and set(summary["B"]) == {8, 16} and set(summary["seed"]) == {0, 1, 2}
     assert set(summary["M"]) == {1.0, 2.0, 4.0, np.inf}
     numeric = summary.select_dtypes("number").drop(columns=["M"])
     assert np.isfinite(numeric.to_numpy()).all()
@@ -197,7 +264,10 @@ def test_summary_numbers_are_finite_and_complete(study_dir):
     assert c["side"] in {"inside", "above", "below"} and len(c["log_ratio"]) == 3
     assert np.isfinite(c["log_ratio"]).all()
     index = pd.read_parquet(study_dir / "runs" / "index.parquet")
-    assert (index["status"] == "done").all() and len(index) == 8
+    assert (index["status"] == "done").all() and len(index) == 8 * 3
+    ci = threshold["m_star_interval"]
+    assert ci["level"] == 0.95 and "bootstrap" in ci["method"] and 0 <= ci["no_crossover_fraction"] <= 1
+    assert len(threshold["log_ratio_intervals"]) == 3 and "t, 2 d.o.f." in threshold["log_ratio_intervals"][0]["method"]
 
 
 def test_known_threshold_flows_through_the_analysis_and_the_figure(study_dir, tmp_path):
@@ -240,7 +310,7 @@ def test_cli_refuses_other_settings_in_an_existing_study_before_writing(study_di
     assert (study_dir / "study_config.json").read_text() == before
     result = runner.invoke(app, ["study", "task-diversity", "--config", str(cfg), "--dry-run",
                                  "--out", str(tmp_path / "new")])
-    assert result.exit_code == 0 and "8 runs" in result.output
+    assert result.exit_code == 0 and "24 runs" in result.output
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
@@ -287,7 +357,8 @@ def test_cli_dry_run_validates_the_paper_scale_and_writes_nothing(tmp_path):
     out = tmp_path / "paper"
     result = runner.invoke(app, ["study", "task-diversity", "--scale", "paper", "--dry-run", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "66 runs" in result.output and "M1048576-B1024-seed0" in result.output and "Minf-B256-seed0" in result.output
+    assert "198 runs" in result.output and "M1048576-B1024-seed2" in result.output
+    assert "Minf-B256-seed0" in result.output
     result = runner.invoke(app, ["study", "task-diversity", "--dry-run", "--Ms", "1,2,inf", "--seeds", "0,1",
                                  "--out", str(out)])
     assert result.exit_code == 0 and "12 runs" in result.output

@@ -19,19 +19,22 @@ from typer.testing import CliRunner
 
 from icl_lab import cli
 from icl_lab.config import LLCConfig
-from icl_lab.llc import burnin_note, min_burnin
+from icl_lab.llc import min_burnin
 from icl_lab.llc_run import calibrate_shared, estimate_runs, load_shared
 from icl_lab.store import Run
 from icl_lab.studies.common import check_out, check_table
 from icl_lab.studies.transient_ridge import (
     TransientRidge,
     TransientRidgeConfig,
+    bootstrap_t_crit,
     critical_step,
     expectations,
     final_llc,
+    llc_interval,
     ridge_approach,
     run_name,
     run_study,
+    t_crit_of_mean,
 )
 from icl_lab.tasks import root_task_batch, task_pool
 
@@ -117,13 +120,54 @@ def test_ridge_approach_measures_distances_in_the_pc_plane():
         ridge_approach(curve, np.ones(3), np.ones(2), t_index=0)
 
 
+def test_deflection_is_one_or_more_on_a_straight_path_and_small_when_the_curve_visits_ridge():
+    ridge, dmmse = np.array([1.0, 1.0]), np.array([2.0, 0.0])
+    straight = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0]])  # passes ridge at distance 1 along the chord
+    a = ridge_approach(straight, ridge, dmmse, t_index=1)
+    assert a["ridge_to_chord"] == pytest.approx(1.0) and a["deflection"] == pytest.approx(1.0)
+    assert a["bend"] == pytest.approx(1 / math.sqrt(2))  # the old rule's bend < 1 passed a straight path
+    visit = np.array([[0.0, 0.0], [0.95, 0.9], [2.0, 0.0]])
+    assert ridge_approach(visit, ridge, dmmse, t_index=1)["deflection"] == pytest.approx(math.hypot(0.05, 0.1))
+    away = np.array([[0.0, 0.0], [1.0, -1.0], [2.0, 0.0]])  # bent away from ridge
+    assert ridge_approach(away, ridge, dmmse, t_index=1)["deflection"] == pytest.approx(2.0)
+
+
+def seed_ood(t_mins, steps=STEPS):
+    """(S, T) U-shaped OOD curves: seed s falls linearly from 2 to 1 at step t_mins[s], then rises by 1 per 100."""
+    return np.array([np.where(steps <= m, 2 - steps / m, 1 + (steps - m) / 100) for m in t_mins])
+
+
+def test_bootstrap_t_crit_brackets_the_seeds_minima_and_counts_non_u_resamples():
+    x = seed_ood([40, 50, 60])
+    ci, no_u = bootstrap_t_crit(STEPS, x, n_boot=400)
+    assert ci.estimate == 50 and no_u == 0.0 and 40 <= ci.lo <= 50 <= ci.hi <= 60 and ci.level == 0.95
+    assert "3 units" in ci.method
+    assert t_crit_of_mean(STEPS, x[:1]) == 40
+    flat = 1 + np.exp(-STEPS / 30)  # monotone: no t_crit
+    mixed = np.vstack([x[:1], flat, flat])  # a resample is U-shaped only if it draws seed 0 often enough
+    ci, no_u = bootstrap_t_crit(STEPS, mixed, n_boot=400)
+    assert math.isnan(ci.estimate) and 0.5 < no_u < 1 and math.isnan(ci.lo)
+    with pytest.raises(ValueError, match="seeds, len"):
+        bootstrap_t_crit(STEPS, x[:, :5])
+
+
+def test_llc_interval_is_t_over_seeds_or_mcse_for_one_estimate():
+    two = llc_interval([10.0, 12.0, math.nan], [1.0, 1.0, 1.0], [100, 100, 100])
+    assert two.estimate == pytest.approx(11.0) and "t, 1 d.o.f." in two.method
+    assert two.half_width == pytest.approx(12.706204736174698 * math.sqrt(2) / math.sqrt(2))
+    one = llc_interval([10.0], [0.5], [101.0])
+    assert one.estimate == 10.0 and "MCSE, ESS 101" in one.method
+    assert one.half_width == pytest.approx(1.9839715185235556 * 0.5)
+    assert math.isnan(llc_interval([math.nan], [1.0], [10]).estimate)
+
+
 # ------------------------------------------------------------------------------------------------ nested pools
 def test_pools_are_nested_and_share_the_root_task():
     """pool(M) is the first M rows of one master sequence (also across the 256-row block boundary), so every run of
     a seed holds the root task, and the joint-PCA batch D^(1) is the same whichever pool it is built from."""
     cfg = TransientRidgeConfig(Ms=[1, 3, 300, "inf"], D=4)
     runs = cfg.run_configs()
-    assert {r.seed for r in runs.values()} == {0} and {r.task.family for r in runs.values()} == {"gaussian"}
+    assert {r.seed for r in runs.values()} == {0, 1, 2} and {r.task.family for r in runs.values()} == {"gaussian"}
     big = task_pool("gaussian", 300, 4, 0)
     for M in (1, 3, 256, 257):
         assert torch.equal(task_pool("gaussian", M, 4, 0), big[:M])
@@ -141,7 +185,8 @@ def synthetic_summary(u: dict, t_crit: dict, llc: dict, bend: float = 0.4) -> pd
     for M in (1.0, 2.0, 4.0, 8.0, 16.0, np.inf):
         rows.append({"M": M, "u_shape": u[M], "t_crit": t_crit[M], "kind": "u-shape" if u[M] else "monotone",
                      "ood_loss_start": 4.0, "ood_loss_min": 2.0, "ood_loss_end": 3.0 if u[M] else 2.0,
-                     "rise_fraction": 0.5 if u[M] else 0.0, "pca_bend": bend, "pca_dmmse_at_end": 0.1,
+                     "rise_fraction": 0.5 if u[M] else 0.0, "pca_bend": bend, "pca_deflection": bend,
+                     "pca_dmmse_at_end": 0.1,
                      "pca_ridge_at_end": 1.0, "llc_mean": llc[M], "llc_std": 1.0, "llc_ok": True,
                      "id_delta_dmmse": 0.01, "id_delta_ridge": 1.0, "ood_loss_final": 1.6, "ood_ridge_loss": 1.58})
     return pd.DataFrame(rows)
@@ -195,41 +240,51 @@ def test_u_shaped_ends_make_the_u_shape_unclear_and_a_far_llc_crossing_fails():
 def test_scales_build_valid_run_configs():
     small = TransientRidgeConfig.for_scale("small")
     runs = small.run_configs()
-    assert len(runs) == len(small.Ms) and small.Ms[-1] is None
+    assert len(runs) == 3 * len(small.Ms) and small.Ms[-1] is None and small.seeds == [0, 1, 2]
     cfg = runs["M16-seed0"]
     assert (cfg.task.D, cfg.task.K, cfg.task.noise_var, cfg.task.M, cfg.model.preset) == (4, 8, 0.125, 16, "hoogland")
     assert cfg.train.eval_every == small.eval_every and cfg.train.schedule == "triangle"
-    assert next(iter(runs)) == "Minf-seed0"
+    assert list(runs)[:3] == ["Minf-seed0", "Minf-seed1", "Minf-seed2"] and small.ensemble == 3
 
     paper = TransientRidgeConfig.for_scale("paper")
     runs = paper.run_configs()  # dry: configs only, nothing trained
     assert paper.Ms[:8] == [1, 2, 3, 4, 6, 8, 11, 16] and paper.finite_Ms[-1] == 2**15 and paper.Ms[-1] is None
-    assert len(runs) == len(paper.Ms) and {128, 181, 256, 362} <= set(paper.finite_Ms)
+    assert len(runs) == 3 * len(paper.Ms) and {128, 181, 256, 362} <= set(paper.finite_Ms)
     cfg = runs["M362-seed0"]
     assert (cfg.task.D, cfg.task.K, cfg.task.noise_var, cfg.train.steps, cfg.train.device) == (
         8, 16, 0.125, 500_000, "cuda")
     assert (cfg.model.n_layers, cfg.model.d_model, cfg.model.d_mlp) == (2, 256, 2048)
 
     quick = TransientRidgeConfig.for_scale("small", quick=True, workers=1)
-    assert quick.quick and quick.steps < small.steps and len(quick.run_configs()) == len(quick.Ms)
+    assert quick.quick and quick.steps < small.steps and len(quick.run_configs()) == 3 * len(quick.Ms)
+    assert not quick.llc and quick.seeds_with_llc == [] and TransientRidge(quick).llc_plan({}) is None
     assert TransientRidgeConfig(Ms="8,inf,1,2").Ms == [1, 2, 8, None]
     assert json.loads(small.model_dump_json())["study"] == "transient-ridge"
 
 
-@pytest.mark.parametrize(("scale", "quick", "burnins"), [
-    ("small", False, {1e-5: 300, 3e-5: 100, 1e-4: 50, 3e-4: 50}),  # the burn-ins the config docstring states
-    ("small", True, {3e-5: 100, 1e-4: 30, 3e-4: 30}),
-    ("paper", False, {1e-5: 500, 3e-5: 500, 1e-4: 500, 3e-4: 500}),
-])
-def test_every_scale_burns_in_long_enough_at_every_step_size(scale, quick, burnins):
-    """`llc.calibrate` burns each ε in for max(num_burnin, min_burnin(ε, γ)) steps, capped at 2,000: every grid ε
-    stays under the cap (so no grid point is cut short), and the base sampler is consistent on its own."""
-    cfg = TransientRidgeConfig.for_scale(scale, quick=quick)
-    s = cfg.sampler
-    assert s.localization == 1000.0
-    assert burnin_note(s) is None
-    assert {e: max(s.num_burnin, min_burnin(e, s.localization)) for e in cfg.step_sizes} == burnins
-    assert all(min_burnin(e, s.localization) <= 2000 for e in cfg.step_sizes)
+@pytest.mark.parametrize("scale", ["small", "paper"])
+def test_the_llc_uses_the_validated_defaults_at_the_final_checkpoint_of_the_first_seed(scale):
+    """LLCConfig()'s ε, γ = 0.01·nβ (None), burn-in min_burnin (None) and 500 draws, checked once at ε = 1e-4; the
+    paper keeps the authors' 8 chains and minibatch 1024; only the first seed's final checkpoints are estimated."""
+    cfg = TransientRidgeConfig.for_scale(scale)
+    s, d = cfg.sampler, LLCConfig()
+    assert (s.step_size, s.localization, s.nbeta, s.num_burnin, s.num_draws) == (
+        d.step_size, None, None, None, 500) and cfg.step_sizes == [1e-4]
+    assert (s.num_chains, s.batch_size) == ((4, 256) if scale == "small" else (8, 1024))
+    assert cfg.llc and cfg.seeds_with_llc == [0]
+    runs = {name: type("R", (), {"path": Path(name), "checkpoint_steps": [0, 7]})()
+            for name in cfg.run_configs()}
+    steps = TransientRidge(cfg).llc_plan(runs).steps(runs)
+    assert {p.name for p, st in steps.items() if st == [7]} == {run_name(M, 0) for M in cfg.Ms}
+    assert all(st == [] for p, st in steps.items() if not p.name.endswith("seed0"))
+    with pytest.raises(ValidationError, match="llc_seeds = 4 exceeds"):
+        TransientRidgeConfig(llc_seeds=4, seeds=[0, 1, 2])
+
+
+def test_paper_settings_have_the_papers_noise_and_preset():
+    paper = TransientRidgeConfig.for_scale("paper")
+    assert (paper.noise_var, paper.preset) == (0.125, "hoogland")
+    assert TransientRidgeConfig.PAPER["noise_var"] == 0.125 and TransientRidgeConfig.PAPER["preset"] == "hoogland"
 
 
 @pytest.mark.parametrize(("kw", "message"), [
@@ -263,7 +318,8 @@ def tiny_study(**kw) -> TransientRidgeConfig:
     finds a stable ε at this seed (burn-ins 30 and 10 steps at γ = 100)."""
     return TransientRidgeConfig(**{**dict(
         Ms=[1, 2, 4, "inf"], D=2, K=4, noise_var=0.1, batch_size=8, steps=200, n_evals=10, eval_size=64,
-        n_checkpoints_linear=4, n_checkpoints_log=4, pca_batch=16, llc_n=256, workers=1,
+        n_checkpoints_linear=4, n_checkpoints_log=4, pca_batch=16, llc_n=256, workers=1, seeds=[0, 1, 2],
+        ensemble=3, llc_seeds=3, n_boot=200,
         sampler=LLCConfig(step_size=3e-3, num_chains=2, num_draws=40, num_burnin=10, batch_size=32,
                           localization=100.0),
         step_sizes=[1e-3, 3e-3],
@@ -284,12 +340,14 @@ def _tables(html: str) -> list[pd.DataFrame]:
 def test_report_has_every_figure_numbers_and_a_filled_expectations_table(study_dir):
     html = (study_dir / "report.html").read_text()
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
-    assert len(images) == 5
+    assert len(images) == 6
     for data in images:
         assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
     for title in ("Scale", "Expectations and measured verdicts", "OOD loss over training and t_crit",
                   "t_crit against M", "Joint trajectory PCA", "LLC against M at the end of training",
-                  "Where this study differs from the paper", "Wall time per phase", "2.65M", "hoogland"):
+                  "Where this study differs from the paper", "Wall time per phase", "2.65M", "hoogland",
+                  "95% percentile-bootstrap", "percentile bootstrap, 200 resamples of 3 units",
+                  "Student-t over the LLC seeds", "t, 2 d.o.f. (3 values)", "γ-plateau"):
         assert title in html, title
     assert "<script" not in html
     exp = next(t for t in _tables(html) if "verdict" in t.columns)
@@ -298,7 +356,8 @@ def test_report_has_every_figure_numbers_and_a_filled_expectations_table(study_d
         "OOD loss against step is U-shaped at intermediate M (falls towards ridge, then rises towards "
         "dMMSE_M)": "unclear",
         "t^crit_M grows with M": "fail",
-        "in the joint trajectory PCA, intermediate-M trajectories bend towards ridge before heading to dMMSE_M": "pass",
+        # deflection 2.00 and 1.29 (a bend < 1 passed here before: module docstring, "Pre-registered checks")
+        "in the joint trajectory PCA, intermediate-M trajectories bend towards ridge before heading to dMMSE_M": "fail",
         "LLC at the end of training rises with M, then plateaus (large M and ∞ share λ̂_∞)": "fail",
         "the low-M LLC crosses λ̂_∞ near the onset of transience": "pass",
         "low M: the final model approximates dMMSE_M": "pass",
@@ -310,7 +369,8 @@ def test_report_has_every_figure_numbers_and_a_filled_expectations_table(study_d
     timing = next(t for t in _tables(html) if "phase" in t.columns)
     # writing the page is timed in timings.json, not in the page's own table
     assert set(timing["phase"]) == {"train", "llc calibration", "llc estimates", "analysis", "figures"}
-    for fig in ("ood_loss_vs_step", "t_crit_vs_M", "joint_pca", "pca_distance_to_ridge", "llc_vs_M"):
+    for fig in ("ood_loss_vs_step", "t_crit_vs_M", "joint_pca", "pca_distance_to_ridge", "llc_vs_M",
+                "t_crit_intervals"):
         assert (study_dir / "figures" / f"{fig}.png").stat().st_size > 10_000
         assert (study_dir / "figures" / f"{fig}.pdf").exists()
     assert json.loads((study_dir / "study_config.json").read_text())["study"] == "transient-ridge"
@@ -328,7 +388,7 @@ def test_summary_numbers_are_finite_and_complete(study_dir):
     crit = json.loads((study_dir / "critical_steps.json").read_text())
     assert set(crit) == {"2^0", "2^1", "2^2", "∞"}
     index = pd.read_parquet(study_dir / "runs" / "index.parquet")
-    assert (index["status"] == "done").all() and len(index) == 4
+    assert (index["status"] == "done").all() and len(index) == 4 * 3
     for name in ("M1-seed0", "M4-seed0", "Minf-seed0"):  # the OOD curve is evaluated every eval_every steps
         steps = pd.read_parquet(study_dir / "runs" / name / "metrics.parquet")["step"]
         assert {0, 20, 40, 60, 200} <= set(steps)
@@ -346,14 +406,20 @@ def test_one_calibrated_llc_setting_is_shared_by_every_final_checkpoint(study_di
     assert (study_dir / "runs" / "Minf-seed0" / "llc_calibration.parquet").exists()
     summary = pd.read_parquet(study_dir / "summary.parquet")
     for M in (1, 2, 4, None):
-        llc = pd.read_parquet(study_dir / "runs" / run_name(M, 0) / "llc.parquet")
-        assert list(llc["step"]) == [200]  # the final checkpoint only
-        row = llc.iloc[0]
-        assert (row["step_size"], row["num_burnin"], row["localization"]) == (
-            sampler["step_size"], sampler["num_burnin"], 100.0)
-        assert (row["n"], row["num_chains"], row["num_draws"]) == (256, 2, 40)
+        values = []
+        for seed in (0, 1, 2):  # llc_seeds = 3: every seed's final checkpoint
+            llc = pd.read_parquet(study_dir / "runs" / run_name(M, seed) / "llc.parquet")
+            assert list(llc["step"]) == [200]  # the final checkpoint only
+            row = llc.iloc[0]
+            assert (row["step_size"], row["num_burnin"], row["localization"]) == (
+                sampler["step_size"], sampler["num_burnin"], 100.0)
+            assert (row["n"], row["num_chains"], row["num_draws"]) == (256, 2, 40)
+            values.append(row["llc_mean"])
         m = summary["M"] == (np.inf if M is None else M)
-        assert summary.loc[m, "llc_mean"].item() == pytest.approx(row["llc_mean"])
+        assert summary.loc[m, "llc_mean"].item() == pytest.approx(np.mean(values))
+        lo, hi = summary.loc[m, "llc_lo"].item(), summary.loc[m, "llc_hi"].item()
+        half = 4.302652729911275 * np.std(values, ddof=1) / np.sqrt(3)  # t_{0.975, 2}
+        assert (lo, hi) == pytest.approx((np.mean(values) - half, np.mean(values) + half))
     html = (study_dir / "report.html").read_text()
     chains = sampler["num_chains"], sampler["num_draws"], sampler["num_burnin"]
     assert "{} chains × {} draws after {} burn-in".format(*chains) in html
@@ -370,7 +436,7 @@ def test_a_failed_or_stale_calibration_is_saved_reported_and_redone_only_when_st
     shared = calibrate_shared(out, plan, runs)
     assert shared.settings is None and "no stable step size" in shared.reason
     rows, note = final_llc(bad, runs, shared)
-    assert rows["llc_mean"].isna().all() and (rows["flags"] == "no setting").all() and len(rows) == 4
+    assert rows["llc_mean"].isna().all() and (rows["flags"] == "no setting").all() and len(rows) == 4 * 3
     assert note.startswith("LLC not estimated") and "no stable step size" in note
     f = out / "llc_settings.json"
     assert json.loads(f.read_text())["settings"] is None
@@ -400,7 +466,7 @@ def test_the_report_command_rebuilds_from_disk_reusing_every_run_and_llc_estimat
         p.suffix == ".safetensors" or p.name in ("metrics.parquet", "llc.parquet", "config.json"))]
     kept.append(study_dir / "llc_settings.json")
     before = {p: p.stat().st_mtime_ns for p in kept}
-    assert sum(p.name == "llc.parquet" for p in before) == 4
+    assert sum(p.name == "llc.parquet" for p in before) == 4 * 3
     report = study_dir / "report.html"
     report.unlink()
     result = runner.invoke(cli.app, ["report", str(study_dir)])
@@ -444,7 +510,7 @@ def test_cli_dry_run_lists_the_paper_runs_and_refuses_bad_input(tmp_path, regist
     out = tmp_path / "paper"
     result = runner.invoke(cli.app, ["study", "transient-ridge", "--scale", "paper", "--dry-run", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    n = len(TransientRidgeConfig.for_scale("paper").Ms)
+    n = 3 * len(TransientRidgeConfig.for_scale("paper").Ms)
     assert f"{n} runs" in result.output and "M32768-seed0" in result.output and "Minf-seed0" in result.output
     result = runner.invoke(cli.app, ["study", "transient-ridge", "--Ms", "1,4,inf", "--out", str(out)],
                            env={"COLUMNS": "300"})
