@@ -508,3 +508,30 @@ def test_stage_table_gets_the_end_boundary_intervals():
     assert list(out.columns[-4:]) == sg.INTERVAL_COLUMNS
     np.testing.assert_allclose(out["end_lo"].iloc[:-1], iv["lo"])
     assert np.isnan(out["end_lo"].iloc[-1]) and out["end_interval"].iloc[-1] == ""
+
+
+# ------------------------------------------------------------------------- where to estimate the LLC
+
+
+def test_loss_moving_steps_crowd_where_the_loss_falls():
+    steps = _grid()
+    x = np.log(steps + 1)
+    loss = 2.0 - _step(x, 6.0, 1.5)  # all the change within a few W of log t = 6
+    picks = sg.loss_moving_steps(steps, loss, n_loss=4, n_log=0)
+    assert picks[-1] == steps[-1] and set(picks) <= set(steps.astype(int))
+    inner = np.log(picks[:-1] + 1)
+    assert len(inner) == 4 and np.all(np.abs(inner - 6.0) < 2.5 * W)  # 4 points in the drop
+    assert np.all(np.diff(inner) > 0)
+    with_log = sg.loss_moving_steps(steps, loss, n_loss=4, n_log=3)
+    assert {1, int(steps[-1])} <= set(with_log) and set(picks) <= set(with_log)  # log coverage from step 1
+    assert len(with_log) <= 4 + 3 + 1
+    flat = sg.loss_moving_steps(steps, np.ones(steps.size), n_loss=4, n_log=0)
+    np.testing.assert_array_equal(flat, [steps[-1]])  # nothing moves: only the last checkpoint
+    with pytest.raises(ValueError, match="n_loss must be >= 1"):
+        sg.loss_moving_steps(steps, loss, n_loss=0, n_log=1)
+
+
+def test_snap_steps_moves_to_the_nearest_checkpoint_in_log_step():
+    np.testing.assert_array_equal(sg.snap_steps([0, 9, 30, 50, 1e6], [0, 10, 100, 1000]), [0, 10, 100, 1000])
+    assert sg.snap_steps([], [1, 2]).size == 0
+    np.testing.assert_array_equal(sg.snap_steps([30, 31], [0, 10, 100]), [10])  # log 31 is nearer log 11 than 101

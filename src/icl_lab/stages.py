@@ -69,11 +69,13 @@ __all__ = [
     "find_milestones",
     "llc_milestones",
     "llc_standard_errors",
+    "loss_moving_steps",
     "log_derivative",
     "log_steps",
     "milestones_frame",
     "save_stage_table",
     "smooth_log",
+    "snap_steps",
     "stage_table",
     "trusted_mask",
 ]
@@ -639,6 +641,44 @@ def add_boundary_intervals(table: pd.DataFrame, intervals: pd.DataFrame) -> pd.D
         method.append("" if r is None else r.method)
     out["end_lo"], out["end_hi"], out["end_missing"], out["end_interval"] = lo, hi, miss, method
     return out
+
+
+# ================================================================================================ where to estimate
+def snap_steps(wanted: ArrayLike, available: ArrayLike, offset: float = 1.0) -> np.ndarray:
+    """Each wanted step moved to the nearest available one in log(step + offset); sorted, unique. (W,), (A,) →
+    (≤ W,) int64."""
+    w = to_numpy(wanted).reshape(-1).astype(np.float64)
+    a = np.unique(to_numpy(available).reshape(-1).astype(np.float64))
+    if a.size == 0 or w.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    near, _ = _nearest(w, a, offset)
+    return np.unique(near).astype(np.int64)
+
+
+def loss_moving_steps(steps: ArrayLike, loss: ArrayLike, n_loss: int, n_log: int, offset: float = 1.0) -> np.ndarray:
+    """A sparse set of checkpoints at which to estimate λ̂, placed where the loss moves (issue 23 item 5;
+    docs/llc.md, "What this costs").
+
+    Rule: with c_i = Σ_{k ≤ i} |ℓ_k − ℓ_{k−1}| / Σ_k |ℓ_k − ℓ_{k−1}| (the share of the loss curve's total variation
+    done by checkpoint i), the first checkpoint with c_i ≥ (j − ½)/n_loss for j = 1..n_loss; then n_log
+    log-spaced steps from the first positive checkpoint to the last, snapped to checkpoints (stages that do not show
+    in the loss, Hoogland et al. §4, still get estimates); and the last checkpoint. Duplicates merge, so fewer
+    than n_loss + n_log + 1 may come back.
+
+    steps: (T,) strictly increasing checkpoint steps; loss: (T,) the test loss there. Returns sorted int64 steps.
+    """
+    s, lo, _ = _prepare(steps, loss, offset)
+    if n_loss < 1 or n_log < 0:
+        raise ValueError(f"loss_moving_steps: n_loss must be >= 1 and n_log >= 0, got {n_loss}, {n_log}")
+    tv = np.concatenate([[0.0], np.cumsum(np.abs(np.diff(lo)))])
+    picks = [s[-1]]
+    if tv[-1] > 0:
+        c = tv / tv[-1]
+        picks += [s[int(np.argmax(c >= (j - 0.5) / n_loss))] for j in range(1, n_loss + 1)]
+    pos = s[s > 0]
+    if n_log and pos.size:
+        picks += list(snap_steps(np.geomspace(pos[0], s[-1], n_log), s, offset))
+    return np.unique(np.asarray(picks, dtype=np.float64)).astype(np.int64)
 
 
 def milestones_frame(milestones: Sequence[Milestone]) -> pd.DataFrame:

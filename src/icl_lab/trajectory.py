@@ -49,6 +49,7 @@ __all__ = [
     "EssentialDynamics",
     "FORM_RULES",
     "FORM_WINDOW",
+    "FormRule",
     "JointTrajectoryPCA",
     "PairFeatures",
     "curvature",
