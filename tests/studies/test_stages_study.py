@@ -3,6 +3,7 @@ rules on synthetic input, the settings and their errors, and the whole study on 
 content, finite numbers, reuse of runs and LLC estimates)."""
 
 import base64
+import html
 import io
 import json
 import math
@@ -435,6 +436,25 @@ def test_two_seeds_share_the_llc_settings_and_compare_stage_orders(tmp_path):
     assert exp.loc["the order of stage types is the same in every seed", "verdict"] == "pass"
 
 
+@pytest.mark.parametrize("executor", ["slurm", "ray"])
+def test_cli_paper_scale_dry_run_shows_settings_jobs_and_executor(tmp_path, executor):
+    """Issue 23 item 6: the paper-scale run is validated and listed from the CLI without running anything."""
+    out = tmp_path / "paper"
+    result = CliRunner().invoke(app, ["study", "stages", "--scale", "paper", "--executor", executor, "--dry-run",
+                                      "--out", str(out)], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "5 runs, 640,000,000 training sequences in all (dry run: nothing written to " + str(out) + ")"
+    assert ("settings: preset hoogland, D 4, K 8, σ² 0.125, M = ∞, batch 256, 500,000 steps, lr 0.003 triangle "
+            "(warm-up 0.5), seeds [0, 1, 2, 3, 4], 10090 checkpoints per run, device cuda") in lines
+    assert f"executor: {executor} (training; 5 jobs, ensemble 1); LLC estimates in 4 local worker(s) on cuda" in lines
+    llc = next(line for line in lines if line.startswith("LLC: "))
+    assert "ε 0.0003, nβ 66.67, γ 6.667, 4 chains × 1000 draws, burn-in 500, minibatch 256, n 4,096" in llc
+    assert "290 checkpoints per run (grid), 1450 estimates in all" in llc
+    assert lines[-5:] == [f"Minf-seed{s}" for s in range(5)]
+    assert not out.exists()
+
+
 def test_cli_dry_run_and_bad_input(tmp_path):
     runner = CliRunner()
     out = tmp_path / "paper"
@@ -444,3 +464,37 @@ def test_cli_dry_run_and_bad_input(tmp_path):
     result = runner.invoke(app, ["study", "stages", "--Ms", "1,2", "--out", str(out)], env={"COLUMNS": "300"})
     assert result.exit_code == 2 and "Ms: Extra inputs are not permitted" in " ".join(result.output.split())
     assert not out.exists()
+
+
+def test_sparse_llc_three_seeds_and_interval_columns(tmp_path):
+    from icl_lab.stages import INTERVAL_COLUMNS
+    from icl_lab.store import Run
+
+    cfg = tiny(seeds=[0, 1, 2], llc_at="loss", llc_loss_points=3, llc_log_points=1, ensemble=3)
+    run_study(cfg, tmp_path, progress=False)
+    for s in range(3):
+        run = Run.load(tmp_path / "runs" / f"Minf-seed{s}")
+        llc = pd.read_parquet(run.path / "llc.parquet")
+        wanted = cfg.llc_steps(run)
+        assert sorted(llc["step"]) == wanted and len(wanted) <= 5 and wanted[-1] == 60  # the rule, nothing else
+        assert len(wanted) < len(run.checkpoint_steps)
+        table = pd.read_parquet(tmp_path / f"stage_table_Minf-seed{s}.parquet")
+        assert set(INTERVAL_COLUMNS) <= set(table.columns)
+    text = html.unescape((tmp_path / "report.html").read_text())
+    assert "Stages of the seed-mean LLC curve" in text and "the library's validated defaults LLCConfig()" in text
+    assert "rule 'all': a form is a time at which all 3 PC pairs show a cusp or vertex" in text
+    assert "λ̂ was estimated at" in text and "(rule 'loss')" in text
+    exp = pd.read_parquet(tmp_path / "expectations.parquet").set_index("expectation")
+    assert exp.loc["the order of stage types is the same in every seed", "verdict"] in ("pass", "fail")
+
+
+def test_quick_without_llc_reports_and_says_so(tmp_path):
+    run_study(tiny(llc=False), tmp_path, progress=False)
+    assert not (tmp_path / "runs" / "Minf-seed0" / "llc.parquet").exists()
+    assert not (tmp_path / "llc_settings.json").exists()
+    html = (tmp_path / "report.html").read_text()
+    assert "LLC skipped (quick)" in html
+    exp = pd.read_parquet(tmp_path / "expectations.parquet").set_index("expectation")
+    assert exp.loc["the checks that need the LLC (stages, their types, boundaries, sampler)", "verdict"] == "unclear"
+    table = pd.read_parquet(tmp_path / "stage_table_Minf-seed0.parquet")
+    assert len(table) == 1 and table["type"].tolist() == ["?"]
