@@ -535,3 +535,21 @@ def test_snap_steps_moves_to_the_nearest_checkpoint_in_log_step():
     np.testing.assert_array_equal(sg.snap_steps([0, 9, 30, 50, 1e6], [0, 10, 100, 1000]), [0, 10, 100, 1000])
     assert sg.snap_steps([], [1, 2]).size == 0
     np.testing.assert_array_equal(sg.snap_steps([30, 31], [0, 10, 100]), [10])  # log 31 is nearer log 11 than 101
+
+
+def test_llc_stages_and_seed_stages_carry_intervals_and_name_the_form_rule():
+    from icl_lab.studies.common import llc_stages, seed_stages
+
+    rows = _chain_rows(3, 0.1)
+    loss = np.linspace(2.0, 1.0, len(rows))
+    ed_forms = [float(rows["step"].iloc[40])]
+    res = llc_stages(rows, loss, ed_events=ed_forms, n_boot=200)
+    inner = res.table.iloc[:-1]
+    assert len(inner) == len(res.milestones) == len(res.intervals) >= 1
+    assert np.isfinite(inner["end_lo"]).all() and (inner["end_lo"] <= inner["end"]).all()
+    assert (inner["end"] <= inner["end_hi"]).all() and res.form_rule == "all"
+    losses = {f"s{i}": pd.Series(loss, index=rows["step"].to_numpy()) for i in range(3)}
+    llcs = {f"s{i}": _chain_rows(i, 0.1) for i in range(3)}
+    seeds = seed_stages(llcs, losses, n_boot=200)
+    assert seeds is not None and "3 seeds" in seeds.table["end_interval"].iloc[0]
+    assert seed_stages(dict(list(llcs.items())[:2]), losses) is None  # fewer than 3 seeds: no seed bootstrap
