@@ -432,8 +432,9 @@ def test_two_seeds_share_the_llc_settings_and_compare_stage_orders(tmp_path):
     html = (tmp_path / "report.html").read_text()
     assert "All seeds" in html and (tmp_path / "figures" / "llc_all_seeds.png").stat().st_size > 10_000
     exp = pd.read_parquet(tmp_path / "expectations.parquet").set_index("expectation")
-    # each seed has one stage, of unknown type ('?': too few trusted estimates): the two orders agree
-    assert exp.loc["the order of stage types is the same in every seed", "verdict"] == "pass"
+    # two seeds are too few to compare stage orders (issue 23: at least 3 seeds where a study concludes)
+    row = exp.loc["the order of stage types is the same in every seed"]
+    assert row["verdict"] == "unclear" and row["expected"] == "at least 3 seeds"
 
 
 @pytest.mark.parametrize("executor", ["slurm", "ray"])
