@@ -84,3 +84,35 @@ def test_plot_llc_joint_limits_for_several_curves():
     lo, hi = ax.get_ylim()
     plt.close(fig)
     assert lo < 1.0 and hi > 20.0  # neither curve is clipped by the other's limits
+
+
+def test_boundary_spans_from_a_stage_table():
+    from icl_lab.plots import boundary_spans
+
+    table = pd.DataFrame({"end": [100.0, 1000.0, 5000.0], "end_lo": [0.0, 900.0, np.nan],
+                          "end_hi": [150.0, 900.0, np.nan]})
+    spans = boundary_spans(table, xmin=1.0)
+    assert spans[0] == (1.0, 150.0)  # raised to the log axis' first step
+    assert spans[1] == pytest.approx((900 / 1.01, 900 * 1.01))  # a zero-width interval still shows
+    assert len(spans) == 2  # the last stage ends with training: no interval
+    assert boundary_spans(table.drop(columns=["end_lo", "end_hi"]), 1.0) == []
+
+
+def test_plot_stages_and_pc_pairs_draw_intervals_and_forms(tmp_path):
+    from icl_lab import stages as sg
+    from icl_lab import trajectory as tr
+    from icl_lab.plots import plot_pc_pairs, plot_stages
+
+    steps = np.array([0, 10, 100, 1000, 10000.0])
+    table = sg.stage_table(steps, [1.0, 3.0, 5.0, 4.0, 4.5], [2.0, 1.5, 1.0, 0.9, 0.8], [1000.0])
+    table = sg.add_boundary_intervals(table, pd.DataFrame({"step": [1000.0], "lo": [500.0], "hi": [2000.0],
+                                                           "missing": [0.1], "method": ["test"]}))
+    png, _ = plot_stages(steps, [2.0, 1.5, 1.0, 0.9, 0.8], [1.0, 3.0, 5.0, 4.0, 4.5], None, table,
+                         tmp_path / "stages")
+    assert png.stat().st_size > 5_000
+    t = np.linspace(0, 2 * np.pi, 60)
+    preds = np.stack([np.cos(t), np.sin(2 * t), 0.3 * np.sin(3 * t)], 1) @ np.random.default_rng(0).normal(size=(3, 8))
+    ed = tr.essential_dynamics(preds.reshape(60, 2, 4), np.arange(60) * 10, n_components=3, sigma=2.0)
+    for rule in ("all", "union", None):
+        png, _ = plot_pc_pairs(ed, tmp_path / f"ed_{rule}", form_rule=rule)
+        assert png.stat().st_size > 5_000

@@ -433,3 +433,123 @@ def test_plot_stages_draws_untrusted_points_hollow_and_off_scale(tmp_path, monke
     hollow = [ln for ln in ax.get_lines() if ln.get_markerfacecolor() == "white"]
     shown = np.concatenate([ln.get_xdata() for ln in hollow])
     np.testing.assert_array_equal(np.sort(shown), steps[(steps > 0) & ~trusted])  # every untrusted one, drawn
+
+
+# ------------------------------------------------------------------------- bootstrap intervals on boundaries
+
+
+def _chain_rows(seed: int, chain_sd: float, *, shift: float = 0.0, chains: int = 4) -> pd.DataFrame:
+    """llc.parquet-like rows with per-chain λ̂: each chain is the _truth curve (its features moved by `shift` in
+    log step) plus a chain offset and independent per-checkpoint noise, both of sd `chain_sd`."""
+    steps = _grid()[_grid() > EARLY]
+    x = np.log(steps + 1)
+    rng = np.random.default_rng(seed)
+    per = _truth(x - shift)[:, None] + chain_sd * (rng.normal(size=chains)[None, :] + rng.normal(size=(x.size, chains)))
+    return pd.DataFrame({"step": steps, "llc_mean": per.mean(1), "llc_std": per.std(1, ddof=1), "num_chains": chains,
+                         "flags": "", "llc_per_chain": list(per)})
+
+
+def test_chain_matrix_reads_per_chain_values_and_refuses_ragged_rows():
+    rows = _chain_rows(0, 0.1)
+    np.testing.assert_allclose(sg.chain_matrix(rows).mean(1), rows["llc_mean"])
+    assert sg.chain_matrix(rows.drop(columns="llc_per_chain")) is None
+    ragged = rows.copy()
+    ragged.at[ragged.index[3], "llc_per_chain"] = np.ones(3)
+    assert sg.chain_matrix(ragged) is None
+
+
+def test_chain_intervals_cover_the_boundary_and_widen_with_chain_noise():
+    steps = _grid()[_grid() > EARLY]
+    i_peak = int(np.argmax(_truth(np.log(steps + 1))))
+    widths = {}
+    for sd in (0.05, 0.4):
+        rows = _chain_rows(1, sd)
+        ms = sg.llc_milestones(rows)
+        peak = next(m for m in ms if m.kind == "max")
+        iv = sg.chain_boundary_intervals(rows, [peak], n_boot=400)
+        r = iv.iloc[0]
+        assert r["lo"] <= peak.step <= r["hi"], sd
+        assert r["lo"] <= steps[i_peak + 3] and r["hi"] >= steps[i_peak - 3], sd  # the true maximum, near
+        assert r["method"].startswith("percentile bootstrap") and "4 chains" in r["method"]
+        assert 0.0 <= r["missing"] < 0.5
+        widths[sd] = np.log(r["hi"] + 1) - np.log(r["lo"] + 1)
+    assert widths[0.4] > 2 * widths[0.05]
+
+
+def test_chain_intervals_say_why_when_chains_are_missing():
+    rows = _chain_rows(0, 0.1).drop(columns="llc_per_chain")
+    iv = sg.chain_boundary_intervals(rows, [1000.0])
+    assert np.isnan(iv.loc[0, "lo"]) and iv.loc[0, "method"] == "none (no per-chain λ̂)"
+
+
+def test_seed_intervals_follow_the_spread_of_the_seeds():
+    same = [_chain_rows(s, 0.05) for s in range(5)]
+    spread = [_chain_rows(s, 0.05, shift=d) for s, d in enumerate([-0.6, -0.3, 0.0, 0.3, 0.6])]
+    width = {}
+    for name, llcs in (("same", same), ("spread", spread)):
+        ms, iv = sg.seed_boundary_intervals(llcs, n_boot=300)
+        assert [m.kind for m in ms][:1] == ["max"], name
+        r = iv.iloc[0]
+        assert r["lo"] <= ms[0].step <= r["hi"] and "5 seeds" in r["method"]
+        width[name] = np.log(r["hi"] + 1) - np.log(r["lo"] + 1)
+    assert width["spread"] > 0.3 and width["spread"] > 3 * width["same"]
+    steps, mean, se = sg.seed_mean_curve(same, [0, 0, 1])
+    np.testing.assert_allclose(mean, (2 * same[0]["llc_mean"] + same[1]["llc_mean"]) / 3)
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        sg.seed_boundary_intervals(same[:1])
+
+
+def test_stage_table_gets_the_end_boundary_intervals():
+    rows = _chain_rows(2, 0.1)
+    ms = sg.llc_milestones(rows)
+    table = sg.stage_table(rows["step"], rows["llc_mean"], None, ms, trusted=sg.trusted_mask(rows))
+    iv = sg.chain_boundary_intervals(rows, ms, n_boot=200)
+    out = sg.add_boundary_intervals(table, iv)
+    assert list(out.columns[-4:]) == sg.INTERVAL_COLUMNS
+    np.testing.assert_allclose(out["end_lo"].iloc[:-1], iv["lo"])
+    assert np.isnan(out["end_lo"].iloc[-1]) and out["end_interval"].iloc[-1] == ""
+
+
+# ------------------------------------------------------------------------- where to estimate the LLC
+
+
+def test_loss_moving_steps_crowd_where_the_loss_falls():
+    steps = _grid()
+    x = np.log(steps + 1)
+    loss = 2.0 - _step(x, 6.0, 1.5)  # all the change within a few W of log t = 6
+    picks = sg.loss_moving_steps(steps, loss, n_loss=4, n_log=0)
+    assert picks[-1] == steps[-1] and set(picks) <= set(steps.astype(int))
+    inner = np.log(picks[:-1] + 1)
+    assert len(inner) == 4 and np.all(np.abs(inner - 6.0) < 2.5 * W)  # 4 points in the drop
+    assert np.all(np.diff(inner) > 0)
+    with_log = sg.loss_moving_steps(steps, loss, n_loss=4, n_log=3)
+    assert {1, int(steps[-1])} <= set(with_log) and set(picks) <= set(with_log)  # log coverage from step 1
+    assert len(with_log) <= 4 + 3 + 1
+    flat = sg.loss_moving_steps(steps, np.ones(steps.size), n_loss=4, n_log=0)
+    np.testing.assert_array_equal(flat, [steps[-1]])  # nothing moves: only the last checkpoint
+    with pytest.raises(ValueError, match="n_loss must be >= 1"):
+        sg.loss_moving_steps(steps, loss, n_loss=0, n_log=1)
+
+
+def test_snap_steps_moves_to_the_nearest_checkpoint_in_log_step():
+    np.testing.assert_array_equal(sg.snap_steps([0, 9, 30, 50, 1e6], [0, 10, 100, 1000]), [0, 10, 100, 1000])
+    assert sg.snap_steps([], [1, 2]).size == 0
+    np.testing.assert_array_equal(sg.snap_steps([30, 31], [0, 10, 100]), [10])  # log 31 is nearer log 11 than 101
+
+
+def test_llc_stages_and_seed_stages_carry_intervals_and_name_the_form_rule():
+    from icl_lab.studies.common import llc_stages, seed_stages
+
+    rows = _chain_rows(3, 0.1)
+    loss = np.linspace(2.0, 1.0, len(rows))
+    ed_forms = [float(rows["step"].iloc[40])]
+    res = llc_stages(rows, loss, ed_events=ed_forms, n_boot=200)
+    inner = res.table.iloc[:-1]
+    assert len(inner) == len(res.milestones) == len(res.intervals) >= 1
+    assert np.isfinite(inner["end_lo"]).all() and (inner["end_lo"] <= inner["end"]).all()
+    assert (inner["end"] <= inner["end_hi"]).all() and res.form_rule == "all"
+    losses = {f"s{i}": pd.Series(loss, index=rows["step"].to_numpy()) for i in range(3)}
+    llcs = {f"s{i}": _chain_rows(i, 0.1) for i in range(3)}
+    seeds = seed_stages(llcs, losses, n_boot=200)
+    assert seeds is not None and "3 seeds" in seeds.table["end_interval"].iloc[0]
+    assert seed_stages(dict(list(llcs.items())[:2]), losses) is None  # fewer than 3 seeds: no seed bootstrap

@@ -323,3 +323,45 @@ def test_figures_are_written_as_png_and_pdf(tmp_path):
     assert png.name == "ed.png" and pdf.name == "ed.pdf" and pdf2.name == "joint.pdf"
     assert png.read_bytes()[:4] == b"\x89PNG" and pdf.read_bytes()[:4] == b"%PDF"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ed.pdf", "ed.png", "sub"]  # no temp files left
+
+
+# ------------------------------------------------------------------------------------ forms: all pairs agree
+
+
+def _pairs(**events):
+    """{(i, j): PairFeatures} from keyword 'p01=([cusps], [vertices])'."""
+    out = {}
+    for key, (c, v) in events.items():
+        i, j = int(key[1]), int(key[2])
+        out[(i, j)] = tr.PairFeatures((i, j), np.array(c, dtype=np.int64), np.array(v, dtype=np.int64))
+    return out
+
+
+def test_forms_need_every_pc_pair_and_the_union_is_an_option():
+    # pair (0,1) turns at 10 and 40; (0,2) at 11 (vertex) and 70; (1,2) at 9 (cusp) and 41: only the turn near 10
+    # is seen by all three pairs; 40/41 is missing in (0,2), 70 only in (0,2)
+    feats = _pairs(p01=([10], [40]), p02=([], [11, 70]), p12=([9, 41], []))
+    np.testing.assert_array_equal(tr.find_forms(feats), [10])  # group {9, 10, 11}: its median
+    np.testing.assert_array_equal(tr.find_forms(feats, "union"), [9, 10, 11, 40, 41, 70])
+    # a window of 0 needs the exact same checkpoint in every pair: none here
+    assert tr.find_forms(feats, window=0).size == 0
+    # 40/41 becomes a form once (0,2) has an event within 3 of it
+    feats[(0, 2)] = tr.PairFeatures((0, 2), np.array([43]), np.array([11, 70]))
+    np.testing.assert_array_equal(tr.find_forms(feats), [10, 41])
+    with pytest.raises(ValueError, match="form rule must be one of all, union"):
+        tr.find_forms(feats, "any")
+
+
+def test_event_steps_default_to_forms_on_an_essential_dynamics_result():
+    steps = np.arange(100) * 10
+    ed = tr.EssentialDynamics(steps, None, np.zeros((100, 3)), np.zeros((100, 3)), np.ones(100),
+                              _pairs(p01=([20], []), p02=([], [21, 80]), p12=([], [50])))
+    assert ed.event_steps().size == 0  # no time at which all three pairs agree
+    np.testing.assert_array_equal(ed.event_steps("union"), [200, 210, 500, 800])
+    ed.features[(1, 2)] = tr.PairFeatures((1, 2), np.array([], dtype=np.int64), np.array([19, 50]))
+    np.testing.assert_array_equal(ed.event_steps(), [200])
+    assert "all 3 PC pairs" in ed.describe_rule() and "union" in ed.describe_rule("union")
+    # one pair (2 components): both rules give its events
+    one = tr.EssentialDynamics(steps, None, np.zeros((100, 2)), np.zeros((100, 2)), np.ones(100),
+                               _pairs(p01=([5], [60])))
+    np.testing.assert_array_equal(one.event_steps(), one.event_steps("union"))

@@ -583,6 +583,8 @@ def _sweep_study(name: str, out: Path | None, quick: bool, config: Path | None, 
     sequences = sum(r.train.steps * r.train.batch_size for r in runs.values())
     if dry_run:
         typer.echo(f"{len(runs)} runs, {sequences:,} training sequences in all (dry run: nothing written to {target})")
+        for line in getattr(cfg, "dry_run_lines", list)():  # a study's own summary: settings, jobs, executor
+            typer.echo(line)
         for run_id in runs:
             typer.echo(run_id)
         return

@@ -19,6 +19,17 @@ off-minimum checkpoints give large negative λ̂), and the thresholds are in uni
 errors (:func:`llc_standard_errors`), never fractions of the curve's range; :func:`llc_milestones` does both
 from llc.parquet rows. Untrusted estimates are drawn, not used.
 
+Boundary intervals (:func:`chain_boundary_intervals`, :func:`seed_boundary_intervals`; docs/papers.md §D4): 95%
+percentile-bootstrap intervals (:func:`icl_lab.intervals.bootstrap_interval`) on the step of every boundary, from
+resampling what is exchangeable. Within one run these are the SGLD chains: llc.parquet stores each chain's λ̂
+(`llc_per_chain`), and the chains run with the same seed at every checkpoint, so chain c is one unit across all
+checkpoints and is resampled as a whole; with few chains (4) the percentile interval is coarse and, like every
+percentile bootstrap over n units, about √((n − 1)/n) too narrow. Across runs (≥ MIN_SEEDS_FOR_INTERVALS seeds) the
+units are the seeds: the boundaries of the seed-mean λ̂ curve, resampled over seeds. A boundary counts as re-found
+in a resample when a milestone of the resampled curve, of any kind, lies within BOUNDARY_MATCH_TOL of it in log
+step; the fraction of resamples where none does is reported next to the interval (`missing`), and the interval is
+nan when it exceeds half. The thresholds of :func:`find_milestones` are the original estimate's in every resample.
+
 The Timaeus authors picked milestones by hand (their notebooks have no automated plateau finder); the
 hyper-parameters of the automation here are explicit arguments of :func:`find_milestones`.
 """
@@ -26,7 +37,7 @@ hyper-parameters of the automation here are explicit arguments of :func:`find_mi
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -35,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from icl_lab.atomic import atomic_write
+from icl_lab.intervals import bootstrap_interval
 from icl_lab.llc_flags import sampler_ok
 from icl_lab.trajectory import ArrayLike, _kernel_rows, _local_linear, _row_chunks, to_numpy
 
@@ -42,17 +54,28 @@ if TYPE_CHECKING:  # pragma: no cover
     from icl_lab.trajectory import EssentialDynamics
 
 __all__ = [
+    "BOUNDARY_MATCH_TOL",
+    "INTERVAL_COLUMNS",
+    "MIN_SEEDS_FOR_INTERVALS",
     "Milestone",
+    "add_boundary_intervals",
+    "bootstrap_boundaries",
+    "chain_boundary_intervals",
+    "chain_matrix",
+    "seed_boundary_intervals",
+    "seed_mean_curve",
     "cross_check",
     "estimate_noise",
     "find_milestones",
     "llc_milestones",
     "llc_standard_errors",
+    "loss_moving_steps",
     "log_derivative",
     "log_steps",
     "milestones_frame",
     "save_stage_table",
     "smooth_log",
+    "snap_steps",
     "stage_table",
     "trusted_mask",
 ]
@@ -460,6 +483,202 @@ def llc_milestones(llc: pd.DataFrame, **kwargs: Any) -> list[Milestone]:
         se=llc_standard_errors(rows),
         **kwargs,
     )
+
+
+# ================================================================================================ boundary intervals
+# Fixed before any study used them (docs/papers.md §D4; issue 23 item 4).
+BOUNDARY_MATCH_TOL = 0.5  # log step (a factor 1.65): wider than cross_check's 0.3, so an interval can exceed it
+MIN_SEEDS_FOR_INTERVALS = 3  # seeds needed before the seed bootstrap is made (fewer: too few units to resample)
+INTERVAL_COLUMNS = ["end_lo", "end_hi", "end_missing", "end_interval"]  # added to a stage table
+
+
+def bootstrap_boundaries(
+    boundaries: Sequence[Milestone | float],
+    n_units: int,
+    milestones_of: Callable[[np.ndarray], Sequence[Milestone]],
+    *,
+    method: str,
+    match_tol: float = BOUNDARY_MATCH_TOL,
+    n_boot: int = 2000,
+    seed: int = 0,
+    offset: float = 1.0,
+) -> pd.DataFrame:
+    """95% percentile-bootstrap intervals on boundary steps (:func:`icl_lab.intervals.bootstrap_interval`).
+
+    Args:
+        boundaries: the boundaries found on all units (milestones or steps).
+        n_units: number of exchangeable units (chains, seeds); resamples draw n_units of them with replacement.
+        milestones_of: (n_units,) int unit indices (with repeats) → the milestones of the curve made from those
+            units. It must not depend on their order (it is cached by the sorted indices).
+        method: the units, for the table (e.g. "4 chains").
+        match_tol: a boundary at x_b = log(step + offset) is re-found in a resample when a milestone lies within
+            match_tol of x_b; its statistic is the nearest one's x, nan when none does.
+    Returns:
+        DataFrame, one row per boundary: step, lo, hi (the interval in steps; nan when fewer than 2 units or more
+        than half the resamples miss it), missing (fraction of resamples without it), method.
+    """
+    cache: dict[tuple[int, ...], np.ndarray] = {}
+
+    def xs(idx: np.ndarray) -> np.ndarray:
+        key = tuple(sorted(int(i) for i in idx))
+        if key not in cache:
+            cache[key] = np.log(np.array([m.step for m in milestones_of(np.asarray(key))], dtype=np.float64)
+                                + offset)
+        return cache[key]
+
+    units = np.arange(n_units)
+    rows = []
+    for b in boundaries:
+        step = float(b.step if isinstance(b, Milestone) else b)
+        xb = float(np.log(step + offset))
+
+        def stat(idx: np.ndarray, xb: float = xb) -> float:
+            x = xs(idx)
+            if x.size == 0:
+                return np.nan
+            near = x[np.argmin(np.abs(x - xb))]
+            return float(near) if abs(near - xb) <= match_tol else np.nan
+
+        iv, missing = bootstrap_interval(units, stat, n_boot=n_boot, seed=seed)
+        rows.append({"step": step, "lo": float(np.exp(iv.lo) - offset), "hi": float(np.exp(iv.hi) - offset),
+                     "missing": missing, "method": f"{iv.method} ({method})"})
+    return pd.DataFrame(rows, columns=["step", "lo", "hi", "missing", "method"])
+
+
+def chain_matrix(llc: pd.DataFrame) -> np.ndarray | None:
+    """Per-chain λ̂ of an LLC table (llc.parquet column `llc_per_chain`, one list per row): (N, C) in the table's
+    row order, or None when the column is missing, a row has none, or rows have different numbers of chains."""
+    if "llc_per_chain" not in llc.columns or llc.empty:
+        return None
+    rows = [np.asarray(v, dtype=np.float64).reshape(-1) if v is not None else np.zeros(0)
+            for v in llc["llc_per_chain"]]
+    sizes = {r.size for r in rows}
+    if len(sizes) != 1 or 0 in sizes:
+        return None
+    return np.stack(rows)
+
+
+def chain_boundary_intervals(llc: pd.DataFrame, boundaries: Sequence[Milestone | float], *, n_boot: int = 2000,
+                             seed: int = 0, **kwargs: Any) -> pd.DataFrame:
+    """Boundary intervals of one LLC curve from its chains (:func:`bootstrap_boundaries`).
+
+    llc: llc.parquet rows (step, llc_mean, flags, llc_per_chain, …); the trusted rows (:func:`trusted_mask`) and
+    their standard errors (:func:`llc_standard_errors`) are those of the estimate and stay fixed; a resample
+    replaces each trusted λ̂ by the mean over the resampled chains (the same chains at every checkpoint). kwargs go
+    to :func:`find_milestones`. Without per-chain values (:func:`chain_matrix` None) or with one chain, the
+    intervals are nan and `method` says why."""
+    rows = llc.sort_values("step")
+    rows = rows[trusted_mask(rows)]
+    chains = chain_matrix(rows)
+    if chains is None or chains.shape[1] < 2 or len(rows) < 3:
+        why = "no per-chain λ̂" if chains is None else ("one chain" if chains.shape[1] < 2 else "< 3 trusted rows")
+        return pd.DataFrame([{"step": float(b.step if isinstance(b, Milestone) else b), "lo": np.nan, "hi": np.nan,
+                              "missing": np.nan, "method": f"none ({why})"} for b in boundaries],
+                            columns=["step", "lo", "hi", "missing", "method"])
+    steps = rows["step"].to_numpy(dtype=np.float64)
+    se = llc_standard_errors(rows)
+
+    def milestones_of(idx: np.ndarray) -> list[Milestone]:
+        return find_milestones(steps, chains[:, idx].mean(axis=1), se=se, **kwargs)
+
+    return bootstrap_boundaries(boundaries, chains.shape[1], milestones_of, method=f"{chains.shape[1]} chains",
+                                n_boot=n_boot, seed=seed, offset=kwargs.get("offset", 1.0))
+
+
+def seed_mean_curve(llcs: Sequence[pd.DataFrame], idx: Sequence[int] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The seed-mean λ̂ curve of several runs' LLC tables (the units `idx`, with repeats; None: all).
+
+    A step enters when every unit has a trusted estimate there (:func:`trusted_mask`); the value is the mean over
+    units and its standard error sqrt(Σ se_u²) / U from each estimate's own (:func:`llc_standard_errors`).
+    Returns (steps (S,), mean (S,), se (S,))."""
+    idx = list(range(len(llcs))) if idx is None else [int(i) for i in idx]
+    frames = []
+    for u in idx:
+        t = llcs[u].sort_values("step")
+        t = t[trusted_mask(t)]
+        frames.append(pd.Series(t["llc_mean"].to_numpy(np.float64), index=t["step"].to_numpy(np.float64)).to_frame()
+                      .assign(se=llc_standard_errors(t)))
+    common = sorted(set.intersection(*(set(f.index) for f in frames))) if frames else []
+    if not common:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    vals = np.stack([f.loc[common].iloc[:, 0].to_numpy() for f in frames])
+    ses = np.stack([f.loc[common, "se"].to_numpy() for f in frames])
+    se = np.sqrt(np.nansum(ses**2, axis=0)) / len(frames)
+    se[~np.isfinite(ses).all(axis=0)] = np.nan
+    return np.asarray(common), vals.mean(axis=0), se
+
+
+def seed_boundary_intervals(llcs: Sequence[pd.DataFrame], *, n_boot: int = 2000, seed: int = 0,
+                            **kwargs: Any) -> tuple[list[Milestone], pd.DataFrame]:
+    """Boundaries of the seed-mean λ̂ curve (:func:`seed_mean_curve`) with intervals from resampling the seeds
+    (:func:`bootstrap_boundaries`). llcs: one llc.parquet table per seed (≥ 2; studies require
+    MIN_SEEDS_FOR_INTERVALS). kwargs go to :func:`find_milestones`. Returns (milestones, intervals)."""
+    if len(llcs) < 2:
+        raise ValueError(f"seed_boundary_intervals needs at least 2 seeds, got {len(llcs)}")
+
+    def milestones_of(idx: np.ndarray) -> list[Milestone]:
+        steps, mean, se = seed_mean_curve(llcs, idx)
+        return find_milestones(steps, mean, se=se, **kwargs) if steps.size >= 3 else []
+
+    found = milestones_of(np.arange(len(llcs)))
+    return found, bootstrap_boundaries(found, len(llcs), milestones_of, method=f"{len(llcs)} seeds", n_boot=n_boot,
+                                       seed=seed, offset=kwargs.get("offset", 1.0))
+
+
+def add_boundary_intervals(table: pd.DataFrame, intervals: pd.DataFrame) -> pd.DataFrame:
+    """A stage table with each stage's END boundary interval (INTERVAL_COLUMNS: end_lo, end_hi, end_missing,
+    end_interval = the method); matched on the step (a boundary from :func:`llc_milestones` is a trusted
+    checkpoint, where :func:`stage_table` keeps it). The last stage ends with training: no interval."""
+    out = table.copy()
+    by_step = {float(r.step): r for r in intervals.itertuples()}
+    lo, hi, miss, method = [], [], [], []
+    for n, end in enumerate(out["end"].to_numpy(dtype=np.float64)):
+        r = by_step.get(float(end)) if n < len(out) - 1 else None
+        lo.append(np.nan if r is None else r.lo)
+        hi.append(np.nan if r is None else r.hi)
+        miss.append(np.nan if r is None else r.missing)
+        method.append("" if r is None else r.method)
+    out["end_lo"], out["end_hi"], out["end_missing"], out["end_interval"] = lo, hi, miss, method
+    return out
+
+
+# ================================================================================================ where to estimate
+def snap_steps(wanted: ArrayLike, available: ArrayLike, offset: float = 1.0) -> np.ndarray:
+    """Each wanted step moved to the nearest available one in log(step + offset); sorted, unique. (W,), (A,) →
+    (≤ W,) int64."""
+    w = to_numpy(wanted).reshape(-1).astype(np.float64)
+    a = np.unique(to_numpy(available).reshape(-1).astype(np.float64))
+    if a.size == 0 or w.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    near, _ = _nearest(w, a, offset)
+    return np.unique(near).astype(np.int64)
+
+
+def loss_moving_steps(steps: ArrayLike, loss: ArrayLike, n_loss: int, n_log: int, offset: float = 1.0) -> np.ndarray:
+    """A sparse set of checkpoints at which to estimate λ̂, placed where the loss moves (issue 23 item 5;
+    docs/llc.md, "What this costs").
+
+    Rule: with c_i = Σ_{k ≤ i} |ℓ_k − ℓ_{k−1}| / Σ_k |ℓ_k − ℓ_{k−1}| (the share of the loss curve's total variation
+    done by checkpoint i), the first checkpoint with c_i ≥ (j − ½)/n_loss for j = 1..n_loss; then n_log
+    log-spaced steps from the first positive checkpoint to the last, snapped to checkpoints (stages that do not show
+    in the loss, Hoogland et al. §4, still get estimates); and the last checkpoint. Duplicates merge, so fewer
+    than n_loss + n_log + 1 may come back.
+
+    steps: (T,) strictly increasing checkpoint steps; loss: (T,) the test loss there. Returns sorted int64 steps.
+    """
+    s, lo, _ = _prepare(steps, loss, offset)
+    if n_loss < 1 or n_log < 0:
+        raise ValueError(f"loss_moving_steps: n_loss must be >= 1 and n_log >= 0, got {n_loss}, {n_log}")
+    tv = np.concatenate([[0.0], np.cumsum(np.abs(np.diff(lo)))])
+    picks = [s[-1]]
+    if tv[-1] > 0:
+        c = tv / tv[-1]
+        picks += [s[int(np.argmax(c >= (j - 0.5) / n_loss))] for j in range(1, n_loss + 1)]
+    pos = s[s > 0]
+    if n_log and pos.size:
+        picks += list(snap_steps(np.geomspace(pos[0], s[-1], n_log), s, offset))
+    return np.unique(np.asarray(picks, dtype=np.float64)).astype(np.int64)
 
 
 def milestones_frame(milestones: Sequence[Milestone]) -> pd.DataFrame:

@@ -10,8 +10,12 @@ Essential dynamics (ED; Hoogland et al. 2024, Eq. 7, docs/papers.md §D3)
     - a *vertex*, a point of order-4 contact with a circle, i.e. an extremum of the curvature κ; vertices are
       the cusps of the evolute (the locus of the osculating-circle centres).
 
-    A "form" is a time at which every PC pair shows a cusp or a vertex; forms near stage boundaries
-    corroborate the LLC milestones (§D4, see :mod:`icl_lab.stages`).
+    A "form" is a time at which every PC pair shows a cusp or a vertex (Carroll et al. 2025, §4.2: a form
+    counts only when all PC pairs agree; Hoogland et al. §D3); forms near stage boundaries corroborate the LLC
+    milestones (§D4, see :mod:`icl_lab.stages`). :meth:`EssentialDynamics.event_steps` gives the forms by
+    default (`rule="all"`: every pair has a cusp or vertex within `form_window` checkpoints); `rule="union"`, the
+    looser reading, gives every cusp and vertex of any pair, and a report that uses it must say so
+    (:data:`FORM_RULES`).
 
 Joint trajectory PCA (Carroll et al. 2025, §4.2, docs/papers.md §E2)
     Several runs (e.g. one per task diversity M) are evaluated on ONE shared batch (root-task sequences);
@@ -43,12 +47,16 @@ ArrayLike: TypeAlias = "np.ndarray | torch.Tensor | Sequence[Any]"
 __all__ = [
     "PCA",
     "EssentialDynamics",
+    "FORM_RULES",
+    "FORM_WINDOW",
+    "FormRule",
     "JointTrajectoryPCA",
     "PairFeatures",
     "curvature",
     "essential_dynamics",
     "evolute",
     "find_cusps",
+    "find_forms",
     "find_vertices",
     "fit_pca",
     "joint_trajectory_pca",
@@ -609,6 +617,51 @@ def find_vertices(
 # essential dynamics
 
 
+FormRule = Literal["all", "union"]
+# A form needs every PC pair to show a cusp or vertex within FORM_WINDOW checkpoints of each other: the window of
+# `find_cusps` (3), so that the same event, found one or two checkpoints apart in two pairs (smoothing moves it),
+# counts once. Fixed here, before any study used it.
+FORM_WINDOW = 3
+FORM_RULES: dict[str, str] = {
+    "all": "a form is a time at which all {pairs} PC pairs show a cusp or vertex within {window} checkpoints "
+           "(Carroll et al. §4.2, the paper's rule)",
+    "union": "every cusp and vertex of any of the {pairs} PC pairs counts (the looser union; not the paper's rule)",
+}
+
+
+def find_forms(features: Mapping[tuple[int, int], Any], rule: FormRule = "all",
+               window: int = FORM_WINDOW) -> np.ndarray:
+    """Checkpoint indices of the ED forms from per-pair cusps and vertices (docs/papers.md §D3, §E2).
+
+    Args:
+        features: {(i, j): PairFeatures} (cusps, vertices: index arrays), one entry per PC pair.
+        rule: "all": a form is where every pair has an event (cusp or vertex) within `window` indices: each event
+            index e of any pair with an event of every pair in [e − window, e + window] is a candidate, candidates
+            closer than `window` are grouped, and each group gives one form at its median (rounded down to a
+            candidate); "union": every event index of every pair (sorted, unique).
+        window: ≥ 0, in checkpoint-index units.
+    Returns:
+        (F,) sorted int64 indices.
+    """
+    if rule not in FORM_RULES:
+        raise ValueError(f"form rule must be one of {', '.join(FORM_RULES)}, got {rule!r}")
+    if window < 0:
+        raise ValueError(f"form window must be >= 0, got {window}")
+    per_pair = [np.unique(np.concatenate([np.asarray(f.cusps), np.asarray(f.vertices)]).astype(np.int64))
+                for f in features.values()]
+    if not per_pair:
+        return np.zeros(0, dtype=np.int64)
+    events = np.unique(np.concatenate(per_pair))
+    if rule == "union":
+        return events
+    cand = np.array([e for e in events if all(p.size and np.abs(p - e).min() <= window for p in per_pair)],
+                    dtype=np.int64)
+    if cand.size == 0:
+        return cand
+    groups = np.split(cand, np.nonzero(np.diff(cand) > window)[0] + 1)
+    return np.array([g[(g.size - 1) // 2] for g in groups], dtype=np.int64)
+
+
 @dataclass(eq=False)
 class PairFeatures:
     """Cusps and vertices of one smoothed PC-pair curve γ_{i,j} (indices into the checkpoint axis)."""
@@ -648,12 +701,17 @@ class EssentialDynamics:
     def vertex_steps(self, i: int, j: int) -> np.ndarray:
         return self.steps[self.features[(i, j)].vertices]
 
-    def event_steps(self) -> np.ndarray:
-        """Sorted unique steps of every cusp and vertex over all PC pairs (for `stages.cross_check`)."""
-        idx = [np.concatenate([f.cusps, f.vertices]) for f in self.features.values()]
-        if not idx:
-            return np.zeros(0)
-        return np.unique(self.steps[np.concatenate(idx).astype(np.int64)])
+    def event_steps(self, rule: FormRule = "all", window: int = FORM_WINDOW) -> np.ndarray:
+        """Steps of the ED forms (for `stages.cross_check`), sorted (see :func:`find_forms`).
+
+        rule "all" (default, the paper's): times at which every PC pair has a cusp or vertex within `window`
+        checkpoints; "union" (looser, name it in a report): every cusp and vertex of any pair."""
+        idx = find_forms(self.features, rule, window)
+        return self.steps[idx] if idx.size else np.zeros(0)
+
+    def describe_rule(self, rule: FormRule = "all", window: int = FORM_WINDOW) -> str:
+        """One sentence naming the form rule, for reports."""
+        return FORM_RULES[rule].format(window=window, pairs=len(self.features))
 
 
 def essential_dynamics(

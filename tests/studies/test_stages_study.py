@@ -3,6 +3,7 @@ rules on synthetic input, the settings and their errors, and the whole study on 
 content, finite numbers, reuse of runs and LLC estimates)."""
 
 import base64
+import html
 import io
 import json
 import math
@@ -144,7 +145,7 @@ def test_expectation_rules_on_a_paper_like_synthetic_run():
     assert v["the final model matches ridge on fresh tasks (M = ∞)"] == "pass"  # 0.5 vs 0.48
     assert v["LR3-LR4: the unembedding LN collapses during the type-B stages"] == "pass"
     assert v[next(k for k in v.index if k.startswith("LR3: over the type-B stages ICL gets worse"))] == "pass"
-    assert v["stage boundaries coincide with essential-dynamics forms (cusps / vertices)"] == "pass"
+    assert v["stage boundaries coincide with essential-dynamics forms"] == "pass"
     assert v["some stages do not show in the loss"] == "pass"
     assert v["essential dynamics: the first PC dominates"] == "pass"
     assert v["LLC chains stationary and mixed once the prior is learned"] == "pass"  # the flag is at step 0 only
@@ -172,40 +173,94 @@ def test_expectation_rules_fail_where_the_run_differs():
     assert v["some stages lower the LLC (type B, LR3-LR4)"] == "fail"
 
 
-def test_two_seeds_compare_the_order_of_stage_types():
+def test_three_seeds_compare_the_order_of_stage_types_and_two_are_too_few():
     a = _synthetic_results(["A", "A", "B", "B"], [19.0, 20.0, -5.0, -5.0], [-3.0, -0.5, -0.05, -0.01])
     b = _synthetic_results(["A", "B", "A", "B"], [19.0, -20.0, 5.0, -5.0], [-3.0, -0.5, -0.05, -0.01])
-    both = {"Minf-seed0": a["Minf-seed0"], "Minf-seed1": b["Minf-seed0"]}
-    exp = check_table(expectations(StagesConfig(seeds=[0, 1]), both)).set_index("expectation")
+    three = {"Minf-seed0": a["Minf-seed0"], "Minf-seed1": b["Minf-seed0"], "Minf-seed2": a["Minf-seed0"]}
+    exp = check_table(expectations(StagesConfig(), three)).set_index("expectation")
     row = exp.loc["the order of stage types is the same in every seed"]
     assert row["verdict"] == "fail"
     assert "Minf-seed0: A B;" in row["measured"] and "Minf-seed1: A B A B" in row["measured"]
-    same = {"Minf-seed0": a["Minf-seed0"], "Minf-seed1": a["Minf-seed0"]}
-    exp = check_table(expectations(StagesConfig(seeds=[0, 1]), same)).set_index("expectation")
+    same = {f"Minf-seed{i}": a["Minf-seed0"] for i in range(3)}
+    exp = check_table(expectations(StagesConfig(), same)).set_index("expectation")
     assert exp.loc["the order of stage types is the same in every seed", "verdict"] == "pass"
+    two = {f"Minf-seed{i}": a["Minf-seed0"] for i in range(2)}  # fewer than 3 seeds: no conclusion (issue 23)
+    row = check_table(expectations(StagesConfig(seeds=[0, 1]), two)).set_index("expectation").loc[
+        "the order of stage types is the same in every seed"]
+    assert row["verdict"] == "unclear" and row["expected"] == "at least 3 seeds"
+
+
+def test_boundary_stability_rules_use_the_bootstrap_miss_rate():
+    res = _synthetic_results(["A", "A", "B", "B"], [19.0, 20.0, -5.0, -5.0], [-3.0, -0.5, -0.05, -0.01])
+    t = res["Minf-seed0"]["table"]
+    t["end_lo"], t["end_hi"] = t["end"] * 0.8, t["end"] * 1.25
+    t["end_interval"] = "percentile bootstrap, 2000 resamples of 4 units (4 chains)"
+    what = "stage boundaries are stable under resampling of the SGLD chains"
+    for missing, verdict in (([0.0, 0.2, 0.1, np.nan], "pass"), ([0.0, 0.25, 0.1, np.nan], "fail")):
+        t["end_missing"] = missing  # the rule: every boundary missed in at most 20% of the resamples
+        row = check_table(expectations(StagesConfig(seeds=[0]), res)).set_index("expectation").loc[what]
+        assert row["verdict"] == verdict, missing
+        assert "4 chains" in row["expected"] and "1,000: [800, 1,250], missed in" in row["measured"]
+    t["end_missing"] = np.nan  # no per-chain values: no interval, no verdict
+    row = check_table(expectations(StagesConfig(seeds=[0]), res)).set_index("expectation").loc[what]
+    assert row["verdict"] == "unclear"
+    seed_table = t.assign(end_missing=[0.5, 0.0, 0.0, np.nan])
+    from icl_lab.studies.common import StageResult
+    seeds = StageResult(seed_table, [], np.ones(4, bool))
+    exp = check_table(expectations(StagesConfig(), res, seeds)).set_index("expectation")
+    row = exp.loc["boundaries of the seed-mean λ̂ curve are stable under resampling of the seeds"]
+    assert row["verdict"] == "fail" and "missed in 50%" in row["measured"]
+
+
+def test_without_the_llc_its_checks_are_one_unclear_row():
+    res = _synthetic_results(["?"], [np.nan], [-3.5])
+    cfg = StagesConfig.for_scale("small", quick=True)
+    assert not cfg.llc and cfg.dry_run_lines()[2] == "LLC: skipped (quick)"
+    exp = check_table(expectations(cfg, res)).set_index("expectation")
+    assert exp.loc["the checks that need the LLC (stages, their types, boundaries, sampler)", "verdict"] == "unclear"
+    assert "LLC skipped (quick)" in exp.loc["the checks that need the LLC (stages, their types, boundaries, "
+                                            "sampler)", "measured"]
+    assert set(exp.index) == {"the checks that need the LLC (stages, their types, boundaries, sampler)",
+                              next(k for k in exp.index if k.startswith("LR1: E[ŷ²]")),
+                              next(k for k in exp.index if k.startswith("the ICL score improves")),
+                              "the final model matches ridge on fresh tasks (M = ∞)",
+                              "essential dynamics: the first PC dominates"}
 
 
 # ------------------------------------------------------------------------------------------------ settings
 def test_scales_build_valid_run_configs():
     small = StagesConfig.for_scale("small")
     runs = small.run_configs()
-    assert list(runs) == ["Minf-seed0", "Minf-seed1"]
+    assert list(runs) == ["Minf-seed0", "Minf-seed1", "Minf-seed2"] and small.ensemble == 3  # ≥ 3 seeds, together
     cfg = runs["Minf-seed0"]
     assert (cfg.task.family, cfg.task.M, cfg.task.D, cfg.task.K, cfg.task.noise_var) == ("gaussian", None, 4, 8, 0.125)
     assert cfg.model.preset == "hoogland" and cfg.train.schedule == "triangle" and cfg.train.lr == 3e-3
     assert cfg.train.steps * cfg.train.batch_size <= 128_000_000 / 20  # a scale-down of the paper's data
+    # the LLC at the validated defaults, at a sparse set fixed by a rule
+    assert small.sampler == LLCConfig() and small.step_sizes == [1e-4] and small.llc_n == 4096
+    assert small.llc and small.llc_at == "loss" and (small.llc_loss_points, small.llc_log_points) == (6, 2)
+    assert small.llc_jobs() == 3 * 9 and small.form_rule == "all"
 
     paper = StagesConfig.for_scale("paper")
     runs = paper.run_configs()
     assert list(runs) == [f"Minf-seed{s}" for s in range(5)]
     cfg = runs["Minf-seed1"]
-    assert (cfg.task.D, cfg.task.K, cfg.task.noise_var, cfg.task.M) == (8, 16, 0.125, None)
+    assert (cfg.task.D, cfg.task.K, cfg.task.noise_var, cfg.task.M) == (4, 8, 0.125, None)
     assert cfg.model.preset == "hoogland"
     assert (cfg.train.batch_size, cfg.train.steps, cfg.train.device) == (256, 500_000, "cuda")
+    assert (cfg.train.lr, cfg.train.schedule, cfg.train.warmup_frac) == (3e-3, "triangle", 0.5)
+    assert (cfg.train.n_checkpoints_linear, cfg.train.n_checkpoints_log) == (10_000, 100)
     assert (cfg.model.n_layers, cfg.model.n_heads, cfg.model.d_model, cfg.model.d_mlp) == (2, 4, 64, 64)
+    s = paper.sampler  # the paper's SGLD settings (benchmarks/llc_published.py)
+    assert (s.step_size, s.nbeta, s.localization) == (3e-4, pytest.approx(200 / 3), pytest.approx(20 / 3))
+    assert paper.llc_at == "grid" and paper.step_sizes == [3e-4]
+    grid = paper.llc_grid()
+    assert 250 <= len(grid) <= 300 and grid[0] == 0 and grid[-1] == 500_000  # 100 log ∪ 200 linear, merged
+    assert set(grid) <= set(__import__("icl_lab.train", fromlist=["x"]).checkpoint_steps(500_000, 10_000, 100))
 
     quick = StagesConfig.for_scale("small", quick=True, seeds=[3])
     assert quick.quick and quick.steps == 3000 and list(quick.run_configs()) == ["Minf-seed3"]
+    assert not quick.llc and quick.llc_jobs() == 0
     assert StagesConfig.for_scale("small", steps=500).run_config(0).train.steps == 500
     assert StagesConfig().late == 8 and StagesConfig(icl_late=4).late == 4
 
@@ -242,7 +297,7 @@ def tiny(**kw) -> StagesConfig:
         n_checkpoints_log=8, workers=1, ed_batch=16,
         model_overrides=dict(n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=16),
         sampler=LLCConfig(num_chains=2, num_draws=10, num_burnin=4, batch_size=16, localization=1000.0),
-        step_sizes=[1e-4, 1e-3]), **kw})
+        step_sizes=[1e-4, 1e-3], llc_at="all", ensemble=1), **kw})
 
 
 @pytest.fixture(scope="module")
@@ -284,7 +339,7 @@ def test_report_has_every_figure_numbers_and_a_filled_expectations_table(study_d
         ("ICL is acquired in a type-A stage (LR2)", "Minf-seed0"): "fail",
         ("the final model matches ridge on fresh tasks (M = ∞)", "Minf-seed0"): "fail",
         ("LR3-LR4: the unembedding LN collapses during the type-B stages", "Minf-seed0"): "unclear",
-        ("stage boundaries coincide with essential-dynamics forms (cusps / vertices)", "Minf-seed0"): "unclear",
+        ("stage boundaries coincide with essential-dynamics forms", "Minf-seed0"): "unclear",
         ("essential dynamics: the first PC dominates", "Minf-seed0"): "pass",
         ("LLC chains stationary and mixed once the prior is learned", "Minf-seed0"): "pass",
         ("the order of stage types is the same in every seed", "all seeds"): "unclear",
@@ -377,8 +432,28 @@ def test_two_seeds_share_the_llc_settings_and_compare_stage_orders(tmp_path):
     html = (tmp_path / "report.html").read_text()
     assert "All seeds" in html and (tmp_path / "figures" / "llc_all_seeds.png").stat().st_size > 10_000
     exp = pd.read_parquet(tmp_path / "expectations.parquet").set_index("expectation")
-    # each seed has one stage, of unknown type ('?': too few trusted estimates): the two orders agree
-    assert exp.loc["the order of stage types is the same in every seed", "verdict"] == "pass"
+    # two seeds are too few to compare stage orders (issue 23: at least 3 seeds where a study concludes)
+    row = exp.loc["the order of stage types is the same in every seed"]
+    assert row["verdict"] == "unclear" and row["expected"] == "at least 3 seeds"
+
+
+@pytest.mark.parametrize("executor", ["slurm", "ray"])
+def test_cli_paper_scale_dry_run_shows_settings_jobs_and_executor(tmp_path, executor):
+    """Issue 23 item 6: the paper-scale run is validated and listed from the CLI without running anything."""
+    out = tmp_path / "paper"
+    result = CliRunner().invoke(app, ["study", "stages", "--scale", "paper", "--executor", executor, "--dry-run",
+                                      "--out", str(out)], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "5 runs, 640,000,000 training sequences in all (dry run: nothing written to " + str(out) + ")"
+    assert ("settings: preset hoogland, D 4, K 8, σ² 0.125, M = ∞, batch 256, 500,000 steps, lr 0.003 triangle "
+            "(warm-up 0.5), seeds [0, 1, 2, 3, 4], 10090 checkpoints per run, device cuda") in lines
+    assert f"executor: {executor} (training; 5 jobs, ensemble 1); LLC estimates in 4 local worker(s) on cuda" in lines
+    llc = next(line for line in lines if line.startswith("LLC: "))
+    assert "ε 0.0003, nβ 66.67, γ 6.667, 4 chains × 1000 draws, burn-in 500, minibatch 256, n 4,096" in llc
+    assert "290 checkpoints per run (grid), 1450 estimates in all" in llc
+    assert lines[-5:] == [f"Minf-seed{s}" for s in range(5)]
+    assert not out.exists()
 
 
 def test_cli_dry_run_and_bad_input(tmp_path):
@@ -390,3 +465,37 @@ def test_cli_dry_run_and_bad_input(tmp_path):
     result = runner.invoke(app, ["study", "stages", "--Ms", "1,2", "--out", str(out)], env={"COLUMNS": "300"})
     assert result.exit_code == 2 and "Ms: Extra inputs are not permitted" in " ".join(result.output.split())
     assert not out.exists()
+
+
+def test_sparse_llc_three_seeds_and_interval_columns(tmp_path):
+    from icl_lab.stages import INTERVAL_COLUMNS
+    from icl_lab.store import Run
+
+    cfg = tiny(seeds=[0, 1, 2], llc_at="loss", llc_loss_points=3, llc_log_points=1, ensemble=3)
+    run_study(cfg, tmp_path, progress=False)
+    for s in range(3):
+        run = Run.load(tmp_path / "runs" / f"Minf-seed{s}")
+        llc = pd.read_parquet(run.path / "llc.parquet")
+        wanted = cfg.llc_steps(run)
+        assert sorted(llc["step"]) == wanted and len(wanted) <= 5 and wanted[-1] == 60  # the rule, nothing else
+        assert len(wanted) < len(run.checkpoint_steps)
+        table = pd.read_parquet(tmp_path / f"stage_table_Minf-seed{s}.parquet")
+        assert set(INTERVAL_COLUMNS) <= set(table.columns)
+    text = html.unescape((tmp_path / "report.html").read_text())
+    assert "Stages of the seed-mean LLC curve" in text and "the library's validated defaults LLCConfig()" in text
+    assert "rule 'all': a form is a time at which all 3 PC pairs show a cusp or vertex" in text
+    assert "λ̂ was estimated at" in text and "(rule 'loss')" in text
+    exp = pd.read_parquet(tmp_path / "expectations.parquet").set_index("expectation")
+    assert exp.loc["the order of stage types is the same in every seed", "verdict"] in ("pass", "fail")
+
+
+def test_quick_without_llc_reports_and_says_so(tmp_path):
+    run_study(tiny(llc=False), tmp_path, progress=False)
+    assert not (tmp_path / "runs" / "Minf-seed0" / "llc.parquet").exists()
+    assert not (tmp_path / "llc_settings.json").exists()
+    html = (tmp_path / "report.html").read_text()
+    assert "LLC skipped (quick)" in html
+    exp = pd.read_parquet(tmp_path / "expectations.parquet").set_index("expectation")
+    assert exp.loc["the checks that need the LLC (stages, their types, boundaries, sampler)", "verdict"] == "unclear"
+    table = pd.read_parquet(tmp_path / "stage_table_Minf-seed0.parquet")
+    assert len(table) == 1 and table["type"].tolist() == ["?"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import matplotlib
 
@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "BASELINE_STYLE",
     "SET_TITLE",
+    "boundary_spans",
     "llc_limits",
     "m_axis",
     "m_label",
@@ -272,6 +273,20 @@ def plot_calibration(cal: Calibration, path: str | Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------------ stages
+def boundary_spans(table: pd.DataFrame, xmin: float) -> list[tuple[float, float]]:
+    """The finite 95% boundary intervals of a stage table (columns end_lo, end_hi of
+    :func:`icl_lab.stages.add_boundary_intervals`; none without them) as (lo, hi) step spans, lo raised to xmin > 0
+    for a log axis; a zero-width interval is widened to ±1% so that it still shows."""
+    if not {"end_lo", "end_hi"} <= set(table.columns):
+        return []
+    spans = []
+    for lo, hi in zip(table["end_lo"].to_numpy(float), table["end_hi"].to_numpy(float), strict=True):
+        if np.isfinite(lo) and np.isfinite(hi) and hi > 0:
+            lo, hi = max(lo, xmin), max(hi, xmin)
+            spans.append((lo / 1.01, hi * 1.01) if hi <= lo else (lo, hi))
+    return spans
+
+
 def plot_stages(
     steps: ArrayLike,
     loss: ArrayLike,
@@ -290,13 +305,15 @@ def plot_stages(
     with stage bands (orange hues: LLC rising, type A; blue hues: falling, type B; grey: unknown) and stage
     labels.
 
-    Raw values are plotted; `smoothed_llc` (e.g. :func:`icl_lab.stages.smooth_log`) is overlaid as a thin line if
-    given, and `milestones` as dashed vertical lines. `trusted` ((T,) bool, :func:`icl_lab.stages.trusted_mask`;
-    None → all) marks the estimates the stages come from: they are joined by the line and drawn as filled dots; the
-    others are drawn as hollow grey circles, the LLC axis is scaled to the trusted estimates ± std (as in
-    :func:`plot_llc`), and untrusted estimates beyond it sit at its edge as hollow grey triangles (the legend gives
-    the extreme). Step 0 cannot sit on a log axis: points with step ≤ 0 are left out of the plot and a band starting
-    at 0 is drawn from the first positive step. Saves PNG + PDF."""
+    Where the table carries boundary intervals (end_lo, end_hi: :func:`icl_lab.stages.add_boundary_intervals`) each
+    is drawn as a hatched span around its boundary (:func:`boundary_spans`). Raw values are plotted; `smoothed_llc`
+    (e.g. :func:`icl_lab.stages.smooth_log`) is overlaid as a thin line if given, and `milestones` as dashed
+    vertical lines. `trusted` ((T,) bool, :func:`icl_lab.stages.trusted_mask`; None → all) marks the estimates the
+    stages come from: they are joined by the line and drawn as filled dots; the others are drawn as hollow grey
+    circles, the LLC axis is scaled to the trusted estimates ± std (as in :func:`plot_llc`), and untrusted estimates
+    beyond it sit at its edge as hollow grey triangles (the legend gives the extreme). Step 0 cannot sit on a log
+    axis: points with step ≤ 0 are left out of the plot and a band starting at 0 is drawn from the first positive
+    step. Saves PNG + PDF."""
     s = to_numpy(steps).reshape(-1)
     lo = to_numpy(loss).reshape(-1)
     lam = to_numpy(llc).reshape(-1)
@@ -360,6 +377,10 @@ def plot_stages(
         if m.step > 0:
             for ax in (ax_loss, ax_llc):
                 ax.axvline(m.step, color="0.3", ls=":", lw=0.8)
+    for n, (lo_b, hi_b) in enumerate(boundary_spans(table, xmin)):
+        for ax in (ax_loss, ax_llc):
+            ax.axvspan(lo_b, hi_b, facecolor="none", edgecolor="0.25", hatch="////", lw=0, alpha=0.6, zorder=1,
+                       label="95% interval of a boundary" if n == 0 and ax is ax_llc else None)
     ax_llc.set_ylim(y_lo, y_hi)
     ax_llc.set_xscale("log")
     ax_llc.set_xlabel("step")
@@ -385,12 +406,15 @@ def plot_pc_pairs(
     osculating: bool = False,
     show_raw: bool = True,
     title: str | None = None,
+    form_rule: Literal["all", "union"] | None = "all",
 ) -> tuple[Path, Path]:
     """Grid of PC-pair plots γ_{i,j} of an ED result (Hoogland et al. Fig. 2), coloured by log step.
 
     Smoothed curve coloured by time (viridis over log10(step + 1)), raw scores faint grey, cusps as red
     crosses, vertices as black open circles; with `osculating`, the osculating circle at each vertex (dashed)
-    and the evolute near it. Saves PNG + PDF; returns their paths."""
+    and the evolute near it. With `form_rule`, the ED forms (:meth:`EssentialDynamics.event_steps` under that rule;
+    "all": every PC pair agrees, the paper's) are gold stars on every pair; None draws none. Saves PNG + PDF;
+    returns their paths."""
     if ed.smoothed.shape[1] < 2:
         raise ValueError("plot_pc_pairs: need at least 2 components")
     pairs = sorted(ed.features) or [(0, 1)]
@@ -412,6 +436,11 @@ def plot_pc_pairs(
         lc.set_array(0.5 * (col[:-1] + col[1:]))
         ax.add_collection(lc)
         feats = ed.features.get((i, j))
+        if form_rule is not None and ed.features:
+            forms = np.searchsorted(ed.steps, ed.event_steps(form_rule))
+            if forms.size:
+                ax.plot(z[forms, 0], z[forms, 1], "*", color="gold", mec="black", ms=12, zorder=5,
+                        label=f"form ({'all pairs' if form_rule == 'all' else 'union of pairs'})")
         if feats is not None:
             if feats.cusps.size:
                 ax.plot(
@@ -459,7 +488,7 @@ def plot_pc_pairs(
             ax.set_ylim(z[:, 1].min() - pad[1], z[:, 1].max() + pad[1])
         ax.set_xlabel(f"PC{i + 1} ({100 * evr[i]:.1f}%)")
         ax.set_ylabel(f"PC{j + 1} ({100 * evr[j]:.1f}%)")
-        if feats is not None and (feats.cusps.size or feats.vertices.size):
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
     for n in range(len(pairs), nrows * ncols):
         axes[n // ncols][n % ncols].set_visible(False)

@@ -23,10 +23,19 @@ from icl_lab.config import Family, LLCConfig, RunConfig, Schedule, build_run_con
 from icl_lab.evaluate import predict
 from icl_lab.model import build_model, count_parameters
 from icl_lab.plots import m_label
-from icl_lab.stages import llc_milestones, stage_table, trusted_mask
+from icl_lab.stages import (
+    MIN_SEEDS_FOR_INTERVALS,
+    add_boundary_intervals,
+    chain_boundary_intervals,
+    llc_milestones,
+    seed_boundary_intervals,
+    seed_mean_curve,
+    stage_table,
+    trusted_mask,
+)
 from icl_lab.store import Run, write_json
 from icl_lab.tasks import root_task_batch, task_pool
-from icl_lab.trajectory import joint_trajectory_pca
+from icl_lab.trajectory import FormRule, joint_trajectory_pca
 
 __all__ = [
     "SAMPLER_FAILED",
@@ -48,6 +57,7 @@ __all__ = [
     "llc_stages",
     "n_parameters",
     "scale_frame",
+    "seed_stages",
     "spearman",
     "parse_ms",
     "sampler_worked",
@@ -273,17 +283,29 @@ def fmt_steps(steps: Sequence[float]) -> str:
 # ================================================================================================ analysis
 @dataclass
 class StageResult:
-    """The stages of one LLC curve: the table (`icl_lab.stages.stage_table`), its milestones, and which λ̂ were
-    trusted to place boundaries."""
+    """The stages of one LLC curve: the table (`icl_lab.stages.stage_table`, with the 95% interval of each stage's
+    end boundary: `icl_lab.stages.INTERVAL_COLUMNS`), its milestones, which λ̂ were trusted to place boundaries,
+    the boundary intervals (one row per milestone) and the ED form rule of the cross-check."""
 
     table: pd.DataFrame
     milestones: list
     trusted: np.ndarray
+    intervals: pd.DataFrame | None = None
+    form_rule: str = "all"
 
 
-def llc_stages(llc: pd.DataFrame, loss: Any, ed_events: Any = None) -> StageResult:
+def _ed_steps(ed_events: Any, form_rule: FormRule) -> Any:
+    """ED events as steps under `form_rule` (an EssentialDynamics), or as given (steps, None)."""
+    return ed_events.event_steps(form_rule) if hasattr(ed_events, "event_steps") else ed_events
+
+
+def llc_stages(llc: pd.DataFrame, loss: Any, ed_events: Any = None, *, form_rule: FormRule = "all",
+               n_boot: int = 2000) -> StageResult:
     """Stage boundaries at critical points of λ̂ against log step, from the trusted estimates only (unflagged,
-    λ̂ > 0; the rest is drawn, not used), cross-checked with loss plateaus and, if given, ED cusps and vertices.
+    λ̂ > 0; the rest is drawn, not used), each with a 95% bootstrap interval over the SGLD chains
+    (`icl_lab.stages.chain_boundary_intervals`; nan, saying why, without per-chain values), cross-checked with
+    loss plateaus and, if given, ED forms (`form_rule` "all": every PC pair agrees, the paper's; "union": any
+    pair, which the report must name; `icl_lab.trajectory.find_forms`).
 
     llc: rows of llc.parquet with a finite λ̂, sorted by step; loss: (T,) the test loss at the same steps.
     """
@@ -291,8 +313,33 @@ def llc_stages(llc: pd.DataFrame, loss: Any, ed_events: Any = None) -> StageResu
     trusted = trusted_mask(llc)
     milestones = llc_milestones(llc)
     table = stage_table(llc["step"].to_numpy(), llc["llc_mean"].to_numpy(), loss, milestones, loss_plateaus="auto",
-                        ed_events=ed_events, trusted=trusted)
-    return StageResult(table, milestones, trusted)
+                        ed_events=_ed_steps(ed_events, form_rule), trusted=trusted)
+    intervals = chain_boundary_intervals(llc, milestones, n_boot=n_boot)
+    return StageResult(add_boundary_intervals(table, intervals), milestones, trusted, intervals, form_rule)
+
+
+def seed_stages(llcs: Mapping[str, pd.DataFrame], losses: Mapping[str, pd.Series], ed_events: Any = None, *,
+                form_rule: FormRule = "all", n_boot: int = 2000) -> StageResult | None:
+    """Stages of the seed-mean λ̂ curve with 95% intervals from resampling the seeds
+    (`icl_lab.stages.seed_boundary_intervals`); None with fewer than MIN_SEEDS_FOR_INTERVALS seeds or fewer than 3
+    steps trusted in every seed.
+
+    llcs: {run: llc.parquet rows}; losses: {run: test loss indexed by step} (the table's loss is their mean at the
+    common steps); ed_events: ED forms (steps, or one run's EssentialDynamics) for the cross-check.
+    """
+    if len(llcs) < MIN_SEEDS_FOR_INTERVALS:
+        return None
+    frames = list(llcs.values())
+    steps, mean, _ = seed_mean_curve(frames)
+    if steps.size < 3:
+        return None
+    milestones, intervals = seed_boundary_intervals(frames, n_boot=n_boot)
+    loss = np.mean([np.asarray(s.reindex(steps), dtype=np.float64) for s in losses.values()], axis=0)
+    table = stage_table(steps, mean, loss if np.isfinite(loss).all() else None, milestones,
+                        loss_plateaus="auto" if np.isfinite(loss).all() else None,
+                        ed_events=_ed_steps(ed_events, form_rule))
+    return StageResult(add_boundary_intervals(table, intervals), milestones, np.ones(steps.size, dtype=bool),
+                       intervals, form_rule)
 
 
 def checkpoint_predictions(run: Run, x: Tensor, y: Tensor, steps: list[int] | None = None) -> np.ndarray:
