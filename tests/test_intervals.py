@@ -67,3 +67,12 @@ def test_bootstrap_interval_of_a_mean_and_undefined_fraction():
     # a statistic undefined in most resamples gives no interval and says how often
     iv2, und2 = bootstrap_interval(np.arange(10.0), lambda s: s.mean() if len(set(s)) == 10 else np.nan, seed=0)
     assert und2 > 0.99 and math.isnan(iv2.lo)
+
+
+def test_t_half_width_elementwise():
+    from icl_lab.intervals import t_half_width
+
+    out = t_half_width(np.array([2.0, 2.0, 1.0, np.nan]), np.array([4, 9, 1, 4]))
+    assert out[0] == pytest.approx(stats.t.ppf(0.975, 3) * 2.0 / 2.0)
+    assert out[1] == pytest.approx(stats.t.ppf(0.975, 8) * 2.0 / 3.0)
+    assert np.isnan(out[2]) and np.isnan(out[3])

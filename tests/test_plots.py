@@ -16,7 +16,11 @@ STEPS = np.array([0, 1, 2, 5, 10, 50, 100, 500, 1000, 5000])
 
 
 def _llc(mean: list[float], ok: list[bool]) -> pd.DataFrame:
-    return pd.DataFrame({"step": STEPS, "llc_mean": mean, "llc_std": np.full(len(STEPS), 0.5), "ok": ok})
+    return pd.DataFrame({"step": STEPS, "llc_mean": mean, "llc_std": np.full(len(STEPS), 0.5), "ok": ok,
+                         "num_chains": 4})
+
+
+HALF = 3.182446305284263 * 0.5 / 2  # the 95% half-width over 4 chains: t_{0.975, 3}·std/√4
 
 
 def test_step_axis_shows_no_negative_steps_after_a_log_y_scale():
@@ -50,8 +54,8 @@ def test_plot_llc_clips_flagged_estimates_to_the_edge():
     fig, ax = plt.subplots()
     plot_llc(ax, {"seed 0": _llc(mean, ok)}, ["tab:red"])
     lo, hi = ax.get_ylim()
-    # unflagged mean ± std spans 1.5..9.5; 0 is near, so 0..9.5, padded by 8%
-    assert lo == pytest.approx(-0.08 * 9.5) and hi == pytest.approx(9.5 * 1.08)
+    # the unflagged 95% intervals span 2 − HALF .. 9 + HALF; 0 is near, so 0..9 + HALF, padded by 8%
+    assert lo == pytest.approx(-0.08 * (9 + HALF)) and hi == pytest.approx((9 + HALF) * 1.08)
     labels = ax.get_legend_handles_labels()[1]
     assert "seed 0" in labels and "seed 0: flagged" in labels  # the flagged 7.0 is inside, drawn hollow
     below = [lab for lab in labels if "below the axis" in lab]
@@ -72,7 +76,7 @@ def test_checkpoints_on_a_slope_are_diamonds_and_keep_the_axis():
     lo, hi = ax.get_ylim()
     labels = ax.get_legend_handles_labels()[1]
     plt.close(fig)
-    assert hi == pytest.approx(20.5 * 1.08) and lo == pytest.approx(-0.08 * 20.5)  # 20 ± 0.5 sets the top
+    assert hi == pytest.approx((20 + HALF) * 1.08) and lo == pytest.approx(-0.08 * (20 + HALF))  # 20's interval
     assert "s: w* on a slope (not_at_minimum)" in labels and "s: flagged" in labels
     assert any("2 flagged below the axis" in lab for lab in labels)
 

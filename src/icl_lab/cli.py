@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - depends on the typer version
 from icl_lab.config import SECTIONS, LLCConfig, build_run_config, read_config_file
 from icl_lab.llc import DEFAULT_STEP_SIZES
 from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_run, load_settings, refined_table
-from icl_lab.plots import plot_calibration, plot_run, plot_stages
+from icl_lab.plots import llc_half_width, plot_calibration, plot_run, plot_stages
 from icl_lab.progress import Bar
 from icl_lab.stages import save_stage_table
 from icl_lab.store import Run
@@ -432,7 +432,7 @@ def stages(run_dir: Annotated[Path, typer.Argument(help="a run with llc.parquet"
         fail(f"{run.path}: {e}")
     table = found.table
     save_stage_table(table, run.path / "stages")
-    plot_stages(steps_, loss, llc_df["llc_mean"].to_numpy(), llc_df["llc_std"].to_numpy(), table,
+    plot_stages(steps_, loss, llc_df["llc_mean"].to_numpy(), llc_half_width(llc_df), table,
                 run.path / "figures" / "stages", milestones=found.milestones, trusted=found.trusted)
     Console().print(table.to_string(index=False))
 

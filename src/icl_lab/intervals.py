@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Interval", "bootstrap_interval", "mcse_interval", "t_cdf", "t_interval", "t_quantile"]
+__all__ = ["Interval", "bootstrap_interval", "mcse_interval", "t_cdf", "t_half_width", "t_interval", "t_quantile"]
 
 LEVEL = 0.95
 
@@ -124,6 +124,17 @@ def t_interval(values: np.ndarray, level: float = LEVEL) -> Interval:
         return Interval(mean, math.nan, math.nan, level, "t over 1 value")
     half = t_quantile((1.0 + level) / 2.0, n - 1) * float(x.std(ddof=1)) / math.sqrt(n)
     return Interval(mean, mean - half, mean + half, level, f"t, {n - 1} d.o.f. ({n} values)")
+
+
+def t_half_width(std: np.ndarray, n: np.ndarray, level: float = LEVEL) -> np.ndarray:
+    """Half-widths t_{(1+level)/2, n−1}·std/√n of `level` t intervals, elementwise (std: sample std over n values,
+    e.g. llc.parquet's llc_std and num_chains). nan where n < 2 or std is not finite."""
+    std = np.asarray(std, dtype=np.float64)
+    n = np.broadcast_to(np.asarray(n, dtype=np.float64), std.shape)
+    q = {k: t_quantile((1.0 + level) / 2.0, k - 1) for k in np.unique(n[np.isfinite(n) & (n >= 2)])}
+    t = np.array([q.get(k, np.nan) for k in n.ravel()], dtype=np.float64).reshape(std.shape)
+    with np.errstate(all="ignore"):
+        return t * std / np.sqrt(n)
 
 
 def mcse_interval(mean: float, mcse: float, ess: float, level: float = LEVEL) -> Interval:

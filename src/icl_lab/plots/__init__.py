@@ -25,6 +25,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Circle  # noqa: E402
 
 from icl_lab.atomic import atomic_write  # noqa: E402
+from icl_lab.intervals import t_half_width  # noqa: E402
 from icl_lab.llc_flags import sampler_ok, stable_rows  # noqa: E402
 from icl_lab.store import Run  # noqa: E402
 from icl_lab.trajectory import ArrayLike, EssentialDynamics, JointTrajectoryPCA, osculating_circles, to_numpy  # noqa: E402
@@ -37,6 +38,7 @@ __all__ = [
     "BASELINE_STYLE",
     "SET_TITLE",
     "boundary_spans",
+    "llc_half_width",
     "llc_limits",
     "m_axis",
     "m_label",
@@ -112,9 +114,17 @@ def plot_losses(ax: plt.Axes, metrics: pd.DataFrame, baselines: dict[str, float]
     ax.set_title(SET_TITLE.get(set_name, set_name))
 
 
+def llc_half_width(llc: pd.DataFrame) -> np.ndarray:
+    """(T,) half-widths of the 95% intervals of llc.parquet rows: t_{0.975, C−1}·llc_std/√C over the C chains
+    (column num_chains; 4 chains when absent). The band every LLC figure draws."""
+    chains = llc["num_chains"].to_numpy(dtype=float) if "num_chains" in llc else np.full(len(llc), 4.0)
+    return np.nan_to_num(t_half_width(llc["llc_std"].to_numpy(dtype=float), chains))
+
+
 def plot_llc(ax: plt.Axes, curves: Mapping[str, pd.DataFrame], colours: Sequence | None = None) -> None:
-    """LLC mean ± std over chains against the true checkpoint steps (raw, not smoothed), one curve per entry of
-    `curves` (label -> the rows of an llc.parquet: step, llc_mean, llc_std, ok).
+    """LLC mean with its 95% interval over chains (`llc_half_width`) against the true checkpoint steps (raw, not
+    smoothed), one curve per entry of `curves` (label -> the rows of an llc.parquet: step, llc_mean, llc_std,
+    num_chains, ok).
 
     Estimates with a diagnostic flag (`ok` False) are drawn hollow: diamonds when the only flag is the checkpoint's
     own "not_at_minimum" (w* on a slope: the sample is sound but reads low by the slope term, column llc_slope),
@@ -148,19 +158,19 @@ def plot_llc(ax: plt.Axes, curves: Mapping[str, pd.DataFrame], colours: Sequence
                     label=f"{label}: {above.sum()} flagged above the axis (highest {mean[above].max():.3g})")
     ax.set_ylim(lo, hi)
     step_axis(ax)
-    ax.set_ylabel("estimated LLC λ̂ (mean ± std over chains)")
+    ax.set_ylabel("estimated LLC λ̂ (mean, 95% interval over chains)")
     ax.legend(fontsize=7)
 
 
 def _llc_arrays(llc: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(steps, mean, std, ok, sampled_ok) of the finite estimates, by step: ok = no flag, sampled_ok = no flag but
+    """(steps, mean, half-width of the 95% interval, ok, sampled_ok) of the finite estimates, by step: ok = no flag,
+    sampled_ok = no flag but
     the checkpoint's own (llc.sampler_ok of `flags`); a missing `ok` column counts as unflagged."""
     llc = llc.sort_values("step")
     llc = llc[np.isfinite(llc["llc_mean"].to_numpy(dtype=float))]
     ok = llc["ok"].to_numpy(dtype=bool) if "ok" in llc else np.ones(len(llc), bool)
     sampled_ok = np.array([sampler_ok(f) for f in llc["flags"]], dtype=bool) if "flags" in llc else ok
-    return (llc["step"].to_numpy(), llc["llc_mean"].to_numpy(dtype=float),
-            np.nan_to_num(llc["llc_std"].to_numpy(dtype=float)), ok, sampled_ok)
+    return llc["step"].to_numpy(), llc["llc_mean"].to_numpy(dtype=float), llc_half_width(llc), ok, sampled_ok
 
 
 def llc_limits(mean: np.ndarray, std: np.ndarray, ok: np.ndarray, pad: float = 0.08) -> tuple[float, float]:
@@ -291,7 +301,7 @@ def plot_stages(
     steps: ArrayLike,
     loss: ArrayLike,
     llc: ArrayLike,
-    llc_std: ArrayLike | None,
+    llc_err: ArrayLike | None,
     table: pd.DataFrame,
     path: str | os.PathLike[str],
     *,
@@ -301,7 +311,8 @@ def plot_stages(
     title: str | None = None,
     trusted: ArrayLike | None = None,
 ) -> tuple[Path, Path]:
-    """Hoogland et al. Fig. 1: loss (top) and LLC ± std over chains (bottom) against step on a log x-axis,
+    """Hoogland et al. Fig. 1: loss (top) and LLC with its 95% interval (bottom; llc_err: the half-widths,
+    `llc_half_width`) against step on a log x-axis,
     with stage bands (orange hues: LLC rising, type A; blue hues: falling, type B; grey: unknown) and stage
     labels.
 
@@ -324,16 +335,16 @@ def plot_stages(
     fig = Figure(figsize=(7.5, 6.0), layout="constrained")
     ax_loss, ax_llc = fig.subplots(2, 1, sharex=True)
     ok = np.ones(s.size, dtype=bool) if trusted is None else np.asarray(trusted, dtype=bool).reshape(-1)
-    sd = np.zeros_like(lam) if llc_std is None else np.nan_to_num(to_numpy(llc_std).reshape(-1))
+    sd = np.zeros_like(lam) if llc_err is None else np.nan_to_num(to_numpy(llc_err).reshape(-1))
     fin = np.isfinite(lam)
     y_lo, y_hi = llc_limits(lam[pos & fin], sd[pos & fin], ok[pos & fin])
     shown = np.clip(lam, y_lo, y_hi)
     ax_loss.plot(s[pos], lo[pos], "-", color="black", lw=1.4)
     good = pos & ok & fin
     ax_llc.plot(s[good], lam[good], "o-", color="black", lw=1.4, ms=2.5, label="LLC (mean over chains)")
-    if llc_std is not None:
+    if llc_err is not None:
         ax_llc.fill_between(
-            s[good], (lam - sd)[good], (lam + sd)[good], color="0.6", alpha=0.4, lw=0, label="± std"
+            s[good], (lam - sd)[good], (lam + sd)[good], color="0.6", alpha=0.4, lw=0, label="95% interval"
         )
     bad = pos & ~ok & fin
     inside = bad & (lam >= y_lo) & (lam <= y_hi)

@@ -56,7 +56,7 @@ from icl_lab.baselines import ridge_predict
 from icl_lab.config import LLCConfig, RunConfig
 from icl_lab.evaluate import per_token_loss, predict
 from icl_lab.llc_run import LLCPlan, LLCSettings, SharedSettings, finite_llc
-from icl_lab.plots import plot_pc_pairs, plot_stages
+from icl_lab.plots import llc_half_width, plot_pc_pairs, plot_stages
 from icl_lab.plots.studies import indicator_figure, pc_scores_figure, seeds_figure
 from icl_lab.report import Section
 from icl_lab.seeding import make_generator
@@ -745,7 +745,7 @@ class Stages(Study):
                 "pc_scores": pc_scores_figure(res["ed"], table, rn, figs / f"pc_scores_{rn}")[0]}
             if cfg.llc:
                 pngs[name]["stages"] = plot_stages(
-                    u["step"], u["loss"], u["llc_mean"], u["llc_std"], table, figs / f"stages_{rn}",
+                    u["step"], u["loss"], u["llc_mean"], llc_half_width(u), table, figs / f"stages_{rn}",
                     milestones=res["milestones"], loss_label="test loss (fresh tasks)", trusted=u["trusted"],
                     title=f"{rn}: loss and LLC with stages (Hoogland et al. Fig. 1)")[0]
             cal = res["run"].path / "figures" / "llc_calibration.png"
