@@ -217,10 +217,10 @@ def _essential_dynamics(run: Run, n: int):
 
 def _stages(run: Run, ed) -> Any:
     """The stage table of a run's LLC curve (saved as RUN/stages.{parquet,csv}), with its milestones; None without
-    an LLC estimate."""
-    if not has_llc(run):
+    fewer than 2 finite LLC estimates."""
+    llc = finite_llc(run) if has_llc(run) else None
+    if llc is None or len(llc) < 2:
         return None
-    llc = finite_llc(run)
     loss = run.metrics.drop_duplicates("step", keep="last").set_index("step").loc[llc["step"]]["id_loss"].to_numpy()
     stages = llc_stages(llc, loss, ed_events=ed)
     save_stage_table(stages.table, run.path / "stages")
