@@ -19,6 +19,9 @@ from icl_lab.config import RunConfig, build_run_config, check_path_name, nest, r
         ({"lr": -1e-3}, "lr", "greater than 0"),
         ({"batch_size": 0}, "batch_size", "greater than or equal to 1"),
         ({"activation": "tanh"}, "activation", "'relu', 'gelu' or 'gelu_tanh'"),
+        ({"schedule": "step"}, "schedule", "'triangle', 'cosine' or 'constant_cooldown'"),
+        ({"cooldown_frac": 0.0}, "cooldown_frac", "greater than 0"),
+        ({"cooldown_frac": 1.2}, "cooldown_frac", "less than or equal to 1"),
     ],
 )
 def test_bad_values_name_field_and_allowed(override, field, allowed):
@@ -26,6 +29,12 @@ def test_bad_values_name_field_and_allowed(override, field, allowed):
         build_run_config(overrides=override)
     text = str(err.value)
     assert field in text and allowed in text
+
+
+def test_cooldown_schedule_from_flat_overrides():
+    train = build_run_config(overrides={"schedule": "constant_cooldown", "cooldown_frac": 0.3}).train
+    assert (train.schedule, train.cooldown_frac) == ("constant_cooldown", 0.3)
+    assert build_run_config().train.cooldown_frac == 0.2
 
 
 def test_unknown_preset_names_allowed():

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from icl_lab.config import TrainConfig, build_run_config
 from icl_lab.store import Run
@@ -29,6 +30,21 @@ def test_lr_schedules():
     assert c[9] == pytest.approx(1.0) and c[-1] == pytest.approx(0.0, abs=1e-12)
     assert c[54] == pytest.approx(0.5 * (1 + math.cos(math.pi * (55 - 10) / 90)))  # update 55 of 100
     assert lr_factor(37, TrainConfig()) == 1.0
+
+
+def test_constant_cooldown_holds_then_decays_linearly_to_zero():
+    cfg = TrainConfig(steps=100, schedule="constant_cooldown", cooldown_frac=0.2)
+    f = [lr_factor(s, cfg) for s in range(100)]
+    assert f[:80] == [1.0] * 80  # updates 1..80 at the full rate
+    assert f[80] == pytest.approx(1 - 1 / 20) and f[89] == pytest.approx(0.5)  # update 90 of 100: halfway down
+    assert f[-1] == pytest.approx(0.0)
+    assert all(b - a == pytest.approx(-1 / 20) for a, b in zip(f[79:-1], f[80:], strict=True))
+    assert TrainConfig().cooldown_frac == 0.2
+    whole = [lr_factor(s, TrainConfig(steps=4, schedule="constant_cooldown", cooldown_frac=1.0)) for s in range(4)]
+    assert whole == pytest.approx([0.75, 0.5, 0.25, 0.0])
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValidationError, match="cooldown_frac"):
+            TrainConfig(schedule="constant_cooldown", cooldown_frac=bad)
 
 
 def test_weight_decay_is_applied_to_matrices_only():

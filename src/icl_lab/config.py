@@ -42,7 +42,7 @@ Family = Literal["gaussian", "unit_norm"]
 Activation = Literal["relu", "gelu", "gelu_tanh"]
 InitScheme = Literal["transformer_lens", "gpt2", "torch"]
 Readout = Literal["token", "scalar"]
-Schedule = Literal["constant", "triangle", "cosine"]
+Schedule = Literal["constant", "triangle", "cosine", "constant_cooldown"]
 Sampler = Literal["sgld", "rmsprop_sgld", "mala"]
 
 
@@ -146,6 +146,8 @@ class TrainConfig(_Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     schedule: Schedule = "constant"
     warmup_frac: float = Field(0.5, ge=0, le=1, description="triangle / cosine warm-up fraction")
+    cooldown_frac: float = Field(0.2, gt=0, le=1, description="constant_cooldown: the final fraction of the steps "
+                                 "over which the learning rate falls linearly to 0")
     grad_clip: float | None = Field(None, gt=0, description="max global grad norm, None = off")
     n_checkpoints_linear: int | None = Field(None, ge=0, description="linearly spaced checkpoints incl. 0 and "
                                              "the final step; None: min(20, steps + 1)")

@@ -56,10 +56,16 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Multiplier of cfg.lr at `step` (0-based update index).
 
     constant: 1. triangle (Raventós; Hoogland's linear OneCycle): linear rise over warmup_frac·steps to 1,
-    then linear decay to 0 at the end. cosine: linear warm-up, then cosine decay to 0.
+    then linear decay to 0 at the end. cosine: linear warm-up, then cosine decay to 0. constant_cooldown: 1, then
+    over the last cooldown_frac·steps a linear decay to 0 at the end (a cool-down, so the final checkpoints sit near
+    a minimum, where λ̂ is defined; docs/papers.md §D2).
     """
     if cfg.schedule == "constant":
         return 1.0
+    if cfg.schedule == "constant_cooldown":
+        start = (1.0 - cfg.cooldown_frac) * cfg.steps
+        t = step + 1
+        return 1.0 if t <= start else max(1.0 - (t - start) / max(cfg.steps - start, 1.0), 0.0)
     warm = cfg.warmup_frac * cfg.steps
     t = step + 1  # the update about to be taken
     if t <= warm:

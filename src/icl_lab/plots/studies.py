@@ -57,20 +57,18 @@ def m_colours(finite: Sequence, infinite: Any = None) -> dict:
 
 
 # ================================================================================================ low diversity
-def ms_loss_figure(grid: Mapping[int, Mapping[int, Run]], pool_gaps: Mapping[int, float], K: int,
+def ms_loss_figure(grid: Mapping[str, Mapping[int, Run]], pool_gaps: Mapping[str, Mapping[int, float]], K: int,
                    path: Path) -> tuple[Path, Path]:
-    """Per M (rows; `grid` is {M: {seed: run}}): mean loss and ℓ_1 in and out of distribution against step with the
-    dMMSE and least-squares levels, and the final per-token loss against k with dMMSE's (dashed) and, for M = 2, the
-    seed's ‖w₁−w₂‖²/4 from `pool_gaps` (dotted)."""
-    Ms = list(grid)
-    seeds = list(grid[Ms[0]])
-    fig, axes = plt.subplots(len(Ms), 3, figsize=(15, 3.8 * len(Ms)), squeeze=False, constrained_layout=True)
-    colours = plt.cm.tab10(np.arange(len(seeds)))
-    for r, M in enumerate(Ms):
+    """Per row (`grid` is {label: {seed: run}}, e.g. "M=2, pos_emb"): mean loss and ℓ_1 in and out of distribution
+    against step with the dMMSE and least-squares levels, and the final per-token loss against k with dMMSE's
+    (dashed), least squares' (dash-dot) and, for rows in `pool_gaps` ({label: {seed: ‖w₁−w₂‖²/4}}), the gap
+    (dotted)."""
+    fig, axes = plt.subplots(len(grid), 3, figsize=(15, 3.8 * len(grid)), squeeze=False, constrained_layout=True)
+    for r, (label, by_seed) in enumerate(grid.items()):
+        colours = plt.cm.tab10(np.arange(len(by_seed)) % 10)
         for c, set_name in enumerate(("id", "ood")):
             ax = axes[r, c]
-            for seed, col in zip(seeds, colours, strict=True):
-                run = grid[M][seed]
+            for (seed, run), col in zip(by_seed.items(), colours, strict=True):
                 m = run.metrics
                 ax.plot(m["step"], m[f"{set_name}_loss"], color=col, lw=1.5, label=f"seed {seed}")
                 ax.plot(m["step"], m[f"{set_name}_loss_k1"], color=col, lw=0.8, ls=":")
@@ -78,55 +76,61 @@ def ms_loss_figure(grid: Mapping[int, Mapping[int, Run]], pool_gaps: Mapping[int
                     ax.axhline(run.baselines[f"{set_name}_{key}_loss"], color=BASELINE_STYLE[key][0], ls="--", lw=0.8)
             ax.set_yscale("log")
             step_axis(ax)
-            ax.set_title(f"M={M} {'in-distribution' if set_name == 'id' else 'OOD (fresh unit-norm tasks)'}: "
+            ax.set_title(f"{label} {'in-distribution' if set_name == 'id' else 'OOD (fresh unit-norm tasks)'}: "
                          "mean loss (solid), ℓ_1 (dotted)", fontsize=9)
         ax = axes[r, 2]
-        for seed, col in zip(seeds, colours, strict=True):
-            run = grid[M][seed]
+        k = np.arange(1, K + 1)
+        for (seed, run), col in zip(by_seed.items(), colours, strict=True):
             last = run.metrics.iloc[-1]
-            k = np.arange(1, K + 1)
             ax.plot(k, [last[c] for c in per_token_columns(run.metrics, "id_loss")], "o-", color=col, ms=3,
                     label=f"model, seed {seed}")
             ax.plot(k, [run.baselines[f"id_dmmse_loss_k{i}"] for i in k], color=col, ls="--", lw=0.8)
-            if M == 2:
-                ax.axhline(pool_gaps[seed], color=col, ls=":", lw=0.8)
+            ax.plot(k, [run.baselines[f"id_ridge_loss_k{i}"] for i in k], color=col, ls="-.", lw=0.8)
+            if label in pool_gaps:
+                ax.axhline(pool_gaps[label][seed], color=col, ls=":", lw=0.8)
         ax.set_yscale("symlog", linthresh=1e-4)
         ax.set_xlabel("position k")
-        ax.set_title(f"M={M}: final per-token loss (in-distribution); dashed: dMMSE"
-                     + (", dotted: ‖w₁−w₂‖²/4" if M == 2 else ""), fontsize=9)
+        ax.set_title(f"{label}: final per-token loss (in-distribution); dashed: dMMSE, dash-dot: least squares"
+                     + (", dotted: ‖w₁−w₂‖²/4" if label in pool_gaps else ""), fontsize=9)
         axes[r, 0].legend(fontsize=7)
-    axes[0, 2].legend(fontsize=7)
+        ax.legend(fontsize=7)
     return save_figure(fig, path)
 
 
-def ms_delta_figure(grid: Mapping[int, Mapping[int, pd.DataFrame]], path: Path) -> tuple[Path, Path]:
-    """Per M (`grid` is {M: {seed: metrics}}): Δ(model, dMMSE) and Δ(model, least squares) against step, in
-    distribution (solid) and on fresh tasks (dashed)."""
+def ms_delta_figure(grid: Mapping[str, Mapping[int, pd.DataFrame]], path: Path) -> tuple[Path, Path]:
+    """Per row label (`grid` is {label: {seed: metrics}}): Δ(model, dMMSE) and Δ(model, least squares) against
+    step, in distribution (solid) and on fresh tasks (dashed)."""
     fig, axes = plt.subplots(1, len(grid), figsize=(6 * len(grid), 4), squeeze=False, constrained_layout=True)
-    for c, (M, by_seed) in enumerate(grid.items()):
+    for c, (label, by_seed) in enumerate(grid.items()):
         ax = axes[0, c]
         first = next(iter(by_seed))
         for seed, m in by_seed.items():
             for key, colour in (("delta_dmmse", "tab:green"), ("delta_ridge", "tab:blue")):
                 for set_name, ls in (("id", "-"), ("ood", "--")):
                     ref = "dMMSE" if key == "delta_dmmse" else "least sq."
-                    label = f"Δ({ref}), {set_name}" if seed == first else None
-                    ax.plot(m["step"], m[f"{set_name}_{key}"], color=colour, ls=ls, lw=1, alpha=0.8, label=label)
+                    name = f"Δ({ref}), {set_name}" if seed == first else None
+                    ax.plot(m["step"], m[f"{set_name}_{key}"], color=colour, ls=ls, lw=1, alpha=0.8, label=name)
         ax.set_yscale("log")
         step_axis(ax)
-        ax.set_title(f"M={M}: distance of the model's predictions to dMMSE and least squares", fontsize=9)
+        ax.set_title(f"{label}: distance of the model's predictions to dMMSE and least squares", fontsize=9)
         ax.legend(fontsize=7)
     return save_figure(fig, path)
 
 
-def ms_llc_figure(grid: Mapping[int, Mapping[str, pd.DataFrame]], path: Path) -> tuple[Path, Path]:
-    """Per M (`grid` is {M: {label: finite LLC estimates}}): the LLC over training, one curve per label."""
+def ms_llc_figure(grid: Mapping[str, Mapping[str, pd.DataFrame]], path: Path) -> tuple[Path, Path]:
+    """Per row label (`grid` is {label: {curve label: finite LLC estimates}}): the LLC over training, one curve per
+    curve label, with the tilted λ̂ (column llc_tilted, where present) as crosses on a dashed line."""
     fig, axes = plt.subplots(1, len(grid), figsize=(6 * len(grid), 4), squeeze=False, constrained_layout=True)
-    for c, (M, curves) in enumerate(grid.items()):
+    for c, (label, curves) in enumerate(grid.items()):
         ax = axes[0, c]
-        plot_llc(ax, curves)
-        ax.set_title(f"M={M}: LLC over training (raw, same settings and data at every checkpoint; hollow: "
-                     "diagnostic flag, diamonds: w* on a slope)", fontsize=9)
+        colours = list(plt.cm.tab10(np.arange(len(curves)) % 10))
+        plot_llc(ax, curves, colours)
+        for (name, llc), colour in zip(curves.items(), colours, strict=True):
+            if "llc_tilted" in llc and np.isfinite(llc["llc_tilted"].to_numpy(dtype=float)).any():
+                ax.plot(llc["step"], llc["llc_tilted"], "x--", color=colour, lw=0.8, ms=4, label=f"{name}: tilted")
+        ax.legend(fontsize=6)
+        ax.set_title(f"{label}: LLC over training (raw, same settings and data at every estimate; hollow: diagnostic "
+                     "flag, diamonds: w* on a slope; crosses: tilted λ̂)", fontsize=8)
     return save_figure(fig, path)
 
 
@@ -135,8 +139,9 @@ def probe_figure(probes: pd.DataFrame, path: Path) -> tuple[Path, Path]:
     fig, ax = plt.subplots(figsize=(6, 3.5), constrained_layout=True)
     kcols = [c for c in probes.columns if c.startswith("k")]
     for _, row in probes.iterrows():
+        group = f"{row.group}, " if "group" in row and row.group != "main" else ""
         ax.plot(range(1, len(kcols) + 1), row[kcols].to_numpy(dtype=float), "o-", ms=3,
-                label=f"M={row.M} seed {row.seed} step {row.step}")
+                label=f"{group}M={row.M} seed {row.seed} step {row.step}")
     ax.axhline(0.5, color="0.5", ls="--", lw=0.8)
     ax.set_xlabel("position k")
     ax.set_ylabel("held-out accuracy")
