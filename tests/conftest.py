@@ -47,10 +47,12 @@ def tiny_config() -> RunConfig:
 
 
 def tiny_study():
-    """The low-diversity study at a size that runs in seconds (every phase, the whole report)."""
+    """The low-diversity study with every group (main M = 1, 2 and the three M = 2 controls) at a size that runs in a
+    minute or two, with a tiny explicit tilted sampler so that the LLC path (settings, sparse checkpoints, the
+    data-refined columns, stages) is exercised."""
     from icl_lab.studies.low_diversity import LowDiversityConfig
 
-    return LowDiversityConfig.for_scale(quick=True, steps=120, D=3, K=5, workers=1, llc_n=128, eval_size=64,
-                                        ed_batch=16, sampler=LLCConfig(num_chains=2, num_draws=10, num_burnin=4,
-                                                                       batch_size=16, localization=100.0),
-                                        step_sizes=[1e-4, 1e-3], n_checkpoints_linear=3, n_checkpoints_log=6)
+    return LowDiversityConfig.for_scale(
+        quick=True, steps=120, D=3, K=5, workers=1, llc_n=128, eval_size=64, ed_batch=16,
+        sampler=LLCConfig(num_chains=2, num_draws=10, num_burnin=4, batch_size=16, localization=100.0, tilted=True),
+        step_sizes=[1e-4, 1e-3], n_checkpoints_linear=3, n_checkpoints_log=6, llc_points=3, control_llc_points=2)

@@ -142,7 +142,7 @@ def test_concurrent_processes_neither_lose_nor_duplicate_rows(tmp_path, split):
     procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, str(run.path), ",".join(map(str, p)), str(start)],
                               stderr=subprocess.PIPE, text=True) for p in parts]
     for p in procs:
-        _, err = p.communicate(timeout=300)
+        _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err[-2000:]
     llc = Run.load(run.path).llc_all
     assert sorted(llc["step"]) == sorted(steps)  # every step once: none lost, none twice
@@ -151,6 +151,34 @@ def test_concurrent_processes_neither_lose_nor_duplicate_rows(tmp_path, split):
     shutil.copytree(run.path, alone, ignore=shutil.ignore_patterns("llc.parquet", ".llc*"))
     ref = estimate_run(Run.load(alone), steps=steps, progress=False)
     assert ref.set_index("step")["llc_mean"].to_dict() == llc.set_index("step")["llc_mean"].to_dict()
+
+
+def test_a_claim_is_released_when_its_row_is_written(tmp_path):
+    """Two processes that each hold a step the other needs must not wait for each other: here this test holds the
+    last step's claim while a real process estimates every step; the process must let go of the first step's claim
+    once its row is written (not when it is all done), or the two would deadlock."""
+    from icl_lab.llc_run import _claim_path
+    from icl_lab.store import file_lock
+
+    run = train(build_run_config(overrides=tiny_overrides(steps=20)), tmp_path / "run", progress=False)
+    settings = LLCSettings(sampler=LLCConfig(num_chains=2, num_draws=10, num_burnin=5, batch_size=16,
+                                             localization=100.0, step_size=1e-4), n=64)
+    save_settings(run, settings)
+    steps, digest = run.checkpoint_steps, settings.digest()
+    with file_lock(_claim_path(run, digest, steps[-1])) as mine:
+        assert mine
+        proc = subprocess.Popen([sys.executable, "-c", CONCURRENT, str(run.path), ",".join(map(str, steps)), "0"],
+                                stderr=subprocess.PIPE, text=True)
+        deadline, released = time.time() + 120, False
+        while time.time() < deadline and not released:
+            with file_lock(_claim_path(run, digest, steps[0])) as got:
+                done = Run.load(run.path).llc_all
+                released = bool(got) and done is not None and steps[0] in set(done["step"])
+            time.sleep(0.2)
+    _, err = proc.communicate(timeout=120)  # our claim is gone: it estimates the last step itself and ends
+    assert released, "the first step's claim was still held while its process waited for ours"
+    assert proc.returncode == 0, err[-2000:]
+    assert sorted(Run.load(run.path).llc_all["step"]) == steps
 
 
 def test_refined_estimate_per_position_task_and_fresh(tiny_run):

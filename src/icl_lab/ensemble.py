@@ -45,8 +45,8 @@ __all__ = ["EnsembleError", "MemberGroups", "SHARED_TASK_FIELDS", "SHARED_TRAIN_
 # Members may differ in: seed, name, task.family, task.M, task.noise_var, train.lr, train.weight_decay,
 # train.grad_clip.
 SHARED_TASK_FIELDS = ("D", "K")
-SHARED_TRAIN_FIELDS = ("steps", "batch_size", "betas", "schedule", "warmup_frac", "n_checkpoints_linear",
-                       "n_checkpoints_log", "eval_every", "eval_size", "device")
+SHARED_TRAIN_FIELDS = ("steps", "batch_size", "betas", "schedule", "warmup_frac", "cooldown_frac",
+                       "n_checkpoints_linear", "n_checkpoints_log", "eval_every", "eval_size", "device")
 ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which make_optimizer uses
 
 

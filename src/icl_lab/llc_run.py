@@ -63,6 +63,7 @@ __all__ = [
     "missing_steps",
     "mse_loss",
     "position_observable",
+    "position_task_observable",
     "refine_observable",
     "refined_table",
     "save_settings",
@@ -136,6 +137,16 @@ def task_observable(M: int) -> Observable:
     return Observable(tuple(f"task{j}" for j in range(M)), fn)
 
 
+def position_task_observable(K: int, M: int) -> Observable:
+    """`position_observable(K)` and `task_observable(M)` from one forward pass (names k0 … task0 …)."""
+    def fn(forward, batch: tuple[Tensor, ...]) -> Tensor:
+        x, y, idx = batch
+        err = (forward(x, y) - y).square()  # (B, K)
+        onehot = (idx[:, None] == torch.arange(M, device=idx.device)).to(err.dtype)  # (B, M)
+        return torch.cat([err.mean(dim=0), (onehot * err.mean(dim=-1)[:, None]).sum(0) / onehot.sum(0)])
+    return Observable(tuple(f"k{k}" for k in range(K)) + tuple(f"task{j}" for j in range(M)), fn)
+
+
 def fresh_observable(x: Tensor, y: Tensor) -> Observable:
     """ℓ on a fixed batch of fresh-task sequences x: (B, K, D), y: (B, K), whatever the chain's minibatch (name
     'fresh'): how the complexity the chains see bears on tasks outside the pool."""
@@ -148,14 +159,16 @@ def refine_observable(run: Run, settings: LLCSettings, device: str | torch.devic
     """The observables of `settings.refine` for `run` (None when none is requested). The fresh-task batch has as
     many sequences as the SGLD minibatch (all n without one), from its own generator (llc/fresh)."""
     task, parts = run.config.task, []
+    if "task" in settings.refine and task.M is None:
+        raise ValueError(f"refine 'task' needs a finite task pool; {run.path} has M = ∞")
+    if {"position", "task"} <= set(settings.refine):
+        parts.append(position_task_observable(task.K, task.M))  # one forward pass for both
     for kind in settings.refine:
-        if kind == "position":
+        if kind == "position" and "task" not in settings.refine:
             parts.append(position_observable(task.K))
-        elif kind == "task":
-            if task.M is None:
-                raise ValueError(f"refine 'task' needs a finite task pool; {run.path} has M = ∞")
+        elif kind == "task" and "position" not in settings.refine:
             parts.append(task_observable(task.M))
-        else:
+        elif kind == "fresh":
             m = settings.sampler.batch_size or settings.n
             fresh = sample_batch(task, None, m, make_generator(run.config.seed, "llc/fresh"))
             parts.append(fresh_observable(fresh.x.to(device), fresh.y.to(device)))
@@ -335,16 +348,28 @@ def estimate_runs(runs: list[Run], settings: LLCSettings, steps: dict[Path, Iter
         trackers = {run.path: claims.enter_context(open_tracker(
             wandb, run.path, name=run.path.name, job_type="llc", config=json.loads(payload))) for run in with_jobs}
 
+        held: dict[tuple[Path, int], contextlib.ExitStack] = {}  # my claims, each released once its row is written
+
         def add(run: Run, row: dict) -> None:
             add_llc_rows(run, [row])
             trackers[run.path].log(int(row["step"]), llc_values(row))
             bar.advance()
+            claim = held.pop((run.path, int(row["step"])), None)
+            if claim is not None:
+                claim.close()
 
         mine: list[tuple[Run, int]] = []
         theirs: list[tuple[Run, int]] = []
         for run, step in wanted:
-            held = claims.enter_context(file_lock(_claim_path(run, digest, step)))
-            (mine if held else theirs).append((run, step))
+            claim = claims.enter_context(contextlib.ExitStack())
+            if claim.enter_context(file_lock(_claim_path(run, digest, step))):
+                held[(run.path, step)] = claim
+                mine.append((run, step))
+            else:
+                claim.close()
+                theirs.append((run, step))
+        # A claim is held only while its step is estimated: two processes that each wait for the other's steps at
+        # the end would otherwise each hold what the other waits for.
         _estimate_jobs(mine, payload, workers, device, add)
         for run, step in theirs:  # another process holds the claim: wait for it, then check its row is there
             with file_lock(_claim_path(run, digest, step), blocking=True):

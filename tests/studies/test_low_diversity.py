@@ -14,14 +14,7 @@ import pytest
 from icl_lab.config import LLCConfig
 from icl_lab.studies.low_diversity import LowDiversityConfig, run_study
 
-
-def tiny_study() -> LowDiversityConfig:
-    """Every group (main M = 1, 2 and the three M = 2 controls) at a size that runs in a minute or two, with a tiny
-    explicit tilted sampler so that the LLC path (calibration, sparse checkpoints, stages) is exercised."""
-    return LowDiversityConfig.for_scale(
-        quick=True, steps=120, D=3, K=5, workers=1, llc_n=128, eval_size=64, ed_batch=16,
-        sampler=LLCConfig(num_chains=2, num_draws=10, num_burnin=4, batch_size=16, localization=100.0, tilted=True),
-        step_sizes=[1e-4, 1e-3], n_checkpoints_linear=3, n_checkpoints_log=6, llc_points=3, control_llc_points=2)
+from conftest import tiny_study
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +35,7 @@ def test_report_has_every_figure_and_a_filled_expectations_table(study_dir):
                   "Joint trajectory PCA", "Attention patterns, M=2, noise", "Probes for the task identity",
                   "λ̂ at k = 1 against k ≥ 2", "Wall time per phase"):
         assert title in html, title
+    assert "LLC settings and their validation" in html
     tables = pd.read_html(io.StringIO(html))
     expectations = tables[0]
     assert {"expectation", "run", "expected", "measured", "verdict"} <= set(expectations.columns)
@@ -413,3 +407,15 @@ def test_survival_compares_each_control_with_the_main_groups_majority():
     tie = [c("M2-seed0", True), c("M2-seed1", False), c("noise-M2-seed0", True)]
     assert survival(tie, ["main", "noise"])[0].verdict == "unclear"
     assert {r.source for r in rows.values()} == {"controls"}
+
+
+def test_llc_rows_carry_the_data_refined_values(study_dir):
+    """Each estimated step has λ̂ per position (averaging to λ̂), per pool task and on fresh tasks."""
+    from icl_lab.store import Run
+
+    llc = Run.load(study_dir / "runs" / "M2-seed0").llc
+    assert len(llc) == 3
+    positions = llc[[f"llc_refined_k{k}" for k in range(5)]].to_numpy().mean(axis=1)
+    assert np.allclose(positions, llc["llc_mean"], rtol=1e-5, atol=1e-4)
+    for name in ("task0", "task1", "fresh"):
+        assert np.isfinite(llc[f"llc_refined_{name}"]).all()

@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 from icl_lab.config import LLCConfig, RunConfig, preset_fields
 from icl_lab.interp import attention_patterns, probe_residual
 from icl_lab.llc_run import LLCPlan, LLCSettings, SharedSettings, finite_llc
-from icl_lab.plots import per_token_columns, plot_joint_pca, plot_pc_pairs, plot_stages
+from icl_lab.plots import llc_half_width, per_token_columns, plot_joint_pca, plot_pc_pairs, plot_stages
 from icl_lab.plots.studies import attention_figure, ms_delta_figure, ms_llc_figure, ms_loss_figure, probe_figure
 from icl_lab.report import Section
 from icl_lab.seeding import make_generator
@@ -471,7 +471,8 @@ class LowDiversity(Study):
         points = {run_name(M, s, g): cfg.llc_points_of(g) for g, cells in cfg.groups.items() for M, s in cells}
         if not any(points.values()):
             return None
-        return SparseLLCPlan(LLCSettings(sampler=cfg.sampler, n=cfg.llc_n, data="id", seed=0), cfg.step_sizes,
+        base = LLCSettings(sampler=cfg.sampler, n=cfg.llc_n, data="id", seed=0, refine=["position", "task", "fresh"])
+        return SparseLLCPlan(base, cfg.step_sizes,
                              run_name(max(cfg.Ms), cfg.seeds[0]), points=points)
 
     def analyse(self, runs: dict[str, Run], shared: SharedSettings | None, out: Path) -> dict[str, Any]:
@@ -510,7 +511,7 @@ class LowDiversity(Study):
             llc = finite_llc(run)
             loss = run.metrics.drop_duplicates("step", keep="last").set_index("step").loc[llc["step"]]["id_loss"]
             pngs[f"stages_{name}"] = plot_stages(
-                llc["step"].to_numpy(), loss.to_numpy(), llc["llc_mean"].to_numpy(), llc["llc_std"].to_numpy(),
+                llc["step"].to_numpy(), loss.to_numpy(), llc["llc_mean"].to_numpy(), llc_half_width(llc),
                 stages.table, figs / f"stages_{name}", milestones=stages.milestones,
                 loss_label="in-distribution loss", title=f"{run.path.name}: M={t.M}, seed {run.config.seed}",
                 trusted=stages.trusted)[0]
@@ -665,11 +666,8 @@ class LowDiversity(Study):
                 rows.append({"run": n, "step": int(row["step"]), "λ̂ at k = 1": row[cols[0]],
                              "mean λ̂ over k ≥ 2": float(np.mean(rest)), "max λ̂ over k ≥ 2": float(np.max(rest))})
         if not rows:
-            # TODO(data-refined LLC): request per-position refinement in llc_plan once llc_run offers it (columns
-            # llc_refined_k0 … llc_refined_k{K-1} in llc.parquet); this section then fills itself.
             return Section("Where the M = 2 model's complexity sits: λ̂ at k = 1 against k ≥ 2", (
-                "Not available yet: the data-refined LLC (λ̂ per context position, issue 23 item 3) is not in these "
-                "runs' llc.parquet."))
+                "No data-refined LLC in these runs' llc.parquet (the LLC was not estimated at this scale)."))
         return Section("Where the M = 2 model's complexity sits: λ̂ at k = 1 against k ≥ 2", (
             "Data-refined LLC from the same chains as λ̂: ℓ_k evaluated along them as an observable (k = 1 is column "
             "llc_refined_k0)."), tables=[pd.DataFrame(rows)])
