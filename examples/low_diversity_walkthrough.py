@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from icl_lab.config import LLCConfig, build_run_config
-from icl_lab.llc_run import LLCSettings, calibrate_run, estimate_run
+from icl_lab.llc_run import LLCSettings, estimate_run
 from icl_lab.plots import plot_run
 from icl_lab.store import Run
 from icl_lab.studies.common import llc_stages
@@ -74,34 +74,40 @@ for run in runs.values():
     print(plot_run(run))
 
 # %% [markdown]
-# ## 3. LLC over training
-# Calibrate the SGLD step size once (at the final checkpoint of M = 2), then estimate every checkpoint of both
-# runs with the same settings and the same fixed data. Diagnostics flag anything not to be trusted.
+# ## 3. LLC over training, and where the complexity sits (λ̂ per context position)
+# At full size the estimates use the library's validated defaults (`LLCConfig()`: ε = 1e-4, γ = 0.01·nβ, burn-in
+# ≈ 3/(εγ), 4 chains × 500 draws; docs/llc.md), which cost tens of minutes per checkpoint on 2 CPU cores, so only
+# a few checkpoints are estimated: the last one of M = 1 and four of M = 2 placed where its loss moves. The smoke
+# sizes use short chains that check the code path, not the number. `refine=["position", "task"]` adds λ̂ per
+# context position and per pool task, evaluated along the same chains (the data-refined LLC); they average to λ̂.
 
 # %%
-# γ = 1000 as in the study; calibration burns each ε in for max(50, min_burnin(ε, γ) ≈ 3/(εγ)) steps.
-base = LLCSettings(sampler=LLCConfig(**SAMPLER, num_burnin=50, batch_size=32, localization=1000.0), n=LLC_N)
-calibration, settings = calibrate_run(runs[2], settings=base, step_sizes=[1e-5, 3e-5, 1e-4, 3e-4] if SIZE == "full"
-                                      else [3e-5, 1e-4], localizations=[1000.0])
-print(calibration.table[["step_size", "num_burnin", "llc_mean", "llc_std", "ok", "flags"]])
-print("chosen:", settings.sampler)
+sampler = LLCConfig() if SIZE == "full" else LLCConfig(**SAMPLER, num_burnin=20, batch_size=32)
+settings = LLCSettings(sampler=sampler, n=LLC_N, refine=["position", "task"])
+loss2 = runs[2].metrics.drop_duplicates("step").set_index("step").loc[runs[2].checkpoint_steps, "id_loss"]
+moving = loss2.index[np.searchsorted(-loss2.to_numpy(), -np.linspace(loss2.iloc[0], loss2.iloc[-1], 5)[1:-1])]
+llc_at = {1: [runs[1].checkpoint_steps[-1]], 2: sorted({*map(int, moving), runs[2].checkpoint_steps[-1]})}
 for M, run in runs.items():
-    llc = estimate_run(run, settings=settings)
-    print(f"M={M}", llc[["step", "llc_mean", "llc_std", "ok"]].tail())
+    llc = estimate_run(run, steps=llc_at[M], settings=settings)
+    print(f"M={M}", llc[["step", "llc_mean", "llc_lo", "llc_hi", "ok"]])
     plot_run(run)  # now with the LLC panel
+last = runs[2].llc.sort_values("step").iloc[-1]
+print("M=2, final checkpoint: λ̂ at k = 1:", round(last["llc_refined_k0"], 2),
+      " mean over k ≥ 2:", round(np.mean([last[f"llc_refined_k{k}"] for k in range(1, 16)]), 2),
+      " per task:", [round(last[f"llc_refined_task{j}"], 2) for j in range(2)])
 
 # %% [markdown]
-# ## 4. Stages: critical points of the LLC against log step
-# Only trustworthy estimates place boundaries (λ̂ > 0, no sampler flag); the others are shown but not used.
+# ## 4. Stages: critical points of the LLC against log step (M = 2)
+# Only trustworthy estimates place boundaries (λ̂ > 0, no sampler flag); the others are shown but not used. With a
+# few estimated checkpoints the stages are coarse: estimate more of them (or all) for a finer picture.
 
 # %%
-for M, run in runs.items():
-    llc = run.llc.sort_values("step")
-    llc = llc[np.isfinite(llc["llc_mean"])]
-    loss = run.metrics.set_index("step").loc[llc["step"], "id_loss"].to_numpy()
-    stages = llc_stages(llc, loss)
-    print(f"M={M}: {int(stages.trusted.sum())} of {len(llc)} estimates trusted")
-    print(stages.table[["stage", "start", "end", "delta_loss", "delta_llc", "type"]])
+llc = runs[2].llc.sort_values("step")
+llc = llc[np.isfinite(llc["llc_mean"])]
+loss = runs[2].metrics.drop_duplicates("step").set_index("step").loc[llc["step"], "id_loss"].to_numpy()
+stages = llc_stages(llc, loss)
+print(f"M=2: {int(stages.trusted.sum())} of {len(llc)} estimates trusted")
+print(stages.table[["stage", "start", "end", "delta_loss", "delta_llc", "type"]])
 
 # %% [markdown]
 # ## 5. Look inside: attention patterns and a probe for the task identity (M = 2)
