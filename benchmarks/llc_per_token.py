@@ -29,14 +29,11 @@ Results: benchmarks/results/llc_per_token.{json,md}; estimates are cached in the
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import multiprocessing as mp
 import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +59,7 @@ from llc_published import (  # noqa: E402
     REL_TARGET,
     SMOKE_RUN,
     SMOKE_STEPS,
+    estimate_steps,
     run_config,
     train_cached,
 )
@@ -193,27 +191,12 @@ def main() -> None:
     sampler = LLCConfig(**PAPER_SAMPLER, num_chains=base["chains"], num_draws=base["draws"],
                         num_burnin=base["burnin"])
     seed = derive_seed(0, "sgld") % (2**31)  # as llc_published and llc_run
-    cache_path = run.path / "bench_llc_per_token.json"
-    key = json.dumps([sampler.model_dump(), N_DATA, seed], sort_keys=True)
-    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    done = {r["published_step"]: r for r in cache.get(key, [])}
-    todo = [s for s in steps if s not in done]
     start_load = loadavg()
-    t_est = time.perf_counter()
-
-    def finish(row: dict[str, Any]) -> None:
-        done[row["published_step"]] = row
-        cache[key] = sorted(done.values(), key=lambda r: r["published_step"])
-        write_json_atomic(cache_path, cache)
-        log(f"published step {row['published_step']}: λ̂ = {row['llc_mean']:.2f}; λ̂_k = "
-            + ", ".join(f"{v:.1f}" for v in row["tokens"]) + f" ({row['seconds']:.0f} s; {len(done)}/{len(steps)})")
-
-    payload = sampler.model_dump_json()
-    with ProcessPoolExecutor(max_workers=max(1, args.workers), mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(estimate_one, str(run.path), s, payload, N_DATA, seed) for s in todo]
-        for fut in as_completed(futures):
-            finish(fut.result())
-    rows = judge([done[s] for s in steps], pub)
+    describe = lambda row: (f"published step {row['published_step']}: λ̂ = {row['llc_mean']:.2f}; λ̂_k = "  # noqa: E731
+                            + ", ".join(f"{v:.1f}" for v in row["tokens"]) + f" ({row['seconds']:.0f} s)")
+    done, wall = estimate_steps(run, steps, sampler, N_DATA, seed, args.workers,
+                                run.path / "bench_llc_per_token.json", log, estimate=estimate_one, describe=describe)
+    rows = judge(done, pub)
     secs = [r["seconds"] for r in rows]
     res = {"benchmark": "llc_per_token", "machine": machine_info(), "command": "python " + " ".join(sys.argv),
            "workers": args.workers, "loadavg_start": start_load, "loadavg_end": loadavg(),
@@ -221,7 +204,7 @@ def main() -> None:
            "sampler_text": f"ε = {sampler.step_size:g}, nβ = {sampler.nbeta:.2f}, γ = {sampler.localization:.3f}, "
                            f"{sampler.num_chains} chains × {sampler.num_draws} draws after {sampler.num_burnin} "
                            f"burn-in, minibatch {sampler.batch_size} of n = {N_DATA:,}",
-           "wall_seconds": time.perf_counter() - t_est, "seconds_median": statistics.median(secs), "rows": rows,
+           "wall_seconds": wall, "seconds_median": statistics.median(secs), "rows": rows,
            "rho_min": RHO_MIN, "rel_target": REL_TARGET}
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "llc_per_token.json", res)

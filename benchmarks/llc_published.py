@@ -225,10 +225,20 @@ def estimate_one(run_dir: str, published_step: int, sampler_json: str, n: int, s
     return summarize_result(res, published_step, step) | {"loadavg_end": loadavg()}
 
 
+def _describe(row: dict[str, Any]) -> str:
+    return (f"published step {row['published_step']} (ours {row['step']}): λ̂ = {row['llc_mean']:.2f} ± "
+            f"{row['llc_se']:.2f} (MCSE {_f(row['llc_mcse_library'] or row['llc_mcse_batch_means'])}; authors' "
+            f"averaging {row['llc_authors_avg_5000']:.2f}) {row['flags'] or 'ok'}; {row['seconds']:.0f} s")
+
+
 def estimate_steps(run: Run, steps: list[int], sampler: LLCConfig, n: int, seed: int, workers: int,
-                   cache_path: Path, log=print) -> tuple[list[dict[str, Any]], float]:
-    """λ̂ at each published step (icl-lab step + OFFSET), `workers` processes at a time. Finished rows are cached in
-    cache_path by (sampler, n, seed, step) so an interrupted job resumes; returns (rows, wall seconds of this job)."""
+                   cache_path: Path, log=print, estimate=None, describe=_describe
+                   ) -> tuple[list[dict[str, Any]], float]:
+    """λ̂ at each published step (icl-lab step + OFFSET), `workers` processes at a time, by
+    estimate(run_dir, published_step, sampler_json, n, seed) -> row (a top-level function; default `estimate_one`).
+    Finished rows are cached in cache_path by (sampler, n, seed, step) so an interrupted job resumes; returns (rows,
+    wall seconds of this job). describe(row) is the progress line of a finished row."""
+    estimate = estimate or estimate_one
     key = json.dumps([sampler.model_dump(), n, seed], sort_keys=True)
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     done = {r["published_step"]: r for r in cache.get(key, [])}
@@ -242,17 +252,14 @@ def estimate_steps(run: Run, steps: list[int], sampler: LLCConfig, n: int, seed:
         done[row["published_step"]] = row
         cache[key] = sorted(done.values(), key=lambda r: r["published_step"])
         write_json_atomic(cache_path, cache)
-        log(f"  published step {row['published_step']} (ours {row['step']}): λ̂ = {row['llc_mean']:.2f} ± "
-            f"{row['llc_se']:.2f} (MCSE {_f(row['llc_mcse_library'] or row['llc_mcse_batch_means'])}; authors' "
-            f"averaging {row['llc_authors_avg_5000']:.2f}) {row['flags'] or 'ok'}; {row['seconds']:.0f} s, "
-            f"{len(done)}/{len(steps)} done, {time.perf_counter() - t0:.0f} s elapsed")
+        log(f"  {describe(row)}, {len(done)}/{len(steps)} done, {time.perf_counter() - t0:.0f} s elapsed")
 
     if workers <= 1 or len(todo) <= 1:
         for s in todo:
-            finish(estimate_one(str(run.path), s, payload, n, seed))
+            finish(estimate(str(run.path), s, payload, n, seed))
     else:
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(estimate_one, str(run.path), s, payload, n, seed) for s in todo]
+            futures = [pool.submit(estimate, str(run.path), s, payload, n, seed) for s in todo]
             for fut in as_completed(futures):
                 finish(fut.result())
     return [done[s] for s in steps], time.perf_counter() - t0
