@@ -405,7 +405,8 @@ GROUND_TRUTH_CASE = "dln2_r0"  # a singular deep linear network with a known λ 
 
 @dataclass(frozen=True)
 class LLCPlan:
-    """The LLCs a study needs, at `steps` of each run (None: every checkpoint; `final_only`: each run's last).
+    """The LLCs a study needs: each run's checkpoints in `steps_by_run` ({run name: steps}; a run not named gets no
+    estimate), or each run's last one (`final_only`), or every checkpoint of every run (neither).
 
     With validated settings (base.sampler.localization None: the library's defaults, γ = 0.01·nβ), nothing is
     calibrated; with `check_settings`, the settings are checked once at `calibrate_step` (None: the last
@@ -430,7 +431,7 @@ class LLCPlan:
         if self.final_only:
             return {r.path: [r.checkpoint_steps[-1]] for r in runs.values()}
         if self.steps_by_run is not None:
-            return {runs[name].path: list(s) for name, s in self.steps_by_run.items() if name in runs}
+            return {r.path: list(self.steps_by_run.get(name, [])) for name, r in runs.items()}
         return None
 
 

@@ -486,7 +486,7 @@ def llc_milestones(llc: pd.DataFrame, **kwargs: Any) -> list[Milestone]:
 
 
 # ================================================================================================ boundary intervals
-# Fixed before any study used them (docs/papers.md §D4; issue 23 item 4).
+# Fixed before any study used them (docs/papers.md §D4).
 BOUNDARY_MATCH_TOL = 0.5  # log step (a factor 1.65): wider than cross_check's 0.3, so an interval can exceed it
 MIN_SEEDS_FOR_INTERVALS = 3  # seeds needed before the seed bootstrap is made (fewer: too few units to resample)
 INTERVAL_COLUMNS = ["end_lo", "end_hi", "end_missing", "end_interval"]  # added to a stage table
@@ -656,8 +656,8 @@ def snap_steps(wanted: ArrayLike, available: ArrayLike, offset: float = 1.0) -> 
 
 
 def loss_moving_steps(steps: ArrayLike, loss: ArrayLike, n_loss: int, n_log: int, offset: float = 1.0) -> np.ndarray:
-    """A sparse set of checkpoints at which to estimate λ̂, placed where the loss moves (issue 23 item 5;
-    docs/llc.md, "What this costs").
+    """A sparse set of checkpoints at which to estimate λ̂, placed where the loss moves (docs/llc.md,
+    "What this costs").
 
     Rule: with c_i = Σ_{k ≤ i} |ℓ_k − ℓ_{k−1}| / Σ_k |ℓ_k − ℓ_{k−1}| (the share of the loss curve's total variation
     done by checkpoint i), the first checkpoint with c_i ≥ (j − ½)/n_loss for j = 1..n_loss; then n_log

@@ -1,5 +1,5 @@
 """The low-diversity study: how the user's 2-layer model solves M = 1 and M = 2, and which findings survive
-controls on M = 2 (docs/papers.md §F1, §G3-G4; issue 23).
+controls on M = 2 (docs/papers.md §F1, §G3-G4).
 
 Run groups, all in one report:
 - main: the `seed` preset as the user has it (no positional embedding, σ² = 0, constant lr), M in Ms × `seeds`;
@@ -15,8 +15,8 @@ main group (its M = 1 and M = 2 pools are nested and share the root task). Runs 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -46,7 +46,7 @@ from icl_lab.studies.runner import Study, run_study
 from icl_lab.tasks import sample_batch, task_pool
 from icl_lab.trajectory import essential_dynamics
 
-__all__ = ["CONTROLS", "LowDiversity", "LowDiversityConfig", "SparseLLCPlan", "expectations", "group_of",
+__all__ = ["CONTROLS", "LowDiversity", "LowDiversityConfig", "expectations", "group_of",
            "llc_steps", "run_name", "run_study", "survival"]
 
 Control = Literal["pos_emb", "noise", "cooldown"]
@@ -69,12 +69,12 @@ class LowDiversityConfig(MsStudyConfig, LLCStudyConfig):
 
     LLC (SMALL): the library's validated sampler defaults, `LLCConfig(tilted=True)` (ε = 1e-4, γ = 0.01·nβ, burn-in
     min_burnin(ε, γ), 4 chains × 500 draws, minibatch 256; docs/llc.md "Defaults and their validation"), checked by
-    one calibration at ε = 1e-4 with its γ/2 and 2γ neighbours (the γ-plateau) at the final checkpoint of the first
-    main M = 2 run. An estimate at these settings is expensive, so each run is estimated at a sparse set of
-    checkpoints, chosen by `llc_steps` before any estimate is made: `llc_points` per main-group run and
-    `control_llc_points` per control run (0: no LLC for that group). QUICK estimates no LLC at all: at the validated
-    settings one estimate alone costs more than the quick version's budget, and at cheaper settings λ̂ is not
-    comparable with the literature (issue 23, item 1).
+    one settings check (llc_run.settings_check: λ̂ at γ/2 and 2γ, the γ-plateau; at the papers' settings; on a
+    network with a known λ) at the final checkpoint of the first main M = 2 run. An estimate at these settings is
+    expensive, so each run is estimated at a sparse set of checkpoints, chosen by `llc_steps` before any estimate is
+    made: `llc_points` per main-group run and `control_llc_points` per control run (0: no LLC for that group).
+    QUICK estimates no LLC at all: at the validated settings one estimate alone costs more than the quick version's
+    budget, and at cheaper settings λ̂ is not comparable with the literature.
 
     Rules of the checks (fixed here before any run, never adjusted after a result):
     - every per-run check's rule is written in its `expected` column (`expectations`);
@@ -178,16 +178,6 @@ def llc_steps(steps: Sequence[int], loss: Sequence[float], n: int, start_frac: f
 
 
 @dataclass(frozen=True)
-class SparseLLCPlan(LLCPlan):
-    """An LLCPlan whose runs are estimated at `llc_steps` of their own metrics: `points` is {run name: n}."""
-
-    points: Mapping[str, int] = field(default_factory=dict)
-
-    def steps(self, runs: dict[str, Run]) -> dict[Path, list[int]] | None:
-        return {run.path: llc_steps(run.checkpoint_steps, _checkpoint_loss(run), self.points.get(name, 0))
-                for name, run in runs.items()}
-
-
 def _checkpoint_loss(run: Run) -> np.ndarray:
     """(T,) the in-distribution loss at the run's checkpoints."""
     m = run.metrics.drop_duplicates("step", keep="last").set_index("step")
@@ -472,8 +462,9 @@ class LowDiversity(Study):
         if not any(points.values()):
             return None
         base = LLCSettings(sampler=cfg.sampler, n=cfg.llc_n, data="id", seed=0, refine=["position", "task", "fresh"])
-        return SparseLLCPlan(base, cfg.step_sizes,
-                             run_name(max(cfg.Ms), cfg.seeds[0]), points=points)
+        at = {name: llc_steps(run.checkpoint_steps, _checkpoint_loss(run), points.get(name, 0))
+              for name, run in runs.items()}
+        return LLCPlan(base, cfg.step_sizes, run_name(max(cfg.Ms), cfg.seeds[0]), steps_by_run=at)
 
     def analyse(self, runs: dict[str, Run], shared: SharedSettings | None, out: Path) -> dict[str, Any]:
         cfg = self.cfg
@@ -630,7 +621,7 @@ class LowDiversity(Study):
                 f"{cfg.control_llc_points}. At the validated sampler settings (LLCConfig(tilted=True): ε = 1e-4, "
                 "γ = 0.01·nβ, 4 chains × 500 draws, minibatch 256) one estimate of this model costs more than the "
                 "whole quick version's budget, and at cheaper settings λ̂ is not comparable with the published values "
-                "(issue 23, item 1). Run the default (small) scale for the LLC curves."))
+                "Run the default (small) scale for the LLC curves."))
         rows = []
         for n, run in runs.items():
             if not has_llc(run):
@@ -648,12 +639,12 @@ class LowDiversity(Study):
             "w*), exact off a minimum for a quadratic, so where w* is not at a minimum (flag not_at_minimum) it is the "
             "one to read. Estimates are made at a sparse set of checkpoints fixed before any estimate (llc_steps: the "
             "final checkpoint and the ones nearest to log-spaced steps from where the loss starts to fall): "
-            f"{cfg.llc_points} per main-group run, {cfg.control_llc_points} per control run. Mean ± std over chains, "
-            "raw; stages use the trusted estimates only."),
+            f"{cfg.llc_points} per main-group run, {cfg.control_llc_points} per control run. Mean with its 95% "
+            "interval over chains, raw; stages use the trusted estimates only."),
             figures=[pngs["llc"]] if "llc" in pngs else [], tables=[pd.DataFrame(rows)])
 
     def _refined_section(self, runs: dict[str, Run]) -> Section:
-        """λ̂ per context position (data-refined LLC, issue 23 item 3) at k = 1 against k ≥ 2 for the M = 2 runs."""
+        """λ̂ per context position (the data-refined LLC, docs/llc.md) at k = 1 against k ≥ 2 for the M = 2 runs."""
         rows = []
         for n, run in runs.items():
             if run.config.task.M != CONTROL_M or not has_llc(run):

@@ -91,7 +91,6 @@ __all__ = [
     "PAPER_SAMPLER",
     "PAPER_STAGES",
     "RULES",
-    "SparsePlan",
     "Stages",
     "StagesConfig",
     "developmental_curves",
@@ -131,10 +130,10 @@ PAPER = dict(D=4, K=8, seeds=[0, 1, 2, 3, 4], batch_size=256, steps=500_000, lr=
 QUICK = dict(seeds=[0], steps=3000, n_checkpoints_linear=6, n_checkpoints_log=16, eval_size=1024, llc=False,
              ed_batch=128, ensemble=1)
 
-# The rules of `expectations`, fixed before the runs they judge (issue 23 item 4). Changes, each made before a run
+# The rules of `expectations`, fixed before the runs they judge. Changes, each made before a run
 # at these settings and for the reason given:
 # - ED coincidence: boundaries are compared with ED *forms* (every PC pair agrees, Carroll et al. §4.2), no longer
-#   with the union of the pairs' cusps and vertices, which the paper does not use (issue 23).
+#   with the union of the pairs' cusps and vertices, which the paper does not use.
 # - boundary stability (new): each boundary is re-found in ≥ 80% of the chain resamples, and with ≥ 3 seeds each
 #   boundary of the seed-mean curve in ≥ 80% of the seed resamples (icl_lab.stages.BOUNDARY_MATCH_TOL).
 # - sampler check: the LLC is now estimated at a sparse set of checkpoints; the rule (≥ 90% unflagged from the
@@ -151,13 +150,14 @@ class StagesConfig(LLCStudyConfig):
     regression setting [EXT: timaeus-research/icl L2H4Minf]; lr 3e-3 with the triangle (linear one-cycle) schedule
     as theirs. Scaled down: batch 64 instead of 256 and 80,000 steps instead of 500,000 (5.1M sequences against
     128M, 1/25); three seeds, the fewest that the seed bootstrap of the boundaries and the comparison of stage orders
-    need (issue 23 item 4), trained together as one ensemble; 50 checkpoints (16 linear + 34 log-spaced) for the
-    indicators and essential dynamics. The LLC at the library's validated defaults `LLCConfig()` (ε = 1e-4,
-    γ = 0.01·nβ, nβ = n/log n, burn-in min_burnin(ε, γ), 4 chains × 500 draws, minibatch 256; docs/llc.md,
-    "Defaults and their validation") on n = 4,096 sequences; the calibration is the default ε checked at γ/2 and 2γ
-    (the γ-plateau). One such estimate costs tens of minutes on 2 CPU cores (docs/llc.md, "What this costs"), so
-    λ̂ is estimated at a sparse set fixed by a rule before the run (llc_at 'loss',
-    `icl_lab.stages.loss_moving_steps`): 6 checkpoints at equal shares of the test loss's total change, 2
+    need, trained together as one ensemble; 50 checkpoints (16 linear + 34 log-spaced) for the
+    indicators and essential dynamics. The LLC at the library's validated defaults `LLCConfig()` (ε = 1e-4, γ = 0.01·nβ,
+    nβ = n/log n, burn-in min_burnin(ε, γ), 4 chains × 500 draws, minibatch 256; docs/llc.md, "Defaults and their
+    validation") on n = 4,096 sequences, checked once (llc_run.settings_check: λ̂ at γ/2 and 2γ, the γ-plateau; at
+    the papers' settings; on a network with a known λ). One such estimate costs tens of minutes on 2 CPU cores
+    (docs/llc.md, "What this costs"), so λ̂ is estimated at a sparse set fixed by a rule before the run
+    (llc_at 'loss', `icl_lab.stages.loss_moving_steps`): 6 checkpoints at equal shares of the test loss's total
+    change, 2
     log-spaced ones for the flat stretches, and the last. The paper's late stages (LR3-LR5, 126k-500k steps at
     batch 256) need not be reached; the report says what was. The rules of the checks are `RULES`.
     """
@@ -288,18 +288,6 @@ def run_name(seed: int) -> str:
 
 
 @dataclass(frozen=True)
-class SparsePlan(LLCPlan):
-    """An LLC plan whose estimates sit at chosen checkpoints of each run (`at`: {run name: steps}; None: every
-    checkpoint), fixed by the config's rule from the trained runs before any estimate."""
-
-    at: Mapping[str, list[int]] | None = None
-
-    def steps(self, runs: dict[str, Run]) -> dict[Path, list[int]] | None:
-        if self.at is None:
-            return None
-        return {run.path: list(self.at[name]) for name, run in runs.items() if name in self.at}
-
-
 # ================================================================================================ pure helpers
 def icl_score(per_token_loss: ArrayLike, early: int = 1, late: int | None = None) -> np.ndarray:
     """The ICL score ICL_{late:early} = ℓ_late − ℓ_early (Hoogland et al. Eq. 2, after Olsson et al. 2022, whose
@@ -610,7 +598,8 @@ def expectations(cfg: StagesConfig, results: Mapping[str, Mapping[str, Any]],
                 bool(n_ed >= RULES["ed_share"] * len(inner) and n_ed / len(inner) > chance))
             miss = inner["end_missing"].to_numpy(dtype=float) if "end_missing" in inner else np.array([np.nan])
             method = next((m for m in inner.get("end_interval", []) if m), "none")
-            add("stage boundaries are stable under resampling of the SGLD chains", name, "issue 23 item 4",
+            add("stage boundaries are stable under resampling of the SGLD chains", name,
+                "95% bootstrap (icl_lab.intervals)",
                 f"every boundary re-found (a milestone within {BOUNDARY_MATCH_TOL:g} in log step) in at least "
                 f"{RULES['found_share']:.0%} of the chain resamples; 95% intervals ({method})",
                 "; ".join(f"{int(e):,}: [{lo:,.0f}, {hi:,.0f}], missed in {m:.0%}" for e, lo, hi, m in zip(
@@ -654,7 +643,8 @@ def expectations(cfg: StagesConfig, results: Mapping[str, Mapping[str, Any]],
         inner = seed_result.table.iloc[:-1]
         miss = inner["end_missing"].to_numpy(dtype=float)
         add("boundaries of the seed-mean λ̂ curve are stable under resampling of the seeds", "all seeds",
-            "issue 23 item 4", f"every boundary re-found in at least {RULES['found_share']:.0%} of the seed resamples",
+            "95% bootstrap (icl_lab.intervals)",
+            f"every boundary re-found in at least {RULES['found_share']:.0%} of the seed resamples",
             ("; ".join(f"{int(e):,}: [{lo:,.0f}, {hi:,.0f}], missed in {m:.0%}" for e, lo, hi, m in zip(
                 inner["end"], inner["end_lo"], inner["end_hi"], miss, strict=True)) or "no boundary")
             + f" ({next((m for m in inner['end_interval'] if m), 'no interval')})",
@@ -718,8 +708,8 @@ class Stages(Study):
         first = run_name(cfg.seeds[0])
         step = next(s for s in runs[first].checkpoint_steps if s >= cfg.calibration_frac * cfg.steps)
         at = None if cfg.llc_at == "all" else {name: cfg.llc_steps(run) for name, run in runs.items()}
-        return SparsePlan(LLCSettings(sampler=cfg.sampler, n=cfg.llc_n, data="id", seed=0), cfg.step_sizes, first,
-                          step, at=at)
+        return LLCPlan(LLCSettings(sampler=cfg.sampler, n=cfg.llc_n, data="id", seed=0), cfg.step_sizes, first,
+                       step, steps_by_run=at)
 
     def analyse(self, runs: dict[str, Run], shared: SharedSettings | None, out: Path) -> dict[str, Any]:
         if self.cfg.llc and (shared is None or shared.settings is None):
@@ -775,7 +765,8 @@ class Stages(Study):
                 bounds, t["end_lo"].iloc[:-1], t["end_hi"].iloc[:-1], strict=True)) or "no boundary")
             method = next((m for m in t["end_interval"] if m), "none")
             text = (
-                f"Test loss (top, fresh tasks) and LLC (bottom, mean ± std over {s.num_chains} chains) against step, "
+                f"Test loss (top, fresh tasks) and LLC (bottom, mean and 95% interval over {s.num_chains} chains) "
+                "against step, "
                 "with the stages found at critical points of λ̂ against log step (orange: λ̂ rises, type A; blue: "
                 "falls, type B; dotted: milestones; hatched: 95% interval of each boundary). λ̂ was estimated at "
                 f"{len(u)} of {len(cur)} checkpoints (rule '{cfg.llc_at}'). Measured: {len(t)} stage(s) of types "

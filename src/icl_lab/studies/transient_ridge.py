@@ -85,7 +85,7 @@ from icl_lab.studies.common import (
 )
 from icl_lab.studies.runner import Study, run_study
 
-__all__ = ["CriticalStep", "FinalLLCPlan", "TransientRidge", "TransientRidgeConfig", "bootstrap_t_crit",
+__all__ = ["CriticalStep", "TransientRidge", "TransientRidgeConfig", "bootstrap_t_crit",
            "critical_step", "expectations", "llc_interval", "per_seed_ood", "ridge_approach", "run_name", "run_study",
            "t_crit_of_mean"]
 
@@ -103,7 +103,8 @@ def _sqrt2_grid(top_exponent: int) -> list[int]:
 # one-cycle triangle, batch 256, 500k steps; docs/papers.md §D1), checkpoints a union of linear and log spacing (§E1).
 # LLC: the validated defaults (ε = 1e-4, γ = 0.01·nβ, burn-in min_burnin(ε, γ), 500 draws; docs/llc.md) with the
 # sizes of the authors' stored regression sweep config (8 chains, minibatch 1024, n = 32,768; docs/papers.md §D2
-# [EXT]); the calibration checks ε = 1e-4 on a γ-plateau (γ/2, 2γ) at the final checkpoint of M = ∞.
+# [EXT]); llc_run.settings_check checks them once (γ/2 and 2γ, the papers' settings, a known-λ network) at the
+# final checkpoint of M = ∞.
 PAPER = dict(Ms=_sqrt2_grid(15) + [None], D=8, K=16, noise_var=0.125, preset="hoogland",
              model_overrides=dict(d_model=256, n_heads=4, d_head=64, d_mlp=2048),
              batch_size=256, steps=500_000, n_checkpoints_linear=100, n_checkpoints_log=100, n_evals=500,
@@ -357,17 +358,6 @@ def pca_approach(cfg: TransientRidgeConfig, jp, crit: dict[int | None, CriticalS
     return out
 
 
-@dataclass(frozen=True)
-class FinalLLCPlan(LLCPlan):
-    """`LLCPlan` with final_only, restricted to the runs named in `with_llc` (the first `llc_seeds` seeds' runs): the
-    other runs get no estimate (an empty step list)."""
-
-    with_llc: frozenset[str] = frozenset()
-
-    def steps(self, runs: dict[str, Run]) -> dict[Path, list[int]]:
-        return {r.path: [r.checkpoint_steps[-1]] if name in self.with_llc else [] for name, r in runs.items()}
-
-
 LLC_SKIPPED = "LLC not estimated: skipped at this scale (llc = False; the quick scale skips it by design)"
 
 
@@ -576,9 +566,10 @@ class TransientRidge(Study):
         cfg = self.cfg
         if not cfg.llc:
             return None
-        with_llc = frozenset(run_name(M, s) for M in cfg.Ms for s in cfg.seeds_with_llc)
-        return FinalLLCPlan(LLCSettings(sampler=cfg.sampler, n=cfg.llc_n, data="id", seed=0), cfg.step_sizes,
-                            calibrate=run_name(cfg.Ms[-1], cfg.seeds[0]), final_only=True, with_llc=with_llc)
+        named = [run_name(M, s) for M in cfg.Ms for s in cfg.seeds_with_llc]
+        final = {name: [runs[name].checkpoint_steps[-1]] for name in named}
+        return LLCPlan(LLCSettings(sampler=cfg.sampler, n=cfg.llc_n, data="id", seed=0), cfg.step_sizes,
+                       calibrate=run_name(cfg.Ms[-1], cfg.seeds[0]), steps_by_run=final)
 
     def analyse(self, runs: dict[str, Run], shared: SharedSettings | None, out: Path) -> dict[str, Any]:
         cfg = self.cfg
