@@ -16,7 +16,6 @@ main group (its M = 1 and M = 2 pools are nested and share the root task). Runs 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -177,7 +176,6 @@ def llc_steps(steps: Sequence[int], loss: Sequence[float], n: int, start_frac: f
     return sorted(chosen)
 
 
-@dataclass(frozen=True)
 def _checkpoint_loss(run: Run) -> np.ndarray:
     """(T,) the in-distribution loss at the run's checkpoints."""
     m = run.metrics.drop_duplicates("step", keep="last").set_index("step")

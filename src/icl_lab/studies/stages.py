@@ -42,7 +42,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -287,7 +286,6 @@ def run_name(seed: int) -> str:
     return f"Minf-seed{seed}"
 
 
-@dataclass(frozen=True)
 # ================================================================================================ pure helpers
 def icl_score(per_token_loss: ArrayLike, early: int = 1, late: int | None = None) -> np.ndarray:
     """The ICL score ICL_{late:early} = ℓ_late − ℓ_early (Hoogland et al. Eq. 2, after Olsson et al. 2022, whose
