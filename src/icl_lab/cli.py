@@ -530,7 +530,7 @@ def study(
     steps: Annotated[Optional[int], typer.Option(help="training steps per run")] = None,  # noqa: UP045
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda")] = None,  # noqa: UP045
     scale: Annotated[Optional[str], typer.Option(  # noqa: UP045
-        help="papers' studies: small (default; within 60 min on 2 CPU cores) or paper (GPU / cluster)")] = None,
+        help="papers' studies: small (default; README gives its time on 2 CPU cores) or paper (GPU / cluster)")] = None,
     executor: Annotated[Optional[str], typer.Option(  # noqa: UP045
         help="papers' studies: local (default), ray or slurm (as `icl-lab sweep`)")] = None,
     address: Annotated[Optional[str], typer.Option(help="papers' studies, ray: cluster address")] = None,  # noqa: UP045
