@@ -55,4 +55,5 @@ def tiny_study():
     return LowDiversityConfig.for_scale(
         quick=True, steps=120, D=3, K=5, workers=1, llc_n=128, eval_size=64, ed_batch=16,
         sampler=LLCConfig(num_chains=2, num_draws=10, num_burnin=4, batch_size=16, localization=100.0, tilted=True),
-        step_sizes=[1e-4, 1e-3], n_checkpoints_linear=3, n_checkpoints_log=6, llc_points=3, control_llc_points=2)
+        step_sizes=[1e-4, 1e-3], n_checkpoints_linear=3, n_checkpoints_log=6, llc=True, llc_points=3,
+        control_llc_points=2)

@@ -190,15 +190,17 @@ class MsStudyConfig(StudyConfig):
 
 
 class LLCStudyConfig(StudyConfig):
-    """A study that estimates the LLC: one calibration over `step_sizes` at γ = sampler.localization, on n = llc_n
-    fixed sequences, shared by every checkpoint and run (`icl_lab.llc_run`)."""
+    """A study that estimates the LLC, with one setting shared by every checkpoint and run on n = llc_n fixed
+    sequences (`icl_lab.llc_run`): by default the library's validated defaults, checked once
+    (`llc_run.settings_check`); a sampler with a fixed γ (localization) is instead calibrated over `step_sizes`."""
 
+    llc: bool = Field(True, description="estimate the LLC (False, e.g. at the quick scale: the report says it was "
+                      "skipped)")
     llc_n: int = Field(2048, ge=2, description="n, the fixed LLC dataset")
-    # γ = 1000 keeps chains of a few hundred draws stationary on models of this size (γ = 100 left them drifting
-    # along flat directions); calibration raises each grid point's burn-in to min_burnin(ε, γ) ≈ 3/(εγ).
-    sampler: LLCConfig = Field(default_factory=lambda: LLCConfig(num_chains=4, num_draws=100, num_burnin=50,
-                                                                 batch_size=64, localization=1000.0))
-    step_sizes: list[float] = Field(default_factory=lambda: [1e-5, 3e-5, 1e-4, 3e-4], min_length=1)
+    sampler: LLCConfig = Field(default_factory=LLCConfig, description="the SGLD settings (LLCConfig's validated "
+                               "defaults unless given)")
+    step_sizes: list[float] = Field(default_factory=lambda: [1e-4], min_length=1,
+                                    description="ε grid of a calibration (only with a fixed localization)")
 
 
 def check_out(out: str | Path, study: str, configs: Mapping[str, RunConfig]) -> None:

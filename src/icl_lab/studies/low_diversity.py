@@ -89,7 +89,7 @@ class LowDiversityConfig(MsStudyConfig, LLCStudyConfig):
         sampler=LLCConfig(tilted=True), step_sizes=[1e-4], llc_points=4, control_llc_points=3)
     QUICK: ClassVar[dict[str, Any]] = dict(
         seeds=[0], steps=1500, n_checkpoints_linear=6, n_checkpoints_log=12, eval_size=512, llc_n=1024,
-        llc_points=0, control_llc_points=0, ed_batch=64)
+        llc=False, llc_points=0, control_llc_points=0, ed_batch=64)
     INFINITE: ClassVar[bool] = False
     study: Literal["low-diversity"] = "low-diversity"
     ed_batch: int = Field(256, ge=1, description="fixed sequences whose predictions form the ED trajectory")
@@ -457,7 +457,7 @@ class LowDiversity(Study):
         `llc_steps` (none when no group asks for the LLC)."""
         cfg = self.cfg
         points = {run_name(M, s, g): cfg.llc_points_of(g) for g, cells in cfg.groups.items() for M, s in cells}
-        if not any(points.values()):
+        if not cfg.llc or not any(points.values()):
             return None
         base = LLCSettings(sampler=cfg.sampler, n=cfg.llc_n, data="id", seed=0, refine=["position", "task", "fresh"])
         at = {name: llc_steps(run.checkpoint_steps, _checkpoint_loss(run), points.get(name, 0))

@@ -179,7 +179,6 @@ class StagesConfig(LLCStudyConfig):
     input_scales: list[float] = Field(default_factory=lambda: [1.0, 2.0], min_length=1,
                                       description="g: ICL scores on x ~ N(0, g I_D) (Hoogland et al. Fig. 5)")
     ln_threshold: float = Field(0.1, gt=0, description="an LN weight entry with |w_i| below this counts as collapsed")
-    llc: bool = Field(True, description="estimate the LLC (quick: False; the report says it was skipped)")
     llc_at: Literal["all", "loss", "grid"] = Field(
         "all", description="where λ̂ is estimated: every checkpoint; 'loss': llc_loss_points where the test loss "
         "moves + llc_log_points log-spaced + the last (icl_lab.stages.loss_moving_steps); 'grid': the log-spaced "

@@ -147,8 +147,6 @@ class TransientRidgeConfig(MsStudyConfig, LLCStudyConfig):
     pca_batch: int = Field(256, ge=1, description="B root-task sequences of the joint PCA (paper 512; ≥ 16 suffices)")
     pca_components: int = Field(2, ge=2, description="v, the essential subspace (paper 2; App. C 4)")
     pca_sigma: float = Field(1.0, ge=0, description="light smoothing of the PC curves along checkpoints (0: raw)")
-    llc: bool = Field(True, description="estimate the LLC of the final checkpoints (quick: False, the report says "
-                      "it was skipped)")
     llc_seeds: int = Field(1, ge=1, description="the first N seeds' runs get a final-checkpoint LLC (one estimate "
                            "at the validated defaults costs tens of minutes on 2 CPU cores: docs/llc.md)")
     n_boot: int = Field(2000, ge=100, description="bootstrap resamples of the seeds for t_crit's 95% intervals")
