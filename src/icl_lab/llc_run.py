@@ -131,10 +131,15 @@ def task_observable(M: int) -> Observable:
     task_index: (B,) the pool index of each sequence. nan for a task with no sequence in the batch."""
     def fn(forward, batch: tuple[Tensor, ...]) -> Tensor:
         x, y, idx = batch
-        per_seq = (forward(x, y) - y).square().mean(dim=-1)  # (B,)
-        onehot = (idx[:, None] == torch.arange(M, device=idx.device)).to(per_seq.dtype)  # (B, M)
-        return (onehot * per_seq[:, None]).sum(0) / onehot.sum(0)  # (M,), 0/0 = nan for an absent task
+        return _task_means((forward(x, y) - y).square().mean(dim=-1), idx, M)
     return Observable(tuple(f"task{j}" for j in range(M)), fn)
+
+
+def _task_means(per_seq: Tensor, idx: Tensor, M: int) -> Tensor:
+    """per_seq: (B,) a loss per sequence, idx: (B,) its pool task -> (M,) the mean per task (0/0 = nan for a task
+    with no sequence in the batch). vmap-able: no data-dependent shapes."""
+    onehot = (idx[:, None] == torch.arange(M, device=idx.device)).to(per_seq.dtype)  # (B, M)
+    return (onehot * per_seq[:, None]).sum(0) / onehot.sum(0)
 
 
 def position_task_observable(K: int, M: int) -> Observable:
@@ -142,8 +147,7 @@ def position_task_observable(K: int, M: int) -> Observable:
     def fn(forward, batch: tuple[Tensor, ...]) -> Tensor:
         x, y, idx = batch
         err = (forward(x, y) - y).square()  # (B, K)
-        onehot = (idx[:, None] == torch.arange(M, device=idx.device)).to(err.dtype)  # (B, M)
-        return torch.cat([err.mean(dim=0), (onehot * err.mean(dim=-1)[:, None]).sum(0) / onehot.sum(0)])
+        return torch.cat([err.mean(dim=0), _task_means(err.mean(dim=-1), idx, M)])
     return Observable(tuple(f"k{k}" for k in range(K)) + tuple(f"task{j}" for j in range(M)), fn)
 
 

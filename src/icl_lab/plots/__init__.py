@@ -136,9 +136,9 @@ def plot_llc(ax: plt.Axes, curves: Mapping[str, pd.DataFrame], colours: Sequence
     colours = list(colours) if colours is not None else list(plt.cm.tab10(np.arange(len(curves)) % 10))
     rows = {label: _llc_arrays(llc) for label, llc in curves.items()}
     lo, hi = llc_limits(*(np.concatenate([r[i] for r in rows.values()]) for i in (1, 2, 4)))
-    for (label, (steps, mean, std, ok, sampled_ok)), colour in zip(rows.items(), colours, strict=True):
+    for (label, (steps, mean, half, ok, sampled_ok)), colour in zip(rows.items(), colours, strict=True):
         shown = np.clip(mean, lo, hi)
-        ax.fill_between(steps, np.clip(mean - std, lo, hi), np.clip(mean + std, lo, hi), color=colour, alpha=0.2,
+        ax.fill_between(steps, np.clip(mean - half, lo, hi), np.clip(mean + half, lo, hi), color=colour, alpha=0.2,
                         lw=0)
         ax.plot(steps, shown, "-", color=colour, lw=1.2)
         ax.plot(steps[ok], mean[ok], "o", color=colour, ms=3.5, label=label)
@@ -174,8 +174,9 @@ def _llc_arrays(llc: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
 
 
 def llc_limits(mean: np.ndarray, std: np.ndarray, ok: np.ndarray, pad: float = 0.08) -> tuple[float, float]:
-    """y-limits holding mean ± std of the estimates marked ok (plot_llc passes those without a sampler flag; all
-    of them if none is), with 0 shown when it is near, padded by `pad` of the range. mean, std, ok: (N,)."""
+    """y-limits holding mean ± std (the interval half-widths plot_llc and plot_stages pass) of the estimates marked
+    ok (plot_llc passes those without a sampler flag; all of them if none is), with 0 shown when it is near, padded
+    by `pad` of the range. mean, std, ok: (N,)."""
     if mean.size == 0:
         return 0.0, 1.0
     use = ok if ok.any() else np.ones_like(ok)
@@ -321,10 +322,10 @@ def plot_stages(
     (e.g. :func:`icl_lab.stages.smooth_log`) is overlaid as a thin line if given, and `milestones` as dashed
     vertical lines. `trusted` ((T,) bool, :func:`icl_lab.stages.trusted_mask`; None → all) marks the estimates the
     stages come from: they are joined by the line and drawn as filled dots; the others are drawn as hollow grey
-    circles, the LLC axis is scaled to the trusted estimates ± std (as in :func:`plot_llc`), and untrusted estimates
-    beyond it sit at its edge as hollow grey triangles (the legend gives the extreme). Step 0 cannot sit on a log
-    axis: points with step ≤ 0 are left out of the plot and a band starting at 0 is drawn from the first positive
-    step. Saves PNG + PDF."""
+    circles, the LLC axis is scaled to the trusted estimates' intervals (as in :func:`plot_llc`), and untrusted
+    estimates beyond it sit at its edge as hollow grey triangles (the legend gives the extreme). Step 0 cannot sit on
+    a log axis: points with step ≤ 0 are left out of the plot and a band starting at 0 is drawn from the first
+    positive step. Saves PNG + PDF."""
     s = to_numpy(steps).reshape(-1)
     lo = to_numpy(loss).reshape(-1)
     lam = to_numpy(llc).reshape(-1)
@@ -437,6 +438,8 @@ def plot_pc_pairs(
     norm = Normalize(0.0, 1.0)
     evr = ed.explained_variance_ratio
     lc = None
+    forms = np.searchsorted(ed.steps, ed.event_steps(form_rule)) if form_rule is not None and ed.features \
+        else np.array([], dtype=int)  # the same checkpoints on every pair
     for n, (i, j) in enumerate(pairs):
         ax = axes[n // ncols][n % ncols]
         z = ed.smoothed[:, [i, j]]
@@ -447,11 +450,9 @@ def plot_pc_pairs(
         lc.set_array(0.5 * (col[:-1] + col[1:]))
         ax.add_collection(lc)
         feats = ed.features.get((i, j))
-        if form_rule is not None and ed.features:
-            forms = np.searchsorted(ed.steps, ed.event_steps(form_rule))
-            if forms.size:
-                ax.plot(z[forms, 0], z[forms, 1], "*", color="gold", mec="black", ms=12, zorder=5,
-                        label=f"form ({'all pairs' if form_rule == 'all' else 'union of pairs'})")
+        if forms.size:
+            ax.plot(z[forms, 0], z[forms, 1], "*", color="gold", mec="black", ms=12, zorder=5,
+                    label=f"form ({'all pairs' if form_rule == 'all' else 'union of pairs'})")
         if feats is not None:
             if feats.cusps.size:
                 ax.plot(
